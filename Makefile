@@ -1,0 +1,30 @@
+# `make run`: install into .venv and train the quickstart (shapes, tiny U-Net, CPU-friendly), then sample it.
+# `make test`: install and run the test suite.
+# torch is pinned and installed first: an unpinned torch requirement would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/diffuse train experiment=quickstart hydra.run.dir=outputs/quickstart
+	$(VENV)/bin/diffuse sample ckpt=outputs/quickstart n=64 steps=50 sampler=ddim seed=0 hydra.run.dir=outputs/quickstart/sample
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info

@@ -1,0 +1,3 @@
+"""diffuse: train, sample, inpaint and evaluate denoising diffusion models."""
+
+__version__ = "0.1.0"

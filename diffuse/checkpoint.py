@@ -1,0 +1,179 @@
+"""safetensors checkpoints that describe themselves, written atomically, verified on load.
+
+One file holds tensors named
+    model.<param>      the trained weights
+    ema.<param>        their exponential moving average (what sampling uses by default)
+    optim.<i>.<key>    optimizer state of parameter i (AdamW's step, exp_avg, exp_avg_sq)
+    rng.<name>         generator states (uint8), for exact resume
+and string metadata
+    diffuse.format     format version
+    diffuse.config     the resolved config as JSON: enough to rebuild the network, schedule and objective
+    diffuse.step       training step
+    diffuse.optim      optimizer param_groups (hyper-parameters) as JSON
+    diffuse.extra      any other JSON state (e.g. counters)
+    diffuse.sha256     hash of every tensor's name, dtype, shape and bytes: a truncated or altered file is refused
+
+Only safetensors and JSON are read: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from diffuse.errors import UserError
+
+FORMAT = "1"
+
+
+@dataclass
+class Checkpoint:
+    config: dict
+    step: int = 0
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
+    optim: Optional[dict] = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _flatten_optim(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for idx, pstate in state["state"].items():
+        for key, val in pstate.items():
+            tensors[f"optim.{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    return tensors, state["param_groups"]
+
+
+def _unflatten_optim(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for name, val in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": groups}
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    # safetensors wants contiguous, unshared CPU storage.
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, sd in (("model", ckpt.model), ("ema", ckpt.ema), ("rng", ckpt.rng)):
+        for k, v in sd.items():
+            tensors[f"{prefix}.{k}"] = _cpu(v)
+    groups: list = []
+    if ckpt.optim is not None:
+        flat, groups = _flatten_optim(ckpt.optim)
+        tensors.update({k: _cpu(v) for k, v in flat.items()})
+    meta = {
+        "diffuse.format": FORMAT,
+        "diffuse.config": json.dumps(ckpt.config, sort_keys=True),
+        "diffuse.step": str(int(ckpt.step)),
+        "diffuse.optim": json.dumps(groups),
+        "diffuse.extra": json.dumps(ckpt.extra, sort_keys=True),
+        "diffuse.sha256": content_hash(tensors),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then fsync and rename over `path`: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for a malformed header
+        raise UserError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    meta = read_metadata(path)
+    if "diffuse.config" not in meta:
+        raise UserError(f"{path} is a safetensors file but not a diffuse checkpoint (no diffuse.config metadata)")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: checkpoint is truncated or corrupted ({_short(e)})") from None
+    if verify and meta.get("diffuse.sha256") and content_hash(tensors) != meta["diffuse.sha256"]:
+        raise UserError(f"{path}: checkpoint is corrupted (content hash mismatch)")
+    try:
+        config = json.loads(meta["diffuse.config"])
+        groups = json.loads(meta.get("diffuse.optim", "[]"))
+        extra = json.loads(meta.get("diffuse.extra", "{}"))
+        step = int(meta.get("diffuse.step", "0"))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: checkpoint metadata is not valid JSON ({_short(e)})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "rng": {}, "optim": {}}
+    for name, t in tensors.items():
+        prefix, _, rest = name.partition(".")
+        if prefix in parts:
+            parts[prefix][rest if prefix != "optim" else name] = t
+    optim = _unflatten_optim(parts["optim"], groups) if groups else None
+    return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra)
+
+
+def resolve_ckpt_path(value: Any) -> Path:
+    """`ckpt=` takes a checkpoint file or a training run dir (its checkpoints/last.safetensors)."""
+    if value is None or value == "":
+        raise UserError("ckpt= is required: a .safetensors checkpoint or a training run dir")
+    p = Path(str(value)).expanduser()
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.safetensors", p / "last.safetensors"):
+            if cand.is_file():
+                return cand
+        raise UserError(f"ckpt={str(value)!r} is a directory without checkpoints/last.safetensors")
+    if not p.exists():
+        raise UserError(f"ckpt={str(value)!r} does not exist")
+    return p
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

@@ -1,0 +1,82 @@
+"""Training losses (Ho et al. 2020 section 3.4; Hang et al. 2023; Ho et al. eq. 5 for the bound's weights).
+
+Every weighting is expressed as a weight on the squared error of the network's own prediction target, per
+sample, so one line computes the loss whatever the prediction type:
+
+    simple   w = 1                                             L_simple of Ho et al. eq. 14 (for eps)
+    min_snr  w = min(SNR_t, gamma) / SNR_t       (eps)         Min-SNR-gamma: the x0-space error weighted by
+             w = min(SNR_t, gamma)               (x0)          min(SNR, gamma), converted to each target
+             w = min(SNR_t, gamma) / (SNR_t + 1) (v)
+    vlb      the KL term L_{t-1} of the variational bound in nats per dimension, times T (uniform t):
+             beta_t^2 / (2 var_t alpha_t (1 - alpha_bar_t)) on the eps error, var_t = beta-tilde_t
+             (clipped at t=0 to beta-tilde_1, as the decoder term is not a KL)
+
+The errors convert as |x0 err|^2 = |eps err|^2 / SNR and |v err|^2 = |eps err|^2 (SNR + 1) / SNR.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffuse.diffusion.prediction import PREDICTIONS, target
+from diffuse.diffusion.schedule import Schedule, coefficients, q_sample
+from diffuse.errors import UserError
+
+WEIGHTINGS = ("simple", "min_snr", "vlb")
+
+
+def eps_space_factor(prediction: str, snr: torch.Tensor) -> torch.Tensor:
+    """|target err|^2 = factor * |eps err|^2."""
+    if prediction == "eps":
+        return torch.ones_like(snr)
+    if prediction == "x0":
+        return 1.0 / snr
+    return (snr + 1.0) / snr
+
+
+def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weight (float64, on t's device) on the mean squared error of the prediction target."""
+    if prediction not in PREDICTIONS:
+        raise UserError(f"objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
+    ab = schedule.alpha_bar_at(t)
+    snr = ab / (1 - ab)
+    if weighting == "simple":
+        return torch.ones_like(snr)
+    if weighting == "min_snr":
+        x0_weight = snr.clamp(max=gamma)
+        return x0_weight / snr / eps_space_factor(prediction, snr)
+    if weighting == "vlb":
+        idx = t.long()
+        beta = schedule.table("betas", t.device)[idx]
+        var = schedule.table("posterior_variance", t.device)
+        var = torch.where(idx == 0, var[1].expand_as(beta), var[idx])
+        eps_weight = beta**2 / (2 * var * (1 - beta) * (1 - ab)) * schedule.T
+        return eps_weight / eps_space_factor(prediction, snr)
+    raise UserError(f"objective.weighting={weighting!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
+
+
+def diffusion_loss(
+    net,
+    x0: torch.Tensor,
+    schedule: Schedule,
+    *,
+    prediction: str = "eps",
+    weighting: str = "simple",
+    min_snr_gamma: float = 5.0,
+    y=None,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample loss: draw t ~ U{0..T-1} and eps ~ N(0, I), noise x0, regress the network on its target."""
+    b = x0.shape[0]
+    gen_device = generator.device if generator is not None else x0.device
+    if t is None:
+        t = torch.randint(0, schedule.T, (b,), generator=generator, device=gen_device).to(x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    x_t = q_sample(schedule, x0, t, noise)
+    a, s = coefficients(schedule, t, x0)
+    out = net(x_t, t, y)
+    err = (out.float() - target(prediction, x0, noise, a, s).float()).pow(2).flatten(1).mean(1)
+    return err * loss_weight(schedule, t, prediction, weighting, min_snr_gamma).to(err.dtype)

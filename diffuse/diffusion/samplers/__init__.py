@@ -1,0 +1,24 @@
+"""Samplers: pure functions (denoiser, x_T, timesteps, schedule, ...) -> x_0. One file per algorithm."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from diffuse.diffusion.samplers.ddim import ddim
+from diffuse.diffusion.samplers.ddpm import ddpm
+
+SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim}
+
+# A step hook sees the state after each step and may change it (inpainting pastes the known region here):
+#     hook(x, t_next) -> x, where t_next is the timestep x now belongs to, or -1 once x is the final x_0.
+StepHook = Optional[Callable[[torch.Tensor, int], torch.Tensor]]
+
+
+def get_sampler(name: str) -> Callable:
+    from diffuse.errors import UserError
+
+    if name not in SAMPLERS:
+        raise UserError(f"sampler={name!r} is not allowed: choose one of {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]

@@ -1,0 +1,140 @@
+"""Noise schedules and the Gaussian forward process of DDPM (Ho et al. 2020).
+
+Notation follows the paper, with timesteps indexed from 0: index t here is the paper's t+1.
+    beta_t        variance added at step t
+    alpha_t       1 - beta_t
+    alpha_bar_t   prod_{s<=t} alpha_s           q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)
+    sigma_t       sqrt((1 - alpha_bar_t) / alpha_bar_t), the noise level of x_t / sqrt(alpha_bar_t)
+    snr_t         alpha_bar_t / (1 - alpha_bar_t)
+
+Everything is computed in float64 once and cast to the data's dtype where it meets data.
+Timesteps may be fractional (continuous-time samplers); alpha_bar between integer steps is interpolated
+linearly in log-SNR, which is exact at the integers and monotone in between.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffuse.errors import UserError
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+
+
+class Schedule:
+    """A discrete noise schedule: every table is float64 on the CPU, copied once to each device that asks."""
+
+    def __init__(self, betas: torch.Tensor):
+        self.betas = betas.to(torch.float64)
+        self.T = int(betas.shape[0])
+        self.alphas = 1.0 - self.betas
+        self.alpha_bar = torch.cumprod(self.alphas, 0)
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.log_snr = torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar)
+        # sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the EDM/k-diffusion noise level.
+        self.sigmas = torch.exp(-0.5 * self.log_snr)
+        # beta-tilde_t of Ho et al. eq. 7; 0 at t=0.
+        self.posterior_variance = self.betas * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+        self._on_device: dict = {}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, name).to(device)
+        return self._on_device[key]
+
+    def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at timesteps t in [0, T-1] (integer or fractional), float64, on t's device."""
+        if not t.dtype.is_floating_point:
+            return self.table("alpha_bar", t.device)[t.long()]
+        t = t.to(torch.float64).clamp(0, self.T - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.T - 1)
+        w = t - lo
+        ls = self.table("log_snr", t.device)
+        return torch.sigmoid((1 - w) * ls[lo] + w * ls[hi])
+
+    def t_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Inverse of sigma(t): the fractional timestep whose noise level is sigma (log-SNR interpolation)."""
+        lam = -2.0 * torch.log(sigma.to(torch.float64).cpu())
+        ls = self.log_snr  # decreasing in t
+        lam = lam.clamp(ls[-1], ls[0])
+        rev = ls.flip(0)  # increasing, as searchsorted needs
+        idx = torch.searchsorted(rev, lam).clamp(1, self.T - 1)
+        lo_val, hi_val = rev[idx - 1], rev[idx]
+        pos = (idx - 1) + (lam - lo_val) / (hi_val - lo_val)
+        return (self.T - 1) - pos
+
+
+def make_schedule(
+    kind: str = "linear",
+    T: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    cosine_s: float = 0.008,
+    sigmoid_start: float = -3.0,
+    sigmoid_end: float = 3.0,
+    sigmoid_tau: float = 1.0,
+    max_beta: float = 0.999,
+) -> Schedule:
+    if not isinstance(T, int) or T < 1:
+        raise UserError(f"schedule.T={T!r} is not allowed: it must be a positive integer")
+    if kind == "linear":
+        # Ho et al. use 1e-4..0.02 for T=1000; scaling by 1000/T keeps the end point's noise level for other T
+        # (Nichol & Dhariwal 2021, section 2.3 footnote), and is the identity at T=1000.
+        scale = 1000.0 / T
+        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
+    elif kind == "cosine":
+        # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
+        # betas clipped at max_beta to avoid the singularity at t = T.
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        ab = f / f[0]
+        betas = (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+    elif kind == "sigmoid":
+        # Jabri et al. 2022 / Chen 2023: alpha_bar follows a shifted, rescaled sigmoid in t.
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        v0 = torch.sigmoid(torch.tensor(sigmoid_start / sigmoid_tau, dtype=torch.float64))
+        v1 = torch.sigmoid(torch.tensor(sigmoid_end / sigmoid_tau, dtype=torch.float64))
+        out = torch.sigmoid((steps * (sigmoid_end - sigmoid_start) + sigmoid_start) / sigmoid_tau)
+        ab = (v1 - out) / (v1 - v0)
+        betas = (1 - ab[1:] / ab[:-1]).clamp(min=0.0, max=max_beta)
+    else:
+        raise UserError(f"schedule.kind={kind!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
+    return Schedule(betas=betas)
+
+
+def coefficients(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at timesteps t, shaped to broadcast against `like`."""
+    ab = schedule.alpha_bar_at(t.to(like.device))
+    shape = (-1, *([1] * (like.dim() - 1)))
+    return ab.sqrt().to(like.dtype).reshape(shape), (1 - ab).sqrt().to(like.dtype).reshape(shape)
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0) in closed form (Ho et al. eq. 4): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    a, s = coefficients(schedule, t, x0)
+    return a * x0 + s * noise
+
+
+def posterior(
+    schedule: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. eq. 6-7.
+
+    mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+    var  = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+    """
+    t = t.cpu().long()
+    ab, ab_prev, beta = schedule.alpha_bar[t], schedule.alpha_bar_prev[t], schedule.betas[t]
+    c0 = ab_prev.sqrt() * beta / (1 - ab)
+    ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+    var = schedule.posterior_variance[t]
+    shape = (-1, *([1] * (x0.dim() - 1)))
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        return v.to(device=x0.device, dtype=x0.dtype).reshape(shape)
+
+    return cast(c0) * x0 + cast(ct) * x_t, cast(var)

@@ -1,0 +1,53 @@
+"""Tensor <-> image file conversions and grids. Model space is [-1, 1]; files are 8-bit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffuse.checkpoint import atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, rounded to nearest (not truncated)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> torch.Tensor:
+    """uint8 N x C x H x W -> one uint8 C x H' x W' grid, close to square by default."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    arr = img.permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], mode="L")
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+
+
+def save_png(img: torch.Tensor, path: str | Path, upscale: int = 1) -> None:
+    """Write a uint8 C x H x W image whole or not at all."""
+    pil = to_pil(img)
+    if upscale > 1:
+        pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
+    atomic_write(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def grid_upscale(h: int) -> int:
+    """Small images are shown enlarged (nearest neighbour) so that a grid is readable: at least ~64 px tiles."""
+    return max(1, 64 // h)

@@ -1,0 +1,107 @@
+"""The U-Net of Ho et al. 2020 (appendix B): a PixelCNN++-style backbone with a sinusoidal time embedding,
+GroupNorm residual blocks, self-attention at chosen resolutions, and an optional class embedding.
+
+With ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), at 32x32 it is the 35.7M-parameter
+CIFAR-10 network. The class embedding has num_classes + 1 rows: the last is the "null" label that
+classifier-free guidance trains with and samples against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        resolution: int = 32,
+        in_channels: int = 3,
+        out_channels: Optional[int] = None,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.0,
+        num_classes: Optional[int] = None,
+        heads: int = 1,
+        groups: int = 32,
+    ):
+        super().__init__()
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.num_classes = num_classes
+        self.ch = ch
+        temb_dim = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        chans = [ch]
+        cur, res = ch, resolution
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups)])
+                cur = ch * mult
+                if res in attn_resolutions:
+                    block.append(AttnBlock(cur, heads, groups))
+                self.down.append(block)
+                chans.append(cur)
+            if level != len(ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(cur)]))
+                chans.append(cur)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [ResBlock(cur, cur, temb_dim, dropout, groups), AttnBlock(cur, heads, groups), ResBlock(cur, cur, temb_dim, dropout, groups)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                block = nn.ModuleList([ResBlock(cur + chans.pop(), ch * mult, temb_dim, dropout, groups)])
+                cur = ch * mult
+                if res in attn_resolutions:
+                    block.append(AttnBlock(cur, heads, groups))
+                self.up.append(block)
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(cur)]))
+                res *= 2
+
+        self.norm_out = group_norm(cur, groups)
+        self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
+
+    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        emb = self.temb(timestep_embedding(t, self.ch))
+        if self.label_emb is not None:
+            if y is None:  # unconditional use of a conditional network: the null label
+                y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.embed(t, y)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = _run(block, h, emb)
+            skips.append(h)
+        h = _run(self.mid, h, emb)
+        for block in self.up:
+            if isinstance(block[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = _run(block, h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h

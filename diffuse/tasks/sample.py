@@ -1,0 +1,208 @@
+"""diffuse sample: checkpoint (or the mixture oracle) -> denoiser -> sampler -> grid.png, images/, samples.npz."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from diffuse.checkpoint import atomic_write, load_checkpoint, resolve_ckpt_path
+from diffuse.diffusion.noise import PerSample, randn
+from diffuse.diffusion.prediction import NetworkDenoiser
+from diffuse.diffusion.samplers import get_sampler
+from diffuse.diffusion.timesteps import make_timesteps
+from diffuse.errors import UserError
+from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
+from diffuse.tasks.common import (
+    autocast_dtype,
+    build_schedule,
+    check_number,
+    console,
+    pick_device,
+    save_resolved_config,
+    to_dict,
+    write_json,
+)
+
+# Keys of a sampler config that are not arguments of the sampler function itself.
+_SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0"}
+
+
+def resolve_steps(sampler_cfg: dict, steps: Optional[int], T: int) -> int:
+    if steps is None:
+        steps = sampler_cfg.get("default_steps") or T
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and {T}")
+    return steps
+
+
+def sampler_call(sampler_cfg: dict, steps: int, schedule, clip_default: bool):
+    """(sampler function, timesteps, keyword arguments) from a sampler config; unknown options are refused."""
+    name = sampler_cfg.get("name")
+    fn = get_sampler(name)
+    timesteps = make_timesteps(schedule.T, steps, sampler_cfg.get("spacing", "trailing"))
+    params = set(inspect.signature(fn).parameters)
+    kwargs = {}
+    for key, val in sampler_cfg.items():
+        if key in _SAMPLER_META:
+            continue
+        if key not in params or key in ("denoiser", "x_T", "timesteps", "schedule", "generator", "y", "hook"):
+            raise UserError(f"sampler.{key} is not an option of sampler {name}")
+        kwargs[key] = val
+    clip = sampler_cfg.get("clip_x0", "auto")
+    kwargs["clip_x0"] = clip_default if clip in ("auto", None) else bool(clip)
+    # Samplers check their options on entry: a call over no timesteps validates them before any work is done.
+    fn(None, torch.zeros(1), timesteps[:0], schedule, **kwargs)
+    return fn, timesteps, kwargs
+
+
+def generate(
+    denoiser,
+    *,
+    n: int,
+    shape: tuple[int, ...],
+    schedule,
+    sampler_cfg: dict,
+    steps: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+    clip_default: bool,
+    labels: Optional[torch.Tensor] = None,
+    indices: Optional[list[int]] = None,
+    on_batch=None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Draw images `indices` (default 0..n-1), each from its own (seed, i) noise stream; returns them in
+    model space on the CPU. `on_batch(first_index, images)` is called as each batch completes."""
+    fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
+    indices = list(range(n)) if indices is None else indices
+    outs = []
+    with _progress(progress) as bar:
+        task = bar.add_task(f"sampling ({sampler_cfg.get('name')}, {steps} steps)", total=len(indices))
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            gen = PerSample(seed, idx)
+            x_T = randn((len(idx), *shape), gen, device)
+            y = labels[start : start + len(idx)].to(device) if labels is not None else None
+            x0 = fn(denoiser, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
+            outs.append(x0)
+            if on_batch is not None:
+                on_batch(start, x0)
+            bar.advance(task, len(idx))
+    return torch.cat(outs) if outs else torch.empty(0, *shape)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def load_denoiser(cfg: DictConfig, device: torch.device, dtype=None):
+    """(denoiser, shape, schedule, clip default, num_classes, description) from ckpt= or model=oracle."""
+    model_cfg = to_dict(cfg.get("model"))
+    if cfg.get("ckpt") in (None, "") and model_cfg and model_cfg.get("arch") == "oracle":
+        from diffuse.data import build_mixture
+        from diffuse.diffusion.oracle import GMMDenoiser
+
+        ds = to_dict(cfg.get("dataset")) or {"name": "gmm", "path": None, "resolution": 8, "channels": 3}
+        if ds.get("name") != "gmm":
+            raise UserError(f"model=oracle needs dataset=gmm (got dataset={ds.get('name')!r})")
+        schedule = build_schedule(cfg.get("schedule") or {"kind": "linear", "T": 1000})
+        mixture = build_mixture(DictConfig(ds))
+        return GMMDenoiser(mixture, schedule), mixture.shape, schedule, False, mixture.K, {"model": "oracle"}
+    if cfg.get("ckpt") in (None, "") and model_cfg:
+        raise UserError(f"model={model_cfg.get('arch')!r} without ckpt=: only model=oracle samples without a checkpoint")
+    path = resolve_ckpt_path(cfg.get("ckpt"))
+    ckpt = load_checkpoint(path)
+    net, schedule, prediction, meta = network_from_checkpoint(ckpt, use_ema=bool(cfg.get("use_ema", True)))
+    net = net.to(device).eval()
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.get("schedule"):
+        raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
+    den = NetworkDenoiser(net, prediction, schedule, autocast_dtype=dtype)
+    shape = (net.in_channels, net.resolution, net.resolution)
+    return den, shape, schedule, meta.get("is_8bit", True), net.num_classes, {"ckpt": str(path), "step": ckpt.step}
+
+
+def network_from_checkpoint(ckpt, use_ema: bool = True):
+    from diffuse.nets import build_network
+
+    conf = ckpt.config
+    if not isinstance(conf, dict) or "model" not in conf or "schedule" not in conf:
+        raise UserError("checkpoint config lacks model/schedule: not a diffuse training checkpoint")
+    net = build_network(conf["model"])
+    weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"checkpoint weights do not fit its model config: {first}") from None
+    schedule = build_schedule(conf["schedule"])
+    prediction = (conf.get("objective") or {}).get("prediction", "eps")
+    return net, schedule, prediction, conf.get("data", {})
+
+
+def save_outputs(images: torch.Tensor, labels: Optional[torch.Tensor], out: Path, *, save_images: bool, save_npz: bool, grid_n: int) -> None:
+    u8 = to_uint8(images)
+    if grid_n > 0 and len(u8):
+        save_png(make_grid(u8[:grid_n]), out / "grid.png", upscale=grid_upscale(u8.shape[-1]))
+    if save_npz:
+        arrays = {"arr_0": u8.permute(0, 2, 3, 1).numpy()}
+        if labels is not None:
+            arrays["arr_1"] = labels.to(torch.int64).numpy()
+        atomic_write(out / "samples.npz", lambda tmp: _savez(tmp, arrays))
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # np.savez on a path would append ".npz" to the temp name
+        np.savez(f, **arrays)
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    n = check_number("n", cfg.n, minimum=1, integer=True)
+    batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
+    seed = check_number("seed", cfg.seed, integer=True)
+    grid_n = check_number("grid_n", cfg.get("grid_n", 64), minimum=0, integer=True)
+    device = pick_device(cfg.get("device", "auto"))
+    dtype = autocast_dtype(cfg.get("precision", "auto"), device)
+    den, shape, schedule, clip_default, num_classes, source = load_denoiser(cfg, device, dtype)
+    sampler_cfg = to_dict(cfg.sampler)
+    steps = resolve_steps(sampler_cfg, cfg.get("steps"), schedule.T)
+    sampler_call(sampler_cfg, steps, schedule, clip_default)  # validate before anything is written
+
+    save_resolved_config(cfg, out)
+    images_dir = out / "images"
+    if cfg.get("save_images", True):
+        images_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_batch(start: int, x0: torch.Tensor) -> None:
+        if cfg.get("save_images", True):
+            for j, img in enumerate(to_uint8(x0)):
+                save_png(img, images_dir / f"{start + j:06d}.png")
+
+    images = generate(
+        den, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
+        batch_size=batch_size, clip_default=clip_default, on_batch=write_batch,
+    )
+    save_outputs(images, None, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
+    info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": steps, "seed": seed, **source}
+    write_json(out / "sample.json", info)
+    console.print(f"wrote {n} samples ({sampler_cfg.get('name')}, {steps} steps, NFE {steps})")
+    return info

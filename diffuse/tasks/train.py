@@ -1,0 +1,290 @@
+"""diffuse train: dataset -> network -> objective(schedule) -> AdamW + EMA -> checkpoints, metrics, sample grids."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path, save_checkpoint
+from diffuse.data import build_dataset
+from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
+from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
+from diffuse.errors import UserError
+from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
+from diffuse.nets import build_network
+from diffuse.tasks.common import (
+    autocast_dtype,
+    build_schedule,
+    check_number,
+    console,
+    pick_device,
+    save_resolved_config,
+    to_dict,
+)
+from diffuse.tasks.sample import generate, resolve_steps, sampler_call
+
+
+def validate_trainer(t: dict) -> None:
+    check_number("trainer.steps", t["steps"], minimum=1, integer=True)
+    check_number("trainer.batch_size", t["batch_size"], minimum=1, integer=True)
+    check_number("trainer.lr", t["lr"], minimum=0, exclusive_min=True)
+    check_number("trainer.weight_decay", t["weight_decay"], minimum=0)
+    check_number("trainer.warmup", t["warmup"], minimum=0, integer=True)
+    check_number("trainer.grad_clip", t["grad_clip"], minimum=0)
+    check_number("trainer.ema_decay", t["ema_decay"], minimum=0, maximum=1)
+    for key in ("log_every", "ckpt_every"):
+        check_number(f"trainer.{key}", t[key], minimum=1, integer=True)
+    for key in ("sample_every", "sample_n", "keep"):
+        check_number(f"trainer.{key}", t[key], minimum=0, integer=True)
+    check_number("trainer.sample_steps", t["sample_steps"], minimum=1, integer=True)
+    check_number("trainer.seed", t["seed"], integer=True)
+
+
+def validate_objective(o: dict) -> None:
+    if o.get("prediction") not in PREDICTIONS:
+        raise UserError(f"objective.prediction={o.get('prediction')!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
+    if o.get("weighting") not in WEIGHTINGS:
+        raise UserError(f"objective.weighting={o.get('weighting')!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
+    check_number("objective.min_snr_gamma", o.get("min_snr_gamma", 5.0), minimum=0, exclusive_min=True)
+
+
+class Trainer:
+    """Holds the state of one training run; every piece of it goes into the checkpoint."""
+
+    def __init__(self, cfg: DictConfig, out: Path):
+        self.out = out
+        self.tcfg = to_dict(cfg.trainer)
+        validate_trainer(self.tcfg)
+        self.ocfg = to_dict(cfg.objective)
+        validate_objective(self.ocfg)
+        self.device = pick_device(self.tcfg.get("device", "auto"))
+        self.amp = autocast_dtype(self.tcfg.get("precision", "auto"), self.device)
+        self.schedule = build_schedule(cfg.schedule)
+        self.sampler_cfg = to_dict(cfg.sampler)
+        self.dataset_cfg = to_dict(cfg.dataset)
+
+        model_cfg = to_dict(cfg.model)
+        if model_cfg.get("arch") == "oracle":
+            raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
+        self.data = build_dataset(cfg.dataset)
+        self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
+        self.net = build_network(self.model_cfg).to(self.device)
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.data = self.data.to(self.device) if self.device.type == "cuda" else self.data
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"],
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        seed = self.tcfg["seed"]
+        # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
+        self.data_gen = torch.Generator().manual_seed(seed)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        torch.manual_seed(seed + 2)  # dropout
+        self.step = 0
+        self.config = {
+            "model": self.model_cfg,
+            "schedule": to_dict(cfg.schedule),
+            "objective": self.ocfg,
+            "dataset": self.dataset_cfg,
+            "trainer": self.tcfg,
+            "data": {"is_8bit": self.data.is_8bit, "num_classes": self.data.num_classes},
+        }
+
+    # -- checkpoint state ----------------------------------------------------------------------------------
+    def state(self) -> Checkpoint:
+        rng = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return Checkpoint(
+            config=self.config, step=self.step, model=self.net.state_dict(), ema=self.ema.state_dict(),
+            optim=self.opt.state_dict(), rng=rng,
+        )
+
+    def load(self, ckpt: Checkpoint, path: Path) -> None:
+        if ckpt.config.get("model") != self.model_cfg:
+            raise UserError(f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}")
+        if ckpt.config.get("schedule") != self.config["schedule"] or ckpt.config.get("objective") != self.ocfg:
+            raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
+        self.net.load_state_dict(ckpt.model)
+        self.ema.load_state_dict(ckpt.ema)
+        if ckpt.optim is not None:
+            self.opt.load_state_dict(ckpt.optim)
+        self.data_gen.set_state(ckpt.rng["data"])
+        try:
+            self.noise_gen.set_state(ckpt.rng["noise"])
+        except RuntimeError:  # a CPU generator's state does not fit a CUDA generator: resume on a new stream
+            console.print("warning: checkpoint's noise generator is of another device; reseeding it")
+            self.noise_gen.manual_seed(self.tcfg["seed"] + 1 + ckpt.step)
+        torch.set_rng_state(ckpt.rng["torch"])
+        if "cuda" in ckpt.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.rng["cuda"], self.device)
+        self.step = ckpt.step
+
+    def save(self) -> Path:
+        ckdir = self.out / "checkpoints"
+        state = self.state()
+        path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state)
+        save_checkpoint(ckdir / "last.safetensors", state)
+        keep = self.tcfg["keep"]
+        numbered = sorted(ckdir.glob("step_*.safetensors"))
+        for old in numbered[: max(0, len(numbered) - keep)]:
+            old.unlink(missing_ok=True)
+        return path
+
+    # -- one optimisation step ----------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        warm = self.tcfg["warmup"]
+        return self.tcfg["lr"] * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+    def train_step(self) -> torch.Tensor:
+        bs = self.tcfg["batch_size"]
+        idx = torch.randint(0, len(self.data), (bs,), generator=self.data_gen)
+        x0, y = self.data.batch(idx)
+        x0 = x0.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        y = y.to(self.device) if self.net.num_classes else None
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.net.train()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = diffusion_loss(
+                self.net, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
+                min_snr_gamma=self.ocfg.get("min_snr_gamma", 5.0), y=y, generator=self.noise_gen,
+            ).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.tcfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tcfg["grad_clip"])
+        self.opt.step()
+        self.update_ema()
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.tcfg["ema_decay"]
+        if self.tcfg.get("ema_warmup", True):
+            decay = min(decay, (1 + self.step) / (10 + self.step))
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b)
+
+    # -- periodic outputs ---------------------------------------------------------------------------------
+    def sample_grid(self) -> Optional[Path]:
+        n = self.tcfg["sample_n"]
+        if n == 0:
+            return None
+        den = NetworkDenoiser(self.ema, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
+        shape = (self.data.channels, self.data.resolution, self.data.resolution)
+        labels = (torch.arange(n) % self.data.num_classes) if self.net.num_classes else None
+        x = generate(
+            den, n=n, shape=shape, schedule=self.schedule, sampler_cfg=self.sampler_cfg, steps=self.tcfg["sample_steps"],
+            seed=self.tcfg["seed"], device=self.device, batch_size=min(n, 256), clip_default=self.data.is_8bit,
+            labels=labels, progress=False,
+        )
+        grid = make_grid(to_uint8(x))
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        save_png(grid, path, upscale=grid_upscale(self.data.resolution))
+        save_png(grid, self.out / "grid.png", upscale=grid_upscale(self.data.resolution))
+        return path
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    trainer = Trainer(cfg, out)
+    steps_total = trainer.tcfg["steps"]
+    sampler_call(trainer.sampler_cfg, resolve_steps(trainer.sampler_cfg, trainer.tcfg["sample_steps"], trainer.schedule.T), trainer.schedule, True)
+
+    resume = cfg.get("resume", False)
+    if resume not in (False, None, "", "false"):
+        src = out / "checkpoints" / "last.safetensors" if resume in (True, "true") else resolve_ckpt_path(resume)
+        if resume in (True, "true") and not src.is_file():
+            raise UserError(f"resume=true but {src} does not exist: give hydra.run.dir=THE_RUN_DIR or resume=PATH")
+        trainer.load(load_checkpoint(src), src)
+        console.print(f"resumed from {src} at step {trainer.step}")
+
+    save_resolved_config(cfg, out)
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    console.print(
+        f"training {trainer.model_cfg['arch']} ({n_params / 1e6:.2f}M parameters) on {trainer.data.name} "
+        f"({len(trainer.data)} images, {trainer.data.resolution}x{trainer.data.resolution}) on {trainer.device}"
+    )
+    metrics_path = out / "metrics.jsonl"
+    log_every, ckpt_every, sample_every = trainer.tcfg["log_every"], trainer.tcfg["ckpt_every"], trainer.tcfg["sample_every"]
+    bs = trainer.tcfg["batch_size"]
+    last_loss = float("nan")
+    stopped = False
+    progress = Progress(
+        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console,
+    )
+    with StopRequest() as stop, progress, open(metrics_path, "a") as metrics:
+        task = progress.add_task("train", total=steps_total, completed=trainer.step, loss=float("nan"), ips=0.0)
+        losses: list[torch.Tensor] = []
+        t_last, step_last = time.perf_counter(), trainer.step
+        while trainer.step < steps_total:
+            losses.append(trainer.train_step())
+            step = trainer.step
+            if step % log_every == 0 or step == steps_total:
+                # One host sync per log interval, not per step.
+                last_loss = float(torch.stack(losses).mean())
+                losses.clear()
+                now = time.perf_counter()
+                ips = (step - step_last) * bs / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                rec = {"step": step, "loss": last_loss, "lr": trainer.lr_at(step - 1), "images_per_s": ips}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                progress.update(task, completed=step, loss=last_loss, ips=ips)
+            if step % ckpt_every == 0 and step != steps_total:
+                trainer.save()
+            if sample_every and step % sample_every == 0 and step != steps_total:
+                trainer.sample_grid()
+            if stop.requested:
+                stopped = True
+                break
+        progress.update(task, completed=trainer.step)
+    ckpt = trainer.save()
+    if stopped:
+        console.print(f"stopped by signal at step {trainer.step}; checkpoint {ckpt}")
+        return {"step": trainer.step, "loss": last_loss, "stopped": True}
+    grid = trainer.sample_grid()
+    console.print(f"step {trainer.step}: loss {last_loss:.4f}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
+    return {"step": trainer.step, "loss": last_loss, "checkpoint": str(ckpt)}

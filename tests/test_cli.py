@@ -1,0 +1,82 @@
+"""The command line in a subprocess, as a user runs it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
+    "trainer.batch_size=8", "trainer.log_every=2", "trainer.sample_n=4", "trainer.sample_steps=2",
+]
+
+
+def diffuse(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    r = diffuse("train", *TINY, "trainer.steps=4", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("run dir: ")
+    out = Path(last[len("run dir: "):])
+    assert out.parent == (cwd / "outputs" / "train").resolve()  # the documented default location
+    return out
+
+
+def test_train_then_sample_end_to_end(run_dir, tmp_path):
+    assert (run_dir / "checkpoints" / "last.safetensors").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    r = diffuse("sample", f"ckpt={run_dir}", "n=5", "batch_size=2", "steps=3", "save_npz=true", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"run dir: {(tmp_path / 's').resolve()}"
+    assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 5
+    assert (tmp_path / "s" / "samples.npz").is_file() and (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_multirun_sweep_and_cfg_job(run_dir, tmp_path):
+    r = diffuse("sample", "-m", f"ckpt={run_dir}", "n=2", "sampler=ddim,ddpm", "steps=2", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sw" / "0" / "grid.png").is_file() and (tmp_path / "sw" / "1" / "grid.png").is_file()
+    r = diffuse("train", "--cfg", "job", "model=small", "schedule=cosine", cwd=tmp_path)
+    assert r.returncode == 0 and "kind: cosine" in r.stdout and "ch: 64" in r.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "model=huge"], "model/huge"),
+        (["sample", "sampler=nope"], "sampler/nope"),
+        (["sample", "ckpt=/no/such/file.safetensors"], "does not exist"),
+        (["sample", "steps=0"], "steps=0"),
+        (["sample", "steps=1001"], "steps=1001"),
+        (["sample", "n=0"], "n=0"),
+        (["train", "trainer.lr=-1"], "trainer.lr=-1"),
+        (["train", "trainer.stepz=5"], "stepz"),
+        (["sample", "model=oracle", "dataset=gmm", "sampler.eta=nan"], "eta"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(args, needle, run_dir, tmp_path):
+    cmd, *rest = args
+    if cmd == "sample" and not any(a.startswith(("ckpt=", "model=")) for a in rest):
+        rest = [f"ckpt={run_dir}", *rest]
+    r = diffuse(cmd, *rest, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*"))
+
+
+def test_help_reads_well(tmp_path):
+    r = diffuse("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "train" in r.stdout and "sample" in r.stdout
+    r = diffuse("train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "experiment=quickstart" in r.stdout
