@@ -57,13 +57,15 @@ def _remove_new(root: Path, before: set[Path]) -> None:
     """Delete what this job (and Hydra, for it) created; leave anything that was there before."""
     if not root.exists():
         return
-    created_root = root not in before or before == {root}
+    hydra_dir = root / ".hydra"
+    # Hydra makes the run dir and its .hydra/ record before the job starts: the dir is this run's own if
+    # nothing else was in it.
+    created_root = all(p == root or p == hydra_dir or hydra_dir in p.parents for p in before)
     for p in sorted(_listing(root) - before, key=lambda p: len(p.parts), reverse=True):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-    hydra_dir = root / ".hydra"
     if created_root and hydra_dir.exists():
         shutil.rmtree(hydra_dir, ignore_errors=True)
     if created_root:

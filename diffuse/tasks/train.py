@@ -76,6 +76,8 @@ class Trainer:
             raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
         self.data = build_dataset(cfg.dataset)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
+        seed = self.tcfg["seed"]
+        torch.manual_seed(seed)  # the initial weights follow from the seed alone
         self.net = build_network(self.model_cfg).to(self.device)
         if self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -85,7 +87,6 @@ class Trainer:
             self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"],
             **({"fused": True} if self.device.type == "cuda" else {}),
         )
-        seed = self.tcfg["seed"]
         # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
         self.data_gen = torch.Generator().manual_seed(seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
