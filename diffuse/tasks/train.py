@@ -274,6 +274,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 progress.update(task, completed=step, loss=last_loss, ips=ips)
+                if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
+                    console.print(f"step {step}/{steps_total} loss {last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s")
             if step % ckpt_every == 0 and step != steps_total:
                 trainer.save()
             if sample_every and step % sample_every == 0 and step != steps_total:
