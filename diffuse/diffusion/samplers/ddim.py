@@ -35,13 +35,20 @@ def ddim(
     x = x_T
     for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
         eps = denoiser(x, batch_t(t, x), y)
-        x0 = predict_x0(eps, x, ab_t, clip_x0)
-        if clip_x0:  # keep eps consistent with the clipped x0 (the direction term uses it)
-            eps = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
-        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)) ** 0.5
-        x = ab_s**0.5 * x0 + max(1 - ab_s - sigma**2, 0.0) ** 0.5 * eps
-        if sigma > 0 and nxt >= 0:
-            x = x + sigma * randn_like(x, generator)
+        x = ddim_step(x, eps, ab_t, ab_s, last=nxt < 0, eta=eta, clip_x0=clip_x0, generator=generator)
         if hook is not None:
             x = hook(x, nxt)
+    return x
+
+
+def ddim_step(x, eps, ab_t: float, ab_s: float, *, last: bool, eta: float = 0.0, clip_x0: bool = False,
+              generator: Generator = None) -> torch.Tensor:
+    """One DDIM step (eq. 12) from alpha_bar_t to alpha_bar_s given the denoiser's eps; no noise when `last`."""
+    x0 = predict_x0(eps, x, ab_t, clip_x0)
+    if clip_x0:  # keep eps consistent with the clipped x0 (the direction term uses it)
+        eps = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
+    sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)) ** 0.5
+    x = ab_s**0.5 * x0 + max(1 - ab_s - sigma**2, 0.0) ** 0.5 * eps
+    if sigma > 0 and not last:
+        x = x + sigma * randn_like(x, generator)
     return x

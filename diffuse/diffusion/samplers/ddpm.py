@@ -36,15 +36,20 @@ def ddpm(
     x = x_T
     for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
         eps = denoiser(x, batch_t(t, x), y)
-        x0 = predict_x0(eps, x, ab_t, clip_x0)
-        beta = 1 - ab_t / ab_s
-        # Posterior mean, Ho et al. eq. 7 with (alpha_bar_{t-1}, beta_t) -> (alpha_bar_s, beta).
-        mean = (ab_s**0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_s) / (1 - ab_t)) * x
-        if nxt >= 0:
-            var = beta if variance == "beta" else beta * (1 - ab_s) / (1 - ab_t)
-            x = mean + var**0.5 * randn_like(x, generator)
-        else:
-            x = mean
+        x = ddpm_step(x, eps, ab_t, ab_s, last=nxt < 0, variance=variance, clip_x0=clip_x0, generator=generator)
         if hook is not None:
             x = hook(x, nxt)
     return x
+
+
+def ddpm_step(x, eps, ab_t: float, ab_s: float, *, last: bool, variance: str = "beta_tilde", clip_x0: bool = False,
+              generator: Generator = None) -> torch.Tensor:
+    """One ancestral step from alpha_bar_t to alpha_bar_s given the denoiser's eps; no noise when `last`."""
+    x0 = predict_x0(eps, x, ab_t, clip_x0)
+    beta = 1 - ab_t / ab_s
+    # Posterior mean, Ho et al. eq. 7 with (alpha_bar_{t-1}, beta_t) -> (alpha_bar_s, beta).
+    mean = (ab_s**0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_s) / (1 - ab_t)) * x
+    if last:
+        return mean
+    var = beta if variance == "beta" else beta * (1 - ab_s) / (1 - ab_t)
+    return mean + var**0.5 * randn_like(x, generator)

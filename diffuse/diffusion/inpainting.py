@@ -1,0 +1,117 @@
+"""Inpainting: fill the unknown pixels of an image given the known ones, with an unconditional denoiser.
+
+`keep` is a 0/1 tensor broadcastable to x (1 = known pixel, 0 = pixel to generate); `x0_known` holds the known
+image in model space (its values under keep=0 are ignored).
+
+replace   (Song et al. 2021, appendix I; Lugmayr et al. 2022 eq. 8) a step hook for any sampler: after each
+          reverse step, the known pixels are replaced by a fresh sample of q(x_t | x_0 = known) at the timestep
+          the state now belongs to; at the end they are pasted exactly.
+repaint   (Lugmayr et al. 2022, section 4.2 and Algorithm 1) the same replacement, plus resampling: the reverse
+          process is walked back up `jump_length` steps by the forward process
+              x_t = sqrt(alpha_bar_t / alpha_bar_s) x_s + sqrt(1 - alpha_bar_t / alpha_bar_s) z      (s < t)
+          and down again, `resamples` times in all at every jump point, so that the generated pixels have time
+          to agree with the known ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from diffuse.diffusion.noise import Generator, randn_like
+from diffuse.diffusion.samplers import STEPS
+from diffuse.diffusion.samplers.common import batch_t
+from diffuse.diffusion.schedule import Schedule, q_sample
+from diffuse.errors import UserError
+
+METHODS = ("replace", "repaint", "conditioned")
+
+
+def paste(x: torch.Tensor, x0_known: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The known pixels of x0_known, the others of x."""
+    return torch.where(keep.bool(), x0_known.to(x.dtype), x)
+
+
+def replace_hook(x0_known: torch.Tensor, keep: torch.Tensor, schedule: Schedule, generator: Generator) -> Callable:
+    """A sampler step hook: known pixels := q(x_t | x0_known) at the step's timestep; exact at the end (t=-1)."""
+
+    def hook(x: torch.Tensor, t_next: int) -> torch.Tensor:
+        if t_next < 0:
+            return paste(x, x0_known, keep)
+        known_t = q_sample(schedule, x0_known.to(x.dtype).expand_as(x), batch_t(t_next, x), randn_like(x, generator))
+        return paste(x, known_t, keep)
+
+    return hook
+
+
+def jump_schedule(steps: int, jump_length: int, resamples: int) -> list[int]:
+    """The sequence of levels RePaint visits, as the number of reverse steps still to go (steps .. 0).
+
+    Levels decrease by one on each reverse step. At every level r that is a multiple of jump_length with
+    r + jump_length <= steps (the clean level 0 included), the walk jumps back up to r + jump_length and comes
+    down again, resamples - 1 times, so each stretch is traversed `resamples` times in all.
+    """
+    for name, v, lo in (("inpaint.jump_length", jump_length, 1), ("inpaint.resamples", resamples, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise UserError(f"{name}={v!r} is not allowed: it must be an integer >= {lo}")
+    levels = [steps]
+    r = steps
+    jumps_left = {j: resamples - 1 for j in range(0, steps - jump_length + 1, jump_length)}
+    while r > 0 or jumps_left.get(0, 0) > 0:
+        if jumps_left.get(r, 0) > 0:
+            jumps_left[r] -= 1
+            r += jump_length
+        else:
+            r -= 1
+        levels.append(r)
+    return levels
+
+
+def repaint_nfe(steps: int, jump_length: int, resamples: int) -> int:
+    """Number of denoiser evaluations RePaint makes: one per reverse move of the jump schedule."""
+    levels = jump_schedule(steps, jump_length, resamples)
+    return sum(1 for a, b in zip(levels, levels[1:]) if b < a)
+
+
+@torch.no_grad()
+def repaint(
+    denoiser,
+    x_T: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: Schedule,
+    x0_known: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    jump_length: int = 10,
+    resamples: int = 3,
+    step: str = "ddpm",
+    generator: Generator = None,
+    y=None,
+    **step_options,
+) -> torch.Tensor:
+    """RePaint on a decreasing timestep sequence (any step count), with a sampler's single step as the reverse
+    update (`step`: ddpm or ddim, with its options). Known pixels are replaced after every reverse step."""
+    if step not in STEPS:
+        raise UserError(f"sampler={step!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
+    update = STEPS[step]
+    ts = [int(t) for t in timesteps] + [-1]  # level r is timestep ts[steps - r]; -1 is clean data
+    steps = len(ts) - 1
+    levels = jump_schedule(steps, jump_length, resamples)
+    ab = schedule.alpha_bar
+
+    def alpha_bar(t: int) -> float:
+        return float(ab[t]) if t >= 0 else 1.0
+
+    hook = replace_hook(x0_known, keep, schedule, generator)
+    x = x_T
+    for r, r_next in zip(levels, levels[1:]):
+        t, t_next = ts[steps - r], ts[steps - r_next]
+        if r_next < r:  # reverse step t -> t_next
+            eps = denoiser(x, batch_t(t, x), y)
+            x = update(x, eps, alpha_bar(t), alpha_bar(t_next), last=t_next < 0, generator=generator, **step_options)
+            x = hook(x, t_next)
+        else:  # forward jump t -> t_next > t: q(x_{t_next} | x_t)
+            ratio = alpha_bar(t_next) / alpha_bar(t)
+            x = ratio**0.5 * x + (1 - ratio) ** 0.5 * randn_like(x, generator)
+    return paste(x, x0_known, keep)

@@ -1,0 +1,131 @@
+"""diffuse inpaint: image + mask -> denoiser -> known-region constraint -> sampler -> results and strips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+
+from diffuse.diffusion.inpainting import paste, repaint, repaint_nfe, replace_hook
+from diffuse.diffusion.noise import PerSample, randn
+from diffuse.errors import UserError
+from diffuse.images import from_uint8, make_grid, save_png, to_uint8
+from diffuse.tasks.common import autocast_dtype, check_number, console, err_console, pick_device, save_resolved_config, to_dict, write_json
+from diffuse.tasks.sample import load_denoiser, sampler_call
+
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path} is not a readable image: {type(e).__name__}") from None
+
+
+def _pairs(image: Path, mask: Path) -> list[tuple[Path, Path]]:
+    if image.is_dir():
+        imgs = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXT)
+        if not imgs:
+            raise UserError(f"--image {image}: the folder holds no images")
+        if mask.is_dir():
+            out = []
+            for p in imgs:
+                m = mask / p.name
+                if not m.exists():
+                    raise UserError(f"--mask {mask}: no mask named {p.name} for image {p}")
+                out.append((p, m))
+            return out
+        return [(p, mask) for p in imgs]
+    if mask.is_dir():
+        raise UserError(f"--mask {mask} is a folder but --image {image} is one file")
+    return [(image, mask)]
+
+
+def load_pair(img_path: Path, mask_path: Path, shape, resize: bool, invert: bool):
+    """(image uint8 C x H x W at its own size, keep mask 1 x H x W bool at that size) or a UserError."""
+    c, h, w = shape
+    im = _open(img_path, "L" if c == 1 else "RGB")
+    mk = _open(mask_path, "L")
+    if mk.size != im.size:
+        raise UserError(f"mask {mask_path} is {mk.size[0]}x{mk.size[1]} but image {img_path} is {im.size[0]}x{im.size[1]}")
+    if im.size != (w, h) and not resize:
+        raise UserError(f"image {img_path} is {im.size[0]}x{im.size[1]} but the model makes {w}x{h} (inpaint.resize=true resizes it)")
+    arr = np.asarray(mk)
+    if ((arr > 0) & (arr < 255)).any():
+        err_console.print(f"warning: mask {mask_path} has grey values; binarised at 50%", markup=False)
+    generate = arr >= 128
+    if invert:
+        generate = ~generate
+    img = torch.from_numpy(np.array(im)).reshape(im.size[1], im.size[0], -1).permute(2, 0, 1).contiguous()
+    return img, torch.from_numpy(~generate).unsqueeze(0)
+
+
+def _resize(x: torch.Tensor, hw, mode: str) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x.unsqueeze(0).float(), size=hw, mode=mode, **({"antialias": True, "align_corners": False} if mode == "bilinear" else {}))[0]
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    if not cfg.get("image") or not cfg.get("mask"):
+        raise UserError("--image PATH and --mask PATH are both required")
+    n = check_number("n", cfg.n, minimum=1, integer=True)
+    seed = check_number("seed", cfg.seed, integer=True)
+    ic = to_dict(cfg.inpaint)
+    method = ic.get("method")
+    if method not in ("replace", "repaint"):
+        raise UserError(f"inpaint.method={method!r} is not allowed: choose one of replace, repaint")
+    device = pick_device(cfg.get("device", "auto"))
+    den, shape, schedule, clip_default, _, source = load_denoiser(cfg, device, autocast_dtype(cfg.get("precision", "auto"), device))
+    sampler_cfg = to_dict(cfg.sampler)
+    steps = check_number("steps", cfg.steps, minimum=1, integer=True)
+    fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
+    jl, rs = ic.get("jump_length"), ic.get("resamples")
+    nfe = repaint_nfe(steps, jl, rs) if method == "repaint" else steps
+    pairs = _pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
+    loaded = [load_pair(i, m, shape, bool(ic.get("resize", True)), bool(ic.get("mask_invert", False))) for i, m in pairs]
+
+    save_resolved_config(cfg, out)
+    c, h, w = shape
+    results = []
+    for idx, ((img_path, _), (img, keep_full)) in enumerate(zip(pairs, loaded)):
+        H, W = img.shape[-2:]
+        if not keep_full.any():
+            pass
+        if keep_full.all():
+            err_console.print(f"warning: mask for {img_path} keeps every pixel: nothing to generate, the input is returned", markup=False)
+            res = img.unsqueeze(0).expand(n, -1, -1, -1).clone()
+        else:
+            x0 = from_uint8(_resize(img, (h, w), "bilinear").round().clamp(0, 255) if (H, W) != (h, w) else img.float()).to(device)
+            keep = (_resize(keep_full.float(), (h, w), "nearest") > 0.5) if (H, W) != (h, w) else keep_full
+            keep = keep.unsqueeze(0).to(device)
+            gen = PerSample(seed, [idx * n + j for j in range(n)])
+            x_T = randn((n, *shape), gen, device)
+            known = x0.unsqueeze(0).expand(n, -1, -1, -1)
+            if method == "replace":
+                x = fn(den, x_T, timesteps, schedule, generator=gen, hook=replace_hook(known, keep, schedule, gen), **kwargs)
+            else:
+                x = repaint(den, x_T, timesteps, schedule, known, keep, jump_length=jl, resamples=rs,
+                            step=sampler_cfg.get("name"), generator=gen, **kwargs)
+            res = to_uint8(x.float().cpu())
+            if (H, W) != (h, w):
+                res = _resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)
+            # the known pixels are the input's, exactly, at the input's size
+            res = paste(res, img.unsqueeze(0), keep_full.unsqueeze(0))
+        stem = img_path.stem
+        for j in range(n):
+            save_png(res[j], out / f"{stem}_{j:02d}.png")
+        masked = torch.where(keep_full, img, torch.full_like(img, 255))
+        save_png(make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2), out / f"{stem}_strip.png")
+        results.append(str(img_path))
+    info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **source}
+    write_json(out / "inpaint.json", info)
+    console.print(f"inpainted {len(results)} image(s) x {n} ({method}, {steps} steps, NFE {nfe} per image batch)")
+    return info
