@@ -16,7 +16,7 @@ from diffuse.checkpoint import atomic_write, load_checkpoint, resolve_ckpt_path
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers import get_sampler
-from diffuse.diffusion.timesteps import make_timesteps
+from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.errors import UserError
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.tasks.common import (
@@ -31,7 +31,7 @@ from diffuse.tasks.common import (
 )
 
 # Keys of a sampler config that are not arguments of the sampler function itself.
-_SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0"}
+_SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho"}
 
 
 def resolve_steps(sampler_cfg: dict, steps: Optional[int], T: int) -> int:
@@ -46,7 +46,7 @@ def sampler_call(sampler_cfg: dict, steps: int, schedule, clip_default: bool):
     """(sampler function, timesteps, keyword arguments) from a sampler config; unknown options are refused."""
     name = sampler_cfg.get("name")
     fn = get_sampler(name)
-    timesteps = make_timesteps(schedule.T, steps, sampler_cfg.get("spacing", "trailing"))
+    timesteps = sampler_timesteps(schedule, steps, sampler_cfg.get("spacing", "trailing"), sampler_cfg.get("rho", 7.0))
     params = set(inspect.signature(fn).parameters)
     kwargs = {}
     for key, val in sampler_cfg.items():
@@ -60,6 +60,19 @@ def sampler_call(sampler_cfg: dict, steps: int, schedule, clip_default: bool):
     # Samplers check their options on entry: a call over no timesteps validates them before any work is done.
     fn(None, torch.zeros(1), timesteps[:0], schedule, **kwargs)
     return fn, timesteps, kwargs
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls: the honest number of network evaluations (NFE) a sampler made.
+    One call is one batched forward pass (with classifier-free guidance, cond and null share it)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def __call__(self, x_t, t, y=None):
+        self.calls += 1
+        return self.denoiser(x_t, t, y)
 
 
 def generate(
@@ -78,9 +91,11 @@ def generate(
     indices: Optional[list[int]] = None,
     on_batch=None,
     progress: bool = True,
+    stats: Optional[dict] = None,
 ) -> torch.Tensor:
     """Draw images `indices` (default 0..n-1), each from its own (seed, i) noise stream; returns them in
-    model space on the CPU. `on_batch(first_index, images)` is called as each batch completes."""
+    model space on the CPU. `on_batch(first_index, images)` is called as each batch completes; `stats["nfe"]`
+    receives the number of denoiser calls per sample (counted on the first batch)."""
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
     indices = list(range(n)) if indices is None else indices
     outs = []
@@ -91,7 +106,10 @@ def generate(
             gen = PerSample(seed, idx)
             x_T = randn((len(idx), *shape), gen, device)
             y = labels[start : start + len(idx)].to(device) if labels is not None else None
-            x0 = fn(denoiser, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
+            counter = CountingDenoiser(denoiser)
+            x0 = fn(counter, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
+            if stats is not None and "nfe" not in stats:
+                stats["nfe"] = counter.calls
             outs.append(x0)
             if on_batch is not None:
                 on_batch(start, x0)
@@ -197,12 +215,14 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             for j, img in enumerate(to_uint8(x0)):
                 save_png(img, images_dir / f"{start + j:06d}.png")
 
+    stats: dict = {}
     images = generate(
-        den, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
+        den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
         batch_size=batch_size, clip_default=clip_default, on_batch=write_batch,
     )
     save_outputs(images, None, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
-    info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": steps, "seed": seed, **source}
+    nfe = stats.get("nfe", 0)
+    info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": nfe, "seed": seed, **source}
     write_json(out / "sample.json", info)
-    console.print(f"wrote {n} samples ({sampler_cfg.get('name')}, {steps} steps, NFE {steps})")
+    console.print(f"wrote {n} samples ({sampler_cfg.get('name')}, {steps} steps, NFE {nfe})")
     return info
