@@ -177,6 +177,44 @@ def network_from_checkpoint(ckpt, use_ema: bool = True):
     return net, schedule, prediction, conf.get("data", {})
 
 
+def resolve_labels(cfg: DictConfig, n: int, num_classes: Optional[int]) -> Optional[torch.Tensor]:
+    """The label of each image: `label=k` for all, `labels=[...]` cycled, else all classes in turn; None for an
+    unconditional model (which refuses label/labels)."""
+    label, labels = cfg.get("label"), cfg.get("labels")
+    if label is not None and labels is not None:
+        raise UserError("label= and labels= cannot both be given: choose one")
+    if not num_classes:
+        if label is not None or labels is not None:
+            raise UserError(f"label={label if label is not None else list(labels)!r} needs a class-conditional model (model.num_classes); this one is unconditional")
+        return None
+    chosen = [label] if label is not None else (list(labels) if labels is not None else list(range(num_classes)))
+    if not chosen:
+        raise UserError("labels=[] is not allowed: give at least one class")
+    for k in chosen:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_classes:
+            raise UserError(f"label {k!r} is not allowed: classes are 0..{num_classes - 1}")
+    return torch.tensor(chosen, dtype=torch.long).repeat(math.ceil(n / len(chosen)))[:n]
+
+
+def guide(den, cfg: DictConfig, num_classes: Optional[int], schedule):
+    """The denoiser with classifier-free guidance from the `guidance` group, or unchanged."""
+    g = to_dict(cfg.get("guidance")) or {"name": "none"}
+    name = g.get("name", "none")
+    if name not in ("none", "cfg"):
+        raise UserError(f"guidance={name!r} is not allowed: choose one of cfg, none")
+    scale, interval, rescale = g.get("scale", 1.0), g.get("interval"), g.get("rescale", 0.0)
+    if name == "none":
+        return den
+    from diffuse.diffusion.guidance import cfg_denoiser, check_guidance
+
+    check_guidance(scale, interval, rescale, schedule)
+    if not num_classes:
+        if scale != 1.0:
+            raise UserError(f"guidance.scale={scale} needs a class-conditional model (model.num_classes); this one is unconditional")
+        return den
+    return cfg_denoiser(den, scale, null_label=num_classes, interval=interval, rescale=rescale, schedule=schedule)
+
+
 def save_outputs(images: torch.Tensor, labels: Optional[torch.Tensor], out: Path, *, save_images: bool, save_npz: bool, grid_n: int) -> None:
     u8 = to_uint8(images)
     if grid_n > 0 and len(u8):
@@ -204,6 +242,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler_cfg = to_dict(cfg.sampler)
     steps = resolve_steps(sampler_cfg, cfg.get("steps"), schedule.T)
     sampler_call(sampler_cfg, steps, schedule, clip_default)  # validate before anything is written
+    labels = resolve_labels(cfg, n, num_classes)
+    den = guide(den, cfg, num_classes, schedule)
 
     save_resolved_config(cfg, out)
     images_dir = out / "images"
@@ -218,11 +258,14 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     stats: dict = {}
     images = generate(
         den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
-        batch_size=batch_size, clip_default=clip_default, on_batch=write_batch,
+        batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, labels=labels,
     )
-    save_outputs(images, None, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
+    save_outputs(images, labels, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
     nfe = stats.get("nfe", 0)
     info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": nfe, "seed": seed, **source}
+    if labels is not None:
+        info["guidance_scale"] = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0))
+        info["classes"] = sorted(set(labels.tolist()))
     write_json(out / "sample.json", info)
     console.print(f"wrote {n} samples ({sampler_cfg.get('name')}, {steps} steps, NFE {nfe})")
     return info
