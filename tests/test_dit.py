@@ -74,7 +74,7 @@ def test_configs_have_the_paper_sizes(compose_cfg):
 def test_tiny_conditional_dit_trains_on_shapes_and_samples(tmp_path, compose_cfg):
     over = [
         "model=dit_s", "model.hidden_size=32", "model.depth=2", "model.heads=2", "model.num_classes=4",
-        "dataset.size=128", "dataset.resolution=8", "trainer.batch_size=32", "trainer.steps=30", "trainer.lr=3e-3",
+        "dataset.size=64", "dataset.resolution=8", "trainer.batch_size=16", "trainer.steps=20", "trainer.lr=3e-3",
         "trainer.warmup=1", "trainer.log_every=10", "trainer.ckpt_every=100", "trainer.sample_n=0", "objective.p_uncond=0.2",
     ]
     train_task.run(compose_cfg("train", over), tmp_path / "run")
@@ -85,9 +85,9 @@ def test_tiny_conditional_dit_trains_on_shapes_and_samples(tmp_path, compose_cfg
 
     from diffuse.data import build_dataset
 
-    x0, y = build_dataset(OmegaConf.create(ck.config["dataset"])).batch(torch.arange(128))
+    x0, y = build_dataset(OmegaConf.create(ck.config["dataset"])).batch(torch.arange(64))
     g = torch.Generator().manual_seed(1)
-    t, noise = torch.randint(0, 1000, (128,), generator=g), torch.randn(x0.shape, generator=g)
+    t, noise = torch.randint(0, 1000, (64,), generator=g), torch.randn(x0.shape, generator=g)
     torch.manual_seed(0)
     fresh = DiT(**{k: v for k, v in ck.config["model"].items() if k != "arch"})
     with torch.no_grad():
