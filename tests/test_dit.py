@@ -74,7 +74,7 @@ def test_configs_have_the_paper_sizes(compose_cfg):
 def test_tiny_conditional_dit_trains_on_shapes_and_samples(tmp_path, compose_cfg):
     over = [
         "model=dit_s", "model.hidden_size=32", "model.depth=2", "model.heads=2", "model.num_classes=4",
-        "dataset.size=64", "dataset.resolution=8", "trainer.batch_size=16", "trainer.steps=20", "trainer.lr=3e-3",
+        "dataset.size=64", "dataset.resolution=8", "trainer.batch_size=16", "trainer.steps=12", "trainer.lr=3e-3",
         "trainer.warmup=1", "trainer.log_every=10", "trainer.ckpt_every=100", "trainer.sample_n=0", "objective.p_uncond=0.2",
     ]
     train_task.run(compose_cfg("train", over), tmp_path / "run")
