@@ -32,3 +32,35 @@ def make_timesteps(T: int, steps: int, spacing: str = "trailing") -> torch.Tenso
     if ts.numel() != steps:  # cannot happen for steps <= T with these rules, but a sampler must not silently do less
         raise UserError(f"steps={steps} with spacing={spacing!r} gives only {ts.numel()} distinct timesteps")
     return ts
+
+
+def karras_timesteps(schedule, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """`steps` fractional timesteps (float64, decreasing) whose noise levels follow Karras et al. 2022, eq. 5:
+
+        sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0..n-1
+
+    between sigma_max = sigma(T-1) and sigma_min = sigma(0) of the schedule; rho = 7 spends the steps where the
+    noise is low. The step after the last goes to sigma = 0 (clean data), as with the integer spacings.
+    """
+    T = schedule.T
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and T={T}")
+    if not (rho > 0):
+        raise UserError(f"sampler.rho={rho!r} is not allowed: it must be > 0")
+    s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+    if steps == 1:
+        return torch.tensor([float(T - 1)], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    inv = s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))
+    ts = schedule.t_from_sigma(inv**rho)
+    ts[0], ts[-1] = T - 1, 0.0  # exact at the ends, whatever the interpolation's rounding
+    return ts
+
+
+def sampler_timesteps(schedule, steps: int, spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
+    """Integer timesteps for the uniform spacings, fractional ones for `karras`."""
+    if spacing == "karras":
+        return karras_timesteps(schedule, steps, rho)
+    if spacing not in SPACINGS:
+        raise UserError(f"sampler.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS + ('karras',))}")
+    return make_timesteps(schedule.T, steps, spacing)

@@ -7,9 +7,10 @@ import inspect
 from torch import nn
 
 from diffuse.errors import UserError
+from diffuse.nets.dit import DiT
 from diffuse.nets.unet import UNet
 
-NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet}
+NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
 
 
 def build_network(cfg: dict) -> nn.Module:

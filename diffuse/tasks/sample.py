@@ -16,7 +16,7 @@ from diffuse.checkpoint import atomic_write, load_checkpoint, resolve_ckpt_path
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers import get_sampler
-from diffuse.diffusion.timesteps import make_timesteps
+from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.errors import UserError
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.tasks.common import (
@@ -31,7 +31,7 @@ from diffuse.tasks.common import (
 )
 
 # Keys of a sampler config that are not arguments of the sampler function itself.
-_SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0"}
+_SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho"}
 
 
 def resolve_steps(sampler_cfg: dict, steps: Optional[int], T: int) -> int:
@@ -46,7 +46,7 @@ def sampler_call(sampler_cfg: dict, steps: int, schedule, clip_default: bool):
     """(sampler function, timesteps, keyword arguments) from a sampler config; unknown options are refused."""
     name = sampler_cfg.get("name")
     fn = get_sampler(name)
-    timesteps = make_timesteps(schedule.T, steps, sampler_cfg.get("spacing", "trailing"))
+    timesteps = sampler_timesteps(schedule, steps, sampler_cfg.get("spacing", "trailing"), sampler_cfg.get("rho", 7.0))
     params = set(inspect.signature(fn).parameters)
     kwargs = {}
     for key, val in sampler_cfg.items():
@@ -60,6 +60,19 @@ def sampler_call(sampler_cfg: dict, steps: int, schedule, clip_default: bool):
     # Samplers check their options on entry: a call over no timesteps validates them before any work is done.
     fn(None, torch.zeros(1), timesteps[:0], schedule, **kwargs)
     return fn, timesteps, kwargs
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls: the honest number of network evaluations (NFE) a sampler made.
+    One call is one batched forward pass (with classifier-free guidance, cond and null share it)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def __call__(self, x_t, t, y=None):
+        self.calls += 1
+        return self.denoiser(x_t, t, y)
 
 
 def generate(
@@ -78,9 +91,11 @@ def generate(
     indices: Optional[list[int]] = None,
     on_batch=None,
     progress: bool = True,
+    stats: Optional[dict] = None,
 ) -> torch.Tensor:
     """Draw images `indices` (default 0..n-1), each from its own (seed, i) noise stream; returns them in
-    model space on the CPU. `on_batch(first_index, images)` is called as each batch completes."""
+    model space on the CPU. `on_batch(first_index, images)` is called as each batch completes; `stats["nfe"]`
+    receives the number of denoiser calls per sample (counted on the first batch)."""
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
     indices = list(range(n)) if indices is None else indices
     outs = []
@@ -91,7 +106,10 @@ def generate(
             gen = PerSample(seed, idx)
             x_T = randn((len(idx), *shape), gen, device)
             y = labels[start : start + len(idx)].to(device) if labels is not None else None
-            x0 = fn(denoiser, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
+            counter = CountingDenoiser(denoiser)
+            x0 = fn(counter, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
+            if stats is not None and "nfe" not in stats:
+                stats["nfe"] = counter.calls
             outs.append(x0)
             if on_batch is not None:
                 on_batch(start, x0)
@@ -159,6 +177,44 @@ def network_from_checkpoint(ckpt, use_ema: bool = True):
     return net, schedule, prediction, conf.get("data", {})
 
 
+def resolve_labels(cfg: DictConfig, n: int, num_classes: Optional[int]) -> Optional[torch.Tensor]:
+    """The label of each image: `label=k` for all, `labels=[...]` cycled, else all classes in turn; None for an
+    unconditional model (which refuses label/labels)."""
+    label, labels = cfg.get("label"), cfg.get("labels")
+    if label is not None and labels is not None:
+        raise UserError("label= and labels= cannot both be given: choose one")
+    if not num_classes:
+        if label is not None or labels is not None:
+            raise UserError(f"label={label if label is not None else list(labels)!r} needs a class-conditional model (model.num_classes); this one is unconditional")
+        return None
+    chosen = [label] if label is not None else (list(labels) if labels is not None else list(range(num_classes)))
+    if not chosen:
+        raise UserError("labels=[] is not allowed: give at least one class")
+    for k in chosen:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_classes:
+            raise UserError(f"label {k!r} is not allowed: classes are 0..{num_classes - 1}")
+    return torch.tensor(chosen, dtype=torch.long).repeat(math.ceil(n / len(chosen)))[:n]
+
+
+def guide(den, cfg: DictConfig, num_classes: Optional[int], schedule):
+    """The denoiser with classifier-free guidance from the `guidance` group, or unchanged."""
+    g = to_dict(cfg.get("guidance")) or {"name": "none"}
+    name = g.get("name", "none")
+    if name not in ("none", "cfg"):
+        raise UserError(f"guidance={name!r} is not allowed: choose one of cfg, none")
+    scale, interval, rescale = g.get("scale", 1.0), g.get("interval"), g.get("rescale", 0.0)
+    if name == "none":
+        return den
+    from diffuse.diffusion.guidance import cfg_denoiser, check_guidance
+
+    check_guidance(scale, interval, rescale, schedule)
+    if not num_classes:
+        if scale != 1.0:
+            raise UserError(f"guidance.scale={scale} needs a class-conditional model (model.num_classes); this one is unconditional")
+        return den
+    return cfg_denoiser(den, scale, null_label=num_classes, interval=interval, rescale=rescale, schedule=schedule)
+
+
 def save_outputs(images: torch.Tensor, labels: Optional[torch.Tensor], out: Path, *, save_images: bool, save_npz: bool, grid_n: int) -> None:
     u8 = to_uint8(images)
     if grid_n > 0 and len(u8):
@@ -186,6 +242,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler_cfg = to_dict(cfg.sampler)
     steps = resolve_steps(sampler_cfg, cfg.get("steps"), schedule.T)
     sampler_call(sampler_cfg, steps, schedule, clip_default)  # validate before anything is written
+    labels = resolve_labels(cfg, n, num_classes)
+    den = guide(den, cfg, num_classes, schedule)
 
     save_resolved_config(cfg, out)
     images_dir = out / "images"
@@ -197,12 +255,17 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             for j, img in enumerate(to_uint8(x0)):
                 save_png(img, images_dir / f"{start + j:06d}.png")
 
+    stats: dict = {}
     images = generate(
-        den, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
-        batch_size=batch_size, clip_default=clip_default, on_batch=write_batch,
+        den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
+        batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, labels=labels,
     )
-    save_outputs(images, None, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
-    info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": steps, "seed": seed, **source}
+    save_outputs(images, labels, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
+    nfe = stats.get("nfe", 0)
+    info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": nfe, "seed": seed, **source}
+    if labels is not None:
+        info["guidance_scale"] = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0))
+        info["classes"] = sorted(set(labels.tolist()))
     write_json(out / "sample.json", info)
-    console.print(f"wrote {n} samples ({sampler_cfg.get('name')}, {steps} steps, NFE {steps})")
+    console.print(f"wrote {n} samples ({sampler_cfg.get('name')}, {steps} steps, NFE {nfe})")
     return info

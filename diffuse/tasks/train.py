@@ -54,6 +54,7 @@ def validate_objective(o: dict) -> None:
     if o.get("weighting") not in WEIGHTINGS:
         raise UserError(f"objective.weighting={o.get('weighting')!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
     check_number("objective.min_snr_gamma", o.get("min_snr_gamma", 5.0), minimum=0, exclusive_min=True)
+    check_number("objective.p_uncond", o.get("p_uncond", 0.1), minimum=0, maximum=1)
 
 
 class Trainer:
@@ -76,6 +77,9 @@ class Trainer:
             raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
         self.data = build_dataset(cfg.dataset)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
+        k = model_cfg.get("num_classes")
+        if k and (not self.data.num_classes or self.data.num_classes > k):
+            raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
         seed = self.tcfg["seed"]
         torch.manual_seed(seed)  # the initial weights follow from the seed alone
         self.net = build_network(self.model_cfg).to(self.device)
@@ -155,6 +159,10 @@ class Trainer:
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device) if self.net.num_classes else None
+        p_uncond = self.ocfg.get("p_uncond", 0.1)
+        if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
+            drop = torch.rand(y.shape, generator=self.noise_gen, device=self.noise_gen.device).to(y.device) < p_uncond
+            y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.net.train()

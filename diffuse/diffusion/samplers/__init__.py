@@ -8,14 +8,18 @@ import torch
 
 from diffuse.diffusion.samplers.ddim import ddim, ddim_step
 from diffuse.diffusion.samplers.ddpm import ddpm, ddpm_step
+from diffuse.diffusion.samplers.dpm_solver import dpm_solver
+from diffuse.diffusion.samplers.euler import euler
+from diffuse.diffusion.samplers.heun import heun
 
-SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim}
+SAMPLERS: dict[str, Callable] = {"ddpm": ddpm, "ddim": ddim, "dpm_solver": dpm_solver, "euler": euler, "heun": heun}
 # One step of a sampler, for algorithms that drive the reverse process themselves (RePaint):
 #     step(x, eps, alpha_bar_t, alpha_bar_s, *, last, <sampler options>, generator) -> x_s
 STEPS: dict[str, Callable] = {"ddpm": ddpm_step, "ddim": ddim_step}
 
 # A step hook sees the state after each step and may change it (inpainting pastes the known region here):
-#     hook(x, t_next) -> x, where t_next is the timestep x now belongs to, or -1 once x is the final x_0.
+#     hook(x, t_next) -> x, where t_next is the timestep x now belongs to (an int, or a float for fractional
+#     timesteps), or -1 once x is the final x_0.
 StepHook = Optional[Callable[[torch.Tensor, int], torch.Tensor]]
 
 
