@@ -243,7 +243,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     steps = resolve_steps(sampler_cfg, cfg.get("steps"), schedule.T)
     sampler_call(sampler_cfg, steps, schedule, clip_default)  # validate before anything is written
     labels = resolve_labels(cfg, n, num_classes)
-    if source.get("model") == "oracle" and cfg.get("label") is None and cfg.get("labels") is None:
+    unguided = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0)) == 1.0
+    if source.get("model") == "oracle" and cfg.get("label") is None and cfg.get("labels") is None and unguided:
         labels = None  # the oracle is ground truth: without a label it samples the mixture, at its weights
     den = guide(den, cfg, num_classes, schedule)
 
