@@ -251,3 +251,15 @@ def test_flip_is_deterministic_and_mirrors_exactly_the_chosen_images():
     state = g.get_state()
     assert torch.equal(ImageDataset(images, torch.arange(64), 64).batch(idx, generator=g)[0], orig)
     assert torch.equal(g.get_state(), state)
+
+
+# -- experiments -------------------------------------------------------------------------------------------
+
+
+def test_experiment_recipes_compose(compose_cfg):
+    c = compose_cfg("train", ["experiment=cifar10_ddpm"])
+    assert (c.dataset.name, c.dataset.flip, c.model.ch, c.model.dropout) == ("cifar10", True, 128, 0.1)
+    assert (c.schedule.kind, c.schedule.T, c.trainer.lr, c.trainer.batch_size) == ("linear", 1000, 2e-4, 128)
+    assert (c.trainer.warmup, c.trainer.ema_decay, c.trainer.steps) == (5000, 0.9999, 800000)
+    f = compose_cfg("train", ["experiment=fashion_mnist"])
+    assert (f.dataset.name, f.dataset.resolution, f.dataset.fit, f.dataset.channels, f.model.ch) == ("fashion_mnist", 32, "pad", 1, 64)

@@ -51,8 +51,8 @@ class ImageDataset:
         x = self.images[idx]
         if self.flip and generator is not None:
             mirror = flip_mask(len(idx), generator).to(x.device)
-            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-        x = x.float() / 127.5 - 1.0 if self.is_8bit else x.float()
+            x[mirror] = x[mirror].flip(-1)  # x is a fresh gather: mirror the chosen half in place
+        x = x.float().div_(127.5).sub_(1.0) if self.is_8bit else x.float()
         return x, self.labels[idx]
 
 
@@ -87,7 +87,7 @@ def _shapes(cfg) -> ImageDataset:
 
     n = _positive(cfg, "size")
     images, labels = render_shapes(n, resolution=_positive(cfg, "resolution"), seed=int(cfg.get("seed", 0)), num_classes=int(cfg.get("num_classes", 4)))
-    return ImageDataset(images, labels, int(cfg.get("num_classes", 4)), "shapes")
+    return ImageDataset(images, labels, int(cfg.get("num_classes", 4)), "shapes", flip=bool(cfg.get("flip", False)))
 
 
 def _gmm(cfg) -> ImageDataset:
