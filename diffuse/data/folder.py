@@ -1,7 +1,8 @@
 """Any directory of images (PNG, JPEG, WebP): center-cropped to a square, resized, converted to RGB.
 
 With subfolders, each immediate subfolder is a class (sorted names -> labels 0, 1, ...) holding images at any
-depth; without, every image is class 0. Files that cannot be decoded are reported on stderr and skipped.
+depth (files beside the subfolders are then not read); without, every image is class 0. Files that cannot be
+decoded are reported on stderr and skipped.
 """
 
 from __future__ import annotations
