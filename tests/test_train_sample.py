@@ -55,10 +55,12 @@ def test_training_lowers_the_loss(trained, compose_cfg):
 
 
 def test_resume_is_bit_identical(tmp_path, compose_cfg):
+    """With random flips on: their coin tosses come from the checkpointed data generator."""
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    _train(compose_cfg, straight, ["trainer.steps=10", "trainer.ckpt_every=100", "trainer.sample_n=0"])
-    _train(compose_cfg, halves, ["trainer.steps=5", "trainer.ckpt_every=100", "trainer.sample_n=0"])
-    _train(compose_cfg, halves, ["trainer.steps=10", "trainer.ckpt_every=100", "trainer.sample_n=0", "resume=true"])
+    common = ["trainer.ckpt_every=100", "trainer.sample_n=0", "dataset.flip=true"]
+    _train(compose_cfg, straight, ["trainer.steps=10"] + common)
+    _train(compose_cfg, halves, ["trainer.steps=5"] + common)
+    _train(compose_cfg, halves, ["trainer.steps=10", "resume=true"] + common)
     a = load_checkpoint(straight / "checkpoints" / "last.safetensors")
     b = load_checkpoint(halves / "checkpoints" / "last.safetensors")
     assert a.step == b.step == 10

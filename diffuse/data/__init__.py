@@ -20,6 +20,7 @@ class ImageDataset:
     labels: torch.Tensor  # N, int64
     num_classes: int
     name: str = ""
+    flip: bool = False  # random horizontal flips in batch(), drawn from the caller's generator
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -37,14 +38,48 @@ class ImageDataset:
         return self.images.dtype == torch.uint8
 
     def to(self, device) -> "ImageDataset":
-        return ImageDataset(self.images.to(device), self.labels.to(device), self.num_classes, self.name)
+        return ImageDataset(self.images.to(device), self.labels.to(device), self.num_classes, self.name, self.flip)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in model space ([-1, 1] for 8-bit data) and labels, on the dataset's device."""
+    def batch(self, idx: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in model space ([-1, 1] for 8-bit data) and labels, on the dataset's device.
+
+        With flip on and a generator given, each image is mirrored left-right with probability 1/2; the coin
+        flips are drawn from `generator` (one per image, on its device) and the flip itself runs on the
+        dataset's device, so the augmentation is part of the data stream a checkpoint saves.
+        """
         idx = idx.to(self.images.device)
         x = self.images[idx]
-        x = x.float() / 127.5 - 1.0 if self.is_8bit else x.float()
+        if self.flip and generator is not None:
+            mirror = flip_mask(len(idx), generator).to(x.device)
+            x[mirror] = x[mirror].flip(-1)  # x is a fresh gather: mirror the chosen half in place
+        x = x.float().div_(127.5).sub_(1.0) if self.is_8bit else x.float()
         return x, self.labels[idx]
+
+
+def flip_mask(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of n images batch() mirrors: a fair coin per image from the generator."""
+    return torch.rand(n, generator=generator, device=generator.device) < 0.5
+
+
+def fit_resolution(images: torch.Tensor, cfg, fit_default: str) -> torch.Tensor:
+    """uint8 images brought to dataset.resolution: `pad` (zeros around, centred) or `resize` (antialiased bilinear)."""
+    res = _positive(cfg, "resolution")
+    fit = cfg.get("fit", fit_default)
+    if fit not in ("pad", "resize"):
+        raise UserError(f"dataset.fit={fit!r} is not allowed: choose pad or resize")
+    h, w = images.shape[-2:]
+    if (h, w) == (res, res):
+        return images
+    if fit == "pad":
+        if res < max(h, w):
+            raise UserError(f"dataset.resolution={res} is smaller than the {h}x{w} images: use dataset.fit=resize")
+        top, left = (res - h) // 2, (res - w) // 2
+        return torch.nn.functional.pad(images, (left, res - w - left, top, res - h - top))
+    out = []
+    for chunk in images.split(4096):
+        y = torch.nn.functional.interpolate(chunk.float(), size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+        out.append(y.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
 
 
 def _shapes(cfg) -> ImageDataset:
@@ -52,7 +87,7 @@ def _shapes(cfg) -> ImageDataset:
 
     n = _positive(cfg, "size")
     images, labels = render_shapes(n, resolution=_positive(cfg, "resolution"), seed=int(cfg.get("seed", 0)), num_classes=int(cfg.get("num_classes", 4)))
-    return ImageDataset(images, labels, int(cfg.get("num_classes", 4)), "shapes")
+    return ImageDataset(images, labels, int(cfg.get("num_classes", 4)), "shapes", flip=bool(cfg.get("flip", False)))
 
 
 def _gmm(cfg) -> ImageDataset:
@@ -70,7 +105,38 @@ def build_mixture(cfg):
     return default_mixture(channels=_positive(cfg, "channels"), resolution=_positive(cfg, "resolution"))
 
 
-DATASETS: dict[str, Callable] = {"shapes": _shapes, "gmm": _gmm}
+def _cifar10(cfg) -> ImageDataset:
+    from diffuse.data.cifar10 import load
+
+    return load(cfg)
+
+
+def _mnist(cfg) -> ImageDataset:
+    from diffuse.data.mnist import load_mnist
+
+    return load_mnist(cfg)
+
+
+def _fashion_mnist(cfg) -> ImageDataset:
+    from diffuse.data.mnist import load_fashion_mnist
+
+    return load_fashion_mnist(cfg)
+
+
+def _folder(cfg) -> ImageDataset:
+    from diffuse.data.folder import load
+
+    return load(cfg)
+
+
+DATASETS: dict[str, Callable] = {
+    "shapes": _shapes,
+    "gmm": _gmm,
+    "cifar10": _cifar10,
+    "mnist": _mnist,
+    "fashion_mnist": _fashion_mnist,
+    "folder": _folder,
+}
 
 
 def build_dataset(cfg) -> ImageDataset:

@@ -154,7 +154,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         bs = self.tcfg["batch_size"]
         idx = torch.randint(0, len(self.data), (bs,), generator=self.data_gen)
-        x0, y = self.data.batch(idx)
+        x0, y = self.data.batch(idx, generator=self.data_gen)
         x0 = x0.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)

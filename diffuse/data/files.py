@@ -1,0 +1,66 @@
+"""Where dataset files live: cache directories, checksums, atomic downloads and the offline message.
+
+Network code is kept to one small function, `download`; everything else works on files already on disk, so
+a file placed by hand in the cache directory is used with no network at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from diffuse.errors import UserError
+
+
+def cache_dir(cfg, name: str) -> Path:
+    """dataset.root with ~ expanded; default ~/.cache/diffuse/NAME."""
+    root = cfg.get("root") or f"~/.cache/diffuse/{name}"
+    return Path(os.path.expanduser(str(root)))
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_md5(path: Path, expected: Optional[str]) -> None:
+    """Refuse a file whose MD5 is not `expected` (None: no check)."""
+    if not expected:
+        return
+    got = md5sum(path)
+    if got != str(expected).lower():
+        raise UserError(
+            f"{path} is corrupted or incomplete: its MD5 is {got}, expected {expected}; delete it and download it again"
+        )
+
+
+def download(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Fetch url into dest atomically: a temporary file in dest's directory, renamed once complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch_or_explain(url: str, dest: Path, allow_download: bool) -> None:
+    """Download url to dest, or raise the one-line offline message naming the file, the directory and the URL."""
+    missing = UserError(f"{dest.name} not found in {dest.parent}: download {url} and put it there (or set dataset.root)")
+    if not allow_download:
+        raise missing
+    try:
+        download(url, dest)
+    except OSError as e:  # URLError, timeouts and unreachable hosts are all OSErrors
+        raise UserError(f"{missing} [download failed: {e}]") from None
