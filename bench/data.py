@@ -71,8 +71,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     cifar = ImageDataset(torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=g),
                          torch.randint(0, 10, (50000,), generator=g), 10, "cifar-sized", flip=True)
-    rows = [(f"loader: shapes 20000x3x16x16 (flip)", loader_rate(shapes, args.batch, device)),
-            (f"loader: cifar-sized 50000x3x32x32 (flip)", loader_rate(cifar, args.batch, device))]
+    rows = [("loader: shapes 20000x3x16x16 (flip)", loader_rate(shapes, args.batch, device)),
+            ("loader: cifar-sized 50000x3x32x32 (flip)", loader_rate(cifar, args.batch, device))]
     step = train_rate(args.model, args.batch, args.device, args.resolution)
     rows.append((f"train step: model={args.model} at {args.resolution}x{args.resolution}", step))
     for name, r in rows:

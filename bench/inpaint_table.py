@@ -15,7 +15,7 @@ import torch
 
 from diffuse.diffusion.inpainting import repaint, repaint_nfe, replace_hook
 from diffuse.diffusion.oracle import GMMDenoiser
-from diffuse.diffusion.samplers import ddim, ddpm
+from diffuse.diffusion.samplers import ddpm
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import make_timesteps
 from diffuse.metrics.mixture import format_inpaint_fit, inpaint_fit

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import typer
 

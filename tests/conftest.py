@@ -21,3 +21,19 @@ def compose(config_name: str, overrides: list[str] | None = None):
 @pytest.fixture
 def compose_cfg():
     return compose
+
+
+@pytest.fixture(scope="module")
+def oracle_setup():
+    """The default mixture, the linear schedule and the mixture's exact denoiser: ground truth for samplers."""
+    from diffuse.data.gmm import default_mixture
+    from diffuse.diffusion.oracle import GMMDenoiser
+    from diffuse.diffusion.schedule import make_schedule
+
+    mixture = default_mixture()
+    schedule = make_schedule("linear")
+    return mixture, schedule, GMMDenoiser(mixture, schedule)
+
+
+def gaussian_x_T(n, shape, seed=0):
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -8,7 +8,7 @@ from diffuse.checkpoint import load_checkpoint
 from diffuse.diffusion.objectives import diffusion_loss
 from diffuse.errors import UserError
 from diffuse.nets import build_network
-from diffuse.nets.dit import DiT, DiTBlock, sincos_2d
+from diffuse.nets.dit import DiT, sincos_2d
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train as train_task
 from diffuse.tasks.sample import network_from_checkpoint

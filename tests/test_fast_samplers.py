@@ -1,17 +1,14 @@
 """DPM-Solver++(2M), Euler and Heun on the probability-flow ODE, against the exact mixture denoiser."""
 
 import json
-import math
 
 import pytest
 import torch
+from conftest import gaussian_x_T as _x_T
 
-from diffuse.data.gmm import default_mixture
 from diffuse.diffusion.noise import PerSample, randn
-from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.samplers import SAMPLERS, ddim, dpm_solver, euler, heun
 from diffuse.diffusion.samplers.common import sigma_of
-from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import karras_timesteps, make_timesteps, sampler_timesteps
 from diffuse.errors import UserError
 from diffuse.metrics.mixture import format_fit, mixture_fit
@@ -19,20 +16,11 @@ from diffuse.tasks import sample as sample_task
 from diffuse.tasks.sample import CountingDenoiser
 
 
-@pytest.fixture(scope="module")
-def setup():
-    mixture = default_mixture()
-    schedule = make_schedule("linear")
-    return mixture, schedule, GMMDenoiser(mixture, schedule)
 
 
-def _x_T(n, shape, seed=0):
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def test_dpm_solver_karras_20_nfe_matches_the_mixture(setup):
+def test_dpm_solver_karras_20_nfe_matches_the_mixture(oracle_setup):
     """The issue's bound: every std ratio in 0.94-1.06, |freq z| < 3, mean error < 0.08 std, at 20 NFE."""
-    mixture, schedule, den = setup
+    mixture, schedule, den = oracle_setup
     counter = CountingDenoiser(den)
     x = dpm_solver(counter, _x_T(2000, mixture.shape), karras_timesteps(schedule, 20), schedule)
     assert counter.calls == 20
@@ -44,8 +32,8 @@ def test_dpm_solver_karras_20_nfe_matches_the_mixture(setup):
         assert 0.94 <= r["std_ratio"] <= 1.06, r
 
 
-def test_karras_timesteps_follow_eq5(setup):
-    _, schedule, _ = setup
+def test_karras_timesteps_follow_eq5(oracle_setup):
+    _, schedule, _ = oracle_setup
     ts = karras_timesteps(schedule, 12, rho=7.0)
     assert ts.dtype == torch.float64 and ts.shape == (12,)
     assert ts[0] == 999 and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all())
@@ -59,16 +47,16 @@ def test_karras_timesteps_follow_eq5(setup):
         karras_timesteps(schedule, 5, rho=0)
 
 
-def test_euler_on_integer_steps_is_ddim(setup):
+def test_euler_on_integer_steps_is_ddim(oracle_setup):
     """Euler in sigma on x / sqrt(alpha_bar) is DDIM eta=0 (Song et al. eq. 14; Karras et al. section 3)."""
-    mixture, schedule, den = setup
+    mixture, schedule, den = oracle_setup
     x_T, ts = _x_T(16, mixture.shape), make_timesteps(1000, 7)
     assert torch.allclose(euler(den, x_T, ts, schedule), ddim(den, x_T, ts, schedule, eta=0.0), atol=1e-9)
 
 
-def test_dpm_solver_first_order_is_ddim(setup):
+def test_dpm_solver_first_order_is_ddim(oracle_setup):
     """With two timesteps both steps are first order (lower_order_final), and DPM-Solver++(1) is DDIM."""
-    mixture, schedule, den = setup
+    mixture, schedule, den = oracle_setup
     x_T, ts = _x_T(16, mixture.shape), make_timesteps(1000, 2)
     assert torch.allclose(dpm_solver(den, x_T, ts, schedule), ddim(den, x_T, ts, schedule), atol=1e-9)
     # on three steps the middle one is second order: no longer DDIM
@@ -77,10 +65,10 @@ def test_dpm_solver_first_order_is_ddim(setup):
     assert not torch.allclose(a, ddim(den, x_T, ts3, schedule), atol=1e-4)
 
 
-def test_convergence_orders(setup):
+def test_convergence_orders(oracle_setup):
     """Against a 100-step Heun reference from the same x_T, doubling the steps from 10 to 20 halves Euler's
     error (first order) and cuts Heun's and DPM-Solver++(2M)'s by more than 3 (second order)."""
-    mixture, schedule, den = setup
+    mixture, schedule, den = oracle_setup
     x_T = _x_T(16, mixture.shape, seed=3)
     ref = heun(den, x_T, karras_timesteps(schedule, 100), schedule)
     ratio = {}
@@ -93,8 +81,8 @@ def test_convergence_orders(setup):
 
 
 @pytest.mark.parametrize("name,steps,nfe", [("dpm_solver", 6, 6), ("euler", 6, 6), ("heun", 6, 11), ("ddim", 6, 6)])
-def test_nfe_and_batch_independence(setup, name, steps, nfe):
-    mixture, schedule, den = setup
+def test_nfe_and_batch_independence(oracle_setup, name, steps, nfe):
+    mixture, schedule, den = oracle_setup
     fn = SAMPLERS[name]
     ts = sampler_timesteps(schedule, steps, "trailing" if name == "ddim" else "karras")
 
@@ -112,8 +100,8 @@ def test_nfe_and_batch_independence(setup, name, steps, nfe):
     assert not torch.allclose(whole, draw(list(range(6)), seed=1)[0])
 
 
-def test_dynamic_thresholding_bounds_x0(setup):
-    mixture, schedule, den = setup
+def test_dynamic_thresholding_bounds_x0(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x_T = 3 * _x_T(8, mixture.shape)
     x = dpm_solver(den, x_T, karras_timesteps(schedule, 5), schedule, dynamic_percentile=0.9)
     assert x.abs().max() <= 1 + 1e-9

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import gaussian_x_T as _x_T
 
 from diffuse.data.gmm import default_mixture
 from diffuse.diffusion.guidance import cfg_denoiser
-from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.samplers import dpm_solver
-from diffuse.diffusion.schedule import coefficients, make_schedule
+from diffuse.diffusion.schedule import coefficients
 from diffuse.diffusion.timesteps import karras_timesteps
 from diffuse.errors import UserError
 from diffuse.metrics.mixture import mixture_fit
@@ -16,15 +16,6 @@ from diffuse.tasks import sample as sample_task
 from diffuse.tasks.sample import guide
 
 
-@pytest.fixture(scope="module")
-def setup():
-    mixture = default_mixture()
-    schedule = make_schedule("linear")
-    return mixture, schedule, GMMDenoiser(mixture, schedule)
-
-
-def _x_T(n, shape, seed=0):
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def _sample(den, mixture, schedule, n, label, seed=0):
@@ -41,8 +32,8 @@ class Recorder:
         return self.den(x, t, y)
 
 
-def test_formula_in_one_batched_forward(setup):
-    mixture, schedule, den = setup
+def test_formula_in_one_batched_forward(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x, t, y = _x_T(6, mixture.shape), torch.full((6,), 400), torch.tensor([0, 1, 2, 3, 0, 1])
     rec = Recorder(den)
     out = cfg_denoiser(rec, 2.5, null_label=mixture.K)(x, t, y)
@@ -53,25 +44,25 @@ def test_formula_in_one_batched_forward(setup):
     assert torch.allclose(cfg_denoiser(den, 0.0, mixture.K)(x, t, y), e_u)
 
 
-def test_scale_one_samples_only_that_component(setup):
-    mixture, schedule, den = setup
+def test_scale_one_samples_only_that_component(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x = _sample(cfg_denoiser(den, 1.0, mixture.K), mixture, schedule, 600, label=2)
     assert bool((mixture.classify(x) == 2).all())
     r = mixture_fit(mixture, x)[2]
     assert r["n"] == 600 and r["mean_err"] < 0.15 and abs(r["std_ratio"] - 1) < 0.08, r
 
 
-def test_scale_zero_reproduces_the_mixture(setup):
-    mixture, schedule, den = setup
+def test_scale_zero_reproduces_the_mixture(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x = _sample(cfg_denoiser(den, 0.0, mixture.K), mixture, schedule, 1200, label=2)
     for r in mixture_fit(mixture, x):
         assert abs(r["freq_z"]) < 3 and r["mean_err"] < 0.15 and abs(r["std_ratio"] - 1) < 0.08, r
 
 
-def test_larger_scale_moves_away_from_the_unconditional(setup):
+def test_larger_scale_moves_away_from_the_unconditional(oracle_setup):
     """s > 1 extrapolates x0_cond away from x0_null: the samples of class k move off mu_k in the direction
     mu_k - E[x0] (away from the other components), further for larger s."""
-    mixture, schedule, den = setup
+    mixture, schedule, den = oracle_setup
     k = 0
     direction = (mixture.means[k] - (mixture.weights.view(-1, 1, 1, 1) * mixture.means).sum(0)).flatten()
     direction = direction / direction.norm()
@@ -83,8 +74,8 @@ def test_larger_scale_moves_away_from_the_unconditional(setup):
     assert abs(shift[1.0]) < 0.02 and 0 < shift[3.0] < shift[6.0], shift
 
 
-def test_interval_and_rescale(setup):
-    mixture, schedule, den = setup
+def test_interval_and_rescale(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x, y = _x_T(4, mixture.shape), torch.tensor([0, 1, 2, 3])
     t = torch.tensor([100, 300, 500, 700])
     g = cfg_denoiser(den, 3.0, mixture.K, interval=(250, 550))(x, t, y)
@@ -102,7 +93,7 @@ def test_interval_and_rescale(setup):
             cfg_denoiser(den, null_label=4, **{"scale": 1, **kw})
 
 
-def test_sample_labels_and_npz(setup, tmp_path, compose_cfg):
+def test_sample_labels_and_npz(oracle_setup, tmp_path, compose_cfg):
     base = ["model=oracle", "dataset=gmm", "n=5", "steps=5", "sampler=dpm_solver", "save_npz=true", "save_images=false"]
     sample_task.run(compose_cfg("sample", base + ["label=3"]), tmp_path / "a")
     arr = np.load(tmp_path / "a" / "samples.npz")
@@ -120,8 +111,8 @@ def test_sample_labels_and_npz(setup, tmp_path, compose_cfg):
             sample_task.run(compose_cfg("sample", base + extra), tmp_path / "bad")
 
 
-def test_unconditional_model_refuses_labels_and_scale(setup, compose_cfg):
-    _, schedule, den = setup
+def test_unconditional_model_refuses_labels_and_scale(oracle_setup, compose_cfg):
+    _, schedule, den = oracle_setup
     with pytest.raises(UserError, match="unconditional"):
         guide(den, compose_cfg("sample", ["guidance.scale=3"]), None, schedule)
     assert guide(den, compose_cfg("sample", []), None, schedule) is den

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import gaussian_x_T as _x_T
 
-from diffuse.data.gmm import GaussianMixture, default_mixture
+from diffuse.data.gmm import GaussianMixture
 from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.samplers import ddim, ddpm
 from diffuse.diffusion.schedule import make_schedule
@@ -15,15 +16,6 @@ from diffuse.metrics.mixture import format_fit, mixture_fit
 N = 3000
 
 
-@pytest.fixture(scope="module")
-def setup():
-    mixture = default_mixture()
-    schedule = make_schedule("linear")
-    return mixture, schedule, GMMDenoiser(mixture, schedule)
-
-
-def _x_T(n, shape, seed=0):
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def test_oracle_matches_numerical_integration():
@@ -45,8 +37,8 @@ def test_oracle_matches_numerical_integration():
             assert eps.item() == pytest.approx(eps_true, abs=1e-6)
 
 
-def test_oracle_class_conditional_is_one_component(setup):
-    mixture, schedule, den = setup
+def test_oracle_class_conditional_is_one_component(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x = _x_T(4, mixture.shape)
     t = torch.full((4,), 300)
     y = torch.tensor([2, 2, 2, 2])
@@ -60,8 +52,8 @@ def test_oracle_class_conditional_is_one_component(setup):
 
 
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
-def test_ddpm_1000_steps_reproduces_the_mixture(setup, variance):
-    mixture, schedule, den = setup
+def test_ddpm_1000_steps_reproduces_the_mixture(oracle_setup, variance):
+    mixture, schedule, den = oracle_setup
     g = torch.Generator().manual_seed(1)
     x = ddpm(den, _x_T(N, mixture.shape), make_timesteps(1000, 1000), schedule, variance=variance, generator=g)
     rows = mixture_fit(mixture, x)
@@ -72,8 +64,8 @@ def test_ddpm_1000_steps_reproduces_the_mixture(setup, variance):
         assert abs(r["std_ratio"] - 1) < 0.10, r
 
 
-def test_ddim_50_steps_frequencies_and_means(setup):
-    mixture, schedule, den = setup
+def test_ddim_50_steps_frequencies_and_means(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x = ddim(den, _x_T(N, mixture.shape), make_timesteps(1000, 50), schedule, eta=0.0)
     rows = mixture_fit(mixture, x)
     print(f"\nDDIM 50 steps eta=0, n={N}\n" + format_fit(rows))
@@ -87,8 +79,8 @@ def test_ddim_50_steps_frequencies_and_means(setup):
     assert ratios == sorted(ratios), "the narrowest component should lose the most spread"
 
 
-def test_ddim_eta0_is_deterministic_given_x_T(setup):
-    mixture, schedule, den = setup
+def test_ddim_eta0_is_deterministic_given_x_T(oracle_setup):
+    mixture, schedule, den = oracle_setup
     x_T = _x_T(16, mixture.shape)
     ts = make_timesteps(1000, 20)
     a = ddim(den, x_T, ts, schedule, eta=0.0, generator=torch.Generator().manual_seed(1))
@@ -96,9 +88,9 @@ def test_ddim_eta0_is_deterministic_given_x_T(setup):
     assert torch.equal(a, b)
 
 
-def test_ddim_eta1_is_ddpm_with_posterior_variance(setup):
+def test_ddim_eta1_is_ddpm_with_posterior_variance(oracle_setup):
     """With the same noise draws, DDIM at eta=1 and ancestral DDPM with beta-tilde are the same update."""
-    mixture, schedule, den = setup
+    mixture, schedule, den = oracle_setup
     x_T = _x_T(8, mixture.shape)
     ts = make_timesteps(1000, 25)
     a = ddim(den, x_T, ts, schedule, eta=1.0, generator=torch.Generator().manual_seed(5))
