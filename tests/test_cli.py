@@ -80,3 +80,29 @@ def test_help_reads_well(tmp_path):
     assert r.returncode == 0 and "train" in r.stdout and "sample" in r.stdout
     r = diffuse("train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "experiment=quickstart" in r.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+    """A preemptible cluster's contract: SIGTERM during training leaves a fresh checkpoint and exit code 0."""
+    import signal
+    import time
+
+    from diffuse.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffuse", "train", *TINY, "trainer.steps=100000", "trainer.ckpt_every=100000", f"hydra.run.dir={out}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    assert metrics.exists(), "training never logged a step"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout
+    ck = load_checkpoint(out / "checkpoints" / "last.safetensors")
+    assert 2 <= ck.step < 100000
