@@ -85,7 +85,8 @@ def make_schedule(
         # Ho et al. use 1e-4..0.02 for T=1000; scaling by 1000/T keeps the end point's noise level for other T
         # (Nichol & Dhariwal 2021, section 2.3 footnote), and is the identity at T=1000.
         scale = 1000.0 / T
-        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
+        # Clipped like the others: at very small T the scaled end point would pass 1 (a negative alpha).
+        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=max_beta)
     elif kind == "cosine":
         # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
         # betas clipped at max_beta to avoid the singularity at t = T.
