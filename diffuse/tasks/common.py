@@ -43,7 +43,8 @@ def guarded(job: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> Any:
         _remove_new(out, before)
         err_console.print(f"error: {e}", markup=False, soft_wrap=True)
         sys.exit(2)
-    console.print(f"run dir: {out.resolve()}", markup=False, soft_wrap=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"run dir: {out.resolve()}", markup=False, soft_wrap=True)
     return result
 
 
@@ -80,6 +81,8 @@ def _remove_new(root: Path, before: set[Path]) -> None:
 
 
 def save_resolved_config(cfg: DictConfig, out: Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from diffuse import distributed
 from diffuse.checkpoint import atomic_write, load_checkpoint, resolve_ckpt_path
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.prediction import NetworkDenoiser
@@ -253,16 +254,33 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.get("save_images", True):
         images_dir.mkdir(parents=True, exist_ok=True)
 
+    # Under torchrun each rank draws images rank, rank + world, ...; image i depends only on (seed, i), so the
+    # set is the one a single process draws. Rank 0 gathers them for the grid and the npz.
+    d = distributed.setup(device.type)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    mine = list(range(d.rank, n, d.world))
+
     def write_batch(start: int, x0: torch.Tensor) -> None:
         if cfg.get("save_images", True):
             for j, img in enumerate(to_uint8(x0)):
-                save_png(img, images_dir / f"{start + j:06d}.png")
+                save_png(img, images_dir / f"{mine[start + j]:06d}.png")
 
     stats: dict = {}
-    images = generate(
-        den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed, device=device,
-        batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, labels=labels,
-    )
+    try:
+        local = generate(
+            den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed,
+            device=device, batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, indices=mine,
+            labels=labels[mine] if labels is not None else None, progress=d.main,
+        )
+        parts = distributed.gather((mine, local), d)
+    finally:
+        distributed.teardown(d)
+    if not d.main:
+        return {}
+    images = torch.empty(n, *local.shape[1:])
+    for idx, imgs in parts:
+        images[idx] = imgs
     save_outputs(images, labels, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
     nfe = stats.get("nfe", 0)
     info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": nfe, "seed": seed, **source}

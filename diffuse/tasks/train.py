@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from diffuse import distributed
 from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path, save_checkpoint
 from diffuse.data import build_dataset
 from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
@@ -67,6 +69,13 @@ class Trainer:
         self.ocfg = to_dict(cfg.objective)
         validate_objective(self.ocfg)
         self.device = pick_device(self.tcfg.get("device", "auto"))
+        self.dist = distributed.setup(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if self.tcfg["batch_size"] % self.dist.world:
+            raise UserError(f"trainer.batch_size={self.tcfg['batch_size']} does not split over {self.dist.world} processes: "
+                            "it is the global batch and must be a multiple of the world size")
         self.amp = autocast_dtype(self.tcfg.get("precision", "auto"), self.device)
         self.schedule = build_schedule(cfg.schedule)
         self.sampler_cfg = to_dict(cfg.sampler)
@@ -86,6 +95,12 @@ class Trainer:
         if self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        # The module that runs the forward pass: DDP averages gradients over ranks; the bare net holds the state.
+        self.model = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = self.data.to(self.device) if self.device.type == "cuda" else self.data
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"],
@@ -135,7 +150,9 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt.rng["cuda"], self.device)
         self.step = ckpt.step
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        if not self.dist.main:  # only rank 0 writes
+            return None
         ckdir = self.out / "checkpoints"
         state = self.state()
         path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state)
@@ -152,24 +169,31 @@ class Trainer:
         return self.tcfg["lr"] * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
 
     def train_step(self) -> torch.Tensor:
+        # Every rank draws the whole global batch's randomness (indices, flips, label drops, t, eps) from the same
+        # generators and keeps its own slice: the run is the same whatever the world size, and so is a resume.
         bs = self.tcfg["batch_size"]
+        local = bs // self.dist.world
+        sl = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
         idx = torch.randint(0, len(self.data), (bs,), generator=self.data_gen)
         x0, y = self.data.batch(idx, generator=self.data_gen)
-        x0 = x0.to(self.device, non_blocking=True)
+        x0, y = x0[sl].to(self.device, non_blocking=True), y[sl]
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device) if self.net.num_classes else None
         p_uncond = self.ocfg.get("p_uncond", 0.1)
+        gdev = self.noise_gen.device
         if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
-            drop = torch.rand(y.shape, generator=self.noise_gen, device=self.noise_gen.device).to(y.device) < p_uncond
+            drop = (torch.rand((bs,), generator=self.noise_gen, device=gdev) < p_uncond)[sl].to(y.device)
             y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
+        t = torch.randint(0, self.schedule.T, (bs,), generator=self.noise_gen, device=gdev)[sl].to(self.device)
+        noise = torch.randn((bs, *x0.shape[1:]), generator=self.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             loss = diffusion_loss(
-                self.net, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
-                min_snr_gamma=self.ocfg.get("min_snr_gamma", 5.0), y=y, generator=self.noise_gen,
+                self.model, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
+                min_snr_gamma=self.ocfg.get("min_snr_gamma", 5.0), y=y, t=t, noise=noise,
             ).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +217,7 @@ class Trainer:
     # -- periodic outputs ---------------------------------------------------------------------------------
     def sample_grid(self) -> Optional[Path]:
         n = self.tcfg["sample_n"]
-        if n == 0:
+        if n == 0 or not self.dist.main:
             return None
         den = NetworkDenoiser(self.ema, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
         shape = (self.data.channels, self.data.resolution, self.data.resolution)
@@ -237,6 +261,16 @@ class StopRequest:
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trainer = Trainer(cfg, out)
+    try:
+        return _train(trainer, cfg, out)
+    finally:
+        distributed.teardown(trainer.dist)
+
+
+def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
+    main = trainer.dist.main
+    if not main:
+        console.quiet = True  # one voice: rank 0 prints, logs and writes
     steps_total = trainer.tcfg["steps"]
     sampler_call(trainer.sampler_cfg, resolve_steps(trainer.sampler_cfg, trainer.tcfg["sample_steps"], trainer.schedule.T), trainer.schedule, True)
 
@@ -248,11 +282,13 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         trainer.load(load_checkpoint(src), src)
         console.print(f"resumed from {src} at step {trainer.step}")
 
-    save_resolved_config(cfg, out)
+    if main:
+        save_resolved_config(cfg, out)
     n_params = sum(p.numel() for p in trainer.net.parameters())
     console.print(
         f"training {trainer.model_cfg['arch']} ({n_params / 1e6:.2f}M parameters) on {trainer.data.name} "
         f"({len(trainer.data)} images, {trainer.data.resolution}x{trainer.data.resolution}) on {trainer.device}"
+        + (f" x {trainer.dist.world} processes" if trainer.dist.enabled else "")
     )
     metrics_path = out / "metrics.jsonl"
     log_every, ckpt_every, sample_every = trainer.tcfg["log_every"], trainer.tcfg["ckpt_every"], trainer.tcfg["sample_every"]
@@ -264,7 +300,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         TextColumn("{task.fields[ips]:.0f} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console,
     )
-    with StopRequest() as stop, progress, open(metrics_path, "a") as metrics:
+    with StopRequest() as stop, progress, open(metrics_path if main else os.devnull, "a") as metrics:
         task = progress.add_task("train", total=steps_total, completed=trainer.step, loss=float("nan"), ips=0.0)
         losses: list[torch.Tensor] = []
         t_last, step_last = time.perf_counter(), trainer.step
@@ -273,7 +309,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             step = trainer.step
             if step % log_every == 0 or step == steps_total:
                 # One host sync per log interval, not per step.
-                last_loss = float(torch.stack(losses).mean())
+                last_loss = float(distributed.mean(torch.stack(losses).mean(), trainer.dist))
                 losses.clear()
                 now = time.perf_counter()
                 ips = (step - step_last) * bs / max(now - t_last, 1e-9)
@@ -288,7 +324,12 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 trainer.save()
             if sample_every and step % sample_every == 0 and step != steps_total:
                 trainer.sample_grid()
-            if stop.requested:
+            # Ranks must stop at the same step: with several, they agree on it at each log step.
+            if trainer.dist.enabled:
+                if step % log_every == 0 and distributed.any_rank(stop.requested, trainer.dist, trainer.device):
+                    stopped = True
+                    break
+            elif stop.requested:
                 stopped = True
                 break
         progress.update(task, completed=trainer.step)
