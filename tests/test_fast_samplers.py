@@ -123,3 +123,15 @@ def test_karras_spacing_from_config(compose_cfg, tmp_path):
     bad = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=2", "sampler=dpm_solver", "sampler.spacing=cubic"])
     with pytest.raises(UserError, match="cubic"):
         sample_task.run(bad, tmp_path / "bad")
+
+
+def test_ddim_on_fractional_karras_timesteps_is_euler(oracle_setup):
+    """DDIM (eta=0) is Euler in sigma (Song et al. eq. 14), fractional timesteps included: both must visit the
+    same noise levels, not DDIM rounding them to integers."""
+    mixture, schedule, den = oracle_setup
+    x_T = _x_T(32, mixture.shape)
+    ts = karras_timesteps(schedule, 12)
+    assert not torch.equal(ts, ts.round())
+    a = ddim(den, x_T, ts, schedule, eta=0.0)
+    b = euler(den, x_T, ts, schedule)
+    assert torch.allclose(a, b, atol=1e-8)

@@ -21,7 +21,7 @@ import torch
 
 from diffuse.diffusion.noise import Generator, randn_like
 from diffuse.diffusion.samplers import STEPS
-from diffuse.diffusion.samplers.common import batch_t
+from diffuse.diffusion.samplers.common import alpha_bar_of, batch_time
 from diffuse.diffusion.schedule import Schedule, q_sample
 from diffuse.errors import UserError
 
@@ -39,7 +39,7 @@ def replace_hook(x0_known: torch.Tensor, keep: torch.Tensor, schedule: Schedule,
     def hook(x: torch.Tensor, t_next: int) -> torch.Tensor:
         if t_next < 0:
             return paste(x, x0_known, keep)
-        known_t = q_sample(schedule, x0_known.to(x.dtype).expand_as(x), batch_t(t_next, x), randn_like(x, generator))
+        known_t = q_sample(schedule, x0_known.to(x.dtype).expand_as(x), batch_time(t_next, x), randn_like(x, generator))
         return paste(x, known_t, keep)
 
     return hook
@@ -98,20 +98,16 @@ def repaint(
     ts = [int(t) for t in timesteps] + [-1]  # level r is timestep ts[steps - r]; -1 is clean data
     steps = len(ts) - 1
     levels = jump_schedule(steps, jump_length, resamples)
-    ab = schedule.alpha_bar
-
-    def alpha_bar(t: int) -> float:
-        return float(ab[t]) if t >= 0 else 1.0
 
     hook = replace_hook(x0_known, keep, schedule, generator)
     x = x_T
     for r, r_next in zip(levels, levels[1:]):
         t, t_next = ts[steps - r], ts[steps - r_next]
         if r_next < r:  # reverse step t -> t_next
-            eps = denoiser(x, batch_t(t, x), y)
-            x = update(x, eps, alpha_bar(t), alpha_bar(t_next), last=t_next < 0, generator=generator, **step_options)
+            eps = denoiser(x, batch_time(t, x), y)
+            x = update(x, eps, alpha_bar_of(schedule, t), alpha_bar_of(schedule, t_next), last=t_next < 0, generator=generator, **step_options)
             x = hook(x, t_next)
         else:  # forward jump t -> t_next > t: q(x_{t_next} | x_t)
-            ratio = alpha_bar(t_next) / alpha_bar(t)
+            ratio = alpha_bar_of(schedule, t_next) / alpha_bar_of(schedule, t)
             x = ratio**0.5 * x + (1 - ratio) ** 0.5 * randn_like(x, generator)
     return paste(x, x0_known, keep)

@@ -8,22 +8,17 @@ from diffuse.diffusion.schedule import Schedule
 
 
 def step_pairs(timesteps: torch.Tensor, schedule: Schedule):
-    """(t, alpha_bar_t, alpha_bar_next) along a decreasing timestep sequence; the step after the last goes to
-    alpha_bar = 1 (clean data), as DDIM's alpha_0 := 1 convention."""
-    ts = [int(t) for t in timesteps]
-    ab = schedule.alpha_bar
+    """(t, t_next, alpha_bar_t, alpha_bar_next) along a decreasing timestep sequence (integer or fractional);
+    the step after the last goes to t_next = -1, alpha_bar = 1 (clean data), DDIM's alpha_0 := 1 convention."""
+    ts = time_list(timesteps)
     for i, t in enumerate(ts):
         nxt = ts[i + 1] if i + 1 < len(ts) else -1
-        yield t, nxt, float(ab[t]), (float(ab[nxt]) if nxt >= 0 else 1.0)
+        yield t, nxt, alpha_bar_of(schedule, t), alpha_bar_of(schedule, nxt)
 
 
 def predict_x0(eps: torch.Tensor, x: torch.Tensor, ab_t: float, clip_x0: bool) -> torch.Tensor:
     x0 = (x - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
     return x0.clamp(-1, 1) if clip_x0 else x0
-
-
-def batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
 def time_list(timesteps: torch.Tensor) -> list:
@@ -41,7 +36,9 @@ def batch_time(t, x: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_bar_of(schedule: Schedule, t) -> float:
-    """alpha_bar at one timestep (integer or fractional) as a float64 Python number."""
+    """alpha_bar at one timestep (integer or fractional) as a float64 Python number; 1 at t = -1 (clean data)."""
+    if isinstance(t, int) and t < 0:
+        return 1.0
     if isinstance(t, int):
         return float(schedule.alpha_bar[t])
     return float(schedule.alpha_bar_at(torch.tensor([float(t)], dtype=torch.float64))[0])

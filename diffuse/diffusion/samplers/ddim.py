@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from diffuse.diffusion.noise import Generator, randn_like
-from diffuse.diffusion.samplers.common import batch_t, predict_x0, step_pairs
+from diffuse.diffusion.samplers.common import batch_time, predict_x0, step_pairs
 from diffuse.diffusion.schedule import Schedule
 from diffuse.errors import UserError
 
@@ -34,7 +34,7 @@ def ddim(
         raise UserError(f"sampler.eta={eta!r} is not allowed: it must be >= 0")
     x = x_T
     for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
-        eps = denoiser(x, batch_t(t, x), y)
+        eps = denoiser(x, batch_time(t, x), y)
         x = ddim_step(x, eps, ab_t, ab_s, last=nxt < 0, eta=eta, clip_x0=clip_x0, generator=generator)
         if hook is not None:
             x = hook(x, nxt)

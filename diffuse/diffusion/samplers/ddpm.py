@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffuse.diffusion.noise import Generator, randn_like
-from diffuse.diffusion.samplers.common import batch_t, predict_x0, step_pairs
+from diffuse.diffusion.samplers.common import batch_time, predict_x0, step_pairs
 from diffuse.diffusion.schedule import Schedule
 from diffuse.errors import UserError
 
@@ -35,7 +35,7 @@ def ddpm(
         raise UserError(f"sampler.variance={variance!r} is not allowed: choose one of {', '.join(VARIANCES)}")
     x = x_T
     for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
-        eps = denoiser(x, batch_t(t, x), y)
+        eps = denoiser(x, batch_time(t, x), y)
         x = ddpm_step(x, eps, ab_t, ab_s, last=nxt < 0, variance=variance, clip_x0=clip_x0, generator=generator)
         if hook is not None:
             x = hook(x, nxt)
