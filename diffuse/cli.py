@@ -194,6 +194,43 @@ def inpaint(
     run_hydra("inpaint", run, [*ctx.args, f"image={q(image)}", f"mask={q(mask)}"])
 
 
+@app.command(context_settings=CONTEXT)
+def convert(
+    ctx: typer.Context,
+    src: str = typer.Argument(..., metavar="PATH_OR_DIR", help="a diffusers model or pipeline folder, or its config.json / safetensors file"),
+    fmt: str = typer.Option(..., "--from", help="the format of PATH_OR_DIR: diffusers"),
+) -> None:
+    """Import pretrained weights as a diffuse checkpoint.
+
+    diffuse convert --from diffusers PATH_OR_DIR out=FILE.safetensors
+
+    Maps a diffusers UNet2DModel of Ho et al.'s DDPM architecture (e.g. google/ddpm-cifar10-32: config.json and
+    diffusion_pytorch_model.safetensors; pickled .bin files are refused) onto diffuse's U-Net, with its linear
+    schedule and eps prediction, so that `diffuse sample ckpt=FILE.safetensors` draws from it.
+    """
+    try:
+        if fmt != "diffusers":
+            raise UserError(f"--from {fmt!r} is not allowed: choose diffusers")
+        # out=FILE may come before or after the path (Typer takes the first bare token as PATH_OR_DIR).
+        tokens = [src, *ctx.args]
+        outs = [a.partition("=")[2] for a in tokens if a.startswith("out=")]
+        paths = [a for a in tokens if not a.startswith("out=")]
+        if len(outs) != 1 or not outs[0]:
+            raise UserError("out=FILE.safetensors is required, once: where to write the checkpoint")
+        if not paths:
+            raise UserError("PATH_OR_DIR is required: a diffusers model folder or its safetensors file")
+        if len(paths) != 1:
+            raise UserError(f"{paths[-1]!r} is not an argument of convert: give one PATH_OR_DIR and out=FILE.safetensors")
+        src, out = paths[0], outs[0]
+        from diffuse.convert import convert_diffusers
+
+        path = convert_diffusers(src, out)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")

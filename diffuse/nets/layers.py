@@ -67,12 +67,24 @@ class AttnBlock(nn.Module):
         return x + self.proj(out)
 
 
+DOWNSAMPLE_PADS = ("both", "end")
+
+
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """A stride-2 3x3 conv. pad="both": one pixel on every side (PyTorch's usual padding=1). pad="end": one pixel
+    after the last row and column only, which is what TensorFlow's SAME padding does at stride 2 on an even size:
+    Ho et al.'s network was built that way, so its weights (and diffusers' downsample_padding=0) need it."""
+
+    def __init__(self, channels: int, pad: str = "both"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if pad not in DOWNSAMPLE_PADS:
+            raise ValueError(f"downsample_pad={pad!r} is not one of {', '.join(DOWNSAMPLE_PADS)}")
+        self.pad = pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1 if pad == "both" else 0)
 
     def forward(self, x):
+        if self.pad == "end":
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 

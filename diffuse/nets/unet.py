@@ -2,8 +2,10 @@
 GroupNorm residual blocks, self-attention at chosen resolutions, and an optional class embedding.
 
 With ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), at 32x32 it is the 35.7M-parameter
-CIFAR-10 network. The class embedding has num_classes + 1 rows: the last is the "null" label that
-classifier-free guidance trains with and samples against.
+CIFAR-10 network; with downsample_pad="end" (TensorFlow's SAME padding at stride 2, as the original code) it is
+exactly the network of google/ddpm-cifar10-32 in diffusers, whose weights `diffuse convert` imports. The class
+embedding has num_classes + 1 rows: the last is the "null" label that classifier-free guidance trains with and
+samples against.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class UNet(nn.Module):
         num_classes: Optional[int] = None,
         heads: int = 1,
         groups: int = 32,
+        downsample_pad: str = "both",
     ):
         super().__init__()
         self.resolution = resolution
@@ -55,7 +58,7 @@ class UNet(nn.Module):
                 self.down.append(block)
                 chans.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur)]))
+                self.down.append(nn.ModuleList([Downsample(cur, downsample_pad)]))
                 chans.append(cur)
                 res //= 2
 

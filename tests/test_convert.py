@@ -1,0 +1,171 @@
+"""diffuse convert --from diffusers: a diffusers UNet2DModel and our U-Net after conversion are the same function."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffuse.checkpoint import load_checkpoint
+from diffuse.convert import convert_diffusers
+from diffuse.errors import UserError
+from diffuse.tasks.common import to_dict
+from diffuse.tasks.sample import network_from_checkpoint
+
+# google/ddpm-cifar10-32's unet/config.json, as published (keys absent there take UNet2DModel's defaults).
+REFERENCE = {
+    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+# A small relative of it: attention at the last level with four heads, symmetric downsampling, 8 groups.
+SMALL = {
+    **REFERENCE, "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "sample_size": 8,
+    "downsample_padding": 1, "attention_head_dim": 8, "norm_num_groups": 8,
+}
+
+
+def diffusers_model(config, seed=0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+
+
+def write_model(d, config, seed=0, old_names=False):
+    """config.json + diffusion_pytorch_model.safetensors as diffusers lays them out; returns the model."""
+    model = diffusers_model(config, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if old_names:  # checkpoints saved before diffusers 0.15 name the attention layers query/key/value/proj_attn
+        ren = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+        for new, old in ren.items():
+            sd = {k.replace(new, old): v for k, v in sd.items()}
+    save_file(sd, str(d / "diffusion_pytorch_model.safetensors"))
+    return model
+
+
+def outputs(ours, theirs, size, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, size, size, generator=g)
+    t = torch.tensor([0, 437, 999])
+    with torch.no_grad():
+        return ours(x, t), theirs(x, t).sample
+
+
+def test_reference_network_matches_diffusers(tmp_path, compose_cfg):
+    theirs = write_model(tmp_path / "unet", REFERENCE)
+    assert sum(p.numel() for p in theirs.parameters()) == 35_746_307
+    out = convert_diffusers(tmp_path / "unet", tmp_path / "ddpm.safetensors")
+    ckpt = load_checkpoint(out)
+    net, schedule, prediction, _ = network_from_checkpoint(ckpt)
+    a, b = outputs(net.eval(), theirs, 32)
+    assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
+    assert b.abs().max() > 0.1  # not a trivially zero network
+    # The converted network is model=ddpm_cifar10 at 32x32 (dropout is a training setting: diffusers' is 0.0).
+    ours = {**to_dict(compose_cfg("train", ["model=ddpm_cifar10"]).model), "resolution": 32, "in_channels": 3, "dropout": 0.0}
+    assert ckpt.config["model"] == ours
+    assert ckpt.config["schedule"] == to_dict(compose_cfg("train", ["schedule=linear"]).schedule)
+    assert prediction == "eps" and schedule.T == 1000
+    assert abs(float(schedule.betas[0]) - 1e-4) < 1e-12 and abs(float(schedule.betas[-1]) - 0.02) < 1e-12
+
+
+@pytest.mark.parametrize("old_names", [False, True])
+def test_small_relative_and_old_attention_names(tmp_path, old_names):
+    theirs = write_model(tmp_path / "m", SMALL, seed=3, old_names=old_names)
+    net, _, _, _ = network_from_checkpoint(load_checkpoint(convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")))
+    assert net.mid[1].heads == 4
+    a, b = outputs(net.eval(), theirs, 8)
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_pipeline_folder_and_its_scheduler(tmp_path):
+    write_model(tmp_path / "pipe" / "unet", SMALL)
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    ckpt = load_checkpoint(convert_diffusers(tmp_path / "pipe", tmp_path / "o.safetensors"))
+    assert ckpt.config["schedule"] == {"kind": "linear", "T": 500, "beta_start": 2e-4, "beta_end": 0.03}
+    sched["beta_schedule"] = "squaredcos_cap_v2"
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    with pytest.raises(UserError, match="beta_schedule='squaredcos_cap_v2'"):
+        convert_diffusers(tmp_path / "pipe", tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
+        ({"freq_shift": 0}, "freq_shift=0"),
+        ({"norm_eps": 1e-5}, "norm_eps=1e-05"),
+        ({"up_block_types": ["UpBlock2D", "UpBlock2D"]}, "up_block_types"),
+        ({"num_class_embeds": 10}, "num_class_embeds=10"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift='scale_shift'"),
+        ({"attention_head_dim": 5}, "attention_head_dim=5"),
+        ({"downsample_padding": 2}, "downsample_padding=2"),
+        ({"cross_attention_dim": 768}, "'cross_attention_dim'"),
+        ({"_class_name": "UNet2DConditionModel"}, "UNet2DConditionModel"),
+    ],
+)
+def test_other_configurations_are_refused_naming_the_key(tmp_path, change, needle):
+    write_model(tmp_path / "m", SMALL)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**SMALL, **change}))
+    with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    write_model(tmp_path / "m", SMALL)
+    f = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    save_file({k: v for k, v in sd.items() if "conv_shortcut" not in k}, str(f))
+    with pytest.raises(UserError, match="conv_shortcut"):
+        convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
+    save_file({**sd, "extra.weight": torch.zeros(1)}, str(f))
+    with pytest.raises(UserError, match="extra.weight"):
+        convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_pickled_weights_are_refused_unopened(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(SMALL))
+    (d / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model.bin\).*refused"):
+        convert_diffusers(d, tmp_path / "o.safetensors")
+    with pytest.raises(UserError, match="pickled weights are refused"):
+        convert_diffusers(d / "diffusion_pytorch_model.bin", tmp_path / "o.safetensors")
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg):
+    import numpy as np
+
+    from diffuse.tasks import sample as sample_task
+
+    write_model(tmp_path / "m", SMALL)
+    r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'c.safetensors'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'c.safetensors'}"
+    sample_task.run(compose_cfg("sample", [f"ckpt={tmp_path / 'c.safetensors'}", "n=2", "steps=2", "save_npz=true"]), tmp_path / "s")
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+    (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "m" / "diffusion_pytorch_model.bin")
+    r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'd.safetensors'}", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "refused" in lines[0], r.stderr
+    assert not (tmp_path / "d.safetensors").exists()
