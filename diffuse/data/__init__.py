@@ -51,7 +51,8 @@ class ImageDataset:
         x = self.images[idx]
         if self.flip and generator is not None:
             mirror = flip_mask(len(idx), generator).to(x.device)
-            x[mirror] = x[mirror].flip(-1)  # x is a fresh gather: mirror the chosen half in place
+            # A select, not x[mirror] = ...: boolean indexing counts the flips on the host, a GPU sync per batch.
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         x = x.float().div_(127.5).sub_(1.0) if self.is_8bit else x.float()
         return x, self.labels[idx]
 

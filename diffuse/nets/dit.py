@@ -18,10 +18,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from diffuse.nets.layers import timestep_embedding
+from diffuse.nets.layers import attention, timestep_embedding
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -50,13 +49,14 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"hidden_size={dim} is not divisible by heads={heads}")
         self.heads = heads
+        self.attention_impl = "sdpa"  # a runtime choice (diffuse.fastpath.set_attention)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.attention_impl)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -21,6 +21,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (..., n, d) tensors. "sdpa" lets PyTorch pick a fused kernel (flash or
+    memory-efficient on CUDA); "math" spells it out, for comparison and for backends where the fused ones fail."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    w = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+    return w.to(v.dtype) @ v
+
+
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
     # Narrow test networks have channel counts (e.g. 16 + 32 at a skip) that 32 does not divide.
     return nn.GroupNorm(math.gcd(groups, channels), channels, eps=eps)
@@ -54,6 +66,7 @@ class AttnBlock(nn.Module):
         if channels % heads:
             raise ValueError(f"{channels} channels do not split into {heads} heads")
         self.heads = heads
+        self.attention_impl = "sdpa"  # a runtime choice (diffuse.fastpath.set_attention), not part of the weights
         self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -62,7 +75,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (b, heads, hw, d)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.attention_impl)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 

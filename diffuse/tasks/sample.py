@@ -19,6 +19,7 @@ from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers import get_sampler
 from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.errors import UserError
+from diffuse.fastpath import check_attention, compile_network, set_attention, switch
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.tasks.common import (
     autocast_dtype,
@@ -93,10 +94,13 @@ def generate(
     on_batch=None,
     progress: bool = True,
     stats: Optional[dict] = None,
+    fixed_shape: bool = False,
 ) -> torch.Tensor:
     """Draw images `indices` (default 0..n-1), each from its own (seed, i) noise stream; returns them in
     model space on the CPU. `on_batch(first_index, images)` is called as each batch completes; `stats["nfe"]`
-    receives the number of denoiser calls per sample (counted on the first batch)."""
+    receives the number of denoiser calls per sample (counted on the first batch). `fixed_shape` pads a short
+    last batch to batch_size with copies of its last image (dropped after), so that a compiled network / its CUDA
+    graph sees one shape only; images are drawn independently, so the padding changes none of them."""
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
     indices = list(range(n)) if indices is None else indices
     outs = []
@@ -104,11 +108,13 @@ def generate(
         task = bar.add_task(f"sampling ({sampler_cfg.get('name')}, {steps} steps)", total=len(indices))
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
-            gen = PerSample(seed, idx)
-            x_T = randn((len(idx), *shape), gen, device)
-            y = labels[start : start + len(idx)].to(device) if labels is not None else None
+            pad = batch_size - len(idx) if fixed_shape else 0
+            gen = PerSample(seed, idx + idx[-1:] * pad)
+            x_T = randn((len(idx) + pad, *shape), gen, device)
+            y = labels[start : start + len(idx)] if labels is not None else None
+            y = torch.cat([y, y[-1:].expand(pad)]).to(device) if y is not None else None
             counter = CountingDenoiser(denoiser)
-            x0 = fn(counter, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
+            x0 = fn(counter, x_T, timesteps, schedule, generator=gen, y=y, **kwargs)[: len(idx)].float().cpu()
             if stats is not None and "nfe" not in stats:
                 stats["nfe"] = counter.calls
             outs.append(x0)
@@ -132,6 +138,31 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def fast_paths(cfg: DictConfig, device: torch.device) -> dict:
+    """Sampling's fast-path switches (see diffuse.fastpath), resolved for `device`. compile: auto compiles on
+    CUDA when n >= 1024 images (an FID-sized run amortises the minute it takes; a 64-image grid does not);
+    cuda_graphs: auto replays the compiled forward as a CUDA graph whenever it compiles on CUDA."""
+    cuda = device.type == "cuda"
+    n = cfg.get("n", 0)
+    compiled = switch("compile", cfg.get("compile", "auto"), cuda and isinstance(n, int) and n >= 1024)
+    return {
+        "channels_last": switch("channels_last", cfg.get("channels_last", "auto"), cuda),
+        "attention": check_attention("attention", cfg.get("attention", "sdpa")),
+        "compile": compiled,
+        "cuda_graphs": switch("cuda_graphs", cfg.get("cuda_graphs", "auto"), cuda and compiled) and compiled,
+    }
+
+
+def fast_network(net, device: torch.device, fast: dict):
+    """`net` on `device` for inference with the fast paths in `fast`; returns what to call (maybe compiled)."""
+    net = set_attention(net, fast["attention"]).to(device).eval().requires_grad_(False)
+    if fast["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    if not fast["compile"]:
+        return net
+    return compile_network(net, "reduce-overhead" if fast["cuda_graphs"] else "default")
+
+
 def load_denoiser(cfg: DictConfig, device: torch.device, dtype=None):
     """(denoiser, shape, schedule, clip default, num_classes, description) from ckpt= or model=oracle."""
     model_cfg = to_dict(cfg.get("model"))
@@ -150,12 +181,9 @@ def load_denoiser(cfg: DictConfig, device: torch.device, dtype=None):
     path = resolve_ckpt_path(cfg.get("ckpt"))
     ckpt = load_checkpoint(path)
     net, schedule, prediction, meta = network_from_checkpoint(ckpt, use_ema=bool(cfg.get("use_ema", True)))
-    net = net.to(device).eval()
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
     if cfg.get("schedule"):
         raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
-    den = NetworkDenoiser(net, prediction, schedule, autocast_dtype=dtype)
+    den = NetworkDenoiser(fast_network(net, device, fast_paths(cfg, device)), prediction, schedule, autocast_dtype=dtype)
     shape = (net.in_channels, net.resolution, net.resolution)
     return den, shape, schedule, meta.get("is_8bit", True), net.num_classes, {"ckpt": str(path), "step": ckpt.step}
 
@@ -272,6 +300,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed,
             device=device, batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, indices=mine,
             labels=labels[mine] if labels is not None else None, progress=d.main,
+            fixed_shape=source.get("model") != "oracle" and fast_paths(cfg, device)["compile"],
         )
         parts = distributed.gather((mine, local), d)
     finally:

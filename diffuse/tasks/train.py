@@ -20,6 +20,7 @@ from diffuse.data import build_dataset
 from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
 from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
 from diffuse.errors import UserError
+from diffuse.fastpath import check_attention, check_compile_mode, compile_network, set_attention, switch
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.nets import build_network
 from diffuse.tasks.common import (
@@ -59,6 +60,20 @@ def validate_objective(o: dict) -> None:
     check_number("objective.p_uncond", o.get("p_uncond", 0.1), minimum=0, maximum=1)
 
 
+def fast_paths(t: dict, device: torch.device) -> dict:
+    """The trainer's fast-path switches (see diffuse.fastpath), resolved for `device`."""
+    cuda = device.type == "cuda"
+    return {
+        "channels_last": switch("trainer.channels_last", t.get("channels_last", "auto"), cuda),
+        "attention": check_attention("trainer.attention", t.get("attention", "sdpa")),
+        "compile": switch("trainer.compile", t.get("compile", "auto"), cuda),
+        "compile_mode": check_compile_mode("trainer.compile_mode", t.get("compile_mode", "default")),
+        "fused_adamw": switch("trainer.fused_adamw", t.get("fused_adamw", "auto"), cuda),
+        "ema_foreach": switch("trainer.ema_foreach", t.get("ema_foreach", True), True),
+        "data_on_device": switch("trainer.data_on_device", t.get("data_on_device", "auto"), cuda),
+    }
+
+
 class Trainer:
     """Holds the state of one training run; every piece of it goes into the checkpoint."""
 
@@ -91,8 +106,10 @@ class Trainer:
             raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
         seed = self.tcfg["seed"]
         torch.manual_seed(seed)  # the initial weights follow from the seed alone
-        self.net = build_network(self.model_cfg).to(self.device)
-        if self.device.type == "cuda":
+        fast = fast_paths(self.tcfg, self.device)
+        self.channels_last, self.ema_foreach = fast["channels_last"], fast["ema_foreach"]
+        self.net = set_attention(build_network(self.model_cfg), fast["attention"]).to(self.device)
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         # The module that runs the forward pass: DDP averages gradients over ranks; the bare net holds the state.
@@ -101,10 +118,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.data = self.data.to(self.device) if self.device.type == "cuda" else self.data
+        if fast["compile"]:
+            self.model = compile_network(self.model, fast["compile_mode"])
+        self.data = self.data.to(self.device) if fast["data_on_device"] else self.data
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"],
-            **({"fused": True} if self.device.type == "cuda" else {}),
+            **({"fused": True} if fast["fused_adamw"] else {}),
         )
         # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
         self.data_gen = torch.Generator().manual_seed(seed)
@@ -177,7 +196,7 @@ class Trainer:
         idx = torch.randint(0, len(self.data), (bs,), generator=self.data_gen)
         x0, y = self.data.batch(idx, generator=self.data_gen)
         x0, y = x0[sl].to(self.device, non_blocking=True), y[sl]
-        if self.device.type == "cuda":
+        if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device) if self.net.num_classes else None
         p_uncond = self.ocfg.get("p_uncond", 0.1)
@@ -209,8 +228,12 @@ class Trainer:
         decay = self.tcfg["ema_decay"]
         if self.tcfg.get("ema_warmup", True):
             decay = min(decay, (1 + self.step) / (10 + self.step))
-        ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], 1.0 - decay)
+        ema_p, net_p = list(self.ema.parameters()), [p.detach() for p in self.net.parameters()]
+        if self.ema_foreach:  # one multi-tensor kernel instead of one launch per parameter
+            torch._foreach_lerp_(ema_p, net_p, 1.0 - decay)
+        else:
+            for e, p in zip(ema_p, net_p):
+                e.lerp_(p, 1.0 - decay)
         for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
             b_ema.copy_(b)
 
