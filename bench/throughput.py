@@ -86,6 +86,7 @@ def ours_train(args, device, amp_flag: str, tmp: Path):
         "model=ddpm_cifar10", "dataset=shapes", "dataset.resolution=32", "dataset.size=2048",
         f"trainer.batch_size={args.batch}", f"trainer.device={device}", f"trainer.precision={amp_flag}",
         f"trainer.compile={args.compile}", "trainer.sample_n=0", "trainer.warmup=0",
+        f"trainer.channels_last={args.channels_last}", f"trainer.attention={args.attention}",
     ])
     trainer = Trainer(cfg, tmp / "train")
     first, per = measure(trainer.train_step, warmup=args.warmup, reps=args.steps, device=device)
@@ -131,7 +132,8 @@ def ours_sample(args, device, amp_flag: str, ckpt: Path):
 
     cfg = compose("sample", [
         f"ckpt={ckpt}", "sampler=ddim", f"steps={args.sample_steps}", f"n={args.batch}", f"batch_size={args.batch}",
-        f"device={device}", f"precision={amp_flag}", f"compile={args.compile}",
+        f"device={device}", f"precision={amp_flag}", f"compile={args.compile}", f"cuda_graphs={args.cuda_graphs}",
+        f"channels_last={args.channels_last}", f"attention={args.attention}",
     ])
     den, shape, schedule, clip, num_classes, _ = load_denoiser(cfg, device, autocast_dtype(amp_flag, device))
     den = guide(den, cfg, num_classes, schedule)
@@ -174,15 +176,18 @@ def main() -> None:
     p.add_argument("--sample-reps", type=int, default=None, help="timed sampling batches (default 3 on CUDA, 1 on the CPU)")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="torch.compile ours (auto: on CUDA; sampling then replays CUDA graphs)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"], help="ours (auto: on CUDA)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "math"], help="ours")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"], help="ours, sampling (auto: when compiled on CUDA)")
     p.add_argument("--diffusers-compile", action="store_true", help="also torch.compile diffusers' UNet2DModel")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA")
     args = p.parse_args()
 
     from diffusers import UNet2DModel
 
+    from diffuse.checkpoint import load_checkpoint
     from diffuse.tasks.common import autocast_dtype, pick_device
     from diffuse.tasks.sample import network_from_checkpoint
-    from diffuse.checkpoint import load_checkpoint
 
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -224,7 +229,8 @@ def main() -> None:
     }
     prec = {None: "fp32", torch.bfloat16: "bf16"}[amp]
     print(f"device: {name} [{device.type}], torch {torch.__version__}, batch {b}, precision {prec}, "
-          f"ours compiled: {'yes' if compiled else 'no'}, diffusers compiled: {'yes' if args.diffusers_compile else 'no'}")
+          f"ours compiled: {'yes' if compiled else 'no'} (channels_last {args.channels_last}, attention {args.attention}, "
+          f"cuda_graphs {args.cuda_graphs}), diffusers compiled: {'yes' if args.diffusers_compile else 'no'}")
     print(f"network: ddpm_cifar10 = google/ddpm-cifar10-32, {params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per image "
           f"forward (analytic), outputs equal to {diff:.1e}")
     print(f"warm-up (first call, excluded): train ours {tr_first:.1f} s, diffusers {d_first:.1f} s; "
