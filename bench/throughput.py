@@ -48,6 +48,10 @@ REFERENCE = {  # google/ddpm-cifar10-32's unet/config.json
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
+def note(msg: str) -> None:  # progress on stderr: stdout ends with the table and its JSON line
+    print(msg, file=sys.stderr, flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -216,11 +220,15 @@ def main() -> None:
         del ours
 
         tr_first, tr_ours, compiled = ours_train(args, device, args.precision, tmp)
+        note(f"train ours: first step {tr_first:.1f} s, then {tr_ours:.3f} s/step")
         d_first, tr_theirs = diffusers_train(args, device, amp, UNet2DModel)
+        note(f"train diffusers: first step {d_first:.1f} s, then {tr_theirs:.3f} s/step")
         if cuda:
             torch.cuda.empty_cache()
         s_first, s_ours = ours_sample(args, device, args.precision, ckpt)
+        note(f"sample ours: first batch {s_first:.1f} s, then {s_ours:.3f} s/batch")
         ds_first, s_theirs = diffusers_sample(args, device, amp, theirs.to(device))
+        note(f"sample diffusers: first batch {ds_first:.1f} s, then {s_theirs:.3f} s/batch")
 
     b = args.batch
     rows = {
