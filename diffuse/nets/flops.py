@@ -29,10 +29,13 @@ def forward_flops(net: nn.Module, *inputs) -> int:
         nonlocal macs
         macs += out.numel() * m.in_features
 
-    def unet_attention(m: AttnBlock, args, out):  # q k^T and (weights) v over the h*w pixels: 2 b n^2 c
+    def unet_attention(m: AttnBlock, args, out):
+        # Its qkv and proj 1x1 convs run as matrix products (their forward hooks do not fire): 4 b n c^2; then
+        # q k^T and (weights) v over the n = h*w pixels: 2 b n^2 c.
         nonlocal macs
         b, c, h, w = args[0].shape
-        macs += 2 * b * (h * w) ** 2 * c
+        n = h * w
+        macs += 4 * b * n * c * c + 2 * b * n * n * c
 
     def dit_attention(m: DiTAttention, args, out):  # the same over the n tokens of width d
         nonlocal macs

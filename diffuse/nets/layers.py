@@ -73,11 +73,15 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (b, heads, hw, d)
-        out = attention(q, k, v, self.attention_impl)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        # The 1x1 convs run as matrix products over pixel tokens (b, hw, c): a GEMM rather than the CPU's slow
+        # 1x1-conv path, and q, k, v come out with the head dimension contiguous, which the fused attention
+        # kernels (flash, memory-efficient) require; strided ones would fall back to the unfused math.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)  # (b, heads, hw, d)
+        out = attention(q, k, v, self.attention_impl).transpose(1, 2).reshape(b, h * w, c)
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 DOWNSAMPLE_PADS = ("both", "end")
