@@ -61,17 +61,19 @@ def find_files(src: str | Path) -> tuple[Path, Path, Optional[Path]]:
     p = Path(src).expanduser()
     if not p.exists():
         raise UserError(f"{src}: no such file or directory (give a diffusers model folder or its {WEIGHTS})")
+    given = None  # a weights file named on the command line (e.g. a .fp16.safetensors variant)
     if p.is_file():
         if p.suffix in PICKLED:
             raise UserError(f"{p}: pickled weights are refused (loading them can run code): give the {WEIGHTS} file or its folder")
         if p.name == "config.json" or p.suffix == ".safetensors":
+            given = p if p.suffix == ".safetensors" else None
             p = p.parent
         else:
             raise UserError(f"{p}: not a diffusers model file: give a folder with config.json and {WEIGHTS}")
     model_dir = p if (p / "config.json").is_file() else p / "unet"
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{p}: no config.json (nor unet/config.json): not a diffusers model or pipeline folder")
-    weights = model_dir / WEIGHTS
+    weights = given if given is not None and given.parent == model_dir else model_dir / WEIGHTS
     if not weights.is_file():
         pickled = sorted(q.name for q in model_dir.iterdir() if q.suffix in PICKLED)
         if pickled:

@@ -87,6 +87,17 @@ def test_small_relative_and_old_attention_names(tmp_path, old_names):
     assert (a - b).abs().max() < 1e-5
 
 
+def test_a_named_weights_file_converts(tmp_path):
+    theirs = write_model(tmp_path / "m", SMALL)
+    f = tmp_path / "m" / "diffusion_pytorch_model.fp32.safetensors"  # a variant's name: the folder alone does not find it
+    (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(f)
+    with pytest.raises(UserError, match="no diffusion_pytorch_model.safetensors"):
+        convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
+    net, _, _, _ = network_from_checkpoint(load_checkpoint(convert_diffusers(f, tmp_path / "o.safetensors")))
+    a, b = outputs(net.eval(), theirs, 8)
+    assert (a - b).abs().max() < 1e-5
+
+
 def test_pipeline_folder_and_its_scheduler(tmp_path):
     write_model(tmp_path / "pipe" / "unet", SMALL)
     (tmp_path / "pipe" / "scheduler").mkdir()
