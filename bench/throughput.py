@@ -14,7 +14,7 @@ train   images/s of full training steps: forward, loss, backward, gradient clipp
 sample  images/s of 50-step DDIM from noise. Ours: load_denoiser + generate, as `diffuse sample sampler=ddim`
         runs them. Diffusers: DDIMPipeline's loop (DDIMScheduler.set_timesteps, UNet2DModel, scheduler.step).
 Both run under the same autocast (bf16 on CUDA, float32 on the CPU) and with diffusers' default attention (SDPA).
-The first training step and the first sampling batch are timed apart (torch.compile, CUDA graph capture, cuDNN
+Sampling batches of the two alternate. The first training step and the first sampling batch are timed apart (torch.compile, CUDA graph capture, cuDNN
 warm-up) and reported as warm-up; the rates exclude them. TFLOP/s come from the analytic count of
 diffuse.nets.flops (conv, linear and attention products; a training step counted as 3 forward passes).
 The last line printed is one JSON object.
@@ -147,7 +147,7 @@ def ours_sample(args, device, amp_flag: str, ckpt: Path):
         generate(den, n=args.batch, shape=shape, schedule=schedule, sampler_cfg=to_dict(cfg.sampler), steps=args.sample_steps,
                  seed=0, device=device, batch_size=args.batch, clip_default=clip, progress=False, fixed_shape=fixed)
 
-    return measure(run, warmup=0, reps=args.sample_reps, device=device)
+    return run
 
 
 def diffusers_sample(args, device, amp, model):
@@ -167,7 +167,7 @@ def diffusers_sample(args, device, amp, model):
             x = sched.step(eps.float(), t, x, eta=0.0, return_dict=False)[0]
         x.float().cpu()
 
-    return measure(run, warmup=0, reps=args.sample_reps, device=device)
+    return run
 
 
 def main() -> None:
@@ -225,10 +225,18 @@ def main() -> None:
         note(f"train diffusers: first step {d_first:.1f} s, then {tr_theirs:.3f} s/step")
         if cuda:
             torch.cuda.empty_cache()
-        s_first, s_ours = ours_sample(args, device, args.precision, ckpt)
-        note(f"sample ours: first batch {s_first:.1f} s, then {s_ours:.3f} s/batch")
-        ds_first, s_theirs = diffusers_sample(args, device, amp, theirs.to(device))
-        note(f"sample diffusers: first batch {ds_first:.1f} s, then {s_theirs:.3f} s/batch")
+        # Sampling batches are long: ours and diffusers' alternate, so that a drift in the machine's load or
+        # clocks falls on both.
+        run_ours = ours_sample(args, device, args.precision, ckpt)
+        run_theirs = diffusers_sample(args, device, amp, theirs.to(device))
+        s_first, ds_first = clock(run_ours, device), clock(run_theirs, device)
+        s_times, ds_times = [], []
+        for _ in range(args.sample_reps):
+            s_times.append(clock(run_ours, device))
+            ds_times.append(clock(run_theirs, device))
+        s_ours, s_theirs = sum(s_times) / len(s_times), sum(ds_times) / len(ds_times)
+        note(f"sample ours: first batch {s_first:.1f} s, then {', '.join(f'{v:.2f}' for v in s_times)} s")
+        note(f"sample diffusers: first batch {ds_first:.1f} s, then {', '.join(f'{v:.2f}' for v in ds_times)} s")
 
     b = args.batch
     rows = {
