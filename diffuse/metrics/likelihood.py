@@ -11,7 +11,9 @@
 
 *_nll are nats per dimension of continuous data in the model's [-1, 1] units; *_bpd are bits per dimension of
 8-bit data (x in [-1, 1] on the grid 2k/255 - 1, as images.from_uint8 makes it). Every function takes the one
-denoiser interface `denoiser(x_t, t, y) -> eps` and a Schedule, and returns a (N,) float64 tensor.
+denoiser interface `denoiser(x_t, t, y) -> eps` and a Schedule, and returns a (N,) float64 tensor on the CPU.
+Randomness comes from `generator` (a torch.Generator, or a PerSample one: then example i's draws depend only on
+(seed, i), whatever the batch); `progress(done, total)` is called after each chunk of timesteps or ODE step.
 
 Timesteps follow schedule.py: index t = 0..T-1 is the paper's t+1, so the KL terms are at t = 1..T-1, the decoder
 L_0 is the denoiser at t = 0, and the prior term L_T is at t = T-1.
