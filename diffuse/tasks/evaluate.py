@@ -88,7 +88,8 @@ def read_npz(path: Path) -> ImageSource:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3) or a.shape[0] < 1:
         raise UserError(f"{path}: arr_0 has shape {a.shape}; samples must be uint8 N x H x W x C with C = 1 or 3")
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+    # Contiguous N x C x H x W: a channels-last view would send convolutions down other kernels (other rounding).
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
     return ImageSource(f"{path}", t.shape[0], tuple(t.shape[1:]), array=t)
 
 
@@ -471,10 +472,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         ev = Evaluation(cfg, device, d)
         scoring = ev.shape is not None
         # Everything that can be refused is checked before the first image is drawn.
-        if scoring and set(names) & FEATURE_METRICS:
-            ev.extractor.check_shape(ev.shape[0], ev.shape[1])
         if save_ref or (scoring and set(names) & NEEDS_REFERENCE):
             ref = ev.reference
+        if scoring and set(names) & FEATURE_METRICS:
+            ev.extractor.check_shape(ev.shape[0], ev.shape[1])
         save_resolved_config(cfg, out)
         if save_ref:
             from diffuse.metrics.image_scores import save_stats
