@@ -46,21 +46,21 @@ def run_eval(overrides, out):
 def sampled(tmp_path_factory):
     """`diffuse sample model=oracle dataset=gmm save_npz=true`: samples.npz, images/ and sample.json."""
     out = tmp_path_factory.mktemp("sample")
-    sample.run(compose("sample", ["model=oracle", "dataset=gmm", "n=12", "steps=4", "batch_size=5", "save_npz=true", "seed=3"]), out)
+    sample.run(compose("sample", ["model=oracle", "dataset=gmm", "n=40", "steps=4", "batch_size=16", "save_npz=true", "seed=3"]), out)
     return out
 
 
 def test_generated_and_saved_samples_score_identically(sampled, fx, tmp_path):
-    gen = run_eval([*fx, "metric=[fid,kid]", "model=oracle", "n=12", "steps=4", "batch_size=7", "seed=3"], tmp_path / "gen")
+    gen = run_eval([*fx, "metric=[fid,kid]", "model=oracle", "n=40", "steps=4", "batch_size=7", "seed=3"], tmp_path / "gen")
     npz = run_eval([*fx, "metric=[fid,kid]", f"samples={sampled / 'samples.npz'}"], tmp_path / "npz")
     png = run_eval([*fx, "metric=[fid,kid]", f"samples={sampled / 'images'}"], tmp_path / "png")
-    # Image i depends only on (seed, i) and PNG is lossless: the three are the same 12 images (generation
+    # Image i depends only on (seed, i) and PNG is lossless: the three are the same 40 images (generation
     # batches them differently, which moves the float32 features by rounding only).
     assert npz["metrics"] == png["metrics"]
     assert gen["metrics"] == pytest.approx(npz["metrics"], rel=1e-5)
     assert gen["metrics"]["fid"] > 0 and gen["metrics"]["kid_subset_size"] == 8
     saved = json.loads((tmp_path / "gen" / "metrics.json").read_text())
-    assert saved["n"] == 12 and saved["sampler"] == "ddim" and saved["nfe"] == 4 and saved["seed"] == 3
+    assert saved["n"] == 40 and saved["sampler"] == "ddim" and saved["nfe"] == 4 and saved["seed"] == 3
     assert saved["features"] == "checkpoint" and len(saved["weights_sha256"]) == 64
     assert saved["reference"] == {"source": "dataset gmm", "n": 48, "kid_features": 48}
     # Scored files carry what diffuse sample recorded beside them.
@@ -70,8 +70,8 @@ def test_generated_and_saved_samples_score_identically(sampled, fx, tmp_path):
 def test_fid_ranks_the_oracle_above_noise_and_a_constant(sampled, fx, tmp_path):
     good = run_eval([*fx, f"samples={sampled}"], tmp_path / "a")["metrics"]["fid"]
     rng = np.random.RandomState(0)
-    np.savez(tmp_path / "noise.npz", arr_0=rng.randint(0, 256, (12, 8, 8, 3)).astype(np.uint8))
-    np.savez(tmp_path / "flat.npz", arr_0=np.full((12, 8, 8, 3), 200, np.uint8))
+    np.savez(tmp_path / "noise.npz", arr_0=rng.randint(0, 256, (40, 8, 8, 3)).astype(np.uint8))
+    np.savez(tmp_path / "flat.npz", arr_0=np.full((40, 8, 8, 3), 200, np.uint8))
     noise = run_eval([*fx, f"samples={tmp_path / 'noise.npz'}"], tmp_path / "b")["metrics"]["fid"]
     flat = run_eval([*fx, f"samples={tmp_path / 'flat.npz'}"], tmp_path / "c")["metrics"]["fid"]
     assert good < noise and good < flat
@@ -189,3 +189,21 @@ def test_sweep_writes_summary_and_plot(fx, tmp_path):
     # One line per sampler, in the first two palette colours.
     for color in ((31, 119, 180), (255, 127, 14)):
         assert (np.abs(img.astype(int) - color).sum(-1) == 0).sum() > 50
+
+
+def test_torchrun_shards_samples_and_reference_like_one_process(fx, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # n above the 32 feature dimensions, so that the covariance is not singular. Each rank holds every feature
+    # after the gather: torchmetrics' own sync would count them twice (caught here: FID off by 1%).
+    args = ["--metric", "fid", "--metric", "kid", "model=oracle", "n=41", "steps=3", "batch_size=8", "metrics.batch_size=5",
+            "metrics.cache=false", *fx]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffuse", "eval",
+                        *args, f"hydra.run.dir={tmp_path / 'dist'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    single = run_eval([a for a in args[4:]] + ["metric=[fid,kid]"], tmp_path / "single")
+    assert dist["metrics"] == pytest.approx(single["metrics"], rel=1e-5) and dist["n"] == 41 and dist["reference"]["n"] == 48

@@ -1,7 +1,8 @@
 """FID, KID and Inception Score from features, computed by torchmetrics; reference statistics files.
 
 The features are extracted once per image (diffuse.metrics.features) and handed to torchmetrics' metrics
-through a pass-through `feature=` module, so FID, KID and IS share one network pass. FID's reference side is
+through a pass-through `feature=` module, so FID, KID and IS share one network pass. Under torchrun every rank
+already holds all the features, so torchmetrics' own cross-process sync is off (it would count them twice). FID's reference side is
 torchmetrics' own running sums, set from the cached mean and covariance (sum = n mu,
 sum of outer products = (n - 1) Sigma + n mu mu^T), so a cached reference gives the FID a fresh one would.
 
@@ -127,7 +128,7 @@ def fid(ref: RefStats, fake: torch.Tensor) -> float:
     d = ref.mu.shape[0]
     if fake.shape[1] != d:
         raise UserError(f"the reference has {d}-d features, the samples {fake.shape[1]}-d: were they made with another extractor?")
-    metric = FrechetInceptionDistance(feature=Precomputed(d), reset_real_features=False)
+    metric = FrechetInceptionDistance(feature=Precomputed(d), reset_real_features=False, sync_on_compute=False)
     n = ref.n
     mu, sigma = ref.mu.to(torch.float64), ref.sigma.to(torch.float64)
     metric.real_features_sum = n * mu
@@ -147,7 +148,7 @@ def kid(ref_features: torch.Tensor, fake: torch.Tensor, *, subsets: int, subset_
     if size < 2:
         raise UserError(f"KID needs at least 2 samples and 2 reference images, got {fake.shape[0]} and {ref_features.shape[0]}")
     with _quiet():
-        metric = KernelInceptionDistance(feature=Precomputed(ref_features.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=Precomputed(ref_features.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False)
     metric.update(ref_features.to(torch.float64), real=True)
     metric.update(fake.to(torch.float64), real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
@@ -163,7 +164,7 @@ def inception_score(logits: torch.Tensor, *, splits: int, seed: int) -> tuple[fl
     if logits.shape[0] < splits:
         raise UserError(f"IS with metrics.is_splits={splits} needs at least {splits} samples, got {logits.shape[0]}")
     with _quiet():
-        metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits)
+        metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits, sync_on_compute=False)
     metric.update(logits.to(torch.float64))
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # the std of a single split

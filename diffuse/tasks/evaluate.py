@@ -405,7 +405,11 @@ def _sample_json(p: Path) -> dict:
 def _fid(ev: Evaluation) -> dict[str, float]:
     from diffuse.metrics.image_scores import fid
 
-    return {"fid": fid(ev.ref_stats, ev.features["pool"])}
+    feats, dim = ev.features["pool"], ev.extractor.dim
+    if ev.d.main and min(len(feats), ev.ref_stats.n) <= dim:
+        console.print(f"warning: FID from {min(len(feats), ev.ref_stats.n)} images of {dim}-d features: the covariance is singular "
+                      f"and the value unreliable; use more than {dim} images (50000 is the standard)", markup=False)
+    return {"fid": fid(ev.ref_stats, feats)}
 
 
 def _kid(ev: Evaluation) -> dict[str, float]:

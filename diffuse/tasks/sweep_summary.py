@@ -73,12 +73,17 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
 
     from rich.table import Table
 
+    # The table shows what varies; what every job shares goes on one line below it.
+    shown = [c for c in columns if c == "job" or c in metrics and not c.endswith("_subset_size") or len({_cell(r.get(c)) for r in rows}) > 1]
     table = Table(title=f"sweep {sweep_dir}", title_justify="left")
-    for c in columns:
-        table.add_column(c, justify="right" if c not in ("sampler", "features") else "left")
+    for c in shown:
+        table.add_column(c, justify="left" if c in ("sampler", "features") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*[_cell(r.get(c)) for c in columns])
+        table.add_row(*[_cell(r.get(c), 4) for c in shown])
     console.print(table)
+    common = [f"{c}={_cell(rows[0].get(c))}" for c in columns if c not in shown and rows[0].get(c) is not None]
+    if common:
+        console.print("all jobs: " + ", ".join(common), markup=False)
 
     for name in [m for m in metrics if not m.endswith(("_std", "_subset_size"))]:
         plotted = plot_metric(rows, name, sweep_dir / f"{name}_vs_nfe.png")
@@ -103,9 +108,9 @@ def plot_metric(rows: list[dict], metric: str, path: Path) -> Path | None:
     return path
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, digits: int = 6) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.{digits}g}"
     return str(v)
