@@ -197,8 +197,8 @@ def inpaint(
 @app.command(name="eval", context_settings=CONTEXT)
 def evaluate(
     ctx: typer.Context,
-    metric: List[str] = typer.Option([], "--metric", help="fid, kid or is; repeat for several (default: fid)"),
-    save_ref: str = typer.Option(None, "--save-ref", help="write the reference statistics to this .safetensors file"),
+    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid or is; repeat for several (default: fid)"),
+    save_ref: str = typer.Option(None, "--save-ref", metavar="PATH", help="write the reference statistics to this .safetensors file"),
 ) -> None:
     """Score samples with FID, KID and the Inception Score against reference data.
 
