@@ -103,14 +103,23 @@ def save_stats(path: Path, stats: RefStats) -> None:
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def load_stats(path: Path) -> RefStats:
-    from safetensors.torch import load_file
-
+def stats_metadata(path: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     if meta.get("diffuse.kind") != KIND:
         raise UserError(f"{path} is a safetensors file but not diffuse reference statistics (written by diffuse eval --save-ref)")
     try:
         info = json.loads(meta["diffuse.stats"])
+        int(info["n"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: reference statistics metadata is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+    return info
+
+
+def load_stats(path: Path) -> RefStats:
+    from safetensors.torch import load_file
+
+    info = stats_metadata(path)
+    try:
         t = load_file(str(path))
         stats = RefStats(t["mu"], t["sigma"], t["features"], info)
     except Exception as e:  # truncated file, missing tensor or key, bad JSON

@@ -148,9 +148,9 @@ def resolve_reference(cfg: DictConfig) -> Reference:
     text = str(value)
     p = Path(text).expanduser()
     if p.is_file() and p.suffix == ".safetensors":
-        from diffuse.metrics.image_scores import load_stats
+        from diffuse.metrics.image_scores import stats_metadata
 
-        meta = load_stats(p).meta
+        meta = stats_metadata(p)  # the header only: the tensors are read when the statistics are used
         return Reference(f"{p} ({meta.get('source', '?')})", tuple(meta["shape"]) if meta.get("shape") else None, stats_file=p)
     if p.is_dir():
         src = open_images(p, "ref")
@@ -390,8 +390,8 @@ def _assemble(parts: list, n: int) -> dict[str, torch.Tensor]:
 
 def _sample_json(p: Path) -> dict:
     """sampler/steps/NFE/seed of samples written by diffuse sample (its sample.json beside them)."""
-    for cand in (p / "sample.json", p.parent / "sample.json", p.parent.parent / "sample.json" if p.name == "images" else None):
-        if cand is not None and cand.is_file():
+    for cand in (p / "sample.json", p.parent / "sample.json"):  # a sample run dir; its samples.npz or images/
+        if cand.is_file():
             try:
                 info = json.loads(cand.read_text())
             except ValueError:
