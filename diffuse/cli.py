@@ -194,6 +194,43 @@ def inpaint(
     run_hydra("inpaint", run, [*ctx.args, f"image={q(image)}", f"mask={q(mask)}"])
 
 
+@app.command(name="eval", context_settings=CONTEXT)
+def evaluate(
+    ctx: typer.Context,
+    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid or is; repeat for several (default: fid)"),
+    save_ref: str = typer.Option(None, "--save-ref", metavar="PATH", help="write the reference statistics to this .safetensors file"),
+) -> None:
+    """Score samples with FID, KID and the Inception Score against reference data.
+
+    Keys: ckpt=FILE|RUN_DIR  samples=DIR|FILE.npz  ref=cifar10|DATASET|DIR|STATS.safetensors  n=50000  steps=
+    seed=0  metrics.features=inception|checkpoint  metrics.inception_weights=PATH
+    Groups: sampler=ddim|ddpm|dpm_solver|euler|heun  guidance=cfg|none
+
+    Examples:
+
+      diffuse eval --metric fid --metric kid ckpt=outputs/train/RUN ref=cifar10 n=50000
+
+      diffuse eval --metric fid samples=outputs/sample/RUN/samples.npz ref=cifar10
+
+      diffuse eval --save-ref cifar10_train.safetensors ref=cifar10
+
+      diffuse eval -m --metric fid ckpt=RUN ref=cifar10 sampler=ddim,dpm_solver steps=10,20,50
+
+    Writes metrics.json into its run dir; a sweep also writes summary.csv, summary.md and plots in its sweep dir.
+    """
+    from diffuse.tasks.evaluate import run
+
+    extra = [f"metric=[{','.join(_hydra_str(m) for m in metric)}]"] if metric else []
+    if save_ref:
+        extra.append(f"save_ref={_hydra_str(save_ref)}")
+    run_hydra("eval", run, [*ctx.args, *extra])
+
+
+def _hydra_str(v: str) -> str:
+    """A value quoted for a Hydra override: any path or name passes through unparsed."""
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")

@@ -93,10 +93,12 @@ def generate(
     on_batch=None,
     progress: bool = True,
     stats: Optional[dict] = None,
+    keep: bool = True,
 ) -> torch.Tensor:
     """Draw images `indices` (default 0..n-1), each from its own (seed, i) noise stream; returns them in
     model space on the CPU. `on_batch(first_index, images)` is called as each batch completes; `stats["nfe"]`
-    receives the number of denoiser calls per sample (counted on the first batch)."""
+    receives the number of denoiser calls per sample (counted on the first batch). keep=False returns nothing
+    and holds no images: for callers that consume each batch in on_batch (evaluation of 50k samples)."""
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
     indices = list(range(n)) if indices is None else indices
     outs = []
@@ -111,7 +113,8 @@ def generate(
             x0 = fn(counter, x_T, timesteps, schedule, generator=gen, y=y, **kwargs).float().cpu()
             if stats is not None and "nfe" not in stats:
                 stats["nfe"] = counter.calls
-            outs.append(x0)
+            if keep:
+                outs.append(x0)
             if on_batch is not None:
                 on_batch(start, x0)
             bar.advance(task, len(idx))
@@ -197,6 +200,15 @@ def resolve_labels(cfg: DictConfig, n: int, num_classes: Optional[int]) -> Optio
     return torch.tensor(chosen, dtype=torch.long).repeat(math.ceil(n / len(chosen)))[:n]
 
 
+def sample_labels(cfg: DictConfig, n: int, num_classes: Optional[int], source: dict) -> Optional[torch.Tensor]:
+    """resolve_labels, except that the oracle, unguided and without label=/labels=, samples the whole mixture."""
+    labels = resolve_labels(cfg, n, num_classes)
+    unguided = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0)) == 1.0
+    if source.get("model") == "oracle" and cfg.get("label") is None and cfg.get("labels") is None and unguided:
+        labels = None  # the oracle is ground truth: without a label it samples the mixture, at its weights
+    return labels
+
+
 def guide(den, cfg: DictConfig, num_classes: Optional[int], schedule):
     """The denoiser with classifier-free guidance from the `guidance` group, or unchanged."""
     g = to_dict(cfg.get("guidance")) or {"name": "none"}
@@ -243,10 +255,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler_cfg = to_dict(cfg.sampler)
     steps = resolve_steps(sampler_cfg, cfg.get("steps"), schedule.T)
     sampler_call(sampler_cfg, steps, schedule, clip_default)  # validate before anything is written
-    labels = resolve_labels(cfg, n, num_classes)
-    unguided = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0)) == 1.0
-    if source.get("model") == "oracle" and cfg.get("label") is None and cfg.get("labels") is None and unguided:
-        labels = None  # the oracle is ground truth: without a label it samples the mixture, at its weights
+    labels = sample_labels(cfg, n, num_classes, source)
     den = guide(den, cfg, num_classes, schedule)
 
     save_resolved_config(cfg, out)
