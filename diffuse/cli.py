@@ -197,10 +197,10 @@ def inpaint(
 @app.command(name="eval", context_settings=CONTEXT)
 def evaluate(
     ctx: typer.Context,
-    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid or is; repeat for several (default: fid)"),
+    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid, is, bpd or nll; repeat for several (default: fid)"),
     save_ref: str = typer.Option(None, "--save-ref", metavar="PATH", help="write the reference statistics to this .safetensors file"),
 ) -> None:
-    """Score samples with FID, KID and the Inception Score against reference data.
+    """Score samples with FID, KID and the Inception Score against reference data, or a model's likelihood.
 
     Keys: ckpt=FILE|RUN_DIR  samples=DIR|FILE.npz  ref=cifar10|DATASET|DIR|STATS.safetensors  n=50000  steps=
     seed=0  metrics.features=inception|checkpoint  metrics.inception_weights=PATH
@@ -215,6 +215,10 @@ def evaluate(
       diffuse eval --save-ref cifar10_train.safetensors ref=cifar10
 
       diffuse eval -m --metric fid ckpt=RUN ref=cifar10 sampler=ddim,dpm_solver steps=10,20,50
+
+      diffuse eval --metric bpd ckpt=RUN dataset=cifar10 likelihood.n=1000   (test split, bits/dim: bound and ODE)
+
+      diffuse eval --metric nll model=oracle dataset=gmm likelihood.n=200   (nats/dim, with the exact value)
 
     Writes metrics.json into its run dir; a sweep also writes summary.csv, summary.md and plots in its sweep dir.
     """

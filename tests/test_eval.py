@@ -145,8 +145,8 @@ def test_bad_sample_files_are_refused(fx, tmp_path):
 
 
 def test_metric_names_and_sources_are_checked(fx, tmp_path):
-    with pytest.raises(UserError, match="--metric bpd is not allowed: choose from fid, kid, is"):
-        evaluate.metric_names(["fid", "bpd"])
+    with pytest.raises(UserError, match="--metric fvd is not allowed: choose from fid, kid, is, bpd, nll"):
+        evaluate.metric_names(["fid", "fvd"])
     assert evaluate.metric_names(["kid", "fid", "kid"]) == ["kid", "fid"]
     with pytest.raises(UserError, match="nothing to evaluate"):
         run_eval(fx, tmp_path / "o")
@@ -207,3 +207,53 @@ def test_torchrun_shards_samples_and_reference_like_one_process(fx, tmp_path):
     dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     single = run_eval([a for a in args[4:]] + ["metric=[fid,kid]"], tmp_path / "single")
     assert dist["metrics"] == pytest.approx(single["metrics"], rel=1e-5) and dist["n"] == 41 and dist["reference"]["n"] == 48
+
+
+LIK = ["model=oracle", "dataset=gmm", "dataset.resolution=4", "dataset.channels=1", "likelihood.ode_steps=32"]
+
+
+def test_nll_of_the_oracle_matches_the_mixture_and_the_bound_lies_above(tmp_path):
+    """--metric nll on the exact denoiser: the ODE with exact traces is off the closed-form nll only by RK4 error
+    (1.3e-3 nats/dim at 32 steps, bench/likelihood_table.py), and the variational bound is above it by far more
+    than its standard error. Example i depends only on (seed, i): a different chunking gives the same figures."""
+    a = run_eval([*LIK, "metric=[nll]", "likelihood.n=96", "likelihood.hutchinson=0", "likelihood.batch_size=96"], tmp_path / "a")
+    m = a["metrics"]
+    assert abs(m["nll_ode"] - m["nll_exact"]) < 4e-3, m
+    assert m["nll_vlb"] - m["nll_exact"] > 4 * m["nll_vlb_sem"], m
+    b = run_eval([*LIK, "metric=[nll]", "likelihood.n=96", "likelihood.hutchinson=0", "likelihood.batch_size=40"], tmp_path / "b")
+    for key in ("nll_vlb", "nll_ode"):
+        assert b["metrics"][key] == pytest.approx(m[key], abs=1e-9)
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["likelihood"]["data"] == "dataset gmm (held-out draw, seed 1)" and saved["likelihood"]["n"] == 96
+    assert "sampler" not in saved and "n" not in saved  # no samples are drawn for a likelihood
+
+
+def test_bpd_is_on_the_8bit_grid_and_bounded_by_the_vlb(tmp_path):
+    """The 8-bit figures: the ODE's dequantized bpd is near the exact discrete bpd of the quantized mixture data
+    (a bound in expectation, so within its noise above it), and the bound is above both."""
+    from diffuse.data import build_mixture
+    from diffuse.images import from_uint8, to_uint8
+    from diffuse.metrics.likelihood import LN2, grid_index
+    from diffuse.metrics.mixture import mixture_interval_nll
+
+    r = run_eval([*LIK, "metric=[bpd]", "likelihood.n=64", "likelihood.hutchinson=0"], tmp_path / "a")
+    m = r["metrics"]
+    cfg = compose("eval", LIK)
+    ev = evaluate.Evaluation(cfg, torch.device("cpu"), evaluate.distributed.setup("cpu"))
+    x = from_uint8(to_uint8(ev.likelihood_data[0][:64])).double()
+    k = grid_index(x).double()  # the dequantization's bins: value k spread over [k, k + 1) / 128 - 1
+    exact = float((mixture_interval_nll(build_mixture(cfg.dataset), k / 128 - 1, (k + 1) / 128 - 1) / LN2).mean())
+    assert -5e-3 < m["bpd_ode"] - exact < 5e-3 + 4 * m["bpd_ode_sem"], (m, exact)
+    assert m["bpd_vlb"] > m["bpd_ode"] and m["bpd_vlb"] > exact
+
+
+def test_likelihood_refusals(tmp_path):
+    with pytest.raises(UserError, match="needs dataset=NAME"):
+        run_eval(["metric=[bpd]", "model=oracle"], tmp_path / "o")
+    with pytest.raises(UserError, match=r"likelihood.methods=\['exact'\] is not allowed"):
+        run_eval([*LIK, "metric=[nll]", "likelihood.methods=[exact]"], tmp_path / "o")
+    with pytest.raises(UserError, match="likelihood.n=100000 is more than the 10000 images"):
+        run_eval([*LIK, "metric=[nll]", "likelihood.n=100000"], tmp_path / "o")
+    with pytest.raises(UserError, match="likelihood.hutchinson=-1 is not allowed"):
+        run_eval([*LIK, "metric=[nll]", "likelihood.hutchinson=-1"], tmp_path / "o")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

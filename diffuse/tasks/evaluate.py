@@ -1,5 +1,6 @@
 """diffuse eval: samples (generated from ckpt=/model=oracle, or read from samples=) + reference -> features ->
-FID / KID / IS -> metrics.json and a table.
+FID / KID / IS -> metrics.json and a table; or a model + the dataset's held-out split -> bits/dim (bpd) or
+nats/dim (nll) by the variational bound and the probability-flow ODE.
 
 Metrics are a dict name -> function(Evaluation) -> {column: value}; the function takes what it needs from the
 Evaluation's lazily computed parts (sample features, reference statistics, the denoiser, ...). Under torchrun
@@ -212,6 +213,59 @@ class Evaluation:
             self._setup_generator()
         else:
             self.shape = None
+
+    @cached_property
+    def likelihood_cfg(self) -> dict:
+        return _likelihood_cfg(self.cfg)
+
+    @cached_property
+    def likelihood_model(self):
+        """(denoiser in float32, schedule, null label or None, source): forward-mode AD (the ODE's traces) does
+        not go through autocast, and the bound's small-t terms are sensitive to eps errors."""
+        from diffuse.tasks.sample import load_denoiser
+
+        if self.cfg.get("ckpt") in (None, "") and self.cfg.get("model") is None:
+            raise UserError("--metric bpd/nll needs the model: ckpt=FILE|RUN_DIR (or model=oracle dataset=gmm)")
+        den, shape, schedule, _, num_classes, source = load_denoiser(self.cfg, self.device, None)
+        self.likelihood_shape = tuple(shape)
+        y_null = num_classes if (num_classes and source.get("model") != "oracle") else None
+        return den, schedule, y_null, source
+
+    @cached_property
+    def likelihood_mixture(self):
+        from diffuse.data import build_mixture
+
+        return build_mixture(self.cfg.dataset)
+
+    @cached_property
+    def likelihood_data(self) -> tuple[torch.Tensor, str]:
+        """The dataset's held-out data in [-1, 1]: split=test where the dataset has splits; for the generated
+        datasets (gmm, shapes) a fresh draw with seed + 1, which training (seed) never saw; a folder as it is."""
+        from diffuse.data import build_dataset, dataset_shape
+        from diffuse.images import from_uint8
+
+        if self.cfg.get("dataset") is None:
+            raise UserError("--metric bpd/nll needs dataset=NAME: the data whose likelihood is measured (its test split)")
+        dcfg = {**to_dict(self.cfg.dataset), "flip": False}
+        if "split" in dcfg:
+            dcfg["split"] = "test"
+            what = "test split"
+        elif "seed" in dcfg:
+            dcfg["seed"] = int(dcfg["seed"]) + 1
+            what = f"held-out draw, seed {dcfg['seed']}"
+        else:
+            what = "all of it"
+        c, r, _ = dataset_shape(DictConfig(dcfg))
+        self.likelihood_model  # noqa: B018 (sets likelihood_shape)
+        if (c, r, r) != self.likelihood_shape:
+            raise UserError(f"dataset={dcfg['name']} is {_fmt((c, r, r))}, the model takes {_fmt(self.likelihood_shape)}: they must match")
+        ds = build_dataset(DictConfig(dcfg))
+        n = self.likelihood_cfg.get("n")
+        if n is not None and n > len(ds):
+            raise UserError(f"likelihood.n={n} is more than the {len(ds)} images of dataset {dcfg['name']} ({what})")
+        images = ds.images[: n or len(ds)]
+        x = from_uint8(images) if ds.is_8bit else images.float()
+        return x, f"dataset {dcfg['name']} ({what})"
 
     def _n_of_samples(self) -> int:
         n = self.cfg.get("n")
@@ -427,8 +481,90 @@ def _is(ev: Evaluation) -> dict[str, float]:
     return {"is": mean, "is_std": std}
 
 
-# name -> function(Evaluation) -> {column: value}. Likelihood (bpd, nll) plugs in here.
-METRICS: dict[str, Callable[[Evaluation], dict[str, float]]] = {"fid": _fid, "kid": _kid, "is": _is}
+# ---------------------------------------------------------------------------------------------------- likelihood
+
+def _likelihood(ev: Evaluation, kind: str) -> dict[str, float]:
+    """bits/dim of 8-bit data (kind="bpd") or nats/dim of continuous data (kind="nll") of the dataset's held-out
+    split, by the variational bound and by the probability-flow ODE (diffuse.metrics.likelihood). Example i's
+    noise, probes and dequantization depend only on (likelihood.seed, i), so the figures do not depend on the
+    batch size or the number of ranks. Class-conditional networks are scored unconditionally (the null label)."""
+    from diffuse.diffusion.noise import PerSample
+    from diffuse.metrics import likelihood as lk
+    from diffuse.tasks.sample import _progress
+
+    lc, (den, schedule, y_null, source) = ev.likelihood_cfg, ev.likelihood_model
+    x, desc = ev.likelihood_data
+    if kind == "bpd":  # the 8-bit grid: continuous data (gmm) is quantized first, as an image file would be
+        from diffuse.images import from_uint8
+
+        x = from_uint8(to_uint8(x))
+    d, bs = ev.d, lc["batch_size"]
+    mine = list(range(d.rank, x.shape[0], d.world))
+    methods = lc["methods"]
+    per: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    with _progress(d.main) as bar:
+        tasks = {m: bar.add_task(f"{kind} by the {'variational bound' if m == 'vlb' else 'probability-flow ODE'}", total=x.shape[0]) for m in methods}
+        for s in range(0, len(mine), bs):
+            idx = mine[s : s + bs]
+            xb = x[idx].to(ev.device)
+            y = None if y_null is None else torch.full((len(idx),), y_null, dtype=torch.long, device=ev.device)
+            for m in methods:
+                gen = PerSample(lc["seed"], idx)
+                if m == "vlb":
+                    fn = lk.vlb_bpd if kind == "bpd" else lk.vlb_nll
+                    v = fn(den, xb, schedule, y=y, generator=gen, variance=lc["variance"], batch_t=lc["batch_t"])
+                else:
+                    fn = lk.ode_bpd if kind == "bpd" else lk.ode_nll
+                    v = fn(den, xb, schedule, y=y, generator=gen, hutchinson=lc["hutchinson"], probe=lc["probe"],
+                           steps=lc["ode_steps"], sigma_min=lc["sigma_min"])
+                per[m].append(v)
+                bar.advance(tasks[m], len(idx) * d.world)
+    out: dict[str, float] = {}
+    for m in methods:
+        mine_v = torch.cat(per[m]) if per[m] else torch.empty(0, dtype=torch.float64)
+        allv = torch.cat([v for v in distributed.gather(mine_v, d)])
+        out[f"{kind}_{m}"] = float(allv.mean())
+        out[f"{kind}_{m}_sem"] = float(allv.std() / allv.numel() ** 0.5) if allv.numel() > 1 else float("nan")
+    if kind == "nll" and source.get("model") == "oracle":
+        from diffuse.metrics.mixture import mixture_nll
+
+        out["nll_exact"] = float(mixture_nll(ev.likelihood_mixture, x).mean())
+    ev.info["likelihood"] = {"data": desc, "n": int(x.shape[0]), **{k: lc[k] for k in ("methods", "variance", "ode_steps", "hutchinson", "probe", "sigma_min", "seed")}}
+    return out
+
+
+LIKELIHOOD_METHODS = ("vlb", "ode")
+
+
+def _likelihood_cfg(cfg: DictConfig) -> dict:
+    from diffuse.metrics.likelihood import PROBES, VARIANCES
+
+    lc = dict(to_dict(cfg.get("likelihood")) or {})
+    if lc.get("n") is not None:
+        check_number("likelihood.n", lc["n"], minimum=1, integer=True)
+    for key in ("batch_size", "batch_t", "ode_steps"):
+        check_number(f"likelihood.{key}", lc.get(key), minimum=1, integer=True)
+    check_number("likelihood.hutchinson", lc.get("hutchinson"), minimum=0, integer=True)
+    check_number("likelihood.seed", lc.get("seed"), integer=True)
+    check_number("likelihood.sigma_min", lc.get("sigma_min"), minimum=0, exclusive_min=True)
+    methods = [lc.get("methods")] if isinstance(lc.get("methods"), str) else list(lc.get("methods") or [])
+    bad = [m for m in methods if m not in LIKELIHOOD_METHODS]
+    if not methods or bad:
+        raise UserError(f"likelihood.methods={methods!r} is not allowed: a list of {', '.join(LIKELIHOOD_METHODS)}")
+    lc["methods"] = list(dict.fromkeys(methods))
+    if lc.get("variance") not in VARIANCES:
+        raise UserError(f"likelihood.variance={lc.get('variance')!r} is not allowed: choose one of {', '.join(VARIANCES)}")
+    if lc.get("probe") not in PROBES:
+        raise UserError(f"likelihood.probe={lc.get('probe')!r} is not allowed: choose one of {', '.join(PROBES)}")
+    return lc
+
+
+# name -> function(Evaluation) -> {column: value}.
+METRICS: dict[str, Callable[[Evaluation], dict[str, float]]] = {
+    "fid": _fid, "kid": _kid, "is": _is,
+    "bpd": lambda ev: _likelihood(ev, "bpd"), "nll": lambda ev: _likelihood(ev, "nll"),
+}
+LIKELIHOOD_METRICS = {"bpd", "nll"}
 # Metrics computed from extracted features: their reference, shapes and extractor are checked before any work.
 FEATURE_METRICS = {"fid", "kid", "is"}
 NEEDS_REFERENCE = {"fid", "kid"}
@@ -480,6 +616,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             ref = ev.reference
         if scoring and set(names) & FEATURE_METRICS:
             ev.extractor.check_shape(ev.shape[0], ev.shape[1])
+        if set(names) & LIKELIHOOD_METRICS:
+            ev.likelihood_cfg, ev.likelihood_data  # noqa: B018 (their refusals come before any work)
         save_resolved_config(cfg, out)
         if save_ref:
             from diffuse.metrics.image_scores import save_stats
@@ -499,6 +637,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if not d.main:
         return {}
     result = {"metrics": values, "n": ev.n, **ev.info}
+    if not set(names) & FEATURE_METRICS:  # likelihood alone draws no samples: no sampler, steps or n of samples
+        result = {k: v for k, v in result.items() if k not in ("n", "sampler", "steps", "seed", "nfe", "guidance_scale")}
     if set(names) & FEATURE_METRICS:
         result.update({"features": ev.extractor.name, "weights_sha256": ev.extractor.sha256})
     if set(names) & NEEDS_REFERENCE:
@@ -516,11 +656,15 @@ def _print_table(result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("std", justify="right")
-    for name in [k for k in m if not k.endswith(("_std", "_subset_size"))]:
-        std = m.get(f"{name}_std")
-        table.add_row(name, f"{m[name]:.6g}", "" if std is None else f"{std:.3g}")
+    table.add_column("s.e. of mean", justify="right")
+    for name in [k for k in m if not k.endswith(("_std", "_sem", "_subset_size"))]:
+        std, sem = m.get(f"{name}_std"), m.get(f"{name}_sem")
+        table.add_row(name, f"{m[name]:.6g}", "" if std is None else f"{std:.3g}", "" if sem is None else f"{sem:.3g}")
     console.print(table)
-    bits = [f"n={result['n']}"]
+    bits = [f"n={result['n']}"] if "n" in result else []
+    if "likelihood" in result:
+        lk = result["likelihood"]
+        bits.append(f"likelihood of {lk['data']}: n={lk['n']}, methods={'+'.join(lk['methods'])}")
     for key in ("features", "sampler", "steps", "nfe", "seed"):
         if key in result:
             bits.append(f"{key}={result[key]}")
