@@ -111,6 +111,7 @@ def atomic_write(path: Path, write) -> None:
         raise
     os.close(fd)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it 0600; the file gets the mode a plain open() would give
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -131,6 +132,9 @@ def atomic_write(path: Path, write) -> None:
 # errno values that say the storage, not the program, is at fault.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def _raise_if_environment(e: OSError, path: Path) -> None:

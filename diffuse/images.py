@@ -48,6 +48,24 @@ def save_png(img: torch.Tensor, path: str | Path, upscale: int = 1) -> None:
     atomic_write(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def read_png(path: str | Path):
+    """A PNG this program wrote, as uint8 C x H x W, or None if it is missing or incomplete."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(_PNG_END), 2)
+            if f.read() != _PNG_END:
+                return None
+        with Image.open(path) as im:
+            arr = np.array(im)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1).contiguous()
+
+
 def grid_upscale(h: int) -> int:
     """Small images are shown enlarged (nearest neighbour) so that a grid is readable: at least ~64 px tiles."""
     return max(1, 64 // h)

@@ -1,6 +1,7 @@
 """Resume from the newest valid checkpoint, keep-K, and the non-finite step guard, in process."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,43 @@ def test_bf16_autocast_keeps_the_schedule_math_in_float32():
     assert torch.equal(xt, ref)
     # 1 - alpha_bar at t=0 is ~4e-5: bf16 (8 bits of mantissa) would put sqrt(alpha_bar) at exactly 1.0.
     assert a[0].item() != 1.0 and abs(a[0].item() - (1 - 1e-4) ** 0.5) < 1e-3
+
+
+ORACLE = ["model=oracle", "dataset=gmm", "steps=5", "batch_size=2", "save_npz=true"]
+
+
+def test_sample_resume_skips_complete_images_and_gives_the_uninterrupted_set(tmp_path, compose_cfg, monkeypatch):
+    import numpy as np
+
+    from diffuse.tasks import sample as sample_task
+
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    sample_task.run(compose_cfg("sample", ORACLE + ["n=6"]), straight)
+    sample_task.run(compose_cfg("sample", ORACLE + ["n=4"]), part)  # "interrupted" after 4 images
+    images = part / "images"
+    (images / "000001.png").unlink()
+    data = (images / "000002.png").read_bytes()
+    (images / "000002.png").write_bytes(data[: len(data) // 2])  # not complete: drawn again
+    (images / ".000004.png.x1y2.tmp").write_bytes(b"\x89PNG half")  # a killed write's temp file
+    untouched = (images / "000000.png").stat().st_mtime_ns
+    written = []
+    real = sample_task.save_png
+    monkeypatch.setattr(sample_task, "save_png", lambda img, path, **k: (written.append(Path(path).name), real(img, path, **k)))
+    sample_task.run(compose_cfg("sample", ORACLE + ["n=6", "resume=true"]), part)
+    assert sorted(w for w in written if w != "grid.png") == ["000001.png", "000002.png", "000004.png", "000005.png"]
+    assert (images / "000000.png").stat().st_mtime_ns == untouched
+    assert sorted(p.name for p in images.iterdir()) == [f"{i:06d}.png" for i in range(6)]  # temp file gone
+    for i in range(6):
+        assert (images / f"{i:06d}.png").read_bytes() == (straight / "images" / f"{i:06d}.png").read_bytes()
+    assert np.array_equal(np.load(part / "samples.npz")["arr_0"], np.load(straight / "samples.npz")["arr_0"])
+    assert (part / "grid.png").read_bytes() == (straight / "grid.png").read_bytes()
+
+
+def test_sample_resume_refuses_a_run_dir_of_other_images(tmp_path, compose_cfg):
+    from diffuse.tasks import sample as sample_task
+
+    sample_task.run(compose_cfg("sample", ORACLE + ["n=2"]), tmp_path)
+    with pytest.raises(UserError, match="seed=0 and this run seed=1"):
+        sample_task.run(compose_cfg("sample", ORACLE + ["n=2", "seed=1", "resume=true"]), tmp_path)
+    with pytest.raises(UserError, match="needs save_images=true"):
+        sample_task.run(compose_cfg("sample", ORACLE + ["n=2", "save_images=false", "resume=true"]), tmp_path)
