@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from diffuse.checkpoint import atomic_write
+from diffuse.errors import UserError
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,18 @@ def read_png(path: str | Path):
     except (OSError, ValueError, SyntaxError):
         return None
     return torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1).contiguous()
+
+
+def convert_image(im: Image.Image, mode: str, name) -> Image.Image:
+    """An opened image in `mode` (L or RGB). Palette, alpha (dropped), bilevel, CMYK and the like convert as PIL
+    converts them; 16- and 32-bit integer images are scaled to 8 bits (PIL's own conversion clips them, which
+    turns a 16-bit image white); floating-point images, whose range is anyone's guess, are refused."""
+    if im.mode == "F":
+        raise UserError(f"{name} is a floating-point image (mode F): save it with 8 or 16 bits per channel")
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        im = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return im.convert(mode)
 
 
 def grid_upscale(h: int) -> int:

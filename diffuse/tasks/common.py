@@ -71,14 +71,20 @@ def _remove_new(root: Path, before: set[Path]) -> None:
     if created_root and hydra_dir.exists():
         shutil.rmtree(hydra_dir, ignore_errors=True)
     if created_root:
-        # Remove the run dir and any parents Hydra created for it that are now empty (outputs/sample/...).
-        p = root
-        for _ in range(3):
+        # Remove the run dir, and the parents Hydra made for it under ./outputs (outputs/sample/...) if now
+        # empty; a directory the user named (hydra.run.dir=...) is never climbed out of.
+        outputs = (Path.cwd() / "outputs").resolve()
+        p = root.resolve()
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        while outputs in p.parents:
+            p = p.parent
             try:
                 p.rmdir()
             except OSError:
                 break
-            p = p.parent
 
 
 def save_resolved_config(cfg: DictConfig, out: Path) -> None:

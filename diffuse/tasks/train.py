@@ -177,8 +177,15 @@ class Trainer:
         ckdir = self.out / "checkpoints"
         state = self.state()
         keep = self.tcfg["keep"]
-        path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state) if keep > 0 else None
-        last = save_checkpoint(ckdir / "last.safetensors", state)
+        try:
+            path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state) if keep > 0 else None
+            last = save_checkpoint(ckdir / "last.safetensors", state)
+        except UserError as e:  # e.g. the disk is full: what was written before stays (the writes are atomic)
+            if self.last_saved is None:
+                raise
+            err = UserError(f"{e}; the last checkpoint written, {self.last_saved[0]} (step {self.last_saved[1]}), is kept")
+            err.keep_outputs = True
+            raise err from None
         self.last_saved = (last, self.step)
         if keep > 0:
             # Oldest first; files of a step beyond this one are left from a timeline a resume abandoned (a
