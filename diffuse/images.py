@@ -67,6 +67,14 @@ def read_png(path: str | Path):
     return torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1).contiguous()
 
 
+def check_size(im: Image.Image, name) -> None:
+    """Refuse, from the header alone, an image PIL would warn about as a possible decompression bomb (more
+    than Image.MAX_IMAGE_PIXELS, ~89M pixels): decoding it could take gigabytes."""
+    w, h = im.size
+    if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
+        raise UserError(f"{name} is {w}x{h}: more than {Image.MAX_IMAGE_PIXELS} pixels, too large to read")
+
+
 def convert_image(im: Image.Image, mode: str, name) -> Image.Image:
     """An opened image in `mode` (L or RGB). Palette, alpha (dropped), bilevel, CMYK and the like convert as PIL
     converts them; 16- and 32-bit integer images are scaled to 8 bits (PIL's own conversion clips them, which

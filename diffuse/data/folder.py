@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffuse.errors import UserError
-from diffuse.images import convert_image
+from diffuse.images import check_size, convert_image
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -51,6 +51,7 @@ def read_folder(root: Path, resolution: int, report=None) -> tuple[torch.Tensor,
         for f in files:
             try:
                 with Image.open(f) as img:
+                    check_size(img, f)
                     img = square(convert_image(img, "RGB", f), resolution)
                     images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
                     labels.append(label)

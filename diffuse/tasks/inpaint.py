@@ -13,7 +13,7 @@ from PIL import Image
 from diffuse.diffusion.inpainting import paste, repaint, repaint_nfe, replace_hook
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.errors import UserError
-from diffuse.images import convert_image, from_uint8, make_grid, save_png, to_uint8
+from diffuse.images import check_size, convert_image, from_uint8, make_grid, save_png, to_uint8
 from diffuse.tasks.common import autocast_dtype, check_number, console, err_console, pick_device, save_resolved_config, to_dict, write_json
 from diffuse.tasks.sample import load_denoiser, sampler_call
 
@@ -32,8 +32,11 @@ def _open(path: Path, mode: str, mask: bool = False) -> Image.Image:
         raise UserError(f"{path} is not a file")
     try:
         with Image.open(path) as im:
+            check_size(im, path)
             im.load()
             im = im.copy()  # detached from the file, which closes here
+    except UserError:
+        raise
     except Exception as e:  # a damaged file makes PIL raise OSError, ValueError, SyntaxError, EOFError...
         raise UserError(f"{path} is not a readable image: {type(e).__name__}") from None
     if mask:
