@@ -134,10 +134,11 @@ def _inject(monkeypatch, bad: dict):
     return calls
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, compose_cfg, monkeypatch):
+@pytest.mark.parametrize("grad_clip", [1.0, 0])  # the check reads the clip's norm, or computes one
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, compose_cfg, monkeypatch, grad_clip):
     _inject(monkeypatch, {2: "nan", 3: "inf_grad"})  # steps 3 and 4
     out = tmp_path / "run"
-    _train(compose_cfg, out, "trainer.steps=6", "trainer.ckpt_every=1", "trainer.keep=10")
+    _train(compose_cfg, out, "trainer.steps=6", "trainer.ckpt_every=1", "trainer.keep=10", f"trainer.grad_clip={grad_clip}")
     ck = {s: load_checkpoint(out / "checkpoints" / f"step_{s:07d}.safetensors") for s in range(2, 6)}
     assert _same_state(ck[2], ck[3]) and _same_state(ck[2], ck[4])  # no weight, EMA or moment moved
     assert not _same_state(ck[4], ck[5])  # and training goes on after them
@@ -192,6 +193,12 @@ def test_bf16_autocast_keeps_the_schedule_math_in_float32():
     assert lin.dtype == torch.bfloat16  # autocast is really on
     assert a.dtype == sg.dtype == xt.dtype == torch.float32 and w.dtype == torch.float64
     assert torch.equal(xt, ref)
+    # A network's bf16 output becomes eps in the sampler's float32, with float32 coefficients.
+    from diffuse.diffusion.prediction import NetworkDenoiser
+
+    conv = torch.nn.Conv2d(3, 3, 1)
+    eps = NetworkDenoiser(lambda x, t, y: conv(x), "v", s, autocast_dtype=torch.bfloat16)(xt, t)
+    assert eps.dtype == torch.float32
     # 1 - alpha_bar at t=0 is ~4e-5: bf16 (8 bits of mantissa) would put sqrt(alpha_bar) at exactly 1.0.
     assert a[0].item() != 1.0 and abs(a[0].item() - (1 - 1e-4) ** 0.5) < 1e-3
 

@@ -249,11 +249,12 @@ class Trainer:
     def finite_step(self, loss: torch.Tensor) -> torch.Tensor:
         """0-dim bool on the device: are the loss and the gradients finite? Clips the gradients when grad_clip
         is set (the clip's total norm is the check). Counts the non-finite steps."""
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if self.tcfg["grad_clip"] > 0:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.grad is not None], self.tcfg["grad_clip"])
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        clip = self.tcfg["grad_clip"]
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = torch.isfinite(norm)
         if not self.dist.enabled:
             # Under DDP the all-reduced gradients alone decide, so that every rank skips the same steps.
