@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -99,6 +100,7 @@ def check_readers(data: bytes, ext: str, tmp: Path) -> dict:
     return outcome
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about damaged TIFF tags; the outcome is what counts
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image_files())
 def test_readers_load_or_refuse_any_bytes(case):
