@@ -8,27 +8,56 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffuse.diffusion.inpainting import paste, repaint, repaint_nfe, replace_hook
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.errors import UserError
-from diffuse.images import from_uint8, make_grid, save_png, to_uint8
+from diffuse.images import check_size, convert_image, from_uint8, make_grid, save_png, to_uint8
 from diffuse.tasks.common import autocast_dtype, check_number, console, err_console, pick_device, save_resolved_config, to_dict, write_json
 from diffuse.tasks.sample import load_denoiser, sampler_call
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+_GREY_MODES = {"1", "L", "LA", "La", "I", "F"}
+
+
+def _open(path: Path, mode: str, mask: bool = False) -> Image.Image:
+    """An image (or a mask) file in `mode`. Odd modes convert (images.convert_image); a mask must say plainly
+    what to keep: one with transparent or coloured pixels is refused rather than guessed at."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file")
     try:
         with Image.open(path) as im:
+            check_size(im, path)
             im.load()
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError) as e:
+            im = im.copy()  # detached from the file, which closes here
+    except UserError:
+        raise
+    except Exception as e:  # a damaged file makes PIL raise OSError, ValueError, SyntaxError, EOFError...
         raise UserError(f"{path} is not a readable image: {type(e).__name__}") from None
+    if mask:
+        _check_mask(im, path)
+    try:
+        return convert_image(im, mode, path)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path} is not a readable image: mode {im.mode} does not convert ({type(e).__name__})") from None
+
+
+def _check_mask(im: Image.Image, path: Path) -> None:
+    if "A" in im.mode or "a" in im.mode or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        if (alpha < 255).any():
+            raise UserError(f"mask {path} has transparent pixels: draw it in black (keep) and white (generate), without alpha")
+    if im.mode not in _GREY_MODES and not im.mode.startswith("I;16"):
+        rgb = np.asarray(im.convert("RGB"))
+        if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
+            raise UserError(f"mask {path} has coloured pixels: use black (keep) and white (generate)")
 
 
 def _pairs(image: Path, mask: Path) -> list[tuple[Path, Path]]:
@@ -54,7 +83,7 @@ def load_pair(img_path: Path, mask_path: Path, shape, resize: bool, invert: bool
     """(image uint8 C x H x W at its own size, keep mask 1 x H x W bool at that size) or a UserError."""
     c, h, w = shape
     im = _open(img_path, "L" if c == 1 else "RGB")
-    mk = _open(mask_path, "L")
+    mk = _open(mask_path, "L", mask=True)
     if mk.size != im.size:
         raise UserError(f"mask {mask_path} is {mk.size[0]}x{mk.size[1]} but image {img_path} is {im.size[0]}x{im.size[1]}")
     if im.size != (w, h) and not resize:

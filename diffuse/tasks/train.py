@@ -15,11 +15,21 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from diffuse import distributed
-from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path, save_checkpoint
+from diffuse.checkpoint import (
+    Checkpoint,
+    atomic_write,
+    load_checkpoint,
+    load_newest_valid,
+    numbered_checkpoints,
+    numbered_step,
+    remove_stale_temps,
+    resolve_ckpt_path,
+    save_checkpoint,
+)
 from diffuse.data import build_dataset
 from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
 from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
-from diffuse.errors import UserError
+from diffuse.errors import RunStopped, UserError
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.nets import build_network
 from diffuse.tasks.common import (
@@ -27,6 +37,7 @@ from diffuse.tasks.common import (
     build_schedule,
     check_number,
     console,
+    err_console,
     pick_device,
     save_resolved_config,
     to_dict,
@@ -48,6 +59,7 @@ def validate_trainer(t: dict) -> None:
         check_number(f"trainer.{key}", t[key], minimum=0, integer=True)
     check_number("trainer.sample_steps", t["sample_steps"], minimum=1, integer=True)
     check_number("trainer.seed", t["seed"], integer=True)
+    check_number("trainer.max_nonfinite", t.get("max_nonfinite", 10), minimum=1, integer=True)
 
 
 def validate_objective(o: dict) -> None:
@@ -102,15 +114,19 @@ class Trainer:
 
             self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = self.data.to(self.device) if self.device.type == "cuda" else self.data
+        # Fused on every device: its found_inf input lets a non-finite step be skipped on the device itself.
         self.opt = torch.optim.AdamW(
-            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"],
-            **({"fused": True} if self.device.type == "cuda" else {}),
+            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"], fused=True,
         )
         # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
         self.data_gen = torch.Generator().manual_seed(seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         torch.manual_seed(seed + 2)  # dropout
         self.step = 0
+        # Non-finite steps: [skipped in all, current run in a row, longest run since last read]. Kept on the
+        # device and read at log steps, so the guard adds no per-step host sync.
+        self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)
+        self.last_saved: Optional[tuple[Path, int]] = None
         self.config = {
             "model": self.model_cfg,
             "schedule": to_dict(cfg.schedule),
@@ -125,9 +141,10 @@ class Trainer:
         rng = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        skipped, run, _ = self.nonfinite.tolist()
         return Checkpoint(
             config=self.config, step=self.step, model=self.net.state_dict(), ema=self.ema.state_dict(),
-            optim=self.opt.state_dict(), rng=rng,
+            optim=self.opt.state_dict(), rng=rng, extra={"skipped": skipped, "nonfinite_run": run},
         )
 
     def load(self, ckpt: Checkpoint, path: Path) -> None:
@@ -149,19 +166,41 @@ class Trainer:
         if "cuda" in ckpt.rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.rng["cuda"], self.device)
         self.step = ckpt.step
+        run = int(ckpt.extra.get("nonfinite_run", 0))
+        self.nonfinite = torch.tensor([int(ckpt.extra.get("skipped", 0)), run, run], device=self.device)
 
     def save(self) -> Optional[Path]:
+        """checkpoints/step_NNNNNNN.safetensors (unless keep=0) and last.safetensors, the same state in both;
+        then the numbered ones beyond the newest `keep` (the one just written always among them) go."""
         if not self.dist.main:  # only rank 0 writes
             return None
         ckdir = self.out / "checkpoints"
         state = self.state()
-        path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state)
-        save_checkpoint(ckdir / "last.safetensors", state)
         keep = self.tcfg["keep"]
-        numbered = sorted(ckdir.glob("step_*.safetensors"))
-        for old in numbered[: max(0, len(numbered) - keep)]:
-            old.unlink(missing_ok=True)
-        return path
+        try:
+            path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state) if keep > 0 else None
+            last = save_checkpoint(ckdir / "last.safetensors", state)
+        except UserError as e:  # e.g. the disk is full: what was written before stays (the writes are atomic)
+            if self.last_saved is None:
+                raise
+            err = UserError(f"{e}; the last checkpoint written, {self.last_saved[0]} (step {self.last_saved[1]}), is kept")
+            err.keep_outputs = True
+            raise err from None
+        self.last_saved = (last, self.step)
+        if keep > 0:
+            # Oldest first; files of a step beyond this one are left from a timeline a resume abandoned (a
+            # damaged checkpoint passed over) and go before any older valid one.
+            others = sorted((p for p in numbered_checkpoints(ckdir) if p != path),
+                            key=lambda p: (numbered_step(p) <= self.step, numbered_step(p)))
+            for old in others[: max(0, len(others) - (keep - 1))]:
+                old.unlink(missing_ok=True)
+        return path or last
+
+    def read_nonfinite(self) -> tuple[int, int, int]:
+        """(skipped in all, current run in a row, longest run since the last read): one host sync."""
+        skipped, run, longest = self.nonfinite.tolist()
+        self.nonfinite[2] = run
+        return skipped, run, longest
 
     # -- one optimisation step ----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -197,20 +236,46 @@ class Trainer:
             ).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.tcfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tcfg["grad_clip"])
+        finite = self.finite_step(loss)
+        # A non-finite loss or gradient skips the update on the device (as under a GradScaler): the fused
+        # optimizer leaves weights and moments alone when found_inf is 1, and the EMA moves by 0. The batch and
+        # noise were drawn all the same, so the random streams (and a resume) stay where they would be.
+        self.opt.found_inf = (~finite).float()
         self.opt.step()
-        self.update_ema()
+        self.update_ema(finite)
         self.step += 1
         return loss.detach()
 
+    def finite_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device: are the loss and the gradients finite? Clips the gradients when grad_clip
+        is set (the clip's total norm is the check). Counts the non-finite steps."""
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        clip = self.tcfg["grad_clip"]
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = torch.isfinite(norm)
+        if not self.dist.enabled:
+            # Under DDP the all-reduced gradients alone decide, so that every rank skips the same steps.
+            finite = finite & torch.isfinite(loss.detach())
+        bad = (~finite).long()
+        run = (self.nonfinite[1] + 1) * bad
+        self.nonfinite = torch.stack([self.nonfinite[0] + bad, run, torch.maximum(self.nonfinite[2], run)])
+        return finite
+
     @torch.no_grad()
-    def update_ema(self) -> None:
+    def update_ema(self, finite: Optional[torch.Tensor] = None) -> None:
         decay = self.tcfg["ema_decay"]
         if self.tcfg.get("ema_warmup", True):
             decay = min(decay, (1 + self.step) / (10 + self.step))
         ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], 1.0 - decay)
+        weight = 1.0 - decay
+        if finite is None:
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], weight)
+        else:  # weight 0 on a skipped step, decided on the device
+            w = finite.to(ema_p[0].dtype) * weight
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], [w] * len(ema_p))
         for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
             b_ema.copy_(b)
 
@@ -276,10 +341,20 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     resume = cfg.get("resume", False)
     if resume not in (False, None, "", "false"):
-        src = out / "checkpoints" / "last.safetensors" if resume in (True, "true") else resolve_ckpt_path(resume)
-        if resume in (True, "true") and not src.is_file():
-            raise UserError(f"resume=true but {src} does not exist: give hydra.run.dir=THE_RUN_DIR or resume=PATH")
-        trainer.load(load_checkpoint(src), src)
+        if resume in (True, "true") or Path(str(resume)).is_dir():
+            # A run dir: the newest checkpoint that verifies, passing over a damaged last.safetensors.
+            root = out if resume in (True, "true") else Path(str(resume))
+            ckdir = root / "checkpoints" if (root / "checkpoints").is_dir() or resume in (True, "true") else root
+            ckpt, src = load_newest_valid(ckdir, report=lambda line: err_console.print(line, markup=False))
+        else:
+            src = resolve_ckpt_path(resume)
+            ckpt = load_checkpoint(src)
+        trainer.load(ckpt, src)
+        if main and resume in (True, "true"):
+            for d in (out / "checkpoints", out / "samples", out):
+                if d.is_dir():
+                    remove_stale_temps(d)  # writes a kill interrupted before their rename
+            trim_metrics(out / "metrics.jsonl", trainer.step)
         console.print(f"resumed from {src} at step {trainer.step}")
 
     if main:
@@ -295,6 +370,8 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
     bs = trainer.tcfg["batch_size"]
     last_loss = float("nan")
     stopped = False
+    max_nonfinite = trainer.tcfg.get("max_nonfinite", 10)
+    skipped_logged = trainer.read_nonfinite()[0]
     progress = Progress(
         TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[ips]:.0f} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -309,14 +386,22 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
             step = trainer.step
             if step % log_every == 0 or step == steps_total:
                 # One host sync per log interval, not per step.
-                last_loss = float(distributed.mean(torch.stack(losses).mean(), trainer.dist))
+                # The mean over the steps that were not skipped (NaN if all were).
+                stacked = torch.stack(losses)
+                finite_mean = torch.where(torch.isfinite(stacked), stacked, float("nan")).nanmean()
+                last_loss = float(distributed.mean(finite_mean, trainer.dist))
                 losses.clear()
+                skipped, _, longest = trainer.read_nonfinite()
                 now = time.perf_counter()
                 ips = (step - step_last) * bs / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
-                rec = {"step": step, "loss": last_loss, "lr": trainer.lr_at(step - 1), "images_per_s": ips}
+                rec = {"step": step, "loss": last_loss, "lr": trainer.lr_at(step - 1), "images_per_s": ips,
+                       "skipped": skipped - skipped_logged}
+                skipped_logged = skipped
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+                if longest >= max_nonfinite:
+                    raise RunStopped(nonfinite_message(trainer, step, longest, max_nonfinite))
                 progress.update(task, completed=step, loss=last_loss, ips=ips)
                 if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
                     console.print(f"step {step}/{steps_total} loss {last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s")
@@ -334,9 +419,36 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
                 break
         progress.update(task, completed=trainer.step)
     ckpt = trainer.save()
+    skipped = trainer.read_nonfinite()[0]
+    if skipped:
+        console.print(f"{skipped} step(s) skipped for a non-finite loss or gradient")
     if stopped:
         console.print(f"stopped by signal at step {trainer.step}; checkpoint {ckpt}")
         return {"step": trainer.step, "loss": last_loss, "stopped": True}
     grid = trainer.sample_grid()
     console.print(f"step {trainer.step}: loss {last_loss:.4f}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
     return {"step": trainer.step, "loss": last_loss, "checkpoint": str(ckpt)}
+
+
+def nonfinite_message(trainer: Trainer, step: int, longest: int, limit: int) -> str:
+    where = (f"the last checkpoint, {trainer.last_saved[0]} (step {trainer.last_saved[1]}), holds weights from before them"
+             if trainer.last_saved else "no checkpoint was written in this run")
+    return (f"training stopped at step {step}: {longest} steps in a row had a non-finite loss or gradient "
+            f"(trainer.max_nonfinite={limit}); they were skipped, {where}. A lower trainer.lr, trainer.grad_clip "
+            f"or precision=fp32 may help")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """After a resume at `step`, keep only the complete metrics lines up to it: a kill can leave a half-written
+    last line, and the steps after the checkpoint are about to be run (and logged) again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and isinstance(rec, dict) and rec.get("step", step + 1) <= step:
+            kept.append(line)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
