@@ -10,12 +10,14 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from diffuse.diffusion.inpainting import paste, repaint, repaint_nfe, replace_hook
+from diffuse.diffusion.inpainting import (
+    METHODS, condition_on, paste, repaint, repaint_nfe, replace_hook, require_mask_conditioned,
+)
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, make_grid, save_png, to_uint8
 from diffuse.tasks.common import autocast_dtype, check_number, console, err_console, pick_device, save_resolved_config, to_dict, write_json
-from diffuse.tasks.sample import load_denoiser, sampler_call
+from diffuse.tasks.sample import CountingDenoiser, load_denoiser, sampler_call
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -80,15 +82,20 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     seed = check_number("seed", cfg.seed, integer=True)
     ic = to_dict(cfg.inpaint)
     method = ic.get("method")
-    if method not in ("replace", "repaint"):
-        raise UserError(f"inpaint.method={method!r} is not allowed: choose one of replace, repaint")
+    if method not in METHODS:
+        raise UserError(f"inpaint.method={method!r} is not allowed: choose one of {', '.join(METHODS)}")
     device = pick_device(cfg.get("device", "auto"))
     den, shape, schedule, clip_default, _, source = load_denoiser(cfg, device, autocast_dtype(cfg.get("precision", "auto"), device))
+    if method == "conditioned":
+        require_mask_conditioned(den)
     sampler_cfg = to_dict(cfg.sampler)
     steps = check_number("steps", cfg.steps, minimum=1, integer=True)
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
-    jl, rs = ic.get("jump_length"), ic.get("resamples")
-    nfe = repaint_nfe(steps, jl, rs) if method == "repaint" else steps
+    jl, rs, jlast = ic.get("jump_length"), ic.get("resamples"), ic.get("jump_last", 1.0)
+    if method == "repaint":
+        repaint_nfe(steps, jl, rs, jlast)  # checks the options before anything is written
+    counter = CountingDenoiser(den)
+    nfe = None
     pairs = _pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
     loaded = [load_pair(i, m, shape, bool(ic.get("resize", True)), bool(ic.get("mask_invert", False))) for i, m in pairs]
 
@@ -97,8 +104,6 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     results = []
     for idx, ((img_path, _), (img, keep_full)) in enumerate(zip(pairs, loaded)):
         H, W = img.shape[-2:]
-        if not keep_full.any():
-            pass
         if keep_full.all():
             err_console.print(f"warning: mask for {img_path} keeps every pixel: nothing to generate, the input is returned", markup=False)
             res = img.unsqueeze(0).expand(n, -1, -1, -1).clone()
@@ -109,11 +114,17 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             gen = PerSample(seed, [idx * n + j for j in range(n)])
             x_T = randn((n, *shape), gen, device)
             known = x0.unsqueeze(0).expand(n, -1, -1, -1)
-            if method == "replace":
-                x = fn(den, x_T, timesteps, schedule, generator=gen, hook=replace_hook(known, keep, schedule, gen), **kwargs)
-            else:
-                x = repaint(den, x_T, timesteps, schedule, known, keep, jump_length=jl, resamples=rs,
+            counter.calls = 0
+            if method == "repaint":
+                x = repaint(counter, x_T, timesteps, schedule, known, keep, jump_length=jl, resamples=rs, jump_last=jlast,
                             step=sampler_cfg.get("name"), generator=gen, **kwargs)
+            else:
+                # conditioned: the network sees the clean known pixels; the hook keeps x_t's known pixels on
+                # q(x_t | x_0) as in training and pastes them exactly at the end.
+                d = counter if method == "replace" else CountingDenoiser(condition_on(den, known, keep))
+                x = fn(d, x_T, timesteps, schedule, generator=gen, hook=replace_hook(known, keep, schedule, gen), **kwargs)
+                counter.calls = d.calls
+            nfe = counter.calls
             res = to_uint8(x.float().cpu())
             if (H, W) != (h, w):
                 res = _resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)
@@ -125,7 +136,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         masked = torch.where(keep_full, img, torch.full_like(img, 255))
         save_png(make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2), out / f"{stem}_strip.png")
         results.append(str(img_path))
+    if nfe is None:  # every mask kept everything: no denoiser call was needed
+        nfe = 0
     info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **source}
+    if method == "repaint":
+        info.update(jump_length=jl, resamples=rs, jump_last=jlast)
     write_json(out / "inpaint.json", info)
     console.print(f"inpainted {len(results)} image(s) x {n} ({method}, {steps} steps, NFE {nfe} per image batch)")
     return info
