@@ -72,7 +72,11 @@ def load_pair(img_path: Path, mask_path: Path, shape, resize: bool, invert: bool
 
 
 def _resize(x: torch.Tensor, hw, mode: str) -> torch.Tensor:
-    return torch.nn.functional.interpolate(x.unsqueeze(0).float(), size=hw, mode=mode, **({"antialias": True, "align_corners": False} if mode == "bilinear" else {}))[0]
+    """One image (C x H x W) or a batch (N x C x H x W), as float, to size hw."""
+    batch = x.float() if x.dim() == 4 else x.float().unsqueeze(0)
+    opts = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+    out = torch.nn.functional.interpolate(batch, size=hw, mode=mode, **opts)
+    return out if x.dim() == 4 else out[0]
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
