@@ -65,6 +65,16 @@ def validate_objective(o: dict) -> None:
         check_mask_kinds(o.get("mask_kinds"))
 
 
+def _objective_key(o) -> dict:
+    """An objective config as resume compares it: checkpoints from before mask training lack its keys, and
+    mask_kinds only matter when mask_training is on."""
+    o = dict(o or {})
+    if not o.get("mask_training"):
+        o["mask_training"] = False
+        o.pop("mask_kinds", None)
+    return o
+
+
 class Trainer:
     """Holds the state of one training run; every piece of it goes into the checkpoint."""
 
@@ -143,7 +153,7 @@ class Trainer:
     def load(self, ckpt: Checkpoint, path: Path) -> None:
         if ckpt.config.get("model") != self.model_cfg:
             raise UserError(f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}")
-        if ckpt.config.get("schedule") != self.config["schedule"] or ckpt.config.get("objective") != self.ocfg:
+        if ckpt.config.get("schedule") != self.config["schedule"] or _objective_key(ckpt.config.get("objective")) != _objective_key(self.ocfg):
             raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
