@@ -149,3 +149,15 @@ def test_conditioned_method_is_refused_without_mask_training(trained, half_image
     with pytest.raises(UserError, match="objective.mask_training=true"):
         inpaint_task.run(compose_cfg("inpaint", args), d / "refused")
     assert not (d / "refused").exists()
+
+
+def test_resume_compares_objectives_as_before_mask_training():
+    """A checkpoint written before mask training existed has no mask keys: it still resumes a plain run."""
+    from diffuse.tasks.train import _objective_key
+
+    old = {"prediction": "eps", "weighting": "simple", "min_snr_gamma": 5.0, "p_uncond": 0.1}
+    new = {**old, "mask_training": False, "mask_kinds": {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2}}
+    assert _objective_key(old) == _objective_key(new)
+    assert _objective_key(old) != _objective_key({**new, "mask_training": True})
+    changed = {**new, "mask_training": True, "mask_kinds": {"half": 1.0}}
+    assert _objective_key(changed) != _objective_key({**new, "mask_training": True})
