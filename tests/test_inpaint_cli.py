@@ -138,3 +138,4 @@ def test_bad_folders_sizes_and_files_are_refused(files, oracle_cfg):
     _refused(oracle_cfg(d / "notes.txt", d / "mask.png"), d / "o4", "notes.txt is not a readable image")
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "inpaint.method=conditioned"), d / "o5", "objective.mask_training=true")
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "inpaint.jump_last=2"), d / "o6", "inpaint.jump_last=2")
+    _refused(oracle_cfg(d / "img.png", d / "mask.png", "sampler=euler"), d / "o7", "cannot drive repaint")

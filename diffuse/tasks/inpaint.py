@@ -14,6 +14,7 @@ from diffuse.diffusion.inpainting import (
     METHODS, condition_on, paste, repaint, repaint_nfe, replace_hook, require_mask_conditioned,
 )
 from diffuse.diffusion.noise import PerSample, randn
+from diffuse.diffusion.samplers import STEPS
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, make_grid, save_png, to_uint8
 from diffuse.tasks.common import autocast_dtype, check_number, console, err_console, pick_device, save_resolved_config, to_dict, write_json
@@ -96,9 +97,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     steps = check_number("steps", cfg.steps, minimum=1, integer=True)
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
     jl, rs, jlast = ic.get("jump_length"), ic.get("resamples"), ic.get("jump_last", 1.0)
-    if method == "repaint":
-        repaint_nfe(steps, jl, rs, jlast)  # checks the options before anything is written
-    counter = CountingDenoiser(den)
+    if method == "repaint":  # check the options before anything is written
+        repaint_nfe(steps, jl, rs, jlast)
+        if sampler_cfg.get("name") not in STEPS:
+            raise UserError(f"sampler={sampler_cfg.get('name')!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
     nfe = None
     pairs = _pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
     loaded = [load_pair(i, m, shape, bool(ic.get("resize", True)), bool(ic.get("mask_invert", False))) for i, m in pairs]
@@ -118,17 +120,15 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             gen = PerSample(seed, [idx * n + j for j in range(n)])
             x_T = randn((n, *shape), gen, device)
             known = x0.unsqueeze(0).expand(n, -1, -1, -1)
-            counter.calls = 0
+            # conditioned: the network sees the clean known pixels; the hook still keeps x_t's known pixels on
+            # q(x_t | x_0), as in training, and pastes them exactly at the end.
+            d = CountingDenoiser(condition_on(den, known, keep) if method == "conditioned" else den)
             if method == "repaint":
-                x = repaint(counter, x_T, timesteps, schedule, known, keep, jump_length=jl, resamples=rs, jump_last=jlast,
+                x = repaint(d, x_T, timesteps, schedule, known, keep, jump_length=jl, resamples=rs, jump_last=jlast,
                             step=sampler_cfg.get("name"), generator=gen, **kwargs)
             else:
-                # conditioned: the network sees the clean known pixels; the hook keeps x_t's known pixels on
-                # q(x_t | x_0) as in training and pastes them exactly at the end.
-                d = counter if method == "replace" else CountingDenoiser(condition_on(den, known, keep))
                 x = fn(d, x_T, timesteps, schedule, generator=gen, hook=replace_hook(known, keep, schedule, gen), **kwargs)
-                counter.calls = d.calls
-            nfe = counter.calls
+            nfe = d.calls
             res = to_uint8(x.float().cpu())
             if (H, W) != (h, w):
                 res = _resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)
