@@ -175,14 +175,17 @@ def inpaint(
 ) -> None:
     """Fill the masked region of images with a trained model (or the exact mixture oracle).
 
-    Keys: ckpt=FILE|RUN_DIR  n=1  steps=50  seed=0  inpaint.method=replace|repaint  inpaint.jump_length=10
-    inpaint.resamples=3  inpaint.mask_invert=false  inpaint.resize=true   Groups: sampler=ddpm|ddim
+    Keys: ckpt=FILE|RUN_DIR  n=1  steps=50  seed=0  inpaint.method=repaint|replace|conditioned
+    inpaint.jump_length=5  inpaint.resamples=10  inpaint.jump_last=0.1  inpaint.mask_invert=false
+    inpaint.resize=true   Groups: sampler=ddpm|ddim (replace, conditioned: any sampler)
 
     Examples:
 
       diffuse inpaint --image photo.png --mask mask.png ckpt=outputs/train/RUN n=4
 
       diffuse inpaint --image imgs/ --mask mask.png model=oracle dataset=gmm inpaint.method=replace
+
+      diffuse inpaint --image photo.png --mask mask.png ckpt=RUN_TRAINED_WITH_MASKS inpaint.method=conditioned
 
     Writes NAME_NN.png results and NAME_strip.png (original | masked | results) into its run dir.
     """

@@ -159,8 +159,14 @@ def load_denoiser(cfg: DictConfig, device: torch.device, dtype=None):
         net = net.to(memory_format=torch.channels_last)
     if cfg.get("schedule"):
         raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
-    den = NetworkDenoiser(net, prediction, schedule, autocast_dtype=dtype)
-    shape = (net.in_channels, net.resolution, net.resolution)
+    if (ckpt.config.get("objective") or {}).get("mask_training"):
+        from diffuse.diffusion.inpainting import MaskConditioned
+
+        # A mask-conditioned network: told that nothing is known it samples; inpaint gives it the known pixels.
+        den = NetworkDenoiser(MaskConditioned(net), prediction, schedule, autocast_dtype=dtype)
+    else:
+        den = NetworkDenoiser(net, prediction, schedule, autocast_dtype=dtype)
+    shape = (net.out_channels, net.resolution, net.resolution)
     return den, shape, schedule, meta.get("is_8bit", True), net.num_classes, {"ckpt": str(path), "step": ckpt.step}
 
 

@@ -27,6 +27,8 @@ from diffuse.checkpoint import (
     save_checkpoint,
 )
 from diffuse.data import build_dataset
+from diffuse.diffusion.inpainting import MaskConditioned, mask_context
+from diffuse.diffusion.masks import check_mask_kinds, draw_masks
 from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
 from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
 from diffuse.errors import RunStopped, UserError
@@ -69,6 +71,20 @@ def validate_objective(o: dict) -> None:
         raise UserError(f"objective.weighting={o.get('weighting')!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
     check_number("objective.min_snr_gamma", o.get("min_snr_gamma", 5.0), minimum=0, exclusive_min=True)
     check_number("objective.p_uncond", o.get("p_uncond", 0.1), minimum=0, maximum=1)
+    if o.get("mask_training", False) not in (True, False):
+        raise UserError(f"objective.mask_training={o.get('mask_training')!r} is not allowed: it must be true or false")
+    if o.get("mask_training"):
+        check_mask_kinds(o.get("mask_kinds"))
+
+
+def _objective_key(o) -> dict:
+    """An objective config as resume compares it: checkpoints from before mask training lack its keys, and
+    mask_kinds only matter when mask_training is on."""
+    o = dict(o or {})
+    if not o.get("mask_training"):
+        o["mask_training"] = False
+        o.pop("mask_kinds", None)
+    return o
 
 
 class Trainer:
@@ -98,6 +114,10 @@ class Trainer:
             raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
         self.data = build_dataset(cfg.dataset)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
+        # Mask training: the network also reads the masked image (C) and the mask (1); it still predicts C channels.
+        self.mask_probs = check_mask_kinds(self.ocfg["mask_kinds"]) if self.ocfg.get("mask_training") else None
+        if self.mask_probs is not None:
+            self.model_cfg.update(in_channels=2 * self.data.channels + 1, out_channels=self.data.channels)
         k = model_cfg.get("num_classes")
         if k and (not self.data.num_classes or self.data.num_classes > k):
             raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
@@ -150,7 +170,7 @@ class Trainer:
     def load(self, ckpt: Checkpoint, path: Path) -> None:
         if ckpt.config.get("model") != self.model_cfg:
             raise UserError(f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}")
-        if ckpt.config.get("schedule") != self.config["schedule"] or ckpt.config.get("objective") != self.ocfg:
+        if ckpt.config.get("schedule") != self.config["schedule"] or _objective_key(ckpt.config.get("objective")) != _objective_key(self.ocfg):
             raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
@@ -219,6 +239,11 @@ class Trainer:
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device) if self.net.num_classes else None
+        model = self.model
+        if self.mask_probs is not None:  # from the checkpointed data stream, whole global batch, like the flips
+            h, w = x0.shape[-2:]
+            generate = draw_masks(bs, h, w, self.mask_probs, self.data_gen, device=self.device)[sl]
+            model = MaskConditioned(self.model, mask_context(x0, 1 - generate))
         p_uncond = self.ocfg.get("p_uncond", 0.1)
         gdev = self.noise_gen.device
         if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
@@ -230,8 +255,9 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            # The loss covers every pixel, known ones included (see README: mask-conditioned training).
             loss = diffusion_loss(
-                self.model, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
+                model, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
                 min_snr_gamma=self.ocfg.get("min_snr_gamma", 5.0), y=y, t=t, noise=noise,
             ).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -284,7 +310,8 @@ class Trainer:
         n = self.tcfg["sample_n"]
         if n == 0 or not self.dist.main:
             return None
-        den = NetworkDenoiser(self.ema, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
+        net = MaskConditioned(self.ema) if self.mask_probs is not None else self.ema  # nothing known: plain sampling
+        den = NetworkDenoiser(net, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
         shape = (self.data.channels, self.data.resolution, self.data.resolution)
         labels = (torch.arange(n) % self.data.num_classes) if self.net.num_classes else None
         x = generate(
