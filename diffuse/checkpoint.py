@@ -18,9 +18,11 @@ Only safetensors and JSON are read: loading a checkpoint never runs code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,24 +101,56 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename over `path`: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """write(tmp_path) then fsync and rename over `path`: readers see the old file or the new one, never half.
+    A full disk or a read-only or forbidden directory is the user's to fix: one line naming the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        _raise_if_environment(e, path)
+        raise
     os.close(fd)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it 0600; the file gets the mode a plain open() would give
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            _raise_if_environment(e, path)
         raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+# errno values that say the storage, not the program, is at fault.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+def _raise_if_environment(e: OSError, path: Path) -> None:
+    if e.errno in _ENVIRONMENT_ERRNOS:
+        raise UserError(f"cannot write {path}: {e.strerror or os.strerror(e.errno)}") from None
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temp files of writes that were killed before their rename (.NAME.XXXX.tmp); they are never
+    read, only in the way. Returns what was removed."""
+    gone = []
+    for p in Path(directory).glob(f".*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -158,6 +192,46 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             parts[prefix][rest if prefix != "optim" else name] = t
     optim = _unflatten_optim(parts["optim"], groups) if groups else None
     return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra)
+
+
+def numbered_step(path: Path) -> Optional[int]:
+    """The step of a numbered checkpoint (step_NNNNNNN.safetensors, any number of digits), else None."""
+    m = re.fullmatch(r"step_(\d+)\.safetensors", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def numbered_checkpoints(ckdir: Path) -> list[Path]:
+    """The numbered checkpoints of a checkpoints/ dir, oldest step first (by number, not by name)."""
+    found = [p for p in Path(ckdir).glob("step_*.safetensors") if numbered_step(p) is not None]
+    return sorted(found, key=numbered_step)
+
+
+def load_newest_valid(ckdir: Path, report=None) -> tuple[Checkpoint, Path]:
+    """The checkpoint of the highest step in `ckdir` that loads and verifies: last.safetensors, or a numbered
+    one when last.safetensors is damaged (or older, after a kill between the two writes). Each damaged file
+    passed over is reported in one line through `report`; if none is valid, one UserError lists them."""
+    ckdir = Path(ckdir)
+    last = ckdir / "last.safetensors"
+    candidates: list[tuple[int, int, Path]] = []  # (step, last first at equal steps, path)
+    bad: list[str] = []
+    if last.is_file():
+        try:
+            candidates.append((int(read_metadata(last).get("diffuse.step", "-1")), 1, last))
+        except (UserError, ValueError) as e:
+            bad.append(str(e))
+    candidates += [(numbered_step(p), 0, p) for p in numbered_checkpoints(ckdir)]
+    if not candidates and not bad:
+        raise UserError(f"resume=true but {ckdir} holds no checkpoint: give hydra.run.dir=THE_RUN_DIR or resume=PATH")
+    for _, _, path in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as e:
+            bad.append(str(e))
+            continue
+        for line in bad:
+            (report or print)(f"warning: {line}; resuming from the newest valid checkpoint, {path.name}")
+        return ckpt, path
+    raise UserError(f"no valid checkpoint to resume from in {ckdir}: " + "; ".join(bad))
 
 
 def resolve_ckpt_path(value: Any) -> Path:

@@ -4,7 +4,7 @@
     attention       sdpa (PyTorch's fused flash / memory-efficient kernels) or math (explicit softmax(QK^T)V)
     compile         torch.compile of the network; for sampling with cuda_graphs, mode "reduce-overhead", which
                     records the fixed-shape forward pass as a CUDA graph and replays it at every step
-    fused_adamw     AdamW's update as one fused kernel (trainer; auto: on CUDA)
+    (AdamW is fused on every device: its found_inf input skips non-finite steps on the device)
     ema_foreach     the EMA update as one torch._foreach_lerp_ over all parameters (trainer)
     data_on_device  the uint8 dataset held on the GPU, batches gathered there (trainer; auto: on CUDA)
 

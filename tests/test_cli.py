@@ -49,18 +49,13 @@ def test_multirun_sweep_and_cfg_job(run_dir, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+# The whole bad-input matrix runs in process (test_bad_input.py); these two go through a real process: an
+# override Hydra cannot compose, and a bad value the job itself finds.
 @pytest.mark.parametrize(
     "args,needle",
     [
         (["train", "model=huge"], "model/huge"),
-        (["sample", "sampler=nope"], "sampler/nope"),
         (["sample", "ckpt=/no/such/file.safetensors"], "does not exist"),
-        (["sample", "steps=0"], "steps=0"),
-        (["sample", "steps=1001"], "steps=1001"),
-        (["sample", "n=0"], "n=0"),
-        (["train", "trainer.lr=-1"], "trainer.lr=-1"),
-        (["train", "trainer.stepz=5"], "stepz"),
-        (["sample", "model=oracle", "dataset=gmm", "sampler.eta=nan"], "eta"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(args, needle, run_dir, tmp_path):

@@ -72,9 +72,9 @@ def _trained(compose_cfg, tmp_path, extra):
 
 
 def test_trainer_switches_keep_the_run(compose_cfg, tmp_path):
-    """foreach EMA vs one lerp per tensor, fused vs plain AdamW, channels_last, math attention: the same run."""
+    """foreach EMA vs one lerp per tensor, channels_last, math attention: the same run."""
     ref, ref_loss = _trained(compose_cfg, tmp_path / "a", [])
-    extra = ["trainer.ema_foreach=false", "trainer.fused_adamw=true", "trainer.channels_last=true", "trainer.attention=math"]
+    extra = ["trainer.ema_foreach=false", "trainer.channels_last=true", "trainer.attention=math"]
     other, loss = _trained(compose_cfg, tmp_path / "b", extra)
     assert torch.allclose(loss, ref_loss, atol=1e-5)
     for (name, p), q in zip(ref.ema.state_dict().items(), other.ema.state_dict().values()):

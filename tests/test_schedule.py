@@ -109,3 +109,17 @@ def test_timestep_spacings_known_values():
 def test_timesteps_out_of_range_refused(steps):
     with pytest.raises(UserError, match="steps"):
         make_timesteps(1000, steps)
+
+
+def test_extension_below_the_first_step_reaches_clean_data():
+    """t in [-1, 0): 1 - alpha_bar = (1 + t)(1 - alpha_bar_0), continuous at 0, clean data at -1, inverted by
+    t_from_sigma; t below -1 is held there."""
+    for s in (make_schedule("linear"), make_schedule("cosine")):
+        t = torch.tensor([-1.0, -0.75, -0.5, -1e-9, 0.0], dtype=torch.float64)
+        ab = s.alpha_bar_at(t)
+        ab0 = float(s.alpha_bar[0])
+        assert torch.allclose(1 - ab, (1 + t) * (1 - ab0), rtol=1e-9, atol=0)
+        assert ab[0] == 1 and abs(float(ab[-2]) - ab0) < 1e-12 and (ab[1:] < ab[:-1]).all()
+        sigma = ((1 - ab[1:]) / ab[1:]).sqrt()
+        assert torch.allclose(s.t_from_sigma(sigma), t[1:], atol=1e-8)
+        assert float(s.alpha_bar_at(torch.tensor([-3.0], dtype=torch.float64))[0]) == 1.0

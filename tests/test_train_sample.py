@@ -55,9 +55,10 @@ def test_training_lowers_the_loss(trained, compose_cfg):
 
 
 def test_resume_is_bit_identical(tmp_path, compose_cfg):
-    """With random flips on: their coin tosses come from the checkpointed data generator."""
+    """With random flips and mask training on: their coin tosses and masks come from the checkpointed data
+    generator."""
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    common = ["trainer.ckpt_every=100", "trainer.sample_n=0", "dataset.flip=true"]
+    common = ["trainer.ckpt_every=100", "trainer.sample_n=0", "dataset.flip=true", "objective.mask_training=true"]
     _train(compose_cfg, straight, ["trainer.steps=10"] + common)
     _train(compose_cfg, halves, ["trainer.steps=5"] + common)
     _train(compose_cfg, halves, ["trainer.steps=10", "resume=true"] + common)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from diffuse.errors import UserError
+from diffuse.images import check_size, convert_image
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -50,7 +51,8 @@ def read_folder(root: Path, resolution: int, report=None) -> tuple[torch.Tensor,
         for f in files:
             try:
                 with Image.open(f) as img:
-                    img = square(img.convert("RGB"), resolution)
+                    check_size(img, f)
+                    img = square(convert_image(img, "RGB", f), resolution)
                     images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
                     labels.append(label)
             except Exception as e:  # PIL raises many kinds of errors on a bad file; none is fatal

@@ -1,4 +1,4 @@
-"""Inpainting: fill the unknown pixels of an image given the known ones, with an unconditional denoiser.
+"""Inpainting: fill the unknown pixels of an image given the known ones.
 
 `keep` is a 0/1 tensor broadcastable to x (1 = known pixel, 0 = pixel to generate); `x0_known` holds the known
 image in model space (its values under keep=0 are ignored).
@@ -10,7 +10,13 @@ repaint   (Lugmayr et al. 2022, section 4.2 and Algorithm 1) the same replacemen
           process is walked back up `jump_length` steps by the forward process
               x_t = sqrt(alpha_bar_t / alpha_bar_s) x_s + sqrt(1 - alpha_bar_t / alpha_bar_s) z      (s < t)
           and down again, `resamples` times in all at every jump point, so that the generated pixels have time
-          to agree with the known ones.
+          to agree with the known ones. Where the jumps go matters (jump_last): measured against the exact
+          conditional of a mixture, resampling near the clean end, where the known pixels are clear, is what
+          corrects the component choice (bench/inpaint_table.py).
+conditioned
+          a network trained with random masks (objective.mask_training) that sees the clean known pixels and the
+          mask as extra input channels (MaskConditioned), so it is a denoiser of the conditional itself; the
+          replace hook still keeps x_t's known pixels on q(x_t | x_0), as in training, and pastes them at the end.
 """
 
 from __future__ import annotations
@@ -21,11 +27,55 @@ import torch
 
 from diffuse.diffusion.noise import Generator, randn_like
 from diffuse.diffusion.samplers import STEPS
-from diffuse.diffusion.samplers.common import alpha_bar_of, batch_time
+from diffuse.diffusion.samplers.common import alpha_bar_of, batch_time, time_list
 from diffuse.diffusion.schedule import Schedule, q_sample
 from diffuse.errors import UserError
 
 METHODS = ("replace", "repaint", "conditioned")
+
+
+def mask_context(x0_known: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """What a mask-conditioned network sees besides x_t: the known image with zeros where pixels are to be
+    generated (C channels), then the generate mask (1 channel, 1 = generate). Nothing known: zeros and ones."""
+    keep = keep.to(x0_known.dtype).expand(x0_known.shape[0], 1, *x0_known.shape[2:])
+    return torch.cat([x0_known * keep, 1 - keep], dim=1)
+
+
+class MaskConditioned:
+    """A network trained with objective.mask_training (in_channels = 2C + 1) seen as F(x_t, t, y): the context
+    (mask_context of the known image and keep mask) is concatenated to x_t. Without a context it is told that
+    nothing is known, which is how `diffuse sample` draws from such a model."""
+
+    def __init__(self, net, context: torch.Tensor | None = None):
+        self.net = net
+        self.context = context
+
+    def with_known(self, x0_known: torch.Tensor, keep: torch.Tensor) -> "MaskConditioned":
+        return MaskConditioned(self.net, mask_context(x0_known, keep))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        ctx = self.context
+        if ctx is None:
+            b, _, h, w = x.shape
+            ctx = torch.cat([torch.zeros(b, x.shape[1], h, w), torch.ones(b, 1, h, w)], dim=1)
+        ctx = ctx.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)
+        return self.net(torch.cat([x, ctx], dim=1), t, y)
+
+
+def require_mask_conditioned(denoiser) -> None:
+    """Refuse the conditioned method for a denoiser that is not a network trained with masks."""
+    if not isinstance(getattr(denoiser, "net", None), MaskConditioned):
+        raise UserError("inpaint.method=conditioned needs a model trained with objective.mask_training=true; "
+                        "this one was not: use inpaint.method=replace or repaint")
+
+
+def condition_on(denoiser, x0_known: torch.Tensor, keep: torch.Tensor):
+    """The denoiser of a mask-conditioned network (a NetworkDenoiser over MaskConditioned) told the known pixels."""
+    from diffuse.diffusion.prediction import NetworkDenoiser
+
+    require_mask_conditioned(denoiser)
+    return NetworkDenoiser(denoiser.net.with_known(x0_known, keep), denoiser.prediction, denoiser.schedule,
+                           autocast_dtype=denoiser.autocast_dtype)
 
 
 def paste(x: torch.Tensor, x0_known: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -45,19 +95,24 @@ def replace_hook(x0_known: torch.Tensor, keep: torch.Tensor, schedule: Schedule,
     return hook
 
 
-def jump_schedule(steps: int, jump_length: int, resamples: int) -> list[int]:
+def jump_schedule(steps: int, jump_length: int, resamples: int, jump_last: float = 1.0) -> list[int]:
     """The sequence of levels RePaint visits, as the number of reverse steps still to go (steps .. 0).
 
-    Levels decrease by one on each reverse step. At every level r that is a multiple of jump_length with
-    r + jump_length <= steps (the clean level 0 included), the walk jumps back up to r + jump_length and comes
-    down again, resamples - 1 times, so each stretch is traversed `resamples` times in all.
+    Levels decrease by one on each reverse step. At every jump point r, the walk jumps back up to
+    r + jump_length and comes down again, resamples - 1 times, so each stretch is traversed `resamples` times
+    in all. Jump points are the multiples r of jump_length with r + jump_length <= steps that lie in the last
+    `jump_last` fraction of the walk, r <= jump_last * steps, the clean level 0 always included: jump_last = 1
+    is Lugmayr et al.'s schedule (jumps all along), a small jump_last resamples only near the clean end.
     """
     for name, v, lo in (("inpaint.jump_length", jump_length, 1), ("inpaint.resamples", resamples, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UserError(f"{name}={v!r} is not allowed: it must be an integer >= {lo}")
+    if isinstance(jump_last, bool) or not isinstance(jump_last, (int, float)) or not 0 <= jump_last <= 1:
+        raise UserError(f"inpaint.jump_last={jump_last!r} is not allowed: it must be a number in [0, 1]")
     levels = [steps]
     r = steps
-    jumps_left = {j: resamples - 1 for j in range(0, steps - jump_length + 1, jump_length)}
+    points = range(0, steps - jump_length + 1, jump_length)
+    jumps_left = {j: resamples - 1 for j in points if j <= jump_last * steps + 1e-9}
     while r > 0 or jumps_left.get(0, 0) > 0:
         if jumps_left.get(r, 0) > 0:
             jumps_left[r] -= 1
@@ -68,9 +123,9 @@ def jump_schedule(steps: int, jump_length: int, resamples: int) -> list[int]:
     return levels
 
 
-def repaint_nfe(steps: int, jump_length: int, resamples: int) -> int:
+def repaint_nfe(steps: int, jump_length: int, resamples: int, jump_last: float = 1.0) -> int:
     """Number of denoiser evaluations RePaint makes: one per reverse move of the jump schedule."""
-    levels = jump_schedule(steps, jump_length, resamples)
+    levels = jump_schedule(steps, jump_length, resamples, jump_last)
     return sum(1 for a, b in zip(levels, levels[1:]) if b < a)
 
 
@@ -85,6 +140,7 @@ def repaint(
     *,
     jump_length: int = 10,
     resamples: int = 3,
+    jump_last: float = 1.0,
     step: str = "ddpm",
     generator: Generator = None,
     y=None,
@@ -95,9 +151,9 @@ def repaint(
     if step not in STEPS:
         raise UserError(f"sampler={step!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
     update = STEPS[step]
-    ts = [int(t) for t in timesteps] + [-1]  # level r is timestep ts[steps - r]; -1 is clean data
+    ts = time_list(timesteps) + [-1]  # level r is timestep ts[steps - r]; -1 is clean data
     steps = len(ts) - 1
-    levels = jump_schedule(steps, jump_length, resamples)
+    levels = jump_schedule(steps, jump_length, resamples, jump_last)
 
     hook = replace_hook(x0_known, keep, schedule, generator)
     x = x_T

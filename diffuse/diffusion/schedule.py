@@ -9,7 +9,10 @@ Notation follows the paper, with timesteps indexed from 0: index t here is the p
 
 Everything is computed in float64 once and cast to the data's dtype where it meets data.
 Timesteps may be fractional (continuous-time samplers); alpha_bar between integer steps is interpolated
-linearly in log-SNR, which is exact at the integers and monotone in between.
+linearly in log-SNR, which is exact at the integers and monotone in between. Below the first step, fractional
+t in [-1, 0) continues the schedule to clean data: 1 - alpha_bar = (1 + t)(1 - alpha_bar_0), from 0 at t = -1
+(the DDPM convention alpha_bar_{-1} = 1) to the first step's noise at t = 0. Samplers never go there; the
+likelihood ODE does, because the data's density is the one at zero noise.
 """
 
 from __future__ import annotations
@@ -46,26 +49,33 @@ class Schedule:
         return self._on_device[key]
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar at timesteps t in [0, T-1] (integer or fractional), float64, on t's device."""
+        """alpha_bar at timesteps t in [0, T-1] (integer or fractional; fractional t in [-1, 0) gives the
+        extension to clean data), float64, on t's device."""
         if not t.dtype.is_floating_point:
             return self.table("alpha_bar", t.device)[t.long()]
-        t = t.to(torch.float64).clamp(0, self.T - 1)
-        lo = t.floor().long()
+        t = t.to(torch.float64).clamp(-1, self.T - 1)
+        tp = t.clamp(min=0)
+        lo = tp.floor().long()
         hi = (lo + 1).clamp(max=self.T - 1)
-        w = t - lo
+        w = tp - lo
         ls = self.table("log_snr", t.device)
-        return torch.sigmoid((1 - w) * ls[lo] + w * ls[hi])
+        ab = torch.sigmoid((1 - w) * ls[lo] + w * ls[hi])
+        below = 1 - (1 + t) * (1 - self.table("alpha_bar", t.device)[0])
+        return torch.where(t < 0, below, ab)
 
     def t_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Inverse of sigma(t): the fractional timestep whose noise level is sigma (log-SNR interpolation)."""
-        lam = -2.0 * torch.log(sigma.to(torch.float64).cpu())
+        """Inverse of sigma(t): the fractional timestep whose noise level is sigma (log-SNR interpolation;
+        sigma below sigma_0 maps into the extension t in [-1, 0))."""
+        sigma = sigma.to(torch.float64).cpu()
+        below = (sigma**2 / (1 + sigma**2)) / (1 - self.alpha_bar[0]) - 1
+        lam = -2.0 * torch.log(sigma)
         ls = self.log_snr  # decreasing in t
         lam = lam.clamp(ls[-1], ls[0])
         rev = ls.flip(0)  # increasing, as searchsorted needs
         idx = torch.searchsorted(rev, lam).clamp(1, self.T - 1)
         lo_val, hi_val = rev[idx - 1], rev[idx]
         pos = (idx - 1) + (lam - lo_val) / (hi_val - lo_val)
-        return (self.T - 1) - pos
+        return torch.where(sigma < self.sigmas[0], below.clamp(min=-1), (self.T - 1) - pos)
 
 
 def make_schedule(

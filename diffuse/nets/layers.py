@@ -28,7 +28,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sd
     """softmax(q k^T / sqrt(d)) v over (..., n, d) tensors. "sdpa" lets PyTorch pick a fused kernel (flash or
     memory-efficient on CUDA); "math" spells it out, for comparison and for backends where the fused ones fail."""
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        try:
+            return F.scaled_dot_product_attention(q, k, v)
+        except NotImplementedError:  # forward-mode AD (the likelihood's jvp) has no formula for the fused kernels
+            pass
     w = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
     return w.to(v.dtype) @ v
 

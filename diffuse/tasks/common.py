@@ -33,16 +33,17 @@ def run_dir() -> Path:
 
 
 def guarded(job: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> Any:
-    """Run a command's job in its Hydra run dir. A UserError leaves no new file behind and exits 2 with one
-    line; anything else is an internal error and keeps its traceback."""
+    """Run a command's job in its Hydra run dir. A UserError leaves no new file behind (unless it asks to keep
+    them) and exits with its code (2) and one line; anything else is an internal error and keeps its traceback."""
     out = run_dir()
     before = _listing(out)
     try:
         result = job(cfg, out)
     except UserError as e:
-        _remove_new(out, before)
+        if not e.keep_outputs:
+            _remove_new(out, before)
         err_console.print(f"error: {e}", markup=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"run dir: {out.resolve()}", markup=False, soft_wrap=True)
     return result
@@ -70,21 +71,29 @@ def _remove_new(root: Path, before: set[Path]) -> None:
     if created_root and hydra_dir.exists():
         shutil.rmtree(hydra_dir, ignore_errors=True)
     if created_root:
-        # Remove the run dir and any parents Hydra created for it that are now empty (outputs/sample/...).
-        p = root
-        for _ in range(3):
+        # Remove the run dir, and the parents Hydra made for it under ./outputs (outputs/sample/...) if now
+        # empty; a directory the user named (hydra.run.dir=...) is never climbed out of.
+        outputs = (Path.cwd() / "outputs").resolve()
+        p = root.resolve()
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        while outputs in p.parents:
+            p = p.parent
             try:
                 p.rmdir()
             except OSError:
                 break
-            p = p.parent
 
 
 def save_resolved_config(cfg: DictConfig, out: Path) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes
         return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from diffuse.checkpoint import atomic_write
+
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
 
 
 def pick_device(name: str) -> torch.device:

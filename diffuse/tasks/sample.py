@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -13,14 +14,14 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from diffuse import distributed
-from diffuse.checkpoint import atomic_write, load_checkpoint, resolve_ckpt_path
+from diffuse.checkpoint import atomic_write, load_checkpoint, remove_stale_temps, resolve_ckpt_path
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers import get_sampler
 from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.errors import UserError
 from diffuse.fastpath import check_attention, compile_network, set_attention, switch
-from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
+from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
 from diffuse.tasks.common import (
     autocast_dtype,
     build_schedule,
@@ -94,13 +95,16 @@ def generate(
     on_batch=None,
     progress: bool = True,
     stats: Optional[dict] = None,
+    keep: bool = True,
     fixed_shape: bool = False,
 ) -> torch.Tensor:
     """Draw images `indices` (default 0..n-1), each from its own (seed, i) noise stream; returns them in
     model space on the CPU. `on_batch(first_index, images)` is called as each batch completes; `stats["nfe"]`
-    receives the number of denoiser calls per sample (counted on the first batch). `fixed_shape` pads a short
-    last batch to batch_size with copies of its last image (dropped after), so that a compiled network / its CUDA
-    graph sees one shape only; images are drawn independently, so the padding changes none of them."""
+    receives the number of denoiser calls per sample (counted on the first batch). keep=False returns nothing
+    and holds no images: for callers that consume each batch in on_batch (evaluation of 50k samples).
+    `fixed_shape` pads a short last batch to batch_size with copies of its last image (dropped after), so that a
+    compiled network / its CUDA graph sees one shape only; images are drawn independently, so the padding
+    changes none of them."""
     fn, timesteps, kwargs = sampler_call(sampler_cfg, steps, schedule, clip_default)
     indices = list(range(n)) if indices is None else indices
     outs = []
@@ -117,7 +121,8 @@ def generate(
             x0 = fn(counter, x_T, timesteps, schedule, generator=gen, y=y, **kwargs)[: len(idx)].float().cpu()
             if stats is not None and "nfe" not in stats:
                 stats["nfe"] = counter.calls
-            outs.append(x0)
+            if keep:
+                outs.append(x0)
             if on_batch is not None:
                 on_batch(start, x0)
             bar.advance(task, len(idx))
@@ -183,8 +188,15 @@ def load_denoiser(cfg: DictConfig, device: torch.device, dtype=None):
     net, schedule, prediction, meta = network_from_checkpoint(ckpt, use_ema=bool(cfg.get("use_ema", True)))
     if cfg.get("schedule"):
         raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
-    den = NetworkDenoiser(fast_network(net, device, fast_paths(cfg, device)), prediction, schedule, autocast_dtype=dtype)
-    shape = (net.in_channels, net.resolution, net.resolution)
+    runner = fast_network(net, device, fast_paths(cfg, device))
+    if (ckpt.config.get("objective") or {}).get("mask_training"):
+        from diffuse.diffusion.inpainting import MaskConditioned
+
+        # A mask-conditioned network: told that nothing is known it samples; inpaint gives it the known pixels.
+        den = NetworkDenoiser(MaskConditioned(runner), prediction, schedule, autocast_dtype=dtype)
+    else:
+        den = NetworkDenoiser(runner, prediction, schedule, autocast_dtype=dtype)
+    shape = (net.out_channels, net.resolution, net.resolution)
     return den, shape, schedule, meta.get("is_8bit", True), net.num_classes, {"ckpt": str(path), "step": ckpt.step}
 
 
@@ -225,6 +237,15 @@ def resolve_labels(cfg: DictConfig, n: int, num_classes: Optional[int]) -> Optio
     return torch.tensor(chosen, dtype=torch.long).repeat(math.ceil(n / len(chosen)))[:n]
 
 
+def sample_labels(cfg: DictConfig, n: int, num_classes: Optional[int], source: dict) -> Optional[torch.Tensor]:
+    """resolve_labels, except that the oracle, unguided and without label=/labels=, samples the whole mixture."""
+    labels = resolve_labels(cfg, n, num_classes)
+    unguided = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0)) == 1.0
+    if source.get("model") == "oracle" and cfg.get("label") is None and cfg.get("labels") is None and unguided:
+        labels = None  # the oracle is ground truth: without a label it samples the mixture, at its weights
+    return labels
+
+
 def guide(den, cfg: DictConfig, num_classes: Optional[int], schedule):
     """The denoiser with classifier-free guidance from the `guidance` group, or unchanged."""
     g = to_dict(cfg.get("guidance")) or {"name": "none"}
@@ -260,6 +281,39 @@ def _savez(path: Path, arrays: dict) -> None:
         np.savez(f, **arrays)
 
 
+# What must be the same for resume=true to keep the images an earlier run wrote (n and batch_size may change:
+# image i depends only on (seed, i)).
+_RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "dataset", "schedule", "precision")
+
+
+def check_resume(cfg: DictConfig, out: Path) -> None:
+    """resume=true continues a run dir only if it was made with the same images in mind."""
+    from omegaconf import OmegaConf
+
+    if not cfg.get("save_images", True):
+        raise UserError("resume=true needs save_images=true: the images already in images/ are what it skips")
+    old_path = out / "config.yaml"
+    if not old_path.is_file():
+        return
+    old = to_dict(OmegaConf.load(old_path))
+    new = to_dict(cfg)
+    for key in _RESUME_KEYS:
+        if old.get(key) != new.get(key):
+            raise UserError(f"resume=true but {old_path} has {key}={old.get(key)!r} and this run {key}={new.get(key)!r}: "
+                            "the images written would not be this run's (use another hydra.run.dir)")
+
+
+def written_images(images_dir: Path, indices: list[int], shape) -> dict[int, torch.Tensor]:
+    """The images among `indices` already complete in images_dir, as uint8 C x H x W (a file that does not
+    decode to the model's shape is not complete, and is drawn again)."""
+    found = {}
+    for i in indices:
+        img = read_png(images_dir / f"{i:06d}.png")
+        if img is not None and tuple(img.shape) == tuple(shape):
+            found[i] = img
+    return found
+
+
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     n = check_number("n", cfg.n, minimum=1, integer=True)
     batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
@@ -271,11 +325,13 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler_cfg = to_dict(cfg.sampler)
     steps = resolve_steps(sampler_cfg, cfg.get("steps"), schedule.T)
     sampler_call(sampler_cfg, steps, schedule, clip_default)  # validate before anything is written
-    labels = resolve_labels(cfg, n, num_classes)
-    unguided = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0)) == 1.0
-    if source.get("model") == "oracle" and cfg.get("label") is None and cfg.get("labels") is None and unguided:
-        labels = None  # the oracle is ground truth: without a label it samples the mixture, at its weights
+    labels = sample_labels(cfg, n, num_classes, source)
     den = guide(den, cfg, num_classes, schedule)
+    resume = cfg.get("resume", False)
+    if not isinstance(resume, bool):
+        raise UserError(f"resume={resume!r} is not allowed: true or false")
+    if resume:
+        check_resume(cfg, out)
 
     save_resolved_config(cfg, out)
     images_dir = out / "images"
@@ -288,21 +344,27 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     mine = list(range(d.rank, n, d.world))
+    done = written_images(images_dir, mine, shape) if resume else {}
+    todo = [i for i in mine if i not in done]
+    if resume:
+        console.print(f"resume: {len(done)} image(s) already written, {len(todo)} to draw")
 
     def write_batch(start: int, x0: torch.Tensor) -> None:
         if cfg.get("save_images", True):
             for j, img in enumerate(to_uint8(x0)):
-                save_png(img, images_dir / f"{mine[start + j]:06d}.png")
+                save_png(img, images_dir / f"{todo[start + j]:06d}.png")
 
     stats: dict = {}
     try:
         local = generate(
             den, stats=stats, n=n, shape=shape, schedule=schedule, sampler_cfg=sampler_cfg, steps=steps, seed=seed,
-            device=device, batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, indices=mine,
-            labels=labels[mine] if labels is not None else None, progress=d.main,
+            device=device, batch_size=batch_size, clip_default=clip_default, on_batch=write_batch, indices=todo,
+            labels=labels[todo] if labels is not None else None, progress=d.main,
             fixed_shape=source.get("model") != "oracle" and fast_paths(cfg, device)["compile"],
         )
-        parts = distributed.gather((mine, local), d)
+        if done:  # read back exactly: to_uint8(from_uint8(u)) == u
+            local = torch.cat([local, from_uint8(torch.stack(list(done.values())))])
+        parts = distributed.gather((todo + list(done), local), d)
     finally:
         distributed.teardown(d)
     if not d.main:
@@ -311,7 +373,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     for idx, imgs in parts:
         images[idx] = imgs
     save_outputs(images, labels, out, save_images=cfg.get("save_images", True), save_npz=bool(cfg.get("save_npz", False)), grid_n=grid_n)
+    if resume:
+        remove_stale_temps(images_dir)  # writes an earlier run's interruption left before their rename
     nfe = stats.get("nfe", 0)
+    if "nfe" not in stats and resume and (out / "sample.json").is_file():
+        nfe = json.loads((out / "sample.json").read_text()).get("nfe", 0)  # nothing was left to draw
     info = {"n": n, "sampler": sampler_cfg.get("name"), "steps": steps, "nfe": nfe, "seed": seed, **source}
     if labels is not None:
         info["guidance_scale"] = float((to_dict(cfg.get("guidance")) or {}).get("scale", 1.0))

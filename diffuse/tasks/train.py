@@ -15,11 +15,23 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from diffuse import distributed
-from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path, save_checkpoint
+from diffuse.checkpoint import (
+    Checkpoint,
+    atomic_write,
+    load_checkpoint,
+    load_newest_valid,
+    numbered_checkpoints,
+    numbered_step,
+    remove_stale_temps,
+    resolve_ckpt_path,
+    save_checkpoint,
+)
 from diffuse.data import build_dataset
+from diffuse.diffusion.inpainting import MaskConditioned, mask_context
+from diffuse.diffusion.masks import check_mask_kinds, draw_masks
 from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
 from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
-from diffuse.errors import UserError
+from diffuse.errors import RunStopped, UserError
 from diffuse.fastpath import check_attention, check_compile_mode, compile_network, set_attention, switch
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.nets import build_network
@@ -28,6 +40,7 @@ from diffuse.tasks.common import (
     build_schedule,
     check_number,
     console,
+    err_console,
     pick_device,
     save_resolved_config,
     to_dict,
@@ -49,6 +62,7 @@ def validate_trainer(t: dict) -> None:
         check_number(f"trainer.{key}", t[key], minimum=0, integer=True)
     check_number("trainer.sample_steps", t["sample_steps"], minimum=1, integer=True)
     check_number("trainer.seed", t["seed"], integer=True)
+    check_number("trainer.max_nonfinite", t.get("max_nonfinite", 10), minimum=1, integer=True)
 
 
 def validate_objective(o: dict) -> None:
@@ -58,6 +72,20 @@ def validate_objective(o: dict) -> None:
         raise UserError(f"objective.weighting={o.get('weighting')!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
     check_number("objective.min_snr_gamma", o.get("min_snr_gamma", 5.0), minimum=0, exclusive_min=True)
     check_number("objective.p_uncond", o.get("p_uncond", 0.1), minimum=0, maximum=1)
+    if o.get("mask_training", False) not in (True, False):
+        raise UserError(f"objective.mask_training={o.get('mask_training')!r} is not allowed: it must be true or false")
+    if o.get("mask_training"):
+        check_mask_kinds(o.get("mask_kinds"))
+
+
+def _objective_key(o) -> dict:
+    """An objective config as resume compares it: checkpoints from before mask training lack its keys, and
+    mask_kinds only matter when mask_training is on."""
+    o = dict(o or {})
+    if not o.get("mask_training"):
+        o["mask_training"] = False
+        o.pop("mask_kinds", None)
+    return o
 
 
 def fast_paths(t: dict, device: torch.device) -> dict:
@@ -68,7 +96,6 @@ def fast_paths(t: dict, device: torch.device) -> dict:
         "attention": check_attention("trainer.attention", t.get("attention", "sdpa")),
         "compile": switch("trainer.compile", t.get("compile", "auto"), cuda),
         "compile_mode": check_compile_mode("trainer.compile_mode", t.get("compile_mode", "default")),
-        "fused_adamw": switch("trainer.fused_adamw", t.get("fused_adamw", "auto"), cuda),
         "ema_foreach": switch("trainer.ema_foreach", t.get("ema_foreach", True), True),
         "data_on_device": switch("trainer.data_on_device", t.get("data_on_device", "auto"), cuda),
     }
@@ -101,6 +128,10 @@ class Trainer:
             raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
         self.data = build_dataset(cfg.dataset)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
+        # Mask training: the network also reads the masked image (C) and the mask (1); it still predicts C channels.
+        self.mask_probs = check_mask_kinds(self.ocfg["mask_kinds"]) if self.ocfg.get("mask_training") else None
+        if self.mask_probs is not None:
+            self.model_cfg.update(in_channels=2 * self.data.channels + 1, out_channels=self.data.channels)
         k = model_cfg.get("num_classes")
         if k and (not self.data.num_classes or self.data.num_classes > k):
             raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
@@ -121,15 +152,19 @@ class Trainer:
         if fast["compile"]:
             self.model = compile_network(self.model, fast["compile_mode"])
         self.data = self.data.to(self.device) if fast["data_on_device"] else self.data
+        # Fused on every device: its found_inf input lets a non-finite step be skipped on the device itself.
         self.opt = torch.optim.AdamW(
-            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"],
-            **({"fused": True} if fast["fused_adamw"] else {}),
+            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"], fused=True,
         )
         # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
         self.data_gen = torch.Generator().manual_seed(seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         torch.manual_seed(seed + 2)  # dropout
         self.step = 0
+        # Non-finite steps: [skipped in all, current run in a row, longest run since last read]. Kept on the
+        # device and read at log steps, so the guard adds no per-step host sync.
+        self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)
+        self.last_saved: Optional[tuple[Path, int]] = None
         self.config = {
             "model": self.model_cfg,
             "schedule": to_dict(cfg.schedule),
@@ -144,15 +179,16 @@ class Trainer:
         rng = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        skipped, run, _ = self.nonfinite.tolist()
         return Checkpoint(
             config=self.config, step=self.step, model=self.net.state_dict(), ema=self.ema.state_dict(),
-            optim=self.opt.state_dict(), rng=rng,
+            optim=self.opt.state_dict(), rng=rng, extra={"skipped": skipped, "nonfinite_run": run},
         )
 
     def load(self, ckpt: Checkpoint, path: Path) -> None:
         if ckpt.config.get("model") != self.model_cfg:
             raise UserError(f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}")
-        if ckpt.config.get("schedule") != self.config["schedule"] or ckpt.config.get("objective") != self.ocfg:
+        if ckpt.config.get("schedule") != self.config["schedule"] or _objective_key(ckpt.config.get("objective")) != _objective_key(self.ocfg):
             raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
@@ -168,19 +204,41 @@ class Trainer:
         if "cuda" in ckpt.rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.rng["cuda"], self.device)
         self.step = ckpt.step
+        run = int(ckpt.extra.get("nonfinite_run", 0))
+        self.nonfinite = torch.tensor([int(ckpt.extra.get("skipped", 0)), run, run], device=self.device)
 
     def save(self) -> Optional[Path]:
+        """checkpoints/step_NNNNNNN.safetensors (unless keep=0) and last.safetensors, the same state in both;
+        then the numbered ones beyond the newest `keep` (the one just written always among them) go."""
         if not self.dist.main:  # only rank 0 writes
             return None
         ckdir = self.out / "checkpoints"
         state = self.state()
-        path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state)
-        save_checkpoint(ckdir / "last.safetensors", state)
         keep = self.tcfg["keep"]
-        numbered = sorted(ckdir.glob("step_*.safetensors"))
-        for old in numbered[: max(0, len(numbered) - keep)]:
-            old.unlink(missing_ok=True)
-        return path
+        try:
+            path = save_checkpoint(ckdir / f"step_{self.step:07d}.safetensors", state) if keep > 0 else None
+            last = save_checkpoint(ckdir / "last.safetensors", state)
+        except UserError as e:  # e.g. the disk is full: what was written before stays (the writes are atomic)
+            if self.last_saved is None:
+                raise
+            err = UserError(f"{e}; the last checkpoint written, {self.last_saved[0]} (step {self.last_saved[1]}), is kept")
+            err.keep_outputs = True
+            raise err from None
+        self.last_saved = (last, self.step)
+        if keep > 0:
+            # Oldest first; files of a step beyond this one are left from a timeline a resume abandoned (a
+            # damaged checkpoint passed over) and go before any older valid one.
+            others = sorted((p for p in numbered_checkpoints(ckdir) if p != path),
+                            key=lambda p: (numbered_step(p) <= self.step, numbered_step(p)))
+            for old in others[: max(0, len(others) - (keep - 1))]:
+                old.unlink(missing_ok=True)
+        return path or last
+
+    def read_nonfinite(self) -> tuple[int, int, int]:
+        """(skipped in all, current run in a row, longest run since the last read): one host sync."""
+        skipped, run, longest = self.nonfinite.tolist()
+        self.nonfinite[2] = run
+        return skipped, run, longest
 
     # -- one optimisation step ----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -199,6 +257,11 @@ class Trainer:
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device) if self.net.num_classes else None
+        model = self.model
+        if self.mask_probs is not None:  # from the checkpointed data stream, whole global batch, like the flips
+            h, w = x0.shape[-2:]
+            generate = draw_masks(bs, h, w, self.mask_probs, self.data_gen, device=self.device)[sl]
+            model = MaskConditioned(self.model, mask_context(x0, 1 - generate))
         p_uncond = self.ocfg.get("p_uncond", 0.1)
         gdev = self.noise_gen.device
         if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
@@ -210,30 +273,56 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            # The loss covers every pixel, known ones included (see README: mask-conditioned training).
             loss = diffusion_loss(
-                self.model, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
+                model, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
                 min_snr_gamma=self.ocfg.get("min_snr_gamma", 5.0), y=y, t=t, noise=noise,
             ).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.tcfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tcfg["grad_clip"])
+        finite = self.finite_step(loss)
+        # A non-finite loss or gradient skips the update on the device (as under a GradScaler): the fused
+        # optimizer leaves weights and moments alone when found_inf is 1, and the EMA moves by 0. The batch and
+        # noise were drawn all the same, so the random streams (and a resume) stay where they would be.
+        self.opt.found_inf = (~finite).float()
         self.opt.step()
-        self.update_ema()
+        self.update_ema(finite)
         self.step += 1
         return loss.detach()
 
+    def finite_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device: are the loss and the gradients finite? Clips the gradients when grad_clip
+        is set (the clip's total norm is the check). Counts the non-finite steps."""
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        clip = self.tcfg["grad_clip"]
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = torch.isfinite(norm)
+        if not self.dist.enabled:
+            # Under DDP the all-reduced gradients alone decide, so that every rank skips the same steps.
+            finite = finite & torch.isfinite(loss.detach())
+        bad = (~finite).long()
+        run = (self.nonfinite[1] + 1) * bad
+        self.nonfinite = torch.stack([self.nonfinite[0] + bad, run, torch.maximum(self.nonfinite[2], run)])
+        return finite
+
     @torch.no_grad()
-    def update_ema(self) -> None:
+    def update_ema(self, finite: Optional[torch.Tensor] = None) -> None:
         decay = self.tcfg["ema_decay"]
         if self.tcfg.get("ema_warmup", True):
             decay = min(decay, (1 + self.step) / (10 + self.step))
-        ema_p, net_p = list(self.ema.parameters()), [p.detach() for p in self.net.parameters()]
-        if self.ema_foreach:  # one multi-tensor kernel instead of one launch per parameter
-            torch._foreach_lerp_(ema_p, net_p, 1.0 - decay)
-        else:
-            for e, p in zip(ema_p, net_p):
-                e.lerp_(p, 1.0 - decay)
+        ema_p = list(self.ema.parameters())
+        weight = 1.0 - decay
+        if finite is None and not self.ema_foreach:
+            for e, p in zip(ema_p, self.net.parameters()):
+                e.lerp_(p.detach(), weight)
+        elif finite is None:  # one multi-tensor kernel instead of one launch per parameter
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], weight)
+        else:  # weight 0 on a skipped step, decided on the device
+            w = finite.to(ema_p[0].dtype) * weight
+            torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], [w] * len(ema_p))
         for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
             b_ema.copy_(b)
 
@@ -242,7 +331,8 @@ class Trainer:
         n = self.tcfg["sample_n"]
         if n == 0 or not self.dist.main:
             return None
-        den = NetworkDenoiser(self.ema, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
+        net = MaskConditioned(self.ema) if self.mask_probs is not None else self.ema  # nothing known: plain sampling
+        den = NetworkDenoiser(net, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
         shape = (self.data.channels, self.data.resolution, self.data.resolution)
         labels = (torch.arange(n) % self.data.num_classes) if self.net.num_classes else None
         x = generate(
@@ -299,10 +389,20 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     resume = cfg.get("resume", False)
     if resume not in (False, None, "", "false"):
-        src = out / "checkpoints" / "last.safetensors" if resume in (True, "true") else resolve_ckpt_path(resume)
-        if resume in (True, "true") and not src.is_file():
-            raise UserError(f"resume=true but {src} does not exist: give hydra.run.dir=THE_RUN_DIR or resume=PATH")
-        trainer.load(load_checkpoint(src), src)
+        if resume in (True, "true") or Path(str(resume)).is_dir():
+            # A run dir: the newest checkpoint that verifies, passing over a damaged last.safetensors.
+            root = out if resume in (True, "true") else Path(str(resume))
+            ckdir = root / "checkpoints" if (root / "checkpoints").is_dir() or resume in (True, "true") else root
+            ckpt, src = load_newest_valid(ckdir, report=lambda line: err_console.print(line, markup=False))
+        else:
+            src = resolve_ckpt_path(resume)
+            ckpt = load_checkpoint(src)
+        trainer.load(ckpt, src)
+        if main and resume in (True, "true"):
+            for d in (out / "checkpoints", out / "samples", out):
+                if d.is_dir():
+                    remove_stale_temps(d)  # writes a kill interrupted before their rename
+            trim_metrics(out / "metrics.jsonl", trainer.step)
         console.print(f"resumed from {src} at step {trainer.step}")
 
     if main:
@@ -318,6 +418,8 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
     bs = trainer.tcfg["batch_size"]
     last_loss = float("nan")
     stopped = False
+    max_nonfinite = trainer.tcfg.get("max_nonfinite", 10)
+    skipped_logged = trainer.read_nonfinite()[0]
     progress = Progress(
         TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[ips]:.0f} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -332,14 +434,22 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
             step = trainer.step
             if step % log_every == 0 or step == steps_total:
                 # One host sync per log interval, not per step.
-                last_loss = float(distributed.mean(torch.stack(losses).mean(), trainer.dist))
+                # The mean over the steps that were not skipped (NaN if all were).
+                stacked = torch.stack(losses)
+                finite_mean = torch.where(torch.isfinite(stacked), stacked, float("nan")).nanmean()
+                last_loss = float(distributed.mean(finite_mean, trainer.dist))
                 losses.clear()
+                skipped, _, longest = trainer.read_nonfinite()
                 now = time.perf_counter()
                 ips = (step - step_last) * bs / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
-                rec = {"step": step, "loss": last_loss, "lr": trainer.lr_at(step - 1), "images_per_s": ips}
+                rec = {"step": step, "loss": last_loss, "lr": trainer.lr_at(step - 1), "images_per_s": ips,
+                       "skipped": skipped - skipped_logged}
+                skipped_logged = skipped
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+                if longest >= max_nonfinite:
+                    raise RunStopped(nonfinite_message(trainer, step, longest, max_nonfinite))
                 progress.update(task, completed=step, loss=last_loss, ips=ips)
                 if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
                     console.print(f"step {step}/{steps_total} loss {last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s")
@@ -357,9 +467,36 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
                 break
         progress.update(task, completed=trainer.step)
     ckpt = trainer.save()
+    skipped = trainer.read_nonfinite()[0]
+    if skipped:
+        console.print(f"{skipped} step(s) skipped for a non-finite loss or gradient")
     if stopped:
         console.print(f"stopped by signal at step {trainer.step}; checkpoint {ckpt}")
         return {"step": trainer.step, "loss": last_loss, "stopped": True}
     grid = trainer.sample_grid()
     console.print(f"step {trainer.step}: loss {last_loss:.4f}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
     return {"step": trainer.step, "loss": last_loss, "checkpoint": str(ckpt)}
+
+
+def nonfinite_message(trainer: Trainer, step: int, longest: int, limit: int) -> str:
+    where = (f"the last checkpoint, {trainer.last_saved[0]} (step {trainer.last_saved[1]}), holds weights from before them"
+             if trainer.last_saved else "no checkpoint was written in this run")
+    return (f"training stopped at step {step}: {longest} steps in a row had a non-finite loss or gradient "
+            f"(trainer.max_nonfinite={limit}); they were skipped, {where}. A lower trainer.lr, trainer.grad_clip "
+            f"or precision=fp32 may help")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """After a resume at `step`, keep only the complete metrics lines up to it: a kill can leave a half-written
+    last line, and the steps after the checkpoint are about to be run (and logged) again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and isinstance(rec, dict) and rec.get("step", step + 1) <= step:
+            kept.append(line)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))

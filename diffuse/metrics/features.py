@@ -1,0 +1,95 @@
+"""Feature extractors for FID/KID/IS: uint8 images in, {"pool": N x D, "logits": N x K (optional)} out.
+
+    inception    the TF-reference FID Inception-v3 (diffuse.metrics.inception): pool3 and the 1008 logits
+    checkpoint   a diffuse-trained network's middle-layer activations, averaged over space (tokens for a DiT),
+                 on the clean image at t = 0: features of the data's own domain for datasets far from
+                 ImageNet (digits, medical, toy mixtures). Use a network trained on the reference data, and
+                 not the model being scored, or the metric measures how much it likes its own samples.
+
+Every extractor carries `name` and `sha256` (of its weights): reference statistics are only reused with the
+same pair.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffuse.errors import UserError
+
+EXTRACTORS = ("inception", "checkpoint")
+
+
+class InceptionFeatures:
+    name = "inception"
+
+    def __init__(self, net: nn.Module, sha256: str, device: torch.device):
+        self.net = net.to(device)
+        self.sha256 = sha256
+        self.dim = 2048
+        self.has_logits = True
+        self.device = device
+
+    def check_shape(self, channels: int, resolution: int) -> None:
+        if channels not in (1, 3):
+            raise UserError(f"the Inception takes 1- or 3-channel images, these have {channels} channels")
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool, logits = self.net(images.to(self.device))
+        return {"pool": pool.float().cpu(), "logits": logits.float().cpu()}
+
+
+class _Stop(Exception):
+    """Raised by the feature hook: the layers after the middle one are not needed."""
+
+
+class NetworkFeatures:
+    """Activations of the middle of a diffusion network (the U-Net's last middle ResBlock, the DiT's middle
+    block) at t = 0, global-average-pooled. Conditional networks get the null label."""
+
+    name = "checkpoint"
+
+    def __init__(self, net: nn.Module, sha256: str, device: torch.device):
+        self.net = net.to(device).eval()
+        self.sha256 = sha256
+        self.device = device
+        layer = _middle_layer(net)
+        self._out: Optional[torch.Tensor] = None
+        layer.register_forward_hook(self._hook)
+        with torch.no_grad():
+            probe = torch.zeros(1, net.in_channels, net.resolution, net.resolution, dtype=torch.uint8)
+            self.dim = self(probe)["pool"].shape[1]
+        self.has_logits = False
+
+    def _hook(self, module, inputs, output):
+        self._out = output
+        raise _Stop
+
+    def check_shape(self, channels: int, resolution: int) -> None:
+        if (channels, resolution) != (self.net.in_channels, self.net.resolution):
+            raise UserError(
+                f"metrics.features=checkpoint: its network takes {self.net.in_channels}x{self.net.resolution}x{self.net.resolution} "
+                f"images, these are {channels}x{resolution}x{resolution}"
+            )
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(self.device).float() / 127.5 - 1.0
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            try:
+                self.net(x, t, None)
+            except _Stop:
+                pass
+        h = self._out.float()
+        pooled = h.mean(dim=(2, 3)) if h.dim() == 4 else h.mean(dim=1)
+        return {"pool": pooled.cpu()}
+
+
+def _middle_layer(net: nn.Module) -> nn.Module:
+    if hasattr(net, "mid"):
+        return net.mid[-1]
+    if hasattr(net, "blocks"):
+        return net.blocks[len(net.blocks) // 2]
+    raise UserError(f"metrics.features=checkpoint does not know where the middle of a {type(net).__name__} is")
