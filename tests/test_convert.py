@@ -174,6 +174,10 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
     assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'c.safetensors'}"
     sample_task.run(compose_cfg("sample", [f"ckpt={tmp_path / 'c.safetensors'}", "n=2", "steps=2", "save_npz=true"]), tmp_path / "s")
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    from diffuse.tasks import train as train_task
+
+    with pytest.raises(UserError, match="holds weights only .* cannot be continued exactly"):  # not a KeyError
+        train_task.run(compose_cfg("train", [f"resume={tmp_path / 'c.safetensors'}", "dataset.size=8", "trainer.steps=1"]), tmp_path / "t")
 
     (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "m" / "diffusion_pytorch_model.bin")
     r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'd.safetensors'}", cwd=tmp_path)

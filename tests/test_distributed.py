@@ -60,3 +60,22 @@ def test_distributed_sampling_is_byte_identical(tmp_path):
     assert a.shape == (7, 8, 8, 3) and np.array_equal(a, b)
     for i in range(7):
         assert (tmp_path / "dist" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "single" / "images" / f"{i:06d}.png").read_bytes()
+
+
+def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
+    """Under torchrun, device=auto|cuda means GPU LOCAL_RANK, chosen before anything is placed (a network loaded
+    onto GPU 0 by every rank met its noise on GPU LOCAL_RANK); an explicit cuda:N is kept."""
+    import torch
+
+    from diffuse.tasks.common import pick_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: chosen.append(dev))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("auto") == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
+    assert pick_device("cuda") == torch.device("cuda", 3)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert pick_device("cuda") == torch.device("cuda")

@@ -98,15 +98,20 @@ def save_resolved_config(cfg: DictConfig, out: Path) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise UserError(f"device={name!r} is not allowed: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name!r} asked for, but no CUDA device is available: use device=cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"device={name!r} is not allowed: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun each rank owns GPU LOCAL_RANK: chosen here, before any network or tensor is placed, so
+        # that nothing lands on GPU 0 of every rank.
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
     return dev
 
 

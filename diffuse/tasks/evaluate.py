@@ -605,9 +605,6 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise UserError(f"--metric is needs metrics.features=inception (the ImageNet classifier's logits), not {cfg.metrics.get('features')!r}")
     device = pick_device(cfg.get("device", "auto"))
     d = distributed.setup(device.type)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
     try:
         ev = Evaluation(cfg, device, d)
         scoring = ev.shape is not None

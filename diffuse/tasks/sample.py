@@ -341,8 +341,6 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # Under torchrun each rank draws images rank, rank + world, ...; image i depends only on (seed, i), so the
     # set is the one a single process draws. Rank 0 gathers them for the grid and the npz.
     d = distributed.setup(device.type)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
     mine = list(range(d.rank, n, d.world))
     done = written_images(images_dir, mine, shape) if resume else {}
     todo = [i for i in mine if i not in done]

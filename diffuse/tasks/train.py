@@ -112,9 +112,6 @@ class Trainer:
         validate_objective(self.ocfg)
         self.device = pick_device(self.tcfg.get("device", "auto"))
         self.dist = distributed.setup(self.device.type)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
         if self.tcfg["batch_size"] % self.dist.world:
             raise UserError(f"trainer.batch_size={self.tcfg['batch_size']} does not split over {self.dist.world} processes: "
                             "it is the global batch and must be a multiple of the world size")
@@ -186,6 +183,9 @@ class Trainer:
         )
 
     def load(self, ckpt: Checkpoint, path: Path) -> None:
+        if not ckpt.rng or any(k not in ckpt.rng for k in ("data", "noise", "torch")) or ckpt.optim is None:
+            raise UserError(f"cannot resume from {path}: it holds weights only (no optimizer or RNG state, e.g. made by "
+                            "diffuse convert), so the run it came from cannot be continued exactly; sample from it instead")
         if ckpt.config.get("model") != self.model_cfg:
             raise UserError(f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}")
         if ckpt.config.get("schedule") != self.config["schedule"] or _objective_key(ckpt.config.get("objective")) != _objective_key(self.ocfg):
