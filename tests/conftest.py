@@ -3,8 +3,17 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when pytest runs alongside subprocesses.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep torch from oversubscribing them when pytest runs alongside subprocesses (OMP_NUM_THREADS,
+# when set, wins: with several test runs on one machine, one thread each is much faster).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
+
+# CI runs the property tests on a fixed sequence of examples, so that a red build is reproducible; locally
+# hypothesis keeps exploring new ones.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def compose(config_name: str, overrides: list[str] | None = None):

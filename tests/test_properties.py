@@ -88,7 +88,11 @@ def _check_inversion(kind, spacing, std, seed):
     x_0 = ddim(den, x_T, ts, s, eta=0.0)
     back = ddim_invert(den, x_0, ts, s, fixed_point_iters=4)
     assert (back - x_T).abs().max() < 2e-2
-    assert (ddim(den, back, ts, s) - x_0).abs().max() < 2e-2
+    # Forward again, x_T's small error is amplified by the first step's conditioning, sqrt(alpha_bar(t_2) /
+    # alpha_bar(T)): about 1 for the linear schedule, 630 for the cosine one (alpha_bar(999) = 2.4e-9), where
+    # more fixed-point iterations no longer help (0.027 at 4, 0.022 at 16, the worst case hypothesis found).
+    tol = 2e-2 if kind == "linear" else 5e-2
+    assert (ddim(den, back, ts, s) - x_0).abs().max() < tol
     errs = []
     for steps in (50, 100):
         ts = make_timesteps(s.T, steps, spacing)
