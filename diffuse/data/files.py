@@ -22,8 +22,9 @@ def cache_dir(cfg, name: str) -> Path:
     return Path(os.path.expanduser(str(root)))
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file read in 1 MiB chunks (dataset archives, weights files: too large to read at once)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -34,7 +35,7 @@ def verify_md5(path: Path, expected: Optional[str]) -> None:
     """Refuse a file whose MD5 is not `expected` (None: no check)."""
     if not expected:
         return
-    got = md5sum(path)
+    got = file_digest(path, "md5")
     if got != str(expected).lower():
         raise UserError(
             f"{path} is corrupted or incomplete: its MD5 is {got}, expected {expected}; delete it and download it again"

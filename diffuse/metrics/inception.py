@@ -18,7 +18,6 @@ from a .safetensors conversion.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffuse.data.files import file_digest
 from diffuse.errors import UserError
 
 FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -260,12 +260,6 @@ def _no_tf32():
         torch.backends.cudnn.allow_tf32 = old
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def downloads_allowed(flag: bool = True) -> bool:
@@ -306,7 +300,7 @@ def find_weights(path: Optional[str] = None, *, download: bool = True, timeout: 
 def load_inception(path: Path, sha256: Optional[str] = SHA256) -> tuple[FIDInceptionV3, str]:
     """(network with the weights of `path` loaded strictly, the file's SHA-256). A file whose hash is not
     `sha256` is refused (sha256=None accepts any file: your own conversion of the TF graph)."""
-    digest = file_sha256(path)
+    digest = file_digest(path, "sha256")
     if sha256 and digest != sha256.lower():
         raise UserError(
             f"{path}: SHA-256 {digest} is not that of the published FID Inception weights ({sha256}): "
