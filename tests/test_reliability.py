@@ -241,3 +241,44 @@ def test_sample_resume_refuses_a_run_dir_of_other_images(tmp_path, compose_cfg):
         sample_task.run(compose_cfg("sample", ORACLE + ["n=2", "seed=1", "resume=true"]), tmp_path)
     with pytest.raises(UserError, match="needs save_images=true"):
         sample_task.run(compose_cfg("sample", ORACLE + ["n=2", "save_images=false", "resume=true"]), tmp_path)
+
+
+def test_disk_full_while_logging_is_one_line_and_keeps_the_checkpoints(compose_cfg, tmp_path, monkeypatch):
+    """metrics.jsonl is appended at each log step: a full disk there stops the run with one line (exit 2 from the
+    CLI) naming the file and the checkpoint to resume from, and removes nothing the run wrote before."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class FullAfter:
+        def __init__(self, f, n):
+            self.f, self.n = f, n
+
+        def write(self, text):
+            self.n -= 1
+            if self.n < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullAfter(f, 3) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr(train_task, "open", fake_open, raising=False)
+    with pytest.raises(UserError) as e:
+        _train(compose_cfg, tmp_path, "trainer.steps=6", "trainer.ckpt_every=2")
+    msg = str(e.value)
+    assert "\n" not in msg and "metrics.jsonl: No space left on device" in msg and "step 4" in msg, msg
+    assert getattr(e.value, "keep_outputs", False)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")
+    assert ckpt.step == 2 and "resume from " in msg and "checkpoints/" in msg

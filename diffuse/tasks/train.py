@@ -446,8 +446,11 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
                 rec = {"step": step, "loss": last_loss, "lr": trainer.lr_at(step - 1), "images_per_s": ips,
                        "skipped": skipped - skipped_logged}
                 skipped_logged = skipped
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                try:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                except OSError as e:
+                    raise storage_stopped(e, metrics_path, trainer) from None
                 if longest >= max_nonfinite:
                     raise RunStopped(nonfinite_message(trainer, step, longest, max_nonfinite))
                 progress.update(task, completed=step, loss=last_loss, ips=ips)
@@ -476,6 +479,18 @@ def _train(trainer: Trainer, cfg: DictConfig, out: Path) -> dict[str, Any]:
     grid = trainer.sample_grid()
     console.print(f"step {trainer.step}: loss {last_loss:.4f}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
     return {"step": trainer.step, "loss": last_loss, "checkpoint": str(ckpt)}
+
+
+def storage_stopped(e: OSError, path: Path, trainer: Trainer) -> Exception:
+    """A full disk (or a storage error like it) while logging: one line, and the run's checkpoints are kept."""
+    from diffuse.checkpoint import _ENVIRONMENT_ERRNOS
+
+    if e.errno not in _ENVIRONMENT_ERRNOS:
+        return e
+    where = f"resume from {trainer.last_saved[0]}" if trainer.last_saved else "no checkpoint was written in this run"
+    err = UserError(f"cannot write {path}: {e.strerror or os.strerror(e.errno)}; training stopped at step {trainer.step} ({where})")
+    err.keep_outputs = True
+    return err
 
 
 def nonfinite_message(trainer: Trainer, step: int, longest: int, limit: int) -> str:
