@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from diffuse.diffusion import inpainting as inp
 from diffuse.diffusion.inpainting import repaint, repaint_nfe, replace_hook
 from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.samplers import ddpm
@@ -38,16 +39,8 @@ METHODS = [  # (name, steps, RePaint options or None for replace)
 def high_noise_only(steps, jump_length, resamples):
     """Jump points only in the first, noisiest half of the walk: the schedule jump_last cannot express, kept
     here to show what resampling at high noise buys."""
-    levels, r = [steps], steps
-    left = {j: resamples - 1 for j in range(0, steps - jump_length + 1, jump_length) if j >= steps // 2}
-    while r > 0:
-        if left.get(r, 0) > 0:
-            left[r] -= 1
-            r += jump_length
-        else:
-            r -= 1
-        levels.append(r)
-    return levels
+    points = range(0, steps - jump_length + 1, jump_length)
+    return inp.walk(steps, jump_length, {j: resamples - 1 for j in points if j >= steps // 2})
 
 
 def run(problem_fn, n: int, seed: int = 0):
@@ -64,7 +57,6 @@ def run(problem_fn, n: int, seed: int = 0):
             x = ddpm(den, x_T, ts, sched, variance="beta", generator=g, hook=replace_hook(known, keep, sched, g))
             nfe = steps
         elif opts.get("first_half"):
-            import diffuse.diffusion.inpainting as inp
 
             saved = inp.jump_schedule
             inp.jump_schedule = lambda s, j, r, _last=1.0: high_noise_only(s, j, r)

@@ -27,6 +27,16 @@ def compose(config_name: str, overrides: list[str] | None = None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: an OpenMP team only adds overhead (far more on a busy machine); modules of small models
+    use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose_cfg():
     return compose

@@ -109,10 +109,15 @@ def jump_schedule(steps: int, jump_length: int, resamples: int, jump_last: float
             raise UserError(f"{name}={v!r} is not allowed: it must be an integer >= {lo}")
     if isinstance(jump_last, bool) or not isinstance(jump_last, (int, float)) or not 0 <= jump_last <= 1:
         raise UserError(f"inpaint.jump_last={jump_last!r} is not allowed: it must be a number in [0, 1]")
-    levels = [steps]
-    r = steps
     points = range(0, steps - jump_length + 1, jump_length)
-    jumps_left = {j: resamples - 1 for j in points if j <= jump_last * steps + 1e-9}
+    return walk(steps, jump_length, {j: resamples - 1 for j in points if j <= jump_last * steps + 1e-9})
+
+
+def walk(steps: int, jump_length: int, jumps_left: dict[int, int]) -> list[int]:
+    """The levels visited from `steps` down to 0, jumping back up by jump_length at level r while
+    jumps_left[r] > 0 (consumed as it goes)."""
+    jumps_left = dict(jumps_left)
+    levels, r = [steps], steps
     while r > 0 or jumps_left.get(0, 0) > 0:
         if jumps_left.get(r, 0) > 0:
             jumps_left[r] -= 1
