@@ -1,0 +1,1 @@
+"""What tasks and benchmarks share to turn a checkpoint (or the oracle) into samples; no run dirs, no Hydra."""

@@ -1,0 +1,1 @@
+"""The Trainer and its loop, shared by diffuse train (and, later, distillation)."""
