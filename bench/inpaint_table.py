@@ -31,16 +31,17 @@ METHODS = [  # (name, steps, RePaint options or None for replace)
     ("repaint j=10 r=3 all along", 50, {"jump_length": 10, "resamples": 3, "jump_last": 1.0}),
     ("repaint j=10 r=10 all along", 50, {"jump_length": 10, "resamples": 10, "jump_last": 1.0}),
     ("repaint j=10 r=10 first half", 50, {"jump_length": 10, "resamples": 10, "jump_last": 1.0, "first_half": True}),
-    ("repaint j=5 r=10 last 0.1 (default)", 50, {"jump_length": 5, "resamples": 10, "jump_last": 0.1}),
+    ("repaint j=5 r=10 last 0.1", 50, {"jump_length": 5, "resamples": 10, "jump_last": 0.1}),
+    ("repaint j=5 r=10 last 0.2", 50, {"jump_length": 5, "resamples": 10, "jump_last": 0.2}),
     ("repaint j=5 r=20 last 0.1", 50, {"jump_length": 5, "resamples": 20, "jump_last": 0.1}),
+    ("repaint j=5 r=20 last 0.2", 50, {"jump_length": 5, "resamples": 20, "jump_last": 0.2}),
 ]
 
 
 def high_noise_only(steps, jump_length, resamples):
     """Jump points only in the first, noisiest half of the walk: the schedule jump_last cannot express, kept
     here to show what resampling at high noise buys."""
-    points = range(0, steps - jump_length + 1, jump_length)
-    return inp.walk(steps, jump_length, {j: resamples - 1 for j in points if j >= steps // 2})
+    return inp.walk(steps, jump_length, {r: resamples - 1 for r in inp.jump_points(steps, jump_length) if r >= steps // 2})
 
 
 def run(problem_fn, n: int, seed: int = 0):

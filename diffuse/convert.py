@@ -52,7 +52,8 @@ REQUIRED: dict[str, Any] = {
 
 # The schedule and objective google/ddpm-cifar10-32 was trained with (Ho et al.): what its checkpoint records
 # when no scheduler_config.json says otherwise. Same keys as conf/schedule/linear.yaml, conf/objective/simple.yaml.
-DEFAULT_SCHEDULE = {"kind": "linear", "T": 1000, "beta_start": 1.0e-4, "beta_end": 0.02}
+# scale_with_T is false because diffusers' linear betas are linspace(beta_start, beta_end, T) for every T.
+DEFAULT_SCHEDULE = {"kind": "linear", "T": 1000, "beta_start": 1.0e-4, "beta_end": 0.02, "scale_with_T": False}
 OBJECTIVE = {"prediction": "eps", "weighting": "simple", "min_snr_gamma": 5.0, "p_uncond": 0.1}
 
 
@@ -177,7 +178,8 @@ def schedule_config(path: Optional[Path]) -> dict:
         raise UserError(f"{where}: trained_betas cannot be converted: only a linear schedule is")
     if s.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(f"{where}: prediction_type={s['prediction_type']!r} cannot be converted: only epsilon is")
-    out = {"kind": "linear", "T": s.get("num_train_timesteps", 1000), "beta_start": s.get("beta_start", 1e-4), "beta_end": s.get("beta_end", 0.02)}
+    out = {"kind": "linear", "T": s.get("num_train_timesteps", 1000), "beta_start": s.get("beta_start", 1e-4),
+           "beta_end": s.get("beta_end", 0.02), "scale_with_T": False}
     if isinstance(out["T"], bool) or not isinstance(out["T"], int) or out["T"] < 1:
         raise UserError(f"{where}: num_train_timesteps={out['T']!r} is not a positive integer")
     for key in ("beta_start", "beta_end"):

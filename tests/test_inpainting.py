@@ -46,9 +46,38 @@ def test_posterior_weights_match_bayes_by_brute_force():
 def test_jump_schedule_counts():
     levels = jump_schedule(50, 10, 3)
     assert levels[0] == 50 and levels[-1] == 0
-    assert all(abs(a - b) == 1 or b - a == 10 for a, b in zip(levels, levels[1:]))
-    assert repaint_nfe(50, 10, 3) == 50 + 5 * 2 * 10
+    assert all(a - b == 1 or b - a == 10 for a, b in zip(levels, levels[1:]))
+    # Lugmayr et al.'s code: jump points at timestep indices range(0, T - jump_length, jump_length), 4 of them
+    # here and 24 for their 250 steps, each walked (resamples - 1) more times over jump_length steps.
+    assert repaint_nfe(50, 10, 3) == 50 + 4 * 2 * 10 == 130
+    assert repaint_nfe(250, 10, 10) == 250 + 24 * 9 * 10 == 2410
     assert repaint_nfe(50, 10, 1) == 50 and jump_schedule(7, 10, 4) == list(range(7, -1, -1))
+
+
+def ups(levels):
+    return sorted({a for a, b in zip(levels, levels[1:]) if b > a})
+
+
+@pytest.mark.parametrize("steps,jump_length,resamples,jump_last", [
+    (50, 10, 3, 1.0), (250, 10, 10, 1.0), (50, 5, 10, 0.1), (50, 5, 10, 0.2), (11, 10, 2, 1.0), (10, 10, 3, 1.0), (7, 3, 3, 0.0)])
+def test_jump_schedule_never_leaves_the_clean_output(steps, jump_length, resamples, jump_last):
+    """Level 0 is the final output: the walk reaches it once, as its last entry, and never jumps from it
+    (Algorithm 1 resamples only at t > 1)."""
+    levels = jump_schedule(steps, jump_length, resamples, jump_last)
+    assert levels[0] == steps and levels[-1] == 0 and levels.count(0) == 1
+    assert 0 not in ups(levels) and all(b == a - 1 for a, b in zip(levels, levels[1:]) if a == 0 or b == 0)
+    assert all(1 <= r and r + jump_length <= steps for r in ups(levels))
+    assert repaint_nfe(steps, jump_length, resamples, jump_last) == steps + (resamples - 1) * jump_length * len(ups(levels))
+
+
+def test_jump_schedule_small_case_by_hand():
+    """7 steps, jump_length 3, 3 walks: the paper's points j in range(0, 7 - 3, 3) = {0, 3} are levels 1 and 4."""
+    assert jump_schedule(7, 3, 3) == [7, 6, 5, 4, 7, 6, 5, 4, 7, 6, 5, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 0]
+    assert repaint_nfe(7, 3, 3) == 7 + 2 * 2 * 3
+    # jump_last: only points r <= jump_last * steps, from the clean end; 0 leaves none (replace's walk).
+    assert jump_schedule(7, 3, 3, 3 / 7) == [7, 6, 5, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 0]
+    assert ups(jump_schedule(7, 3, 3, 4 / 7)) == [1, 4]
+    assert jump_schedule(7, 3, 3, 0.0) == [7, 6, 5, 4, 3, 2, 1, 0]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +128,8 @@ def rare_component():
 
 
 def run_rare(n: int, seed: int = 0, steps: int = 50, repaint_options=None):
-    """Replace and RePaint (the CLI's defaults unless given: ddpm with variance beta, 50 base steps, jump_length 5,
-    resamples 10, jump_last 0.1) on rare_component(), against its exact conditional."""
+    """Replace and RePaint (unless given: ddpm with variance beta, 50 base steps, jump_length 5, resamples 10,
+    jump_last 0.2, i.e. jump points at levels 1 and 6, NFE 140) on rare_component(), against its exact conditional."""
     mix, keep, x_known = rare_component()
     sched = make_schedule("linear")
     den = GMMDenoiser(mix, sched)
@@ -109,7 +138,7 @@ def run_rare(n: int, seed: int = 0, steps: int = 50, repaint_options=None):
     g = lambda s: torch.Generator().manual_seed(1000 * seed + s)  # noqa: E731
     ts = make_timesteps(1000, steps)
     rep = ddpm(den, x_T, ts, sched, variance="beta", generator=g(1), hook=replace_hook(known, keep, sched, g(2)))
-    opts = repaint_options or {"jump_length": 5, "resamples": 10, "jump_last": 0.1}
+    opts = repaint_options or {"jump_length": 5, "resamples": 10, "jump_last": 0.2}
     rp = repaint(den, x_T, ts, sched, known, keep, variance="beta", generator=g(3), **opts)
     return mix, {"replace": inpaint_fit(mix, rep, x_known, keep), "repaint": inpaint_fit(mix, rp, x_known, keep)}
 
@@ -117,7 +146,7 @@ def run_rare(n: int, seed: int = 0, steps: int = 50, repaint_options=None):
 def test_repaint_corrects_replace_where_the_known_pixels_overrule_the_prior():
     """Replace decides the component while the known pixels are still hazy, so it keeps much of the prior's 0.8
     for component 0; RePaint's resampling near the clean end lets the clear known pixels overrule it. Stated
-    tolerances for RePaint (defaults, NFE 140): component frequencies within 0.1 in total variation of the
+    tolerances for RePaint (run_rare's options, NFE 140): component frequencies within 0.1 in total variation of the
     exact conditional, and the drawn component's filled pixels centred on its mean (RMS error < 0.2 s_k) with
     its spread (std ratio within 15%)."""
     _, fits = run_rare(2000)
@@ -133,12 +162,13 @@ def test_repaint_corrects_replace_where_the_known_pixels_overrule_the_prior():
 
 
 def test_repaint_jump_schedule_window():
-    """jump_last puts the jump points at the clean end: 0 and 5 of 50 at the defaults; 1 is the paper's."""
-    levels = jump_schedule(50, 5, 10, 0.1)
-    ups = sorted({a for a, b in zip(levels, levels[1:]) if b > a})
-    assert ups == [0, 5] and repaint_nfe(50, 5, 10, 0.1) == 50 + 2 * 9 * 5
-    assert repaint_nfe(50, 10, 3, 1.0) == repaint_nfe(50, 10, 3) == 150
-    assert repaint_nfe(50, 10, 4, 0.0) == 50 + 3 * 10  # only the last stretch
+    """jump_last puts the jump points at the clean end: levels 1 and 6 of 50 at jump_last 0.2, level 1 alone at
+    0.1; 1 is the paper's schedule."""
+    assert ups(jump_schedule(50, 5, 10, 0.2)) == [1, 6] and repaint_nfe(50, 5, 10, 0.2) == 50 + 2 * 9 * 5 == 140
+    assert ups(jump_schedule(50, 5, 10, 0.1)) == [1] and repaint_nfe(50, 5, 10, 0.1) == 50 + 9 * 5
+    assert ups(jump_schedule(50, 10, 3, 1.0)) == [1, 11, 21, 31]
+    assert repaint_nfe(50, 10, 3, 1.0) == repaint_nfe(50, 10, 3) == 130
+    assert repaint_nfe(50, 10, 4, 0.0) == 50  # no jump points: replace's walk
 
 
 def test_component_one_is_reweighted(runs):

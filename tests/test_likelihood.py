@@ -277,3 +277,18 @@ def test_bad_arguments_are_refused():
         ode_nll(den, x, sched, sigma_min=0)
     with pytest.raises(UserError, match="grid"):
         vlb_bpd(den, x, sched)
+
+
+def test_bound_terms_refuse_t_below_zero():
+    """t = -1 is clean data: no KL term or reverse variance lives there, and a table index would silently
+    wrap round to t = T-1."""
+    from diffuse.metrics.likelihood import reverse_variance
+
+    sched = make_schedule("linear", T=10)
+    assert reverse_variance(sched, torch.tensor([9, 0]), "beta").tolist() == [float(sched.betas[9]), float(sched.posterior_variance[1])]
+    for variance in ("beta", "beta_tilde"):
+        with pytest.raises(ValueError, match="t >= 0, got -1"):
+            reverse_variance(sched, torch.tensor([3, -1]), variance)
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="t >= 0, got -1"):
+        kl_terms(x, x, x, torch.tensor([-1, 2]), sched)

@@ -96,3 +96,45 @@ def test_ddim_eta1_is_ddpm_with_posterior_variance(oracle_setup):
     a = ddim(den, x_T, ts, schedule, eta=1.0, generator=torch.Generator().manual_seed(5))
     b = ddpm(den, x_T, ts, schedule, variance="beta_tilde", generator=torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
+def test_ddpm_respaced_steps_mean_and_variance_exactly(variance):
+    """Five respaced steps t -> s with a denoiser returning a fixed eps: each step's mean is Ho et al. eq. 11,
+    (x - beta / sqrt(1 - alpha_bar_t) eps) / sqrt(1 - beta), with beta = 1 - alpha_bar_t / alpha_bar_s, and
+    its noise is sqrt(var) z for the generator's own draws z, var = beta or beta-tilde = beta (1 - alpha_bar_s)
+    / (1 - alpha_bar_t): (x_s - mean) / z recovers sqrt(var) to rounding, which tells the two apart (they differ
+    by the factor (1 - alpha_bar_s) / (1 - alpha_bar_t), 0.085 on the step 120 -> 30). No noise on the last."""
+    s = make_schedule("linear")
+    ts = [999, 700, 400, 120, 30]
+    shape = (64, 1, 2, 2)
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    seen = []
+
+    def hook(x, t_next):
+        seen.append((t_next, x.clone()))
+        return x
+
+    out = ddpm(lambda x, t, y: eps, x_T, torch.tensor(ts), s, variance=variance,
+               generator=torch.Generator().manual_seed(5), hook=hook)
+    assert [t for t, _ in seen] == ts[1:] + [-1] and torch.equal(out, seen[-1][1])
+    # the sampler draws N(0, I) in float32 from the generator it is given, once per step but the last
+    draws = torch.Generator().manual_seed(5)
+    x = x_T
+    for (t, x_next), t_prev in zip(seen, ts):
+        ab_t = s.alpha_bar[t_prev].item()
+        ab_s = 1.0 if t < 0 else s.alpha_bar[t].item()
+        beta = 1 - ab_t / ab_s
+        mean = (x - beta / (1 - ab_t) ** 0.5 * eps) / (1 - beta) ** 0.5
+        if t < 0:
+            assert torch.allclose(x_next, mean, rtol=0, atol=1e-12)
+            break
+        z = torch.randn(shape, generator=draws, dtype=torch.float32).to(torch.float64)
+        var = beta if variance == "beta" else beta * (1 - ab_s) / (1 - ab_t)
+        other = beta * (1 - ab_s) / (1 - ab_t) if variance == "beta" else beta
+        ratio = (x_next - mean) / z
+        assert torch.allclose(ratio, torch.full_like(ratio, var**0.5), rtol=1e-9, atol=0), (t_prev, t)
+        # the other variance would fail the line above: its std is off by 0.3% on the first step, 3.4x on 120 -> 30
+        assert abs(var**0.5 - other**0.5) > 1e-3 * var**0.5
+        x = x_next

@@ -45,7 +45,9 @@ def cfg_denoiser(denoiser, scale: float, null_label: int, interval=None, rescale
         if y is None or scale == 1.0:
             return denoiser(x_t, t, y)
         null = torch.full_like(y, null_label)
-        if scale == 0.0:
+        # eps_null alone is the answer only when nothing else needs eps_cond: outside the interval the output is
+        # eps_cond, and the rescale takes its std from x0_cond.
+        if scale == 0.0 and interval is None and rescale == 0:
             return denoiser(x_t, t, null)
         b = x_t.shape[0]
         both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))

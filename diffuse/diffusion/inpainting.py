@@ -95,30 +95,41 @@ def replace_hook(x0_known: torch.Tensor, keep: torch.Tensor, schedule: Schedule,
     return hook
 
 
+def jump_points(steps: int, jump_length: int) -> range:
+    """Every level RePaint may jump back up from (Lugmayr et al. 2022, Algorithm 1 and their code): levels
+    1, 1 + jump_length, ... with r + jump_length <= steps. Their code's timestep index j in
+    range(0, T - jump_length, jump_length) is level j + 1 here: index 0 is still one reverse step from clean.
+    Level 0 is never one: the algorithm resamples only at t > 1, so the final output is not noised again."""
+    return range(1, steps - jump_length + 1, jump_length)
+
+
 def jump_schedule(steps: int, jump_length: int, resamples: int, jump_last: float = 1.0) -> list[int]:
     """The sequence of levels RePaint visits, as the number of reverse steps still to go (steps .. 0).
 
     Levels decrease by one on each reverse step. At every jump point r, the walk jumps back up to
     r + jump_length and comes down again, resamples - 1 times, so each stretch is traversed `resamples` times
-    in all. Jump points are the multiples r of jump_length with r + jump_length <= steps that lie in the last
-    `jump_last` fraction of the walk, r <= jump_last * steps, the clean level 0 always included: jump_last = 1
-    is Lugmayr et al.'s schedule (jumps all along), a small jump_last resamples only near the clean end.
+    in all. Jump points are those of jump_points() that lie in the last `jump_last` fraction of the walk,
+    r <= jump_last * steps: jump_last = 1 is Lugmayr et al.'s schedule (jumps all along), a small jump_last
+    resamples only near the clean end, and 0 none at all (replace).
     """
     for name, v, lo in (("inpaint.jump_length", jump_length, 1), ("inpaint.resamples", resamples, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UserError(f"{name}={v!r} is not allowed: it must be an integer >= {lo}")
     if isinstance(jump_last, bool) or not isinstance(jump_last, (int, float)) or not 0 <= jump_last <= 1:
         raise UserError(f"inpaint.jump_last={jump_last!r} is not allowed: it must be a number in [0, 1]")
-    points = range(0, steps - jump_length + 1, jump_length)
-    return walk(steps, jump_length, {j: resamples - 1 for j in points if j <= jump_last * steps + 1e-9})
+    # The tolerance keeps a point that jump_last * steps names but rounding misses: 0.29 * 100 is 28.999999999999996.
+    points = [r for r in jump_points(steps, jump_length) if r <= jump_last * steps + 1e-9]
+    return walk(steps, jump_length, {r: resamples - 1 for r in points})
 
 
 def walk(steps: int, jump_length: int, jumps_left: dict[int, int]) -> list[int]:
     """The levels visited from `steps` down to 0, jumping back up by jump_length at level r while
-    jumps_left[r] > 0 (consumed as it goes)."""
+    jumps_left[r] > 0 (consumed as it goes). The walk ends on reaching 0, so jump points are levels >= 1."""
+    if any(n > 0 and not 1 <= r <= steps - jump_length for r, n in jumps_left.items()):
+        raise ValueError(f"jump points must be levels in [1, steps - jump_length] = [1, {steps - jump_length}]: {sorted(jumps_left)}")
     jumps_left = dict(jumps_left)
     levels, r = [steps], steps
-    while r > 0 or jumps_left.get(0, 0) > 0:
+    while r > 0:
         if jumps_left.get(r, 0) > 0:
             jumps_left[r] -= 1
             r += jump_length

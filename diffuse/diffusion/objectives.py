@@ -9,7 +9,7 @@ sample, so one line computes the loss whatever the prediction type:
              w = min(SNR_t, gamma) / (SNR_t + 1) (v)
     vlb      the KL term L_{t-1} of the variational bound in nats per dimension, times T (uniform t):
              beta_t^2 / (2 var_t alpha_t (1 - alpha_bar_t)) on the eps error, var_t = beta-tilde_t
-             (clipped at t=0 to beta-tilde_1, as the decoder term is not a KL)
+             (clipped at t=0 to beta-tilde_1, as the decoder term is not a KL); 0 at t < 0, clean data
 
 The errors convert as |x0 err|^2 = |eps err|^2 / SNR and |v err|^2 = |eps err|^2 (SNR + 1) / SNR.
 """
@@ -43,15 +43,23 @@ def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, weighting:
     if weighting == "simple":
         return torch.ones_like(snr)
     if weighting == "min_snr":
+        # Each target's weight written out rather than divided through eps_space_factor: at t < 0 (clean data,
+        # SNR = inf) these are their limits 0, gamma, 0 instead of inf / inf.
         x0_weight = snr.clamp(max=gamma)
-        return x0_weight / snr / eps_space_factor(prediction, snr)
+        if prediction == "eps":
+            return x0_weight / snr
+        if prediction == "x0":
+            return x0_weight
+        return x0_weight / (snr + 1)
     if weighting == "vlb":
-        idx = t.long()
+        # The bound has no term below t = 0; the clamp keeps t = -1 from indexing the tables' last entry,
+        # torch.where (not a check) keeps the training step free of host-device syncs.
+        idx = t.long().clamp(min=0)
         beta = schedule.table("betas", t.device)[idx]
         var = schedule.table("posterior_variance", t.device)
         var = torch.where(idx == 0, var[1].expand_as(beta), var[idx])
         eps_weight = beta**2 / (2 * var * (1 - beta) * (1 - ab)) * schedule.T
-        return eps_weight / eps_space_factor(prediction, snr)
+        return torch.where(t < 0, 0.0, eps_weight / eps_space_factor(prediction, snr))
     raise UserError(f"objective.weighting={weighting!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
 
 

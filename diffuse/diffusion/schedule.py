@@ -50,9 +50,13 @@ class Schedule:
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar at timesteps t in [0, T-1] (integer or fractional; fractional t in [-1, 0) gives the
-        extension to clean data), float64, on t's device."""
+        extension to clean data, and any t < 0 is clean data, alpha_bar = 1), float64, on t's device."""
         if not t.dtype.is_floating_point:
-            return self.table("alpha_bar", t.device)[t.long()]
+            # A plain index would wrap t = -1 (the samplers' "clean data") round to alpha_bar_{T-1}, the
+            # noisiest level. torch.where keeps this free of host-device syncs: it runs at every step.
+            t = t.long()
+            ab = self.table("alpha_bar", t.device)
+            return torch.where(t < 0, 1.0, ab[t.clamp(min=0)])
         t = t.to(torch.float64).clamp(-1, self.T - 1)
         tp = t.clamp(min=0)
         lo = tp.floor().long()
@@ -78,6 +82,16 @@ class Schedule:
         return torch.where(sigma < self.sigmas[0], below.clamp(min=-1), (self.T - 1) - pos)
 
 
+def _in_open_unit(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UserError(f"schedule.{name}={value!r} is not allowed: it must be in (0, 1)")
+
+
+def _finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"schedule.{name}={value!r} is not allowed: it must be a finite number")
+
+
 def make_schedule(
     kind: str = "linear",
     T: int = 1000,
@@ -88,32 +102,67 @@ def make_schedule(
     sigmoid_end: float = 3.0,
     sigmoid_tau: float = 1.0,
     max_beta: float = 0.999,
+    scale_with_T: bool = True,
 ) -> Schedule:
-    if not isinstance(T, int) or T < 1:
+    """Betas of the named schedule, every one in (0, max_beta] with max_beta < 1: a beta of 1 makes alpha_bar 0
+    (x_T carries no signal and x0 = x_t / 0), a beta <= 0 makes alpha_bar >= 1 and the noise variance <= 0.
+
+    linear   linspace(beta_start, beta_end, T), times 1000/T when scale_with_T (Nichol & Dhariwal's convention:
+             the parameters are stated for T = 1000); scale_with_T=false is the exact linspace, as diffusers has it.
+    """
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise UserError(f"schedule.T={T!r} is not allowed: it must be a positive integer")
+    _in_open_unit("max_beta", max_beta)
     if kind == "linear":
+        _in_open_unit("beta_start", beta_start)
+        _in_open_unit("beta_end", beta_end)
+        if not isinstance(scale_with_T, bool):
+            raise UserError(f"schedule.scale_with_T={scale_with_T!r} is not allowed: it must be true or false")
         # Ho et al. use 1e-4..0.02 for T=1000; scaling by 1000/T keeps the end point's noise level for other T
         # (Nichol & Dhariwal 2021, section 2.3 footnote), and is the identity at T=1000.
-        scale = 1000.0 / T
+        scale = 1000.0 / T if scale_with_T else 1.0
         # Clipped like the others: at very small T the scaled end point would pass 1 (a negative alpha).
         betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=max_beta)
+        params = {"beta_start": beta_start, "beta_end": beta_end}
     elif kind == "cosine":
+        _finite("cosine_s", cosine_s)
+        # s < 0 puts f's maximum inside the schedule: alpha_bar would rise above 1 before it falls.
+        if cosine_s < 0:
+            raise UserError(f"schedule.cosine_s={cosine_s!r} is not allowed: it must be >= 0")
         # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
         # betas clipped at max_beta to avoid the singularity at t = T.
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
         ab = f / f[0]
         betas = (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+        params = {"cosine_s": cosine_s}
     elif kind == "sigmoid":
+        for name, v in (("sigmoid_start", sigmoid_start), ("sigmoid_end", sigmoid_end), ("sigmoid_tau", sigmoid_tau)):
+            _finite(name, v)
+        # alpha_bar must fall with t: the sigmoid's argument has to rise from start to end.
+        if not sigmoid_start < sigmoid_end:
+            raise UserError(f"schedule.sigmoid_start={sigmoid_start!r} is not allowed: it must be below "
+                            f"schedule.sigmoid_end={sigmoid_end!r}")
+        if not sigmoid_tau > 0:
+            raise UserError(f"schedule.sigmoid_tau={sigmoid_tau!r} is not allowed: it must be > 0")
         # Jabri et al. 2022 / Chen 2023: alpha_bar follows a shifted, rescaled sigmoid in t.
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         v0 = torch.sigmoid(torch.tensor(sigmoid_start / sigmoid_tau, dtype=torch.float64))
         v1 = torch.sigmoid(torch.tensor(sigmoid_end / sigmoid_tau, dtype=torch.float64))
         out = torch.sigmoid((steps * (sigmoid_end - sigmoid_start) + sigmoid_start) / sigmoid_tau)
         ab = (v1 - out) / (v1 - v0)
-        betas = (1 - ab[1:] / ab[:-1]).clamp(min=0.0, max=max_beta)
+        betas = (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+        params = {"sigmoid_start": sigmoid_start, "sigmoid_end": sigmoid_end, "sigmoid_tau": sigmoid_tau}
     else:
         raise UserError(f"schedule.kind={kind!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
+    # The parameter checks above leave only float64 rounding (e.g. a sigmoid saturated over a stretch of t,
+    # where alpha_bar stops changing) to give a beta outside (0, max_beta].
+    bad = torch.nonzero(~((betas > 0) & (betas <= max_beta)))
+    if bad.numel():
+        i = int(bad[0, 0])
+        given = ", ".join(f"schedule.{k}={v!r}" for k, v in params.items())
+        raise UserError(f"{given} is not allowed for schedule.kind={kind}: it gives beta_{i}={float(betas[i])!r}, "
+                        f"outside (0, schedule.max_beta={max_beta!r}]")
     return Schedule(betas=betas)
 
 
@@ -139,6 +188,9 @@ def posterior(
     var  = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     """
     t = t.cpu().long()
+    # There is no x_{t-1} below clean data, and a negative index would wrap round to the noisiest level.
+    if bool((t < 0).any()):
+        raise ValueError(f"posterior q(x_(t-1) | x_t, x_0) needs timesteps t >= 0, got {int(t.min())}")
     ab, ab_prev, beta = schedule.alpha_bar[t], schedule.alpha_bar_prev[t], schedule.betas[t]
     c0 = ab_prev.sqrt() * beta / (1 - ab)
     ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
