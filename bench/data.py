@@ -43,11 +43,11 @@ def train_rate(model: str, batch: int, device: str, resolution: int) -> float:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from diffuse.tasks.train import Trainer
+    from diffuse.training.trainer import Trainer
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="diffuse.conf", version_base=None):
-        cfg = compose("train", [f"model={model}", f"trainer.batch_size={batch}", f"trainer.device={device}",
+        cfg = compose("train", [f"model={model}", f"trainer.batch_size={batch}", f"runtime.device={device}",
                                 "dataset.size=512", f"dataset.resolution={resolution}"])
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, Path(d))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from diffuse.tasks.common import err_console
+from diffuse.console import err_console
 from tests.test_fuzz_readers import check_readers, image_files
 
 

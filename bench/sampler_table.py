@@ -20,7 +20,7 @@ from diffuse.diffusion.samplers import SAMPLERS
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.metrics.mixture import mixture_fit
-from diffuse.tasks.sample import CountingDenoiser
+from diffuse.pipeline.sampling import CountingDenoiser
 
 # (label, sampler, spacing, steps for a target NFE)
 RUNS = [

@@ -11,8 +11,8 @@ train   images/s of full training steps: forward, loss, backward, gradient clipp
         Ours: diffuse's Trainer.train_step as `diffuse train model=ddpm_cifar10` runs it (the data batch drawn
         from a resident 32x32 dataset included). Diffusers: the loop of its train_unconditional example (add_noise,
         UNet2DModel, MSE, clip_grad_norm_, torch AdamW, EMAModel with foreach=True, its faster option).
-sample  images/s of 50-step DDIM from noise. Ours: load_denoiser + generate, as `diffuse sample sampler=ddim`
-        runs them. Diffusers: DDIMPipeline's loop (DDIMScheduler.set_timesteps, UNet2DModel, scheduler.step).
+sample  images/s of 50-step DDIM from noise. Ours: the pipeline's load_model + prepare_sampling + generate, as
+        `diffuse sample sampler=ddim` runs them. Diffusers: DDIMPipeline's loop (DDIMScheduler.set_timesteps, UNet2DModel, scheduler.step).
 Both run under the same autocast (bf16 on CUDA, float32 on the CPU) and with diffusers' default attention (SDPA).
 Sampling batches of the two alternate. The first training step and the first sampling batch are timed apart (torch.compile, CUDA graph capture, cuDNN
 warm-up) and reported as warm-up; the rates exclude them. TFLOP/s come from the analytic count of
@@ -84,13 +84,13 @@ def compose(name: str, overrides: list[str]):
 
 
 def ours_train(args, device, amp_flag: str, tmp: Path):
-    from diffuse.tasks.train import Trainer
+    from diffuse.training.trainer import Trainer
 
     cfg = compose("train", [
         "model=ddpm_cifar10", "dataset=shapes", "dataset.resolution=32", "dataset.size=2048",
-        f"trainer.batch_size={args.batch}", f"trainer.device={device}", f"trainer.precision={amp_flag}",
-        f"trainer.compile={args.compile}", "trainer.sample_n=0", "trainer.warmup=0",
-        f"trainer.channels_last={args.channels_last}", f"trainer.attention={args.attention}",
+        f"trainer.batch_size={args.batch}", f"runtime.device={device}", f"runtime.precision={amp_flag}",
+        f"runtime.compile={args.compile}", "trainer.sample_n=0", "trainer.warmup=0",
+        f"runtime.channels_last={args.channels_last}", f"runtime.attention={args.attention}",
     ])
     trainer = Trainer(cfg, tmp / "train")
     first, per = measure(trainer.train_step, warmup=args.warmup, reps=args.steps, device=device)
@@ -131,21 +131,23 @@ def diffusers_train(args, device, amp, model_cls):
 
 
 def ours_sample(args, device, amp_flag: str, ckpt: Path):
-    from diffuse.tasks.common import autocast_dtype, to_dict
-    from diffuse.tasks.sample import fast_paths, generate, guide, load_denoiser
+    from omegaconf import OmegaConf
 
-    cfg = compose("sample", [
-        f"ckpt={ckpt}", "sampler=ddim", f"steps={args.sample_steps}", f"n={args.batch}", f"batch_size={args.batch}",
-        f"device={device}", f"precision={amp_flag}", f"compile={args.compile}", f"cuda_graphs={args.cuda_graphs}",
-        f"channels_last={args.channels_last}", f"attention={args.attention}",
-    ])
-    den, shape, schedule, clip, num_classes, _ = load_denoiser(cfg, device, autocast_dtype(amp_flag, device))
-    den = guide(den, cfg, num_classes, schedule)
-    fixed = fast_paths(cfg, device)["compile"]
+    from diffuse.pipeline.job import prepare_sampling
+    from diffuse.pipeline.model import load_model
+    from diffuse.pipeline.runtime import resolve_runtime
+
+    cfg = OmegaConf.to_container(compose("sample", [
+        "sampler=ddim", f"runtime.device={device}", f"runtime.precision={amp_flag}", f"runtime.compile={args.compile}",
+        f"runtime.cuda_graphs={args.cuda_graphs}", f"runtime.channels_last={args.channels_last}", f"runtime.attention={args.attention}",
+    ]), resolve=True)
+    rt = resolve_runtime(cfg["runtime"], images=args.batch)
+    model = load_model(ckpt=ckpt, model=None, dataset=None, schedule=None, use_ema=True, runtime=rt)
+    job = prepare_sampling(model, sampler=cfg["sampler"], steps=args.sample_steps, guidance=cfg["guidance"], label=None,
+                           labels=None, n=args.batch, seed=0)
 
     def run():
-        generate(den, n=args.batch, shape=shape, schedule=schedule, sampler_cfg=to_dict(cfg.sampler), steps=args.sample_steps,
-                 seed=0, device=device, batch_size=args.batch, clip_default=clip, progress=False, fixed_shape=fixed)
+        job.generate(list(range(args.batch)), device=device, batch_size=args.batch, progress=False, fixed_shape=rt.compile)
 
     return run
 
@@ -190,8 +192,8 @@ def main() -> None:
     from diffusers import UNet2DModel
 
     from diffuse.checkpoint import load_checkpoint
-    from diffuse.tasks.common import autocast_dtype, pick_device
-    from diffuse.tasks.sample import network_from_checkpoint
+    from diffuse.pipeline.model import network_from_checkpoint
+    from diffuse.pipeline.runtime import autocast_dtype, pick_device
 
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -210,7 +212,7 @@ def main() -> None:
         theirs = UNet2DModel(**REFERENCE).eval()
         theirs.save_pretrained(tmp / "unet")
         ckpt = convert_diffusers(tmp / "unet", tmp / "ddpm_cifar10.safetensors")
-        ours, *_ = network_from_checkpoint(load_checkpoint(ckpt))
+        ours = network_from_checkpoint(load_checkpoint(ckpt)).net
         ours.eval()
         x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
         with torch.no_grad():

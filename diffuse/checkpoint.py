@@ -130,7 +130,7 @@ def atomic_write(path: Path, write) -> None:
 
 
 # errno values that say the storage, not the program, is at fault.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 TMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -138,7 +138,7 @@ _FILE_MODE = 0o666 & ~_UMASK
 
 
 def _raise_if_environment(e: OSError, path: Path) -> None:
-    if e.errno in _ENVIRONMENT_ERRNOS:
+    if e.errno in ENVIRONMENT_ERRNOS:
         raise UserError(f"cannot write {path}: {e.strerror or os.strerror(e.errno)}") from None
 
 

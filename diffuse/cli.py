@@ -16,6 +16,7 @@ from typing import Callable, List
 import typer
 
 from diffuse.errors import UserError
+from typer.core import TyperCommand
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
 
@@ -29,6 +30,22 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
+
+class ConfCommand(TyperCommand):
+    """A command whose --help adds, after its docstring, its keys and config groups read from conf/."""
+
+    def format_help_text(self, ctx, formatter) -> None:
+        from diffuse.conf_help import help_text
+
+        super().format_help_text(ctx, formatter)
+        formatter.write_paragraph()
+        for line in help_text(self.name).splitlines():
+            formatter.write(f"  {line}\n" if line else "\n")
+
+
+# Keys that moved into the runtime group (the same keys for every command): a stale one gets a pointer there.
+RUNTIME_KEYS = ("device", "precision", "channels_last", "attention", "compile", "compile_mode", "cuda_graphs", "ema_foreach", "data_on_device")
+MOVED = {**{k: f"runtime.{k}" for k in RUNTIME_KEYS}, **{f"trainer.{k}": f"runtime.{k}" for k in RUNTIME_KEYS}}
 
 # Hydra flags that take a value: the value is not an override.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
@@ -64,6 +81,10 @@ def check_overrides(config_name: str, args: List[str]) -> None:
         parsed = parser.parse_overrides(overrides)
     except HydraException as e:
         raise UserError(_one_line(e)) from None
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if key in MOVED:
+            raise UserError(f"{key}= is now {MOVED[key]}= (the runtime group: device, precision and fast paths for every command)")
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     variants = [base]
     for o in parsed:
@@ -123,18 +144,15 @@ def run_hydra(command: str, job: Callable, args: List[str]) -> None:
         sys.argv = old_argv
 
 
-@app.command(context_settings=CONTEXT)
+@app.command(cls=ConfCommand, context_settings=CONTEXT)
 def train(ctx: typer.Context) -> None:
     """Train a diffusion model.
-
-    Groups: dataset=shapes|gmm  model=tiny|small|base|ddpm_cifar10  schedule=linear|cosine|sigmoid
-    objective=simple|min_snr|vlb  trainer=default  sampler=ddim|ddpm (for sample grids)  experiment=quickstart
 
     Examples:
 
       diffuse train experiment=quickstart
 
-      diffuse train model=small schedule=cosine objective.prediction=v trainer.steps=20000
+      diffuse train model=small objective=min_snr trainer.steps=20000 runtime.device=cuda:1
 
       diffuse train resume=true hydra.run.dir=outputs/train/2026-01-01_12-00-00
 
@@ -145,18 +163,15 @@ def train(ctx: typer.Context) -> None:
     run_hydra("train", run, ctx.args)
 
 
-@app.command(context_settings=CONTEXT)
+@app.command(cls=ConfCommand, context_settings=CONTEXT)
 def sample(ctx: typer.Context) -> None:
     """Draw samples from a trained model (or the exact mixture oracle).
-
-    Keys: ckpt=FILE|RUN_DIR  n=64  steps=50  seed=0  batch_size=64  save_npz=false  use_ema=true
-    Groups: sampler=ddim|ddpm (sampler.eta=, sampler.spacing=leading|trailing|linspace, sampler.variance=)
 
     Examples:
 
       diffuse sample ckpt=outputs/train/RUN n=64 steps=50 sampler=ddim seed=0
 
-      diffuse sample model=oracle dataset=gmm sampler=ddpm n=256
+      diffuse sample model=oracle sampler=dpm_solver steps=10 n=256 save_npz=true
 
       diffuse sample -m ckpt=RUN sampler=ddim,ddpm steps=20,50
 
@@ -167,7 +182,7 @@ def sample(ctx: typer.Context) -> None:
     run_hydra("sample", run, ctx.args)
 
 
-@app.command(context_settings=CONTEXT)
+@app.command(cls=ConfCommand, context_settings=CONTEXT)
 def inpaint(
     ctx: typer.Context,
     image: str = typer.Option(..., "--image", help="an image file, or a folder of images"),
@@ -175,29 +190,24 @@ def inpaint(
 ) -> None:
     """Fill the masked region of images with a trained model (or the exact mixture oracle).
 
-    Keys: ckpt=FILE|RUN_DIR  n=1  steps=50  seed=0  inpaint.method=repaint|replace|conditioned
-    inpaint.jump_length=5  inpaint.resamples=10  inpaint.jump_last=0.1  inpaint.mask_invert=false
-    inpaint.resize=true   Groups: sampler=ddpm|ddim (replace, conditioned: any sampler)
+    repaint drives the ddpm or ddim step; replace and conditioned work with any sampler.
 
     Examples:
 
       diffuse inpaint --image photo.png --mask mask.png ckpt=outputs/train/RUN n=4
 
-      diffuse inpaint --image imgs/ --mask mask.png model=oracle dataset=gmm inpaint.method=replace
+      diffuse inpaint --image imgs/ --mask mask.png model=oracle inpaint=replace sampler=dpm_solver
 
-      diffuse inpaint --image photo.png --mask mask.png ckpt=RUN_TRAINED_WITH_MASKS inpaint.method=conditioned
+      diffuse inpaint --image photo.png --mask mask.png ckpt=RUN_TRAINED_WITH_MASKS inpaint=conditioned
 
     Writes NAME_NN.png results and NAME_strip.png (original | masked | results) into its run dir.
     """
     from diffuse.tasks.inpaint import run
 
-    def q(v: str) -> str:
-        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-    run_hydra("inpaint", run, [*ctx.args, f"image={q(image)}", f"mask={q(mask)}"])
+    run_hydra("inpaint", run, [*ctx.args, f"image={_hydra_str(image)}", f"mask={_hydra_str(mask)}"])
 
 
-@app.command(context_settings=CONTEXT)
+@app.command(cls=ConfCommand, context_settings=CONTEXT)
 def convert(
     ctx: typer.Context,
     src: str = typer.Argument(..., metavar="PATH_OR_DIR", help="a diffusers model or pipeline folder, or its config.json / safetensors file"),
@@ -232,7 +242,7 @@ def convert(
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
     typer.echo(f"wrote {path}")
-@app.command(name="eval", context_settings=CONTEXT)
+@app.command(name="eval", cls=ConfCommand, context_settings=CONTEXT)
 def evaluate(
     ctx: typer.Context,
     metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid, is, bpd or nll; repeat for several (default: fid)"),
@@ -240,23 +250,13 @@ def evaluate(
 ) -> None:
     """Score samples with FID, KID and the Inception Score against reference data, or a model's likelihood.
 
-    Keys: ckpt=FILE|RUN_DIR  samples=DIR|FILE.npz  ref=cifar10|DATASET|DIR|STATS.safetensors  n=50000  steps=
-    seed=0  metrics.features=inception|checkpoint  metrics.inception_weights=PATH
-    Groups: sampler=ddim|ddpm|dpm_solver|euler|heun  guidance=cfg|none
-
     Examples:
 
       diffuse eval --metric fid --metric kid ckpt=outputs/train/RUN ref=cifar10 n=50000
 
-      diffuse eval --metric fid samples=outputs/sample/RUN/samples.npz ref=cifar10
-
-      diffuse eval --save-ref cifar10_train.safetensors ref=cifar10
-
       diffuse eval -m --metric fid ckpt=RUN ref=cifar10 sampler=ddim,dpm_solver steps=10,20,50
 
       diffuse eval --metric bpd ckpt=RUN dataset=cifar10 likelihood.n=1000   (test split, bits/dim: bound and ODE)
-
-      diffuse eval --metric nll model=oracle dataset=gmm likelihood.n=200   (nats/dim, with the exact value)
 
     Writes metrics.json into its run dir; a sweep also writes summary.csv, summary.md and plots in its sweep dir.
     """

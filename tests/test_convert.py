@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffuse.checkpoint import load_checkpoint
-from diffuse.convert import convert_diffusers
+from diffuse.convert import DEFAULT_SCHEDULE, convert_diffusers, schedule_config
+from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
+from diffuse.pipeline.model import network_from_checkpoint
 from diffuse.tasks.common import to_dict
-from diffuse.tasks.sample import network_from_checkpoint
 
 # google/ddpm-cifar10-32's unet/config.json, as published (keys absent there take UNet2DModel's defaults).
 REFERENCE = {
@@ -66,14 +67,16 @@ def test_reference_network_matches_diffusers(tmp_path, compose_cfg):
     assert sum(p.numel() for p in theirs.parameters()) == 35_746_307
     out = convert_diffusers(tmp_path / "unet", tmp_path / "ddpm.safetensors")
     ckpt = load_checkpoint(out)
-    net, schedule, prediction, _ = network_from_checkpoint(ckpt)
+    tn = network_from_checkpoint(ckpt)
+    net, schedule, prediction = tn.net, tn.schedule, tn.prediction
     a, b = outputs(net.eval(), theirs, 32)
     assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
     assert b.abs().max() > 0.1  # not a trivially zero network
     # The converted network is model=ddpm_cifar10 at 32x32 (dropout is a training setting: diffusers' is 0.0).
     ours = {**to_dict(compose_cfg("train", ["model=ddpm_cifar10"]).model), "resolution": 32, "in_channels": 3, "dropout": 0.0}
     assert ckpt.config["model"] == ours
-    assert ckpt.config["schedule"] == to_dict(compose_cfg("train", ["schedule=linear"]).schedule)
+    # schedule=linear, in diffusers' exact-linspace form (the same betas at T = 1000).
+    assert ckpt.config["schedule"] == {**to_dict(compose_cfg("train", ["schedule=linear"]).schedule), "scale_with_T": False}
     assert prediction == "eps" and schedule.T == 1000
     assert abs(float(schedule.betas[0]) - 1e-4) < 1e-12 and abs(float(schedule.betas[-1]) - 0.02) < 1e-12
 
@@ -81,7 +84,7 @@ def test_reference_network_matches_diffusers(tmp_path, compose_cfg):
 @pytest.mark.parametrize("old_names", [False, True])
 def test_small_relative_and_old_attention_names(tmp_path, old_names):
     theirs = write_model(tmp_path / "m", SMALL, seed=3, old_names=old_names)
-    net, _, _, _ = network_from_checkpoint(load_checkpoint(convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")))
+    net = network_from_checkpoint(load_checkpoint(convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors"))).net
     assert net.mid[1].heads == 4
     a, b = outputs(net.eval(), theirs, 8)
     assert (a - b).abs().max() < 1e-5
@@ -93,7 +96,7 @@ def test_a_named_weights_file_converts(tmp_path):
     (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(f)
     with pytest.raises(UserError, match="no diffusion_pytorch_model.safetensors"):
         convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
-    net, _, _, _ = network_from_checkpoint(load_checkpoint(convert_diffusers(f, tmp_path / "o.safetensors")))
+    net = network_from_checkpoint(load_checkpoint(convert_diffusers(f, tmp_path / "o.safetensors"))).net
     a, b = outputs(net.eval(), theirs, 8)
     assert (a - b).abs().max() < 1e-5
 
@@ -104,11 +107,47 @@ def test_pipeline_folder_and_its_scheduler(tmp_path):
     sched = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     ckpt = load_checkpoint(convert_diffusers(tmp_path / "pipe", tmp_path / "o.safetensors"))
-    assert ckpt.config["schedule"] == {"kind": "linear", "T": 500, "beta_start": 2e-4, "beta_end": 0.03}
+    assert ckpt.config["schedule"] == {"kind": "linear", "T": 500, "beta_start": 2e-4, "beta_end": 0.03, "scale_with_T": False}
     sched["beta_schedule"] = "squaredcos_cap_v2"
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     with pytest.raises(UserError, match="beta_schedule='squaredcos_cap_v2'"):
         convert_diffusers(tmp_path / "pipe", tmp_path / "p.safetensors")
+
+
+def diffusers_betas(T, beta_start, beta_end):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end, beta_schedule="linear")
+    return sched.betas.to(torch.float64)
+
+
+@pytest.mark.parametrize("T", [500, 1000])
+def test_linear_betas_are_diffusers_linear_betas(T):
+    """Diffusers' linear betas are linspace(beta_start, beta_end, T) for every T: scale_with_T=false. The
+    1000/T-scaled form (our training default) is a different schedule at T != 1000."""
+    theirs = diffusers_betas(T, 1e-4, 0.02)
+    ours = make_schedule("linear", T=T, beta_start=1e-4, beta_end=0.02, scale_with_T=False).betas
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)  # diffusers holds them in float32
+    scaled = make_schedule("linear", T=T, beta_start=1e-4, beta_end=0.02).betas
+    assert torch.allclose(scaled, theirs, rtol=1e-6, atol=0) == (T == 1000)
+
+
+def test_scheduler_config_at_500_steps_gives_diffusers_betas(tmp_path):
+    sched = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(sched))
+    cfg = schedule_config(path)
+    assert cfg["scale_with_T"] is False and DEFAULT_SCHEDULE["scale_with_T"] is False
+    ours = make_schedule(**cfg)
+    assert ours.T == 500
+    assert torch.allclose(ours.betas, diffusers_betas(500, 2e-4, 0.03), rtol=1e-6, atol=0)
+    # what a checkpoint's schedule goes through (schedule: group of the CLI) accepts the recorded flag
+    from diffuse.pipeline.model import schedule_from_config
+
+    assert torch.equal(schedule_from_config(cfg).betas, ours.betas)
+    with pytest.raises(UserError, match="schedule.scale_with_T=1 is not allowed"):
+        schedule_from_config({**cfg, "scale_with_T": 1})
 
 
 @pytest.mark.parametrize(

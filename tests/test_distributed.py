@@ -67,7 +67,7 @@ def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     onto GPU 0 by every rank met its noise on GPU LOCAL_RANK); an explicit cuda:N is kept."""
     import torch
 
-    from diffuse.tasks.common import pick_device
+    from diffuse.pipeline.runtime import pick_device
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

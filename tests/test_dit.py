@@ -9,9 +9,9 @@ from diffuse.diffusion.objectives import diffusion_loss
 from diffuse.errors import UserError
 from diffuse.nets import build_network
 from diffuse.nets.dit import DiT, sincos_2d
+from diffuse.pipeline.model import network_from_checkpoint
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train as train_task
-from diffuse.tasks.sample import network_from_checkpoint
 
 TINY = dict(resolution=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, heads=2, num_classes=4)
 
@@ -42,6 +42,28 @@ def test_shapes_of_every_part():
     img = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(1, 3, 8, 8)
     patches = img.reshape(1, 3, 4, 2, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(1, 16, 12)
     assert torch.equal(net.unpatchify(patches), img)
+
+
+def test_sincos_2d_values_by_hand():
+    """MAE / DiT's fixed embedding for dim 8 on a 2x2 grid: omega_i = 1/10000^(i/(D/4)), here omega = (1, 0.01);
+    token k is grid cell (row, col) = divmod(k, 2), the raster order of patchify. Pinned order: the first half
+    of the channels is the row, [sin(row omega), cos(row omega)], the second half the column. (MAE's reference
+    code puts the column first, np.meshgrid(grid_w, grid_h); this is that embedding of the transposed grid,
+    equivalent for a network trained with it, not for weights trained with the other.)"""
+    sin, cos = np.sin, np.cos
+    expected = []
+    for row, col in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        expected.append([sin(row * 1.0), sin(row * 0.01), cos(row * 1.0), cos(row * 0.01),
+                         sin(col * 1.0), sin(col * 0.01), cos(col * 1.0), cos(col * 0.01)])
+    got = sincos_2d(8, 2)
+    assert got.dtype == torch.float32 and got.shape == (4, 8)
+    assert np.allclose(got.numpy(), np.array(expected), rtol=0, atol=1e-7)
+    # a larger case, one token: dim 16 (four frequencies 10000^(-i/4)), 3x3 grid, cell (2, 1) is token 7
+    w = 10000.0 ** (-np.arange(4) / 4)
+    want = np.concatenate([sin(2 * w), cos(2 * w), sin(1 * w), cos(1 * w)])
+    assert np.allclose(sincos_2d(16, 3)[7].numpy(), want, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(10, 2)
 
 
 def test_adaln_zero_blocks_are_the_identity_at_init():
@@ -79,7 +101,8 @@ def test_tiny_conditional_dit_trains_on_shapes_and_samples(tmp_path, compose_cfg
     ]
     train_task.run(compose_cfg("train", over), tmp_path / "run")
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    net, schedule, _, _ = network_from_checkpoint(ck, use_ema=False)
+    tn = network_from_checkpoint(ck, use_ema=False)
+    net, schedule = tn.net, tn.schedule
     assert isinstance(net, DiT) and net.num_classes == 4
     from omegaconf import OmegaConf
 

@@ -15,6 +15,7 @@ from diffuse.checkpoint import Checkpoint, save_checkpoint
 from diffuse.errors import UserError
 from diffuse.nets import build_network
 from diffuse.tasks import evaluate, sample
+from diffuse.tasks.common import runtime_of
 from tests.conftest import compose
 from tests.test_cli import diffuse
 
@@ -239,7 +240,7 @@ def test_bpd_is_on_the_8bit_grid_and_bounded_by_the_vlb(tmp_path):
     r = run_eval([*LIK, "metric=[bpd]", "likelihood.n=64", "likelihood.hutchinson=0"], tmp_path / "a")
     m = r["metrics"]
     cfg = compose("eval", LIK)
-    ev = evaluate.Evaluation(cfg, torch.device("cpu"), evaluate.distributed.setup("cpu"))
+    ev = evaluate.Evaluation(cfg, runtime_of(cfg), evaluate.distributed.setup("cpu"), None)
     x = from_uint8(to_uint8(ev.likelihood_data[0][:64])).double()
     k = grid_index(x).double()  # the dequantization's bins: value k spread over [k, k + 1) / 128 - 1
     exact = float((mixture_interval_nll(build_mixture(cfg.dataset), k / 128 - 1, (k + 1) / 128 - 1) / LN2).mean())
@@ -247,9 +248,9 @@ def test_bpd_is_on_the_8bit_grid_and_bounded_by_the_vlb(tmp_path):
     assert m["bpd_vlb"] > m["bpd_ode"] and m["bpd_vlb"] > exact
 
 
-def test_likelihood_refusals(tmp_path):
+def test_likelihood_refusals(feature_ckpt, tmp_path):
     with pytest.raises(UserError, match="needs dataset=NAME"):
-        run_eval(["metric=[bpd]", "model=oracle"], tmp_path / "o")
+        run_eval(["metric=[bpd]", f"ckpt={feature_ckpt}"], tmp_path / "o")
     with pytest.raises(UserError, match=r"likelihood.methods=\['exact'\] is not allowed"):
         run_eval([*LIK, "metric=[nll]", "likelihood.methods=[exact]"], tmp_path / "o")
     with pytest.raises(UserError, match="likelihood.n=100000 is more than the 10000 images"):

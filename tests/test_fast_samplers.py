@@ -13,7 +13,7 @@ from diffuse.diffusion.timesteps import karras_timesteps, make_timesteps, sample
 from diffuse.errors import UserError
 from diffuse.metrics.mixture import format_fit, mixture_fit
 from diffuse.tasks import sample as sample_task
-from diffuse.tasks.sample import CountingDenoiser
+from diffuse.pipeline.sampling import CountingDenoiser
 
 
 

@@ -9,9 +9,9 @@ from diffuse.errors import UserError
 from diffuse.fastpath import set_attention, switch
 from diffuse.nets import build_network
 from diffuse.nets.flops import forward_flops
-from diffuse.tasks import train as train_task
+from diffuse.pipeline.sampling import generate, plan_sampler
 from diffuse.tasks.common import to_dict
-from diffuse.tasks.sample import generate
+from diffuse.training.trainer import Trainer
 
 TINY_UNET = {"arch": "unet", "ch": 32, "ch_mult": [1, 2], "attn_resolutions": [8], "heads": 2, "resolution": 8, "in_channels": 3}
 TINY_DIT = {"arch": "dit", "hidden_size": 64, "depth": 2, "heads": 4, "patch_size": 2, "resolution": 8, "in_channels": 3}
@@ -66,7 +66,7 @@ def test_analytic_flops_equal_torch_flop_counter(model, compose_cfg):
 
 
 def _trained(compose_cfg, tmp_path, extra):
-    trainer = train_task.Trainer(compose_cfg("train", TRAIN + extra), tmp_path)
+    trainer = Trainer(compose_cfg("train", TRAIN + extra), tmp_path)
     losses = [trainer.train_step() for _ in range(3)]
     return trainer, torch.stack(losses)
 
@@ -74,7 +74,7 @@ def _trained(compose_cfg, tmp_path, extra):
 def test_trainer_switches_keep_the_run(compose_cfg, tmp_path):
     """foreach EMA vs one lerp per tensor, channels_last, math attention: the same run."""
     ref, ref_loss = _trained(compose_cfg, tmp_path / "a", [])
-    extra = ["trainer.ema_foreach=false", "trainer.channels_last=true", "trainer.attention=math"]
+    extra = ["runtime.ema_foreach=false", "runtime.channels_last=true", "runtime.attention=math"]
     other, loss = _trained(compose_cfg, tmp_path / "b", extra)
     assert torch.allclose(loss, ref_loss, atol=1e-5)
     for (name, p), q in zip(ref.ema.state_dict().items(), other.ema.state_dict().values()):
@@ -84,12 +84,12 @@ def test_trainer_switches_keep_the_run(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     "override,needle",
-    [("trainer.compile=maybe", "trainer.compile='maybe'"), ("trainer.attention=flash", "trainer.attention='flash'"),
-     ("trainer.compile_mode=fast", "trainer.compile_mode='fast'")],
+    [("runtime.compile=maybe", "runtime.compile='maybe'"), ("runtime.attention=flash", "runtime.attention='flash'"),
+     ("runtime.compile_mode=fast", "runtime.compile_mode='fast'"), ("runtime.precision=fp16", "runtime.precision='fp16'")],
 )
 def test_bad_switches_are_one_clear_error(compose_cfg, tmp_path, override, needle):
     with pytest.raises(UserError, match=needle):
-        train_task.Trainer(compose_cfg("train", TRAIN + [override]), tmp_path)
+        Trainer(compose_cfg("train", TRAIN + [override]), tmp_path)
 
 
 def test_switch_values():
@@ -99,7 +99,7 @@ def test_switch_values():
         switch("k", "yes", True)
 
 
-def test_fixed_shape_padding_changes_no_image():
+def test_fixed_shape_padding_changes_no_image(compose_cfg):
     """A compiled sampler pads the short last batch; the images drawn must be those of the unpadded run."""
     torch.manual_seed(0)
     net = build_network(TINY_UNET).eval()
@@ -109,11 +109,11 @@ def test_fixed_shape_padding_changes_no_image():
         with torch.no_grad():
             return net(x, t)
 
-    kw = dict(n=5, shape=(3, 8, 8), schedule=sched, sampler_cfg={"name": "ddim", "eta": 1.0}, steps=3, seed=7,
-              device=torch.device("cpu"), batch_size=4, clip_default=True, progress=False)
-    a = generate(den, **kw)
-    b = generate(den, **kw, fixed_shape=True)
-    c = generate(den, **{**kw, "batch_size": 5})
+    plan = plan_sampler(to_dict(compose_cfg("sample", ["sampler.eta=1.0"]).sampler), 3, sched, clip_default=True)
+    kw = dict(shape=(3, 8, 8), seed=7, indices=list(range(5)), device=torch.device("cpu"), batch_size=4, progress=False)
+    a = generate(den, plan, **kw).images
+    b = generate(den, plan, **kw, fixed_shape=True).images
+    c = generate(den, plan, **{**kw, "batch_size": 5}).images
     assert a.shape == b.shape == (5, 3, 8, 8)
     # Equal up to float rounding (kernels differ with the batch size); a misassigned noise stream would move pixels by O(1).
     assert (a - b).abs().max() < 1e-4 and (a - c).abs().max() < 1e-4

@@ -1,4 +1,4 @@
-"""Fuzz the image and mask readers the commands use (inpaint's _open/load_pair, the folder dataset's
+"""Fuzz the image and mask readers the commands use (images.open_image / load_image_and_mask, the folder dataset's
 read_folder) with random bytes and damaged images of many modes and formats: every input loads as a valid
 tensor or is refused with a UserError, never another exception. bench/fuzz_readers.py runs many more."""
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffuse.data.folder import read_folder
 from diffuse.errors import UserError
-from diffuse.tasks.inpaint import _open, load_pair
+from diffuse.images import load_image_and_mask, open_image
 
 # (mode, format, extension): what people hand to an image reader.
 KINDS = [
@@ -71,7 +71,7 @@ def check_readers(data: bytes, ext: str, tmp: Path) -> dict:
     outcome = {}
     for name, mode, mask in (("image_rgb", "RGB", False), ("image_grey", "L", False), ("mask", "L", True)):
         try:
-            im = _open(path, mode, mask=mask)
+            im = open_image(path, mode, mask=mask)
         except UserError as e:
             assert "\n" not in str(e)
             outcome[name] = "refused"
@@ -79,7 +79,7 @@ def check_readers(data: bytes, ext: str, tmp: Path) -> dict:
             assert im.mode == mode and im.size[0] >= 1 and im.size[1] >= 1
             outcome[name] = "loaded"
     try:
-        img, keep = load_pair(path, path, (3, 8, 8), resize=True, invert=False)
+        img, keep = load_image_and_mask(path, path, (3, 8, 8), resize=True, invert=False)
     except UserError:
         outcome["load_pair"] = "refused"
     else:

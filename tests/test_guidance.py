@@ -12,8 +12,10 @@ from diffuse.diffusion.schedule import coefficients
 from diffuse.diffusion.timesteps import karras_timesteps
 from diffuse.errors import UserError
 from diffuse.metrics.mixture import mixture_fit
+from diffuse.pipeline.conditioning import guide, parse_guidance, resolve_labels
+from diffuse.pipeline.model import Model
 from diffuse.tasks import sample as sample_task
-from diffuse.tasks.sample import guide
+from diffuse.tasks.common import to_dict
 
 
 
@@ -93,6 +95,83 @@ def test_interval_and_rescale(oracle_setup):
             cfg_denoiser(den, null_label=4, **{"scale": 1, **kw})
 
 
+NULL = 4
+
+
+def toy(x, t, y):
+    """A denoiser whose conditional and null outputs are known in closed form: eps_cond(x, t, y) and
+    eps_null(x, t) below, different per sample, timestep and label, and with different spreads in x0."""
+    tt = t.to(torch.float64).view(-1, 1, 1, 1)
+    cond = y != NULL
+    return torch.where(cond.view(-1, 1, 1, 1), eps_cond(x, tt, y.view(-1, 1, 1, 1)), eps_null(x, tt))
+
+
+def eps_cond(x, tt, y):
+    return 0.6 * x + 0.2 * y - tt / 1000
+
+
+def eps_null(x, tt):
+    return -0.3 * x + torch.cos(x) * tt / 500
+
+
+def toy_setup():
+    from diffuse.diffusion.schedule import make_schedule
+
+    schedule = make_schedule("linear")
+    x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    t, y = torch.tensor([100, 300, 500, 700]), torch.tensor([0, 1, 2, 3])
+    tt, yy = t.to(torch.float64).view(-1, 1, 1, 1), y.view(-1, 1, 1, 1)
+    ab = schedule.alpha_bar[t].view(-1, 1, 1, 1)
+    return schedule, x, t, y, eps_cond(x, tt, yy), eps_null(x, tt), ab.sqrt(), (1 - ab).sqrt()
+
+
+def rescaled(x, e_c, e_g, a, sg, phi):
+    """Lin et al. 2024 eq. 15-16 in x0: x0_g * std(x0_c) / std(x0_g) per sample, mixed with x0_g by phi."""
+    x0_c, x0_g = (x - sg * e_c) / a, (x - sg * e_g) / a
+    std = lambda v: v.flatten(1).std(1).view(-1, 1, 1, 1)  # noqa: E731
+    x0 = phi * x0_g * std(x0_c) / std(x0_g) + (1 - phi) * x0_g
+    return (x - a * x0) / sg
+
+
+def test_interval_at_another_scale_against_its_formula():
+    _, x, t, y, e_c, e_u, _, _ = toy_setup()
+    out = cfg_denoiser(toy, 2.5, NULL, interval=(250, 550))(x, t, y)
+    guided = e_u + 2.5 * (e_c - e_u)
+    assert torch.allclose(out[[1, 2]], guided[[1, 2]], rtol=1e-12, atol=1e-12)  # t = 300, 500: inside
+    assert torch.allclose(out[[0, 3]], e_c[[0, 3]], rtol=1e-12, atol=1e-12)  # t = 100, 700: outside
+    # the ends of the interval are inside
+    edge = cfg_denoiser(toy, 2.5, NULL, interval=(300, 500))(x, t, y)
+    assert torch.allclose(edge[[1, 2]], guided[[1, 2]], rtol=1e-12, atol=1e-12)
+
+
+def test_rescale_below_one_against_its_formula():
+    schedule, x, t, y, e_c, e_u, a, sg = toy_setup()
+    out = cfg_denoiser(toy, 2.5, NULL, rescale=0.7, schedule=schedule)(x, t, y)
+    expected = rescaled(x, e_c, e_u + 2.5 * (e_c - e_u), a, sg, 0.7)
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
+    # and it is not the unrescaled guidance (the toy's x0 spreads differ)
+    assert (out - (e_u + 2.5 * (e_c - e_u))).abs().max() > 1e-3
+
+
+def test_scale_zero_keeps_interval_and_rescale():
+    """scale 0 is eps_null only where guidance applies: outside the interval it is eps_cond, and the rescale
+    still takes its std from x0_cond. Plain scale 0 stays one pass of the null batch."""
+    schedule, x, t, y, e_c, e_u, a, sg = toy_setup()
+    out = cfg_denoiser(toy, 0.0, NULL, interval=(250, 550))(x, t, y)
+    assert torch.allclose(out[[1, 2]], e_u[[1, 2]], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(out[[0, 3]], e_c[[0, 3]], rtol=1e-12, atol=1e-12)
+    out = cfg_denoiser(toy, 0.0, NULL, rescale=0.7, schedule=schedule)(x, t, y)
+    assert torch.allclose(out, rescaled(x, e_c, e_u, a, sg, 0.7), rtol=1e-10, atol=1e-12)
+    assert (out - e_u).abs().max() > 1e-3
+    both = cfg_denoiser(toy, 0.0, NULL, interval=(250, 550), rescale=1.0, schedule=schedule)(x, t, y)
+    full = rescaled(x, e_c, e_u, a, sg, 1.0)
+    assert torch.allclose(both[[1, 2]], full[[1, 2]], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(both[[0, 3]], e_c[[0, 3]], rtol=1e-12, atol=1e-12)
+    rec = Recorder(toy)
+    assert torch.allclose(cfg_denoiser(rec, 0.0, NULL)(x, t, y), e_u, rtol=1e-12, atol=1e-12)
+    assert rec.batches == [(4, [NULL] * 4)]
+
+
 def test_sample_labels_and_npz(oracle_setup, tmp_path, compose_cfg):
     base = ["model=oracle", "dataset=gmm", "n=5", "steps=5", "sampler=dpm_solver", "save_npz=true", "save_images=false"]
     sample_task.run(compose_cfg("sample", base + ["label=3"]), tmp_path / "a")
@@ -113,8 +192,13 @@ def test_sample_labels_and_npz(oracle_setup, tmp_path, compose_cfg):
 
 def test_unconditional_model_refuses_labels_and_scale(oracle_setup, compose_cfg):
     _, schedule, den = oracle_setup
+    model = Model(den, schedule, (3, 8, 8), None, False, {"ckpt": "unconditional.safetensors"})
+
+    def guidance(*overrides):
+        return parse_guidance(to_dict(compose_cfg("sample", list(overrides)).guidance))
+
     with pytest.raises(UserError, match="unconditional"):
-        guide(den, compose_cfg("sample", ["guidance.scale=3"]), None, schedule)
-    assert guide(den, compose_cfg("sample", []), None, schedule) is den
+        guide(model, guidance("guidance.scale=3"))
+    assert guide(model, guidance()) is den and guide(model, guidance("guidance=none", "guidance.scale=3")) is den
     with pytest.raises(UserError, match="unconditional"):
-        sample_task.resolve_labels(compose_cfg("sample", ["label=1"]), 4, None)
+        resolve_labels(1, None, 4, None)

@@ -19,7 +19,8 @@ from diffuse.diffusion.schedule import coefficients, q_sample
 from diffuse.errors import UserError
 from diffuse.tasks import inpaint as inpaint_task
 from diffuse.tasks import sample as sample_task
-from diffuse.tasks.train import Trainer
+from diffuse.tasks.common import model_of, runtime_of
+from diffuse.training.trainer import Trainer
 
 STEPS = 120
 
@@ -88,8 +89,9 @@ def test_checkpoint_records_the_wider_input_and_rebuilds_it(trained, compose_cfg
     ck = load_checkpoint(trained[True][1] / "checkpoints" / "last.safetensors")
     assert ck.config["objective"]["mask_training"] is True
     assert ck.config["model"]["in_channels"] == 2 * 3 + 1 and ck.config["model"]["out_channels"] == 3
-    den, shape, *_ = sample_task.load_denoiser(compose_cfg("sample", [f"ckpt={trained[True][1]}"]), torch.device("cpu"))
-    assert isinstance(den.net, MaskConditioned) and shape == (3, 8, 8)
+    cfg = compose_cfg("sample", [f"ckpt={trained[True][1]}"])
+    model = model_of(cfg, runtime_of(cfg))
+    assert isinstance(model.denoiser.net, MaskConditioned) and model.shape == (3, 8, 8)
     plain = load_checkpoint(trained[False][1] / "checkpoints" / "last.safetensors")
     assert plain.config["model"]["in_channels"] == 3 and not plain.config["objective"]["mask_training"]
 
@@ -147,7 +149,7 @@ def test_conditioned_method_is_refused_without_mask_training(trained, half_image
 
 def test_resume_compares_objectives_as_before_mask_training():
     """A checkpoint written before mask training existed has no mask keys: it still resumes a plain run."""
-    from diffuse.tasks.train import _objective_key
+    from diffuse.training.trainer import objective_key as _objective_key
 
     old = {"prediction": "eps", "weighting": "simple", "min_snr_gamma": 5.0, "p_uncond": 0.1}
     new = {**old, "mask_training": False, "mask_kinds": {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2}}

@@ -9,6 +9,8 @@ import torch
 from diffuse.checkpoint import load_checkpoint, load_newest_valid, numbered_checkpoints
 from diffuse.errors import RunStopped, UserError
 from diffuse.tasks import train as train_task
+from diffuse.training import loop as loop_module
+from diffuse.training import trainer as trainer_module
 
 SMALL = [
     "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
@@ -112,7 +114,7 @@ class _InfGrad(torch.autograd.Function):
 def _inject(monkeypatch, bad: dict):
     """The training loss of call i (= step i + 1) made NaN (bad[i] == 'nan') or given infinite gradients."""
     calls = []
-    real = train_task.diffusion_loss
+    real = trainer_module.diffusion_loss
 
     def loss(*a, **k):
         out = real(*a, **k)
@@ -124,7 +126,7 @@ def _inject(monkeypatch, bad: dict):
             return _InfGrad.apply(out)
         return out
 
-    monkeypatch.setattr(train_task, "diffusion_loss", loss)
+    monkeypatch.setattr(trainer_module, "diffusion_loss", loss)
     return calls
 
 
@@ -268,7 +270,7 @@ def test_disk_full_while_logging_is_one_line_and_keeps_the_checkpoints(compose_c
         f = real_open(path, mode, *a, **k)
         return FullAfter(f, 3) if str(path).endswith("metrics.jsonl") and "a" in mode else f
 
-    monkeypatch.setattr(train_task, "open", fake_open, raising=False)
+    monkeypatch.setattr(loop_module, "open", fake_open, raising=False)
     with pytest.raises(UserError) as e:
         _train(compose_cfg, tmp_path, "trainer.steps=6", "trainer.ckpt_every=2")
     msg = str(e.value)

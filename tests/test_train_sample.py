@@ -7,9 +7,9 @@ from omegaconf import OmegaConf
 
 from diffuse.checkpoint import load_checkpoint
 from diffuse.diffusion.objectives import diffusion_loss
+from diffuse.pipeline.model import network_from_checkpoint
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train as train_task
-from diffuse.tasks.sample import network_from_checkpoint
 
 SMALL = [
     "dataset.size=256", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
 def test_training_lowers_the_loss(trained, compose_cfg):
     ck = load_checkpoint(trained / "checkpoints" / "last.safetensors")
     assert ck.step == 40
-    net, schedule, prediction, _ = network_from_checkpoint(ck, use_ema=False)
+    tn = network_from_checkpoint(ck, use_ema=False)
+    net, schedule = tn.net, tn.schedule
     from diffuse.data import build_dataset
 
     data = build_dataset(OmegaConf.create(ck.config["dataset"]))

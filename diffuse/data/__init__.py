@@ -62,10 +62,10 @@ def flip_mask(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=generator.device) < 0.5
 
 
-def fit_resolution(images: torch.Tensor, cfg, fit_default: str) -> torch.Tensor:
+def fit_resolution(images: torch.Tensor, cfg) -> torch.Tensor:
     """uint8 images brought to dataset.resolution: `pad` (zeros around, centred) or `resize` (antialiased bilinear)."""
-    res = _positive(cfg, "resolution")
-    fit = cfg.get("fit", fit_default)
+    res = positive_int(cfg, "resolution")
+    fit = cfg["fit"]
     if fit not in ("pad", "resize"):
         raise UserError(f"dataset.fit={fit!r} is not allowed: choose pad or resize")
     h, w = images.shape[-2:]
@@ -86,24 +86,24 @@ def fit_resolution(images: torch.Tensor, cfg, fit_default: str) -> torch.Tensor:
 def _shapes(cfg) -> ImageDataset:
     from diffuse.data.shapes import render_shapes
 
-    n = _positive(cfg, "size")
-    images, labels = render_shapes(n, resolution=_positive(cfg, "resolution"), seed=int(cfg.get("seed", 0)), num_classes=int(cfg.get("num_classes", 4)))
-    return ImageDataset(images, labels, int(cfg.get("num_classes", 4)), "shapes", flip=bool(cfg.get("flip", False)))
+    n = positive_int(cfg, "size")
+    images, labels = render_shapes(n, resolution=positive_int(cfg, "resolution"), seed=int(cfg["seed"]), num_classes=int(cfg["num_classes"]))
+    return ImageDataset(images, labels, int(cfg["num_classes"]), "shapes", flip=bool(cfg["flip"]))
 
 
 def _gmm(cfg) -> ImageDataset:
     mixture = build_mixture(cfg)
-    g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-    x, labels = mixture.sample(_positive(cfg, "size"), generator=g)
+    g = torch.Generator().manual_seed(int(cfg["seed"]))
+    x, labels = mixture.sample(positive_int(cfg, "size"), generator=g)
     return ImageDataset(x.float(), labels, mixture.K, "gmm")
 
 
 def build_mixture(cfg):
     from diffuse.data.gmm import default_mixture, load_mixture
 
-    if cfg.get("path"):
-        return load_mixture(cfg.path)
-    return default_mixture(channels=_positive(cfg, "channels"), resolution=_positive(cfg, "resolution"))
+    if cfg["path"]:
+        return load_mixture(cfg["path"])
+    return default_mixture(channels=positive_int(cfg, "channels"), resolution=positive_int(cfg, "resolution"))
 
 
 def _cifar10(cfg) -> ImageDataset:
@@ -147,11 +147,23 @@ def build_dataset(cfg) -> ImageDataset:
     return DATASETS[name](cfg)
 
 
-def _positive(cfg, key: str) -> int:
+def positive_int(cfg, key: str) -> int:
     val = cfg.get(key)
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
         raise UserError(f"dataset.{key}={val!r} is not allowed: it must be a positive integer")
     return val
+
+
+def held_out(cfg: dict) -> tuple[dict, str]:
+    """The config of a dataset's held-out data, and its description: split=test where the dataset has splits; for
+    the generated datasets (gmm, shapes) a fresh draw with seed + 1, which training (seed) never saw; a folder as
+    it is. Never flipped."""
+    cfg = {**cfg, "flip": False}
+    if "split" in cfg:
+        return {**cfg, "split": "test"}, "test split"
+    if "seed" in cfg:
+        return {**cfg, "seed": int(cfg["seed"]) + 1}, f"held-out draw, seed {int(cfg['seed']) + 1}"
+    return cfg, "all of it"
 
 
 def dataset_shape(cfg) -> tuple[int, int, Optional[int]]:
@@ -159,4 +171,4 @@ def dataset_shape(cfg) -> tuple[int, int, Optional[int]]:
     if cfg.get("name") == "gmm":
         m = build_mixture(cfg)
         return m.shape[0], m.shape[-1], m.K
-    return int(cfg.get("channels", 3)), _positive(cfg, "resolution"), cfg.get("num_classes")
+    return int(cfg["channels"]), positive_int(cfg, "resolution"), cfg["num_classes"]

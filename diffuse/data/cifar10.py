@@ -22,7 +22,6 @@ from diffuse.errors import UserError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -95,13 +94,13 @@ def load(cfg):
     """dataset=cifar10: the archive in dataset.root, downloaded there when missing and dataset.download is true."""
     from diffuse.data import ImageDataset, fit_resolution
 
-    split = cfg.get("split", "train")
+    split = cfg["split"]
     if split not in SPLITS:
         raise UserError(f"dataset.split={split!r} is not allowed: choose train or test")
-    path = cache_dir(cfg, "cifar10") / ARCHIVE
+    path = cache_dir(cfg) / ARCHIVE
     if not path.is_file():
-        fetch_or_explain(cfg.get("url") or URL, path, bool(cfg.get("download", True)))
-    verify_md5(path, cfg.get("md5", MD5))
+        fetch_or_explain(cfg["url"] or URL, path, bool(cfg["download"]))
+    verify_md5(path, cfg["md5"])
     images, labels = read_archive(path, split)
-    images = fit_resolution(images, cfg, fit_default="resize")
-    return ImageDataset(images, labels, 10, "cifar10", flip=bool(cfg.get("flip", True)))
+    images = fit_resolution(images, cfg)
+    return ImageDataset(images, labels, 10, "cifar10", flip=bool(cfg["flip"]))

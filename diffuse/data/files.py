@@ -16,10 +16,11 @@ from typing import Optional
 from diffuse.errors import UserError
 
 
-def cache_dir(cfg, name: str) -> Path:
-    """dataset.root with ~ expanded; default ~/.cache/diffuse/NAME."""
-    root = cfg.get("root") or f"~/.cache/diffuse/{name}"
-    return Path(os.path.expanduser(str(root)))
+def cache_dir(cfg) -> Path:
+    """dataset.root with ~ expanded: where the dataset's files are looked for and downloaded to."""
+    if not cfg["root"]:
+        raise UserError(f"dataset.root={cfg['root']!r} is not allowed: give the folder that holds (or will hold) the dataset's files")
+    return Path(os.path.expanduser(str(cfg["root"])))
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:

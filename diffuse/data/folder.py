@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffuse.errors import UserError
-from diffuse.images import check_size, convert_image
+from diffuse.images import open_image
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -39,8 +39,6 @@ def square(img, resolution: int):
 
 def read_folder(root: Path, resolution: int, report=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images (uint8 N x 3 x R x R), labels (int64) and class names of an image directory."""
-    from PIL import Image
-
     report = report or (lambda line: print(line, file=sys.stderr))
     if not root.is_dir():
         raise UserError(f"dataset.path={str(root)!r} is not a directory of images")
@@ -50,14 +48,13 @@ def read_folder(root: Path, resolution: int, report=None) -> tuple[torch.Tensor,
     for label, files in groups:
         for f in files:
             try:
-                with Image.open(f) as img:
-                    check_size(img, f)
-                    img = square(convert_image(img, "RGB", f), resolution)
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-                    labels.append(label)
-            except Exception as e:  # PIL raises many kinds of errors on a bad file; none is fatal
+                img = square(open_image(f, "RGB"), resolution)
+            except UserError as e:  # a bad file is reported and skipped, never fatal
                 bad += 1
-                report(f"warning: skipping unreadable image {f}: {type(e).__name__}: {e}")
+                report(f"warning: skipping {e}")
+                continue
+            images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            labels.append(label)
     if not images:
         raise UserError(f"dataset.path={str(root)!r} holds no readable PNG, JPEG or WebP image" + (f" ({bad} unreadable)" if bad else ""))
     if bad:
@@ -67,12 +64,12 @@ def read_folder(root: Path, resolution: int, report=None) -> tuple[torch.Tensor,
 
 def load(cfg):
     """dataset=folder: dataset.path, at dataset.resolution."""
-    from diffuse.data import ImageDataset, _positive
+    from diffuse.data import ImageDataset, positive_int
 
-    path = cfg.get("path")
+    path = cfg["path"]
     if not path:
         raise UserError("dataset=folder needs dataset.path=DIR (a directory of PNG, JPEG or WebP images)")
     import os
 
-    images, labels, classes = read_folder(Path(os.path.expanduser(str(path))), _positive(cfg, "resolution"))
-    return ImageDataset(images, labels, len(classes), "folder", flip=bool(cfg.get("flip", True)))
+    images, labels, classes = read_folder(Path(os.path.expanduser(str(path))), positive_int(cfg, "resolution"))
+    return ImageDataset(images, labels, len(classes), "folder", flip=bool(cfg["flip"]))

@@ -77,18 +77,18 @@ def find(name: str, dirs: list[Path]) -> Path | None:
 def load_split(cfg, which: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 N x 1 x 28 x 28 images and int64 labels of a split of dataset `which`."""
     src = SOURCES[which]
-    split = cfg.get("split", "train")
+    split = cfg["split"]
     if split not in FILES:
         raise UserError(f"dataset.split={split!r} is not allowed: choose train or test")
-    root = cache_dir(cfg, which)
+    root = cache_dir(cfg)
     dirs = [root, *map(Path, src["dirs"])]
-    md5 = src["md5"] if cfg.get("verify", True) else {}
+    md5 = src["md5"] if cfg["verify"] else {}
     arrays = []
     for name, rank in zip(FILES[split], (3, 1)):
         path = find(name, dirs)
         if path is None:
             path = root / f"{name}.gz"
-            fetch_or_explain((cfg.get("url") or src["url"]) + path.name, path, bool(cfg.get("download", True)))
+            fetch_or_explain((cfg["url"] or src["url"]) + path.name, path, bool(cfg["download"]))
         if path.parent == root:  # system directories hold what the package manager verified (and recompressed)
             verify_md5(path, md5.get(path.name))
         arrays.append(read_idx(path, rank))
@@ -102,8 +102,8 @@ def _load(cfg, which: str):
     from diffuse.data import ImageDataset, fit_resolution
 
     images, labels = load_split(cfg, which)
-    images = fit_resolution(images, cfg, fit_default="pad")
-    return ImageDataset(images, labels, 10, which, flip=bool(cfg.get("flip", False)))
+    images = fit_resolution(images, cfg)
+    return ImageDataset(images, labels, 10, which, flip=bool(cfg["flip"]))
 
 
 def load_mnist(cfg):

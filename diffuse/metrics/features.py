@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from diffuse.errors import UserError
+from diffuse.errors import UserError, check_number
 
 EXTRACTORS = ("inception", "checkpoint")
 
@@ -93,3 +93,35 @@ def _middle_layer(net: nn.Module) -> nn.Module:
     if hasattr(net, "blocks"):
         return net.blocks[len(net.blocks) // 2]
     raise UserError(f"metrics.features=checkpoint does not know where the middle of a {type(net).__name__} is")
+
+
+def check_metrics_config(m: dict) -> dict:
+    """The `metrics` group, checked before any image is drawn or read."""
+    for key, minimum in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("kid_ref_max", 2), ("is_splits", 1)):
+        check_number(f"metrics.{key}", m[key], minimum=minimum, integer=True)
+    check_number("metrics.seed", m["seed"], integer=True)
+    sha = m["inception_sha256"]
+    if sha not in (None, "") and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+        raise UserError(f"metrics.inception_sha256={sha!r} is not allowed: 64 hex digits, or null to skip the check")
+    return m
+
+
+def build_extractor(m: dict, device: torch.device):
+    """The extractor `metrics.features` names: the FID Inception (its weights found offline or downloaded), or a
+    diffuse checkpoint's network (metrics.features_ckpt)."""
+    name = m["features"]
+    if name == "inception":
+        from diffuse.metrics.inception import find_weights, load_inception
+
+        path = find_weights(m["inception_weights"], download=m["download"])
+        net, sha = load_inception(path, m["inception_sha256"])
+        return InceptionFeatures(net, sha, device)
+    if name == "checkpoint":
+        from diffuse.checkpoint import content_hash, load_checkpoint, resolve_ckpt_path
+        from diffuse.pipeline.model import network_from_checkpoint
+
+        if m["features_ckpt"] in (None, ""):
+            raise UserError("metrics.features=checkpoint needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse checkpoint trained on the reference data")
+        net = network_from_checkpoint(load_checkpoint(resolve_ckpt_path(m["features_ckpt"]))).net
+        return NetworkFeatures(net, content_hash(net.state_dict()), device)
+    raise UserError(f"metrics.features={name!r} is not allowed: choose one of {', '.join(EXTRACTORS)}")

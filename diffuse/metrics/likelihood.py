@@ -122,6 +122,9 @@ def reverse_variance(schedule: Schedule, t: torch.Tensor, variance: str) -> torc
     if variance not in VARIANCES:
         raise UserError(f"variance={variance!r} is not allowed: choose one of {', '.join(VARIANCES)}")
     t = t.cpu().long()
+    # No reverse step leaves clean data, and a negative index would wrap round to the noisiest level.
+    if bool((t < 0).any()):
+        raise ValueError(f"reverse variance of p(x_(t-1) | x_t) needs timesteps t >= 0, got {int(t.min())}")
     table = schedule.posterior_variance if variance == "beta_tilde" else schedule.betas
     return torch.where(t == 0, schedule.posterior_variance[1], table[t])
 
@@ -316,3 +319,71 @@ def ode_bpd(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator:
     log2(256/2) of the bins' width 2/256. An upper bound on -log2 P(x) in expectation over the dequantization."""
     z = dequantize(x, generator)
     return bpd_from_dequantized_nll(ode_nll(denoiser, z, schedule, y=y, generator=generator, **ode_kwargs))
+
+
+# --------------------------------------------------------------------------------------- scoring a held-out set
+
+METHODS = ("vlb", "ode")
+
+
+def check_likelihood_config(lc: dict) -> dict:
+    """The `likelihood` group, checked before any work; methods as a list without repeats."""
+    from diffuse.errors import check_choice, check_number
+
+    lc = dict(lc)
+    if lc["n"] is not None:
+        check_number("likelihood.n", lc["n"], minimum=1, integer=True)
+    for key in ("batch_size", "batch_t", "ode_steps"):
+        check_number(f"likelihood.{key}", lc[key], minimum=1, integer=True)
+    check_number("likelihood.hutchinson", lc["hutchinson"], minimum=0, integer=True)
+    check_number("likelihood.seed", lc["seed"], integer=True)
+    check_number("likelihood.sigma_min", lc["sigma_min"], minimum=0, exclusive_min=True)
+    methods = [lc["methods"]] if isinstance(lc["methods"], str) else list(lc["methods"] or [])
+    if not methods or any(m not in METHODS for m in methods):
+        raise UserError(f"likelihood.methods={methods!r} is not allowed: a list of {', '.join(METHODS)}")
+    lc["methods"] = list(dict.fromkeys(methods))
+    check_choice("likelihood.variance", lc["variance"], VARIANCES)
+    check_choice("likelihood.probe", lc["probe"], PROBES)
+    return lc
+
+
+def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict, y_null: Optional[int], d, device) -> dict[str, float]:
+    """bits/dim of 8-bit data (kind="bpd") or nats/dim of continuous data (kind="nll") of the examples x (in [-1, 1]),
+    by each of lc["methods"], sharded over torchrun ranks (`d`), with the standard error of each mean. Example i's
+    noise, probes and dequantization depend only on (lc["seed"], i): the figures do not depend on the batch size
+    or the number of ranks. y_null: the null label that scores a class-conditional network unconditionally."""
+    from diffuse import distributed
+    from diffuse.console import progress_bar
+    from diffuse.diffusion.noise import PerSample
+
+    if kind == "bpd":  # the 8-bit grid: continuous data (gmm) is quantized first, as an image file would be
+        from diffuse.images import from_uint8, to_uint8
+
+        x = from_uint8(to_uint8(x))
+    bs, methods = lc["batch_size"], lc["methods"]
+    mine = list(range(d.rank, x.shape[0], d.world))
+    per: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    with progress_bar(d.main) as bar:
+        tasks = {m: bar.add_task(f"{kind} by the {'variational bound' if m == 'vlb' else 'probability-flow ODE'}", total=x.shape[0]) for m in methods}
+        for s in range(0, len(mine), bs):
+            idx = mine[s : s + bs]
+            xb = x[idx].to(device)
+            y = None if y_null is None else torch.full((len(idx),), y_null, dtype=torch.long, device=device)
+            for m in methods:
+                gen = PerSample(lc["seed"], idx)
+                if m == "vlb":
+                    fn = vlb_bpd if kind == "bpd" else vlb_nll
+                    v = fn(denoiser, xb, schedule, y=y, generator=gen, variance=lc["variance"], batch_t=lc["batch_t"])
+                else:
+                    fn = ode_bpd if kind == "bpd" else ode_nll
+                    v = fn(denoiser, xb, schedule, y=y, generator=gen, hutchinson=lc["hutchinson"], probe=lc["probe"],
+                           steps=lc["ode_steps"], sigma_min=lc["sigma_min"])
+                per[m].append(v)
+                bar.advance(tasks[m], len(idx) * d.world)
+    out: dict[str, float] = {}
+    for m in methods:
+        mine_v = torch.cat(per[m]) if per[m] else torch.empty(0, dtype=torch.float64)
+        allv = torch.cat(distributed.gather(mine_v, d))
+        out[f"{kind}_{m}"] = float(allv.mean())
+        out[f"{kind}_{m}_sem"] = float(allv.std() / allv.numel() ** 0.5) if allv.numel() > 1 else float("nan")
+    return out

@@ -1,29 +1,58 @@
-"""What every command's job shares: the run dir guard, devices, schedules and denoisers from configs."""
+"""What the commands' jobs share: the run dir guard, the saved config, and the composed config turned into the
+pipeline's arguments (runtime, model, sampling job)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffuse.errors import UserError
-
-console = Console(stderr=False, highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+from diffuse.console import console, err_console
+from diffuse.errors import UserError, check_number
+from diffuse.pipeline.job import SamplingJob, prepare_sampling
+from diffuse.pipeline.model import Model, load_model
+from diffuse.pipeline.runtime import Runtime, resolve_runtime
 
 
 def to_dict(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig):
+    """A config node as plain Python (dicts, lists, values), resolved; plain values pass through."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+def runtime_of(cfg: DictConfig, images: Optional[int] = None) -> Runtime:
+    """The command's runtime group resolved (`images`: how many a sampling command draws, for compile=auto)."""
+    return resolve_runtime(to_dict(cfg.runtime), images=images)
+
+
+def model_of(cfg: DictConfig, runtime: Runtime) -> Model:
+    """ckpt= or model=oracle (with its dataset and schedule) as a Model."""
+    return load_model(ckpt=cfg.ckpt, model=to_dict(cfg.model), dataset=to_dict(cfg.dataset), schedule=to_dict(cfg.schedule),
+                      use_ema=cfg.use_ema, runtime=runtime)
+
+
+def sampling_job_of(cfg: DictConfig, model: Model, n: int) -> SamplingJob:
+    """The sampler, guidance and labels of a sampling command (sample, eval), checked."""
+    seed = check_number("seed", cfg.seed, integer=True)
+    return prepare_sampling(model, sampler=to_dict(cfg.sampler), steps=cfg.steps, guidance=to_dict(cfg.guidance),
+                            label=cfg.label, labels=to_dict(cfg.labels), n=n, seed=seed)
+
+
+def dataset_config(name: str) -> dict:
+    """The composed config of dataset=NAME (its defaults list applied), as training would build it."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a command: compose with its search path
+        return to_dict(compose(config_name="train", overrides=[f"dataset={name}"]).dataset)
+    with initialize_config_module(config_module="diffuse.conf", version_base=None):
+        return to_dict(compose(config_name="train", overrides=[f"dataset={name}"]).dataset)
 
 
 def run_dir() -> Path:
@@ -94,63 +123,6 @@ def save_resolved_config(cfg: DictConfig, out: Path) -> None:
 
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
-
-
-def pick_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device={name!r} is not allowed: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} asked for, but no CUDA device is available: use device=cpu or auto")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device={name!r} is not allowed: use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun each rank owns GPU LOCAL_RANK: chosen here, before any network or tensor is placed, so
-        # that nothing lands on GPU 0 of every rank.
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def autocast_dtype(precision: str, device: torch.device):
-    """bf16 autocast on CUDA by default; the CPU runs float32 (its bf16 convs are slower, not faster)."""
-    if precision in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    raise UserError(f"precision={precision!r} is not allowed: choose one of auto, fp32, bf16")
-
-
-def build_schedule(cfg: Any):
-    from diffuse.diffusion.schedule import make_schedule
-
-    cfg = dict(to_dict(cfg) or {})
-    kind = cfg.pop("kind", "linear")
-    allowed = {"T", "beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau", "max_beta"}
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise UserError(f"schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(allowed))}")
-    for key, val in cfg.items():
-        if key != "T" and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val)):
-            raise UserError(f"schedule.{key}={val!r} is not allowed: it must be a finite number")
-    return make_schedule(kind, **cfg)
-
-
-def check_number(name: str, value: Any, *, minimum=None, maximum=None, integer=False, exclusive_min=False) -> Any:
-    """One clear line for a value of the wrong type or out of range."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)) or (not integer and not math.isfinite(value)):
-        raise UserError(f"{name}={value!r} is not allowed: it must be {kind}")
-    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
-        raise UserError(f"{name}={value!r} is not allowed: it must be {'>' if exclusive_min else '>='} {minimum}")
-    if maximum is not None and value > maximum:
-        raise UserError(f"{name}={value!r} is not allowed: it must be <= {maximum}")
-    return value
 
 
 def write_json(path: Path, obj: Any) -> None:

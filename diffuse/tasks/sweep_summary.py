@@ -52,7 +52,7 @@ def collect(sweep_dir: Path, since: float = 0.0) -> list[dict]:
 
 
 def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
-    from diffuse.tasks.common import console
+    from diffuse.console import console
 
     rows = collect(sweep_dir, since)
     if not rows:

@@ -1,0 +1,44 @@
+"""The chain every sampling command runs, once: model -> sampler plan -> labels -> guidance (`SamplingJob`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from diffuse.pipeline.conditioning import Guidance, guide, parse_guidance, sample_labels
+from diffuse.pipeline.model import Model
+from diffuse.pipeline.sampling import SamplerPlan, Samples, generate, plan_sampler
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    model: Model
+    denoiser: Callable  # the model's denoiser with guidance
+    plan: SamplerPlan
+    guidance: Guidance
+    labels: Optional[torch.Tensor]  # label of image i, for i < n; None: unconditional
+    seed: int
+
+    def generate(self, indices: list[int], *, device: torch.device, batch_size: int, **kwargs) -> Samples:
+        """Images `indices` (see pipeline.sampling.generate for on_batch, keep, progress, fixed_shape)."""
+        labels = self.labels[indices] if self.labels is not None else None
+        return generate(self.denoiser, self.plan, shape=self.model.shape, seed=self.seed, device=device,
+                        batch_size=batch_size, indices=indices, labels=labels, **kwargs)
+
+    def info(self) -> dict:
+        """What sample.json and metrics.json record of how the images were drawn (nfe is added once counted)."""
+        out = {"sampler": self.plan.name, "steps": self.plan.steps, "seed": self.seed, **self.model.source}
+        if self.labels is not None:
+            out["guidance_scale"] = self.guidance.scale
+        return out
+
+
+def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guidance: Optional[dict], label, labels,
+                     n: int, seed: int) -> SamplingJob:
+    """Everything checked before the first image is drawn: the sampler's options, labels and guidance."""
+    plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0)
+    g = parse_guidance(guidance)
+    chosen = sample_labels(model, g, label, labels, n)
+    return SamplingJob(model, guide(model, g), plan, g, chosen, seed)

@@ -1,0 +1,125 @@
+"""A sampler config -> a checked call (`SamplerPlan`), counted network evaluations, and batched generation in which
+image i depends only on (seed, i)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from diffuse.console import progress_bar
+from diffuse.diffusion.noise import PerSample, randn
+from diffuse.diffusion.samplers import get_sampler
+from diffuse.diffusion.schedule import Schedule
+from diffuse.diffusion.timesteps import sampler_timesteps
+from diffuse.errors import UserError
+
+# Keys of a sampler config that choose the timesteps or the defaults, not arguments of the sampler function.
+SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho"}
+# Arguments a sampler gets from the caller, never from its config.
+CALL_ARGS = {"denoiser", "x_T", "timesteps", "schedule", "generator", "y", "hook"}
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """One sampler with its timesteps and options, checked: `plan(denoiser, x_T, generator=...)` -> x_0."""
+
+    name: str
+    fn: Callable
+    steps: int
+    timesteps: torch.Tensor
+    schedule: Schedule
+    options: dict  # keyword arguments of fn, clip_x0 included
+
+    def __call__(self, denoiser, x_T: torch.Tensor, *, generator, y=None, hook=None) -> torch.Tensor:
+        kwargs = dict(self.options, hook=hook) if hook is not None else self.options
+        return self.fn(denoiser, x_T, self.timesteps, self.schedule, generator=generator, y=y, **kwargs)
+
+
+def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, clip_default: bool) -> SamplerPlan:
+    """The sampler of `sampler_cfg` over `steps` (None: its default_steps, or all T); unknown options are refused."""
+    name = sampler_cfg["name"]
+    fn = get_sampler(name)
+    if steps is None:
+        steps = sampler_cfg["default_steps"] or schedule.T
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and {schedule.T}")
+    rho = {"rho": sampler_cfg["rho"]} if "rho" in sampler_cfg else {}  # only the karras spacing has one
+    timesteps = sampler_timesteps(schedule, steps, sampler_cfg["spacing"], **rho)
+    params = set(inspect.signature(fn).parameters)
+    options = {}
+    for key, val in sampler_cfg.items():
+        if key in SAMPLER_META:
+            continue
+        if key not in params or key in CALL_ARGS:
+            raise UserError(f"sampler.{key} is not an option of sampler {name}")
+        options[key] = val
+    clip = sampler_cfg["clip_x0"]
+    if clip not in ("auto", None, True, False):
+        raise UserError(f"sampler.clip_x0={clip!r} is not allowed: auto, true or false")
+    options["clip_x0"] = clip_default if clip in ("auto", None) else clip
+    # Samplers check their options on entry: a call over no timesteps refuses bad ones before any work is done.
+    fn(None, torch.zeros(1), timesteps[:0], schedule, **options)
+    return SamplerPlan(name, fn, steps, timesteps, schedule, options)
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls: the honest number of network evaluations (NFE) a sampler made.
+    One call is one batched forward pass (with classifier-free guidance, cond and null share it)."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def __call__(self, x_t, t, y=None):
+        self.calls += 1
+        return self.denoiser(x_t, t, y)
+
+
+class Samples(NamedTuple):
+    images: torch.Tensor  # in model space, on the CPU (empty when keep=False)
+    nfe: int  # denoiser calls per image (counted on the first batch)
+
+
+def generate(
+    denoiser,
+    plan: SamplerPlan,
+    *,
+    shape: tuple[int, ...],
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+    indices: list[int],
+    labels: Optional[torch.Tensor] = None,
+    on_batch: Optional[Callable[[int, torch.Tensor], None]] = None,
+    progress: bool = True,
+    keep: bool = True,
+    fixed_shape: bool = False,
+) -> Samples:
+    """Draw images `indices`, each from its own (seed, i) noise stream; labels[j] is the label of indices[j].
+
+    on_batch(first position in indices, images) is called as each batch completes. keep=False holds no images:
+    for callers that consume each batch (evaluation of 50k samples). fixed_shape pads a short last batch to
+    batch_size with copies of its last image (dropped after), so that a compiled network or its CUDA graph
+    sees one shape only; images are drawn independently, so the padding changes none of them."""
+    outs, nfe = [], 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"sampling ({plan.name}, {plan.steps} steps)", total=len(indices))
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            pad = batch_size - len(idx) if fixed_shape else 0
+            gen = PerSample(seed, idx + idx[-1:] * pad)
+            x_T = randn((len(idx) + pad, *shape), gen, device)
+            y = labels[start : start + len(idx)] if labels is not None else None
+            y = torch.cat([y, y[-1:].expand(pad)]).to(device) if y is not None else None
+            counter = CountingDenoiser(denoiser)
+            x0 = plan(counter, x_T, generator=gen, y=y)[: len(idx)].float().cpu()
+            nfe = nfe or counter.calls
+            if keep:
+                outs.append(x0)
+            if on_batch is not None:
+                on_batch(start, x0)
+            bar.advance(task, len(idx))
+    return Samples(torch.cat(outs) if outs else torch.empty(0, *shape), nfe)
