@@ -6,6 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.errors import HydraException
+from typer.testing import CliRunner
+
+from diffuse.cli import app
+from diffuse.conf_help import conf_root, groups_of, options
+from tests.conftest import compose
 
 TINY = [
     "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
@@ -74,7 +80,39 @@ def test_help_reads_well(tmp_path):
     r = diffuse("--help", cwd=tmp_path)
     assert r.returncode == 0 and "train" in r.stdout and "sample" in r.stdout
     r = diffuse("train", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "experiment=quickstart" in r.stdout
+    assert r.returncode == 0 and "diffuse train experiment=quickstart" in r.stdout and "runtime.device=auto" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "inpaint", "eval"])
+def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_path):
+    """The help is read from conf/: every file of every group the command composes is an option there, and
+    composes. A group or option added to conf/ shows up without touching the help."""
+    r = CliRunner().invoke(app, [command, "--help"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines() if line.startswith("    ") and line.split()}
+    groups = groups_of(command)
+    assert groups and {g for g, _ in groups} >= {"runtime", "sampler"} | ({"trainer"} if command == "train" else set())
+    for group, default in groups:
+        on_disk = sorted(p.name[:-5] for p in (conf_root() / group).iterdir() if p.name.endswith(".yaml"))
+        assert options(group) == on_disk
+        listed = [o.rstrip("*") for o in rows[group] if o not in ("|", "(none", "by", "default)")]
+        assert sorted(listed) == on_disk, (group, rows[group])
+        assert (f"{default}*" in rows[group]) if default else "(none" in rows[group]
+        for option in on_disk:
+            try:
+                compose(command, [f"{group}={option}"])
+            except HydraException as e:
+                raise AssertionError(f"{command} {group}={option}: {e}") from None
+    for key in compose(command, []).runtime:  # the runtime group's keys, each listed with its default
+        assert f"runtime.{key}=" in r.output
+
+
+def test_moved_keys_point_to_their_new_place(tmp_path):
+    r = diffuse("sample", "model=oracle", "device=cpu", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: device= is now runtime.device= (the runtime group: device, precision and fast paths for every command)"
+    r = diffuse("train", "trainer.compile=true", cwd=tmp_path)
+    assert r.returncode == 2 and "trainer.compile= is now runtime.compile=" in r.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):

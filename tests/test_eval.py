@@ -258,3 +258,67 @@ def test_likelihood_refusals(feature_ckpt, tmp_path):
     with pytest.raises(UserError, match="likelihood.hutchinson=-1 is not allowed"):
         run_eval([*LIK, "metric=[nll]", "likelihood.hutchinson=-1"], tmp_path / "o")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_an_adm_npz_reference_is_the_same_images_as_a_png_folder(sampled, fx, tmp_path):
+    """ref= takes an ADM-style npz (arr_0 uint8 N x H x W x C, how reference batches are shared): its statistics
+    are those of the same images as PNG files, and the samples scored against themselves give FID ~ 0."""
+    arr = np.load(sampled / "samples.npz")["arr_0"]
+    np.savez(tmp_path / "ref.npz", arr_0=arr)
+    folder = tmp_path / "refpng"
+    folder.mkdir()
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(folder / f"{i:03d}.png")
+    a = run_eval([*fx, "metric=[fid,kid]", f"samples={sampled}", f"ref={tmp_path / 'ref.npz'}"], tmp_path / "a")
+    b = run_eval([*fx, "metric=[fid,kid]", f"samples={sampled}", f"ref={folder}"], tmp_path / "b")
+    assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-9, abs=1e-9)
+    assert a["reference"]["source"] == f"npz {tmp_path / 'ref.npz'}" and a["reference"]["n"] == 40
+    assert abs(a["metrics"]["fid"]) < 1e-3
+    (tmp_path / "notes.txt").write_text("x")
+    for value, needle in [("gone.npz", "ref='.*gone.npz' does not exist"), ("notes.txt", "is neither a statistics .safetensors, an ADM-style .npz")]:
+        with pytest.raises(UserError, match=needle):
+            run_eval([*fx, f"samples={sampled}", f"ref={tmp_path / value}"], tmp_path / "c")
+
+
+def test_16_bit_and_grey_pngs_are_read_through_convert_image(tmp_path):
+    """A 16-bit mid-grey PNG is 117 on the 8-bit scale (30000 / 65535 * 255), not clipped to 255, and it and other
+    grey modes count as one channel."""
+    from diffuse.images import open_images
+
+    folder = tmp_path / "grey16"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(folder / "a.png")
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).convert("LA").save(folder / "b.png")
+    src = open_images(folder, "samples")
+    assert Image.open(folder / "a.png").mode.startswith("I") and src.shape == (1, 8, 8)
+    batch = src.batch([0, 1])
+    assert batch.dtype == torch.uint8 and batch[0].unique().tolist() == [117] and batch[1].unique().tolist() == [100]
+
+
+def test_eval_sizes_its_runtime_by_the_images_it_draws(monkeypatch, tmp_path):
+    """n=null generates the standard 50000, and that is what compile=auto weighs (it used to see null and never
+    compile); runtime.compile=true is accepted by eval like by every command."""
+    from diffuse.pipeline import runtime
+    from diffuse.tasks.common import to_dict
+
+    class Seen(Exception):
+        pass
+
+    seen = []
+
+    def record(cfg, images=None):
+        seen.append(images)
+        raise Seen
+
+    monkeypatch.setattr(evaluate, "runtime_of", record)
+    for extra in ([], ["n=64"]):
+        with pytest.raises(Seen):
+            run_eval(["model=oracle", *extra], tmp_path / "o")
+    assert seen == [50000, 64]
+    monkeypatch.setattr(runtime, "pick_device", lambda name: torch.device("cpu" if name == "cpu" else "cuda"))
+    rc = to_dict(compose("eval", []).runtime)
+    assert runtime.resolve_runtime(rc, images=50000).compile and runtime.resolve_runtime(rc, images=50000).cuda_graphs
+    assert not runtime.resolve_runtime(rc, images=64).compile and runtime.resolve_runtime(rc).compile  # training: on CUDA
+    forced = to_dict(compose("eval", ["runtime.compile=true"]).runtime)
+    assert runtime.resolve_runtime(forced, images=64).compile
+    assert not runtime.resolve_runtime({**rc, "device": "cpu"}, images=50000).compile

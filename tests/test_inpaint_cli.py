@@ -122,3 +122,22 @@ def test_bad_folders_sizes_and_files_are_refused(files, oracle_cfg):
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "inpaint.method=conditioned"), d / "o5", "objective.mask_training=true")
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "inpaint.jump_last=2"), d / "o6", "inpaint.jump_last=2")
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "sampler=euler"), d / "o7", "cannot drive repaint")
+
+
+def test_methods_are_a_config_group(files, compose_cfg):
+    """inpaint=replace|repaint|conditioned picks the method and its options; repaint's options belong to it."""
+    from diffuse.tasks import inpaint as inpaint_task
+
+    d, a = files
+
+    def cfg(*extra):
+        return compose_cfg("inpaint", [f"image={d / 'img.png'}", f"mask={d / 'mask.png'}", "model=oracle", "steps=10", *extra])
+
+    info = inpaint_task.run(cfg("inpaint=replace", "sampler=dpm_solver"), d / "rep")
+    assert info["method"] == "replace" and info["nfe"] == 10 and "jump_length" not in info
+    res = np.asarray(Image.open(d / "rep" / "img_00.png"))
+    assert (res[:, :4] == a[:, :4]).all() and not (res[:, 4:] == a[:, 4:]).all()
+    info = inpaint_task.run(cfg("inpaint=repaint", "inpaint.resamples=2"), d / "rp")
+    assert info["method"] == "repaint" and (info["jump_length"], info["resamples"], info["jump_last"]) == (5, 2, 0.2)
+    assert info["nfe"] == 10 + 5  # jump points: level 1 only (6 > 0.2 * 10), walked twice, 5 steps each
+    _refused(cfg("inpaint=replace", "inpaint.method=repaint"), d / "o", "choose the method with inpaint=repaint")

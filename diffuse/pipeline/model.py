@@ -58,7 +58,7 @@ class TrainedNetwork:
 def schedule_from_config(cfg: Optional[dict]) -> Schedule:
     """A Schedule from a `schedule` config (or a checkpoint's copy of one): unknown keys and non-numbers are refused."""
     cfg = dict(cfg or {})
-    kind = cfg.pop("kind", "linear")
+    kind = cfg.pop("kind", None)
     unknown = sorted(set(cfg) - SCHEDULE_KEYS)
     if unknown:
         raise UserError(f"schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}")

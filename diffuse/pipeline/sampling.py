@@ -46,8 +46,7 @@ def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, cl
         steps = sampler_cfg["default_steps"] or schedule.T
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and {schedule.T}")
-    rho = {"rho": sampler_cfg["rho"]} if "rho" in sampler_cfg else {}  # only the karras spacing has one
-    timesteps = sampler_timesteps(schedule, steps, sampler_cfg["spacing"], **rho)
+    timesteps = sampler_timesteps(schedule, steps, sampler_cfg["spacing"], sampler_cfg["rho"])
     params = set(inspect.signature(fn).parameters)
     options = {}
     for key, val in sampler_cfg.items():
