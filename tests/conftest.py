@@ -56,3 +56,52 @@ def oracle_setup():
 
 def gaussian_x_T(n, shape, seed=0):
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class GaussianFlow:
+    """Data N(mu, s^2 I): its exact denoiser (a one-component mixture) and its probability-flow ODE in closed form.
+
+    Under x_t = alpha x_0 + sigma eps the marginal at every level is N(alpha mu, (alpha^2 s^2 + sigma^2) I) and the
+    flow keeps the standardised point z = (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) fixed, so any level maps to
+    any other exactly. A solver's last step to clean data is x0_hat at its last level; `reference` is what a
+    solver that integrates the ODE exactly up to that level returns, so that its error is the integration error
+    alone and shrinks with the step size at the solver's order."""
+
+    def __init__(self, schedule, s: float = 0.5, shape=(1, 4, 4), seed: int = 0):
+        from diffuse.data.gmm import GaussianMixture
+        from diffuse.diffusion.oracle import GMMDenoiser
+
+        g = torch.Generator().manual_seed(seed)
+        self.mu = (torch.rand(shape, generator=g, dtype=torch.float64) * 1.2 - 0.6)
+        self.s, self.schedule = s, schedule
+        mixture = GaussianMixture(self.mu[None], torch.tensor([s], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        self.denoiser = GMMDenoiser(mixture, schedule)
+
+    def _ab(self, t) -> float:
+        from diffuse.diffusion.samplers.common import alpha_bar_of
+
+        return alpha_bar_of(self.schedule, t)
+
+    def flow(self, x: torch.Tensor, t_from, t_to) -> torch.Tensor:
+        a0, a1 = self._ab(t_from) ** 0.5, self._ab(t_to) ** 0.5
+        v0, v1 = a0**2 * self.s**2 + (1 - a0**2), a1**2 * self.s**2 + (1 - a1**2)
+        return a1 * self.mu + (v1 / v0) ** 0.5 * (x - a0 * self.mu)
+
+    def reference(self, x_T: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        from diffuse.diffusion.samplers.common import batch_time, time_list
+
+        ts = time_list(timesteps)
+        x_last = self.flow(x_T, ts[0], ts[-1])
+        a = self._ab(ts[-1]) ** 0.5
+        eps = self.denoiser(x_last, batch_time(ts[-1], x_last))
+        return (x_last - (1 - a**2) ** 0.5 * eps) / a
+
+    def x_T(self, n: int = 8, seed: int = 1) -> torch.Tensor:
+        return torch.randn((n, *self.mu.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def observed_orders(errors: list[float]) -> list[float]:
+    """log2 of successive error ratios when the step count doubles: the observed order of convergence."""
+    import math
+
+    return [math.log2(a / b) for a, b in zip(errors, errors[1:])]

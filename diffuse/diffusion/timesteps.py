@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffuse.errors import UserError
@@ -57,10 +59,67 @@ def karras_timesteps(schedule, steps: int, rho: float = 7.0) -> torch.Tensor:
     return ts
 
 
+def sigma_timesteps(schedule, sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timesteps (float64, decreasing) at the noise levels `sigmas` (decreasing, > 0), exact at the
+    schedule's ends."""
+    ts = schedule.t_from_sigma(sigmas.to(torch.float64))
+    s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+    ts = torch.where(torch.isclose(sigmas, torch.tensor(s_max, dtype=torch.float64), rtol=1e-12), float(schedule.T - 1), ts)
+    return torch.where(torch.isclose(sigmas, torch.tensor(s_min, dtype=torch.float64), rtol=1e-12), 0.0, ts)
+
+
+def level_sigmas(schedule, steps: int, kind: str, rho: float = 7.0) -> torch.Tensor:
+    """`steps` noise levels (decreasing) between sigma_max = sigma(T-1) and sigma_min = sigma(0):
+
+    logsnr   uniform in log sigma, i.e. in log-SNR (Lu et al. 2022's uniform-lambda steps)
+    polyexp  log sigma polynomial in the step index, ramp^rho (k-diffusion's polyexponential): rho = 1 is logsnr,
+             rho > 1 spends the steps at low noise
+    """
+    s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+    if steps == 1:
+        return torch.tensor([s_max], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if kind == "polyexp":
+        ramp = 1 - (1 - ramp) ** rho
+    return torch.exp(math.log(s_max) + ramp * (math.log(s_min) - math.log(s_max)))
+
+
+def explicit_timesteps(schedule, *, sigmas=None, timesteps=None) -> torch.Tensor:
+    """A solver's levels given as a list: noise levels sigma (decreasing, in [sigma_min, sigma_max]) or timesteps
+    (decreasing, in [0, T-1], fractional allowed). The step after the last goes to clean data."""
+    T = schedule.T
+    if sigmas is not None and timesteps is not None:
+        raise UserError("sampler.sigmas and sampler.timesteps cannot both be given: choose one")
+    name, values = ("sampler.sigmas", sigmas) if sigmas is not None else ("sampler.timesteps", timesteps)
+    if not isinstance(values, (list, tuple)) or not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise UserError(f"{name}={values!r} is not allowed: give a non-empty list of numbers")
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    if not torch.isfinite(v).all() or (len(v) > 1 and not (v[1:] < v[:-1]).all()):
+        raise UserError(f"{name}={list(values)!r} is not allowed: the values must be finite and strictly decreasing")
+    if sigmas is not None:
+        s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+        if v[0] > s_max * (1 + 1e-9) or v[-1] < s_min * (1 - 1e-9):
+            raise UserError(f"{name}={list(values)!r} is not allowed: noise levels must lie in [{s_min:.6g}, {s_max:.6g}], the schedule's")
+        return sigma_timesteps(schedule, v.clamp(s_min, s_max))
+    if v[0] > T - 1 or v[-1] < 0:
+        raise UserError(f"{name}={list(values)!r} is not allowed: timesteps must lie in [0, {T - 1}]")
+    return v.long() if all(float(x).is_integer() for x in values) else v
+
+
+LEVEL_SPACINGS = ("karras", "logsnr", "polyexp")
+
+
 def sampler_timesteps(schedule, steps: int, spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
-    """Integer timesteps for the uniform spacings, fractional ones for `karras`."""
+    """Integer timesteps for the uniform spacings, fractional ones for the noise-level spacings."""
     if spacing == "karras":
         return karras_timesteps(schedule, steps, rho)
+    if spacing in ("logsnr", "polyexp"):
+        T = schedule.T
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and T={T}")
+        if not (rho > 0):
+            raise UserError(f"sampler.rho={rho!r} is not allowed: it must be > 0")
+        return sigma_timesteps(schedule, level_sigmas(schedule, steps, spacing, rho))
     if spacing not in SPACINGS:
-        raise UserError(f"sampler.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS + ('karras',))}")
+        raise UserError(f"sampler.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS + LEVEL_SPACINGS)}")
     return make_timesteps(schedule.T, steps, spacing)

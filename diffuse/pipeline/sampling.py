@@ -13,11 +13,12 @@ from diffuse.console import progress_bar
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import get_sampler
 from diffuse.diffusion.schedule import Schedule
-from diffuse.diffusion.timesteps import sampler_timesteps
+from diffuse.diffusion.timesteps import explicit_timesteps, sampler_timesteps
 from diffuse.errors import UserError
 
-# Keys of a sampler config that choose the timesteps or the defaults, not arguments of the sampler function.
-SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho"}
+# Keys of a sampler config that choose the levels or the defaults (conf/shared/levels.yaml), not arguments of
+# the sampler function.
+SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho", "sigmas", "timesteps", "schedule"}
 # Arguments a sampler gets from the caller, never from its config.
 CALL_ARGS = {"denoiser", "x_T", "timesteps", "schedule", "generator", "y", "hook"}
 
@@ -42,11 +43,8 @@ def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, cl
     """The sampler of `sampler_cfg` over `steps` (None: its default_steps, or all T); unknown options are refused."""
     name = sampler_cfg["name"]
     fn = get_sampler(name)
-    if steps is None:
-        steps = sampler_cfg["default_steps"] or schedule.T
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and {schedule.T}")
-    timesteps = sampler_timesteps(schedule, steps, sampler_cfg["spacing"], sampler_cfg["rho"])
+    timesteps = levels_of(sampler_cfg, steps, schedule)
+    steps = len(timesteps)
     params = set(inspect.signature(fn).parameters)
     options = {}
     for key, val in sampler_cfg.items():
@@ -62,6 +60,24 @@ def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, cl
     # Samplers check their options on entry: a call over no timesteps refuses bad ones before any work is done.
     fn(None, torch.zeros(1), timesteps[:0], schedule, **options)
     return SamplerPlan(name, fn, steps, timesteps, schedule, options)
+
+
+def levels_of(sampler_cfg: dict, steps: Optional[int], schedule: Schedule) -> torch.Tensor:
+    """The timesteps the sampler visits: an explicit list (sampler.sigmas or sampler.timesteps), else `steps` (None:
+    the sampler's default_steps, or all T) spaced by sampler.spacing."""
+    explicit = sampler_cfg["sigmas"] is not None or sampler_cfg["timesteps"] is not None
+    if sampler_cfg["schedule"] != "stock":
+        raise UserError(f"sampler.schedule={sampler_cfg['schedule']!r} is not allowed here: stock")
+    if explicit:
+        timesteps = explicit_timesteps(schedule, sigmas=sampler_cfg["sigmas"], timesteps=sampler_cfg["timesteps"])
+        if steps is not None and steps != len(timesteps):
+            raise UserError(f"steps={steps} but the sampler's explicit list has {len(timesteps)} levels: give one or the other")
+        return timesteps
+    if steps is None:
+        steps = sampler_cfg["default_steps"] or schedule.T
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and {schedule.T}")
+    return sampler_timesteps(schedule, steps, sampler_cfg["spacing"], sampler_cfg["rho"])
 
 
 class CountingDenoiser:

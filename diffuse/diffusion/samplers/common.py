@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffuse.diffusion.schedule import Schedule
@@ -104,3 +106,53 @@ def ode_steps(denoiser, x_T, timesteps, schedule, *, second_order: bool, y, clip
             x_t = hook(xs * (1 + sigma**2) ** -0.5, nxt)
             xs = x_t * (1 + sigma**2) ** 0.5
     return xs
+
+
+class Level:
+    """One noise level of a solver's path, as float64 Python numbers: x_t = alpha x_0 + sigma eps with
+    alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t), and the half log-SNR lambda = log(alpha / sigma)
+    (the exponential integrators' time, Lu et al. 2022). The clean end is t = -1: alpha 1, sigma 0, lambda inf."""
+
+    __slots__ = ("t", "alpha", "sigma", "lam")
+
+    def __init__(self, t, schedule: Schedule):
+        ab = alpha_bar_of(schedule, t)
+        self.t = t
+        self.alpha, self.sigma = ab**0.5, max(1.0 - ab, 0.0) ** 0.5
+        self.lam = float("inf") if self.sigma == 0 else math.log(self.alpha / self.sigma)
+
+    @property
+    def clean(self) -> bool:
+        return self.sigma == 0.0
+
+
+def levels(timesteps: torch.Tensor, schedule: Schedule) -> list[Level]:
+    """The levels a solver visits: each timestep, then the clean end (t = -1)."""
+    return [Level(t, schedule) for t in time_list(timesteps)] + [Level(-1, schedule)]
+
+
+def data_prediction(denoiser, x: torch.Tensor, level: Level, y, clip_x0: bool, dynamic_percentile: float = 0.0):
+    """(x0_hat, eps_hat) of the denoiser at `level`, x0 thresholded as the options ask (eps kept consistent
+    with it, so that solvers written in either prediction agree)."""
+    eps = denoiser(x, batch_time(level.t, x), y)
+    x0 = (x - level.sigma * eps) / level.alpha
+    if clip_x0 or dynamic_percentile:
+        x0 = threshold_x0(x0, clip_x0, dynamic_percentile)
+        eps = (x - level.alpha * x0) / level.sigma
+    return x0, eps
+
+
+def check_flag(name: str, value) -> bool:
+    from diffuse.errors import UserError
+
+    if not isinstance(value, bool):
+        raise UserError(f"sampler.{name}={value!r} is not allowed: true or false")
+    return value
+
+
+def check_order(value, allowed: tuple[int, ...]) -> int:
+    from diffuse.errors import UserError
+
+    if isinstance(value, bool) or value not in allowed:
+        raise UserError(f"sampler.order={value!r} is not allowed: choose one of {', '.join(map(str, allowed))}")
+    return value
