@@ -11,6 +11,7 @@ and string metadata
     diffuse.step       training step
     diffuse.optim      optimizer param_groups (hyper-parameters) as JSON
     diffuse.extra      any other JSON state (e.g. counters)
+    diffuse.tuned      noise-level schedules diffuse tune-schedule found for these weights, "sampler/steps" -> levels
     diffuse.sha256     hash of every tensor's name, dtype, shape and bytes: a truncated or altered file is refused
 
 Only safetensors and JSON are read: loading a checkpoint never runs code.
@@ -44,6 +45,7 @@ class Checkpoint:
     optim: Optional[dict] = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    tuned: dict = field(default_factory=dict)
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -94,6 +96,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "diffuse.step": str(int(ckpt.step)),
         "diffuse.optim": json.dumps(groups),
         "diffuse.extra": json.dumps(ckpt.extra, sort_keys=True),
+        "diffuse.tuned": json.dumps(ckpt.tuned, sort_keys=True),
         "diffuse.sha256": content_hash(tensors),
     }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -182,6 +185,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         config = json.loads(meta["diffuse.config"])
         groups = json.loads(meta.get("diffuse.optim", "[]"))
         extra = json.loads(meta.get("diffuse.extra", "{}"))
+        tuned = json.loads(meta.get("diffuse.tuned", "{}"))
         step = int(meta.get("diffuse.step", "0"))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: checkpoint metadata is not valid JSON ({_short(e)})") from None
@@ -191,7 +195,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         if prefix in parts:
             parts[prefix][rest if prefix != "optim" else name] = t
     optim = _unflatten_optim(parts["optim"], groups) if groups else None
-    return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra)
+    return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra, tuned=tuned)
 
 
 def numbered_step(path: Path) -> Optional[int]:

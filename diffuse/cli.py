@@ -39,7 +39,7 @@ class ConfCommand(TyperCommand):
 
         super().format_help_text(ctx, formatter)
         formatter.write_paragraph()
-        for line in help_text(self.name).splitlines():
+        for line in help_text(self.name.replace("-", "_")).splitlines():
             formatter.write(f"  {line}\n" if line else "\n")
 
 
@@ -242,6 +242,25 @@ def convert(
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
     typer.echo(f"wrote {path}")
+@app.command(name="tune-schedule", cls=ConfCommand, context_settings=CONTEXT)
+def tune_schedule(ctx: typer.Context) -> None:
+    """Choose the N noise levels of a solver for one model: closest to a high-NFE reference from the same x_T.
+
+    Examples:
+
+      diffuse tune-schedule ckpt=outputs/train/RUN sampler=dpm_solver_3m steps=10
+
+      diffuse tune-schedule model=oracle sampler=unipc steps=8 n=512
+
+    Writes schedule.json and levels.png into its run dir and the schedule into the checkpoint's metadata; then
+    diffuse sample ckpt=RUN sampler=SAME steps=N sampler.schedule=tuned uses it (model=oracle:
+    sampler.schedule=RUN_DIR/schedule.json).
+    """
+    from diffuse.tasks.tune_schedule import run
+
+    run_hydra("tune_schedule", run, ctx.args)
+
+
 @app.command(name="eval", cls=ConfCommand, context_settings=CONTEXT)
 def evaluate(
     ctx: typer.Context,

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 # Hydra's own settings: a group of the tree, not one a user chooses.
 HIDDEN_GROUPS = {"hydra"}
-_KEY_LINE = re.compile(r"^([A-Za-z_][\w]*):\s*([^#]*?)\s*(?:#\s*(.*))?$")
+_KEY_LINE = re.compile(r"^( *)([A-Za-z_][\w]*):\s*([^#]*?)\s*(?:#\s*(.*))?$")
 
 
 def conf_root():
@@ -35,11 +35,18 @@ def options(group: str) -> list[str]:
 
 def keys(path) -> list[tuple[str, str, str]]:
     """(key, value, comment) of the top-level keys of a YAML file, from its text (the comments are the docs)."""
-    out = []
+    out, parent = [], None
     for line in path.read_text().splitlines():
         m = _KEY_LINE.match(line)
-        if m and m.group(1) != "defaults":
-            out.append((m.group(1), m.group(2), m.group(3) or ""))
+        if not m:
+            continue
+        indent, name, value, comment = len(m.group(1)), m.group(2), m.group(3), m.group(4) or ""
+        if indent == 0:
+            parent = name if value == "" else None  # a block: its keys are listed as block.key
+            if name != "defaults" and value != "":
+                out.append((name, value, comment))
+        elif parent is not None and parent != "defaults" and indent == 2:
+            out.append((f"{parent}.{name}", value, comment))
     return out
 
 
@@ -52,7 +59,7 @@ def help_text(command: str) -> str:
     lines += ["", "Groups (group=option; * marks the default):"]
     rows, singles = [], []
     for group, default in groups:
-        opts = options(group)
+        opts = options(group.split("@")[0])  # sampler@tune.reference: the sampler group, chosen for another key
         shown = [f"{o}*" for o in opts if o == default] + [o for o in opts if o != default]
         rows.append((group, " | ".join(shown) + ("" if default else "  (none by default)")))
         if opts == ["default"]:

@@ -38,7 +38,7 @@ class SamplingJob:
 def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guidance: Optional[dict], label, labels,
                      n: int, seed: int) -> SamplingJob:
     """Everything checked before the first image is drawn: the sampler's options, labels and guidance."""
-    plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0)
+    plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned)
     g = parse_guidance(guidance)
     chosen = sample_labels(model, g, label, labels, n)
     return SamplingJob(model, guide(model, g), plan, g, chosen, seed)

@@ -28,6 +28,7 @@ class Model:
     num_classes: Optional[int]  # class-conditional: labels 0..K-1, and K the null label of guidance
     clip_x0: bool  # the samplers' default clipping of x0 to [-1, 1]: on for 8-bit image data
     source: dict  # {"model": "oracle"}, or {"ckpt": path, "step": n}: recorded beside what it makes
+    tuned: dict = dataclasses.field(default_factory=dict)  # noise-level schedules tuned for it, "sampler/steps" -> levels
 
     @property
     def is_oracle(self) -> bool:
@@ -112,7 +113,7 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
         runner = MaskConditioned(runner)
     den = NetworkDenoiser(runner, tn.prediction, tn.schedule, autocast_dtype=runtime.autocast)
     return Model(den, tn.schedule, (tn.net.out_channels, tn.net.resolution, tn.net.resolution), tn.net.num_classes,
-                 tn.is_8bit, {"ckpt": str(path), "step": loaded.step})
+                 tn.is_8bit, {"ckpt": str(path), "step": loaded.step}, loaded.tuned)
 
 
 def oracle_model(dataset: Optional[dict], schedule: Optional[dict]) -> Model:

@@ -13,12 +13,12 @@ from diffuse.console import progress_bar
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import get_sampler
 from diffuse.diffusion.schedule import Schedule
-from diffuse.diffusion.timesteps import explicit_timesteps, sampler_timesteps
+from diffuse.diffusion.timesteps import explicit_timesteps, sampler_timesteps, sigma_timesteps
 from diffuse.errors import UserError
 
 # Keys of a sampler config that choose the levels or the defaults (conf/shared/levels.yaml), not arguments of
 # the sampler function.
-SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho", "sigmas", "timesteps", "schedule"}
+SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho", "polyexp_rho", "sigmas", "timesteps", "schedule"}
 # Arguments a sampler gets from the caller, never from its config.
 CALL_ARGS = {"denoiser", "x_T", "timesteps", "schedule", "generator", "y", "hook"}
 
@@ -39,11 +39,13 @@ class SamplerPlan:
         return self.fn(denoiser, x_T, self.timesteps, self.schedule, generator=generator, y=y, **kwargs)
 
 
-def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, clip_default: bool) -> SamplerPlan:
-    """The sampler of `sampler_cfg` over `steps` (None: its default_steps, or all T); unknown options are refused."""
+def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, clip_default: bool,
+                 tuned: Optional[dict] = None) -> SamplerPlan:
+    """The sampler of `sampler_cfg` over `steps` (None: its default_steps, or all T); unknown options are refused.
+    `tuned`: the schedules diffuse tune-schedule recorded for the model, for sampler.schedule=tuned."""
     name = sampler_cfg["name"]
     fn = get_sampler(name)
-    timesteps = levels_of(sampler_cfg, steps, schedule)
+    timesteps = levels_of(sampler_cfg, steps, schedule, tuned or {})
     steps = len(timesteps)
     params = set(inspect.signature(fn).parameters)
     options = {}
@@ -62,12 +64,15 @@ def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, cl
     return SamplerPlan(name, fn, steps, timesteps, schedule, options)
 
 
-def levels_of(sampler_cfg: dict, steps: Optional[int], schedule: Schedule) -> torch.Tensor:
-    """The timesteps the sampler visits: an explicit list (sampler.sigmas or sampler.timesteps), else `steps` (None:
+def levels_of(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, tuned: dict) -> torch.Tensor:
+    """The timesteps the sampler visits: an explicit list (sampler.sigmas or sampler.timesteps); a tuned schedule
+    (sampler.schedule=tuned: the model's, or a schedule.json file diffuse tune-schedule wrote); else `steps` (None:
     the sampler's default_steps, or all T) spaced by sampler.spacing."""
     explicit = sampler_cfg["sigmas"] is not None or sampler_cfg["timesteps"] is not None
     if sampler_cfg["schedule"] != "stock":
-        raise UserError(f"sampler.schedule={sampler_cfg['schedule']!r} is not allowed here: stock")
+        if explicit:
+            raise UserError("sampler.schedule and an explicit sampler.sigmas/timesteps list cannot both be given: choose one")
+        return tuned_timesteps(sampler_cfg, steps, schedule, tuned)
     if explicit:
         timesteps = explicit_timesteps(schedule, sigmas=sampler_cfg["sigmas"], timesteps=sampler_cfg["timesteps"])
         if steps is not None and steps != len(timesteps):
@@ -77,7 +82,32 @@ def levels_of(sampler_cfg: dict, steps: Optional[int], schedule: Schedule) -> to
         steps = sampler_cfg["default_steps"] or schedule.T
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise UserError(f"steps={steps!r} is not allowed: it must be an integer between 1 and {schedule.T}")
-    return sampler_timesteps(schedule, steps, sampler_cfg["spacing"], sampler_cfg["rho"])
+    rho = sampler_cfg["polyexp_rho"] if sampler_cfg["spacing"] == "polyexp" else sampler_cfg["rho"]
+    return sampler_timesteps(schedule, steps, sampler_cfg["spacing"], rho)
+
+
+def tuned_timesteps(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, tuned: dict) -> torch.Tensor:
+    from diffuse.pipeline.tuning import key, read_schedule_file
+
+    name, choice = sampler_cfg["name"], sampler_cfg["schedule"]
+    if choice == "tuned":
+        steps = steps if steps is not None else sampler_cfg["default_steps"]
+        entry = tuned.get(key(name, steps))
+        if entry is None:
+            have = ", ".join(sorted(tuned)) or "none"
+            raise UserError(f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps (it has: {have}); "
+                            f"make one with diffuse tune-schedule sampler={name} steps={steps}")
+        where = "the model's"
+    else:
+        entry, where = read_schedule_file(choice), str(choice)
+        if entry["sampler"] != name or (steps is not None and entry["steps"] != steps):
+            raise UserError(f"sampler.schedule={choice}: it was tuned for {entry['sampler']} at {entry['steps']} steps, "
+                            f"this run is {name} at {steps if steps is not None else 'its default'} steps")
+    sigmas = torch.tensor(entry["sigmas"], dtype=torch.float64)
+    s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+    if len(sigmas) != entry["steps"] or sigmas[0] > s_max * (1 + 1e-9) or sigmas[-1] < s_min * (1 - 1e-9):
+        raise UserError(f"sampler.schedule={choice}: {where} tuned levels do not fit this model's noise schedule")
+    return sigma_timesteps(schedule, sigmas.clamp(s_min, s_max))
 
 
 class CountingDenoiser:

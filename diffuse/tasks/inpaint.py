@@ -31,7 +31,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model = model_of(cfg, rt)
     if method == "conditioned":
         require_mask_conditioned(model.denoiser)
-    plan = plan_sampler(to_dict(cfg.sampler), steps, model.schedule, model.clip_x0)
+    plan = plan_sampler(to_dict(cfg.sampler), steps, model.schedule, model.clip_x0, model.tuned)
     if method == "repaint":  # its options are checked before anything is written
         if "jump_length" not in ic:
             raise UserError("inpaint.method=repaint needs RePaint's options: choose the method with inpaint=repaint")

@@ -1,0 +1,147 @@
+"""Noise levels tuned to one model and one solver (`diffuse tune-schedule`).
+
+A solver of N steps visits N noise levels and then clean data. Which levels matters most at few steps, and the
+best ones depend on the model and the solver, so they are chosen per model as LD3 (Tong et al. 2024, "Learning to
+Discretize Denoising Diffusion ODEs") and GITS (Chen et al. 2024) do: from a set of x_T, the solver's outputs
+should land where a high-NFE reference solver takes the same x_T (the teacher's own trajectory end point; no data,
+no metric). The first level stays the schedule's noisiest; the other N - 1 move freely down to sigma_min, so that
+the last one may sit above it when a bigger last step is better.
+
+The levels are parametrised by the softmax of N gap logits (the last held at 0) over log sigma, which keeps them
+ordered and inside the schedule whatever the parameters. The solvers' coefficients are float64 numbers computed
+from the levels, not differentiable tensors, so the search is derivative-free: a compass (pattern) search that
+tries +-delta along each parameter, keeps what lowers the loss and halves delta after a sweep without progress.
+It is deterministic, monotone in the loss, and its whole state is a few numbers: resumable from a JSON file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from diffuse.diffusion.schedule import Schedule
+from diffuse.errors import UserError
+
+# Samplers whose output from x_T is not a function of x_T alone: a deterministic reference cannot be matched.
+STOCHASTIC = {"ddpm", "dpm_solver_2m_sde", "dpm_solver_3m_sde", "euler_ancestral"}
+# Samplers that choose their own levels.
+SELF_STEPPING = {"adaptive"}
+
+
+def key(sampler: str, steps: int) -> str:
+    """How a checkpoint's metadata names a tuned schedule."""
+    return f"{sampler}/{steps}"
+
+
+def check_tunable(name: str, options: dict) -> None:
+    if name in STOCHASTIC or (name == "ddim" and options.get("eta", 0.0) > 0):
+        raise UserError(f"sampler={name} is stochastic: its output is not a function of x_T, so its levels cannot be tuned "
+                        "against a reference; tune a deterministic solver (ddim with eta=0, dpm_solver, unipc, ...)")
+    if name in SELF_STEPPING:
+        raise UserError(f"sampler={name} chooses its own steps: there is no schedule to tune")
+
+
+def sigma_range(schedule: Schedule) -> tuple[float, float]:
+    return float(schedule.sigmas[-1]), float(schedule.sigmas[0])
+
+
+def sigmas_of(params: list[float], schedule: Schedule) -> torch.Tensor:
+    """N levels (float64, decreasing) from N - 1 parameters: sigma_max, then the softmax gaps in log sigma."""
+    s_max, s_min = sigma_range(schedule)
+    logits = torch.tensor([*params, 0.0], dtype=torch.float64)
+    gaps = torch.softmax(logits, 0) * (math.log(s_max) - math.log(s_min))
+    log_sigma = math.log(s_max) - torch.cat([torch.zeros(1, dtype=torch.float64), gaps.cumsum(0)[:-1]])
+    return log_sigma.exp()
+
+
+def params_of(sigmas: torch.Tensor, schedule: Schedule) -> list[float]:
+    """The inverse of sigmas_of for levels starting at sigma_max (a last level at sigma_min gets a tiny last gap)."""
+    s_max, s_min = sigma_range(schedule)
+    log_sigma = torch.cat([sigmas.to(torch.float64).log(), torch.tensor([math.log(s_min)], dtype=torch.float64)])
+    gaps = (log_sigma[:-1] - log_sigma[1:]).clamp(min=1e-6)
+    logits = gaps.log()
+    return (logits[:-1] - logits[-1]).tolist()
+
+
+@dataclass
+class SearchState:
+    """Everything the search needs to continue where it stopped."""
+
+    params: list[float]
+    loss: float
+    delta: float
+    iteration: int = 0
+    evals: int = 0
+    history: list[list[float]] = field(default_factory=list)  # [iteration, loss]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SearchState":
+        return cls(**d)
+
+
+def pattern_search(loss: Callable[[list[float]], float], state: SearchState, *, iterations: int, min_delta: float,
+                   on_iteration: Optional[Callable[[SearchState], None]] = None) -> SearchState:
+    """Compass search from `state` for up to `iterations` sweeps (counted from 0, so a resumed search does the
+    rest), stopping early once delta falls below min_delta."""
+    while state.iteration < iterations and state.delta >= min_delta:
+        improved = False
+        for i in range(len(state.params)):
+            for sign in (1.0, -1.0):
+                trial = list(state.params)
+                trial[i] += sign * state.delta
+                value = loss(trial)
+                state.evals += 1
+                if value < state.loss:
+                    state.params, state.loss, improved = trial, value, True
+                    break
+        if not improved:
+            state.delta /= 2
+        state.iteration += 1
+        state.history.append([state.iteration, state.loss])
+        if on_iteration is not None:
+            on_iteration(state)
+    return state
+
+
+def tune_levels(solve: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor, schedule: Schedule,
+                start: torch.Tensor, *, delta: float, min_delta: float, iterations: int,
+                state: Optional[SearchState] = None, on_iteration=None) -> SearchState:
+    """The levels (as SearchState.params; sigmas_of turns them into sigmas) whose solve(sigmas) is closest in mean
+    squared error to `reference`, searched from the levels `start` (or from `state`, to continue a search)."""
+    def loss(params: list[float]) -> float:
+        return mse(solve(sigmas_of(params, schedule)), reference)
+
+    if state is None:
+        p0 = params_of(start, schedule)
+        state = SearchState(params=p0, loss=loss(p0), delta=delta)
+    return pattern_search(loss, state, iterations=iterations, min_delta=min_delta, on_iteration=on_iteration)
+
+
+def read_schedule_file(path) -> dict:
+    """A schedule.json diffuse tune-schedule wrote: {"sampler", "steps", "sigmas", ...}."""
+    import json
+    from pathlib import Path
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise UserError(f"sampler.schedule={str(path)!r} is not allowed: stock, tuned, or a schedule.json that diffuse tune-schedule wrote")
+    try:
+        entry = json.loads(p.read_text())
+        ok = isinstance(entry["sampler"], str) and isinstance(entry["steps"], int) and len(entry["sigmas"]) == entry["steps"]
+        ok = ok and all(isinstance(s, (int, float)) and s > 0 for s in entry["sigmas"])
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"sampler.schedule={str(path)!r}: not a schedule written by diffuse tune-schedule")
+    return entry
+
+
+def mse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean squared error per element, in float64."""
+    return float((x.to(torch.float64) - ref.to(torch.float64)).pow(2).mean())

@@ -1,0 +1,132 @@
+"""diffuse tune-schedule: a model + a deterministic solver + N -> the N noise levels that bring the solver's outputs
+closest to a high-NFE reference from the same x_T -> schedule.json, levels.png and the checkpoint's metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.progress import TextColumn
+from safetensors.torch import load_file, save_file
+
+from diffuse.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from diffuse.console import console, progress_bar
+from diffuse.diffusion.noise import PerSample, randn
+from diffuse.diffusion.samplers.common import sigma_of, time_list
+from diffuse.diffusion.timesteps import sigma_timesteps
+from diffuse.errors import UserError, check_number
+from diffuse.pipeline.conditioning import Guidance, sample_labels
+from diffuse.pipeline.sampling import plan_sampler
+from diffuse.pipeline.tuning import SearchState, check_tunable, key, mse, sigmas_of, tune_levels
+from diffuse.plot import line_plot
+from diffuse.tasks.common import model_of, runtime_of, save_resolved_config, to_dict, write_json
+
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    steps = check_number("steps", cfg.steps, minimum=2, integer=True)
+    n, n_eval = check_number("n", cfg.n, minimum=1, integer=True), check_number("n_eval", cfg.n_eval, minimum=1, integer=True)
+    batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
+    seed = check_number("seed", cfg.seed, integer=True)
+    t = to_dict(cfg.tune)
+    check_number("tune.reference_steps", t["reference_steps"], minimum=steps, integer=True)
+    check_number("tune.iterations", t["iterations"], minimum=0, integer=True)
+    check_number("tune.delta", t["delta"], minimum=0, exclusive_min=True)
+    check_number("tune.min_delta", t["min_delta"], minimum=0, exclusive_min=True)
+    rt = runtime_of(cfg, images=0)
+    model = model_of(cfg, rt)
+    sampler_cfg = to_dict(cfg.sampler)
+    stock = plan_sampler(sampler_cfg, steps, model.schedule, model.clip_x0, model.tuned)
+    check_tunable(stock.name, stock.options)
+    reference = plan_sampler(t["reference"], t["reference_steps"], model.schedule, model.clip_x0)
+    check_tunable(reference.name, reference.options)
+    identity = {"sampler": sampler_cfg, "steps": steps, "n": n, "n_eval": n_eval, "seed": seed, "reference": t["reference"],
+                "reference_steps": t["reference_steps"], **model.source}
+    state = previous_state(out, identity) if cfg.resume else None
+
+    save_resolved_config(cfg, out)
+    labels = sample_labels(model, Guidance(), None, None, max(n, n_eval))
+
+    def solve(plan, timesteps, x: torch.Tensor) -> torch.Tensor:
+        """plan's solver over `timesteps` from every x_T, batch by batch (x_T row i has label i)."""
+        parts = []
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s : s + batch_size].to(rt.device)
+            y = labels[s : s + batch_size].to(rt.device) if labels is not None else None
+            parts.append(plan.fn(model.denoiser, xb, timesteps, model.schedule, y=y, **plan.options).float().cpu())
+        return torch.cat(parts)
+
+    x_tune = randn((n, *model.shape), PerSample(seed, range(n)), "cpu")
+    x_eval = randn((n_eval, *model.shape), PerSample(seed + 1, range(n_eval)), "cpu")
+    ref_tune, ref_eval = references(out, cfg.resume, lambda x: solve(reference, reference.timesteps, x), x_tune, x_eval)
+
+    def run_levels(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return solve(stock, sigma_timesteps(model.schedule, sigmas), x)
+
+    stock_sigmas = torch.tensor([sigma_of(model.schedule, s) for s in time_list(stock.timesteps)], dtype=torch.float64)
+    stock_loss = mse(run_levels(stock_sigmas, x_tune), ref_tune)
+    with progress_bar(True, TextColumn("rms {task.fields[rms]:.3g}")) as bar:
+        task = bar.add_task(f"tuning {stock.name} at {steps} steps", total=t["iterations"],
+                            completed=state.iteration if state else 0, rms=(state.loss if state else stock_loss) ** 0.5)
+
+        def checkpoint_state(s: SearchState) -> None:
+            write_json(out / "tune_state.json", {"identity": identity, "state": s.to_json()})
+            bar.update(task, completed=s.iteration, rms=s.loss**0.5)
+
+        state = tune_levels(lambda sigmas: run_levels(sigmas, x_tune), ref_tune, model.schedule, stock_sigmas, delta=t["delta"],
+                            min_delta=t["min_delta"], iterations=t["iterations"], state=state, on_iteration=checkpoint_state)
+    checkpoint_state(state)
+    tuned = sigmas_of(state.params, model.schedule)
+    result = {
+        "sampler": stock.name, "steps": steps, "sigmas": tuned.tolist(),
+        "timesteps": sigma_timesteps(model.schedule, tuned).tolist(), "stock_sigmas": stock_sigmas.tolist(),
+        "options": stock.options, "reference": {"sampler": reference.name, "steps": reference.steps},
+        "rms_tune": {"stock": stock_loss**0.5, "tuned": state.loss**0.5},
+        "rms_heldout": {"stock": mse(run_levels(stock_sigmas, x_eval), ref_eval) ** 0.5,
+                        "tuned": mse(run_levels(tuned, x_eval), ref_eval) ** 0.5},
+        "n": n, "n_eval": n_eval, "seed": seed, "iterations": state.iteration, "evals": state.evals, **model.source,
+    }
+    write_json(out / "schedule.json", result)
+    line_plot({"stock": list(enumerate(stock_sigmas.log10().tolist())), "tuned": list(enumerate(tuned.log10().tolist()))},
+              out / "levels.png", title=f"{stock.name}, {steps} steps: noise levels", xlabel="step", ylabel="log10 sigma")
+    if "ckpt" in model.source and cfg.write_ckpt:
+        record_in_checkpoint(Path(model.source["ckpt"]), result)
+    h = result["rms_heldout"]
+    console.print(f"{stock.name} at {steps} steps, RMS error against {reference.name} at {reference.steps} steps on {n_eval} held-out x_T: "
+                  f"stock {h['stock']:.4g}, tuned {h['tuned']:.4g} ({state.evals} evaluations of the schedule)")
+    console.print(f"use it: sampler={stock.name} steps={steps} sampler.schedule=" + ("tuned" if "ckpt" in model.source and cfg.write_ckpt else str(out / "schedule.json")))
+    return result
+
+
+def previous_state(out: Path, identity: dict) -> SearchState | None:
+    """The search to continue: resume=true needs a tune_state.json of the same model, solver, steps and x_T."""
+    path = out / "tune_state.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("identity") != json.loads(json.dumps(identity)):
+        raise UserError(f"resume=true but {path} was made for another model, solver, steps, seed or reference: use another hydra.run.dir")
+    return SearchState.from_json(saved["state"])
+
+
+def references(out: Path, resume: bool, solve, x_tune: torch.Tensor, x_eval: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference solver's outputs from the tune and held-out x_T, computed once per run dir (the expensive part)."""
+    path = out / "reference.safetensors"
+    if resume and path.is_file():
+        saved = load_file(str(path))
+        if saved["tune"].shape == x_tune.shape and saved["eval"].shape == x_eval.shape:
+            return saved["tune"], saved["eval"]
+    console.print(f"reference outputs for {x_tune.shape[0]} + {x_eval.shape[0]} x_T")
+    ref = {"tune": solve(x_tune).contiguous(), "eval": solve(x_eval).contiguous()}
+    atomic_write(path, lambda tmp: save_file(ref, str(tmp)))
+    return ref["tune"], ref["eval"]
+
+
+def record_in_checkpoint(path: Path, result: dict) -> None:
+    """The checkpoint rewritten (atomically) with the schedule in its metadata, under "sampler/steps"."""
+    ckpt = load_checkpoint(path)
+    ckpt.tuned = {**ckpt.tuned, key(result["sampler"], result["steps"]): {k: result[k] for k in ("sampler", "steps", "sigmas", "options", "rms_heldout")}}
+    save_checkpoint(path, ckpt)
+    console.print(f"recorded in {path} as {key(result['sampler'], result['steps'])}")
