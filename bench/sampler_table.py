@@ -1,56 +1,173 @@
-"""Every sampler at 10, 20 and 50 NFE against the exact mixture denoiser (model=oracle, linear schedule).
+"""Every solver x noise-level spacing x NFE on the exact denoiser of a Gaussian mixture, beside diffusers'
+multistep schedulers driven by the same denoiser in the same run, and the floor exact samples give.
 
-Prints, per sampler x NFE x component: freq_z (component frequency's z-score against its weight), mean_err
-(RMS of the sample mean's error, in units of the component's std) and std_ratio (sample std / true std).
-NFE is counted by wrapping the denoiser. Heun costs 2 steps - 1 NFE, so it runs (NFE + 1) // 2 steps.
+The mixture: four components over 1 x 8 x 8 (stds 0.05, 0.1, 0.15, 0.2; weights 0.2, 0.3, 0.25, 0.25), the linear
+schedule (T = 1000), n x_T in float64 from one seed, shared by every run. Per run, over the components:
+    z      max |freq z|: a component frequency's z-score against its weight
+    mean   the worst RMS error of a component's sample mean, in units of its std
+    std    the worst |sample std / true std - 1|
+The floor row is the same figures for n exact mixture samples: no solver can show less than sampling error.
+NFE is counted by wrapping the denoiser. "tuned" rows use levels from diffuse.pipeline.tuning (the search
+`diffuse tune-schedule` runs), tuned on 512 other x_T against dpm_solver_3m at 500 steps.
 
-    PYTHONPATH=. python bench/sampler_table.py [--n 3000] [--seed 0]
+    PYTHONPATH=. python bench/sampler_table.py [--n 20000] [--nfe 5 10 15 20 50] [--markdown] [--no-tuned]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from diffuse.data.gmm import default_mixture
-from diffuse.diffusion.oracle import GMMDenoiser
-from diffuse.diffusion.samplers import SAMPLERS
-from diffuse.diffusion.schedule import make_schedule
-from diffuse.diffusion.timesteps import sampler_timesteps
-from diffuse.metrics.mixture import mixture_fit
-from diffuse.pipeline.sampling import CountingDenoiser
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (label, sampler, spacing, steps for a target NFE)
-RUNS = [
-    ("ddim", "ddim", "trailing", lambda nfe: nfe),
-    ("dpm_solver", "dpm_solver", "trailing", lambda nfe: nfe),
-    ("dpm_solver+karras", "dpm_solver", "karras", lambda nfe: nfe),
-    ("euler+karras", "euler", "karras", lambda nfe: nfe),
-    ("heun+karras", "heun", "karras", lambda nfe: (nfe + 1) // 2),
-]
+from diffuse.data.gmm import default_mixture  # noqa: E402
+from diffuse.diffusion.oracle import GMMDenoiser  # noqa: E402
+from diffuse.diffusion.samplers import SAMPLERS, STOCHASTIC  # noqa: E402
+from diffuse.diffusion.samplers.common import sigma_of, time_list  # noqa: E402
+from diffuse.diffusion.schedule import make_schedule  # noqa: E402
+from diffuse.diffusion.timesteps import sampler_timesteps, sigma_timesteps  # noqa: E402
+from diffuse.metrics.mixture import mixture_fit  # noqa: E402
+from diffuse.pipeline.sampling import CountingDenoiser  # noqa: E402
+from diffuse.pipeline.tuning import sigmas_of, tune_levels  # noqa: E402
+
+SPACINGS = {"karras": 7.0, "logsnr": 1.0, "polyexp": 2.0, "trailing": None}
+TUNED = ("dpm_solver", "dpm_solver_3m", "unipc", "ipndm", "deis")
+
+
+def summary(mixture, x: torch.Tensor) -> tuple[float, float, float]:
+    rows = mixture_fit(mixture, x)
+    return (max(abs(r["freq_z"]) for r in rows), max(r["mean_err"] for r in rows), max(abs(r["std_ratio"] - 1) for r in rows))
+
+
+def steps_for(name: str, nfe: int, afs: bool) -> int:
+    """Steps of `name` that cost `nfe` evaluations: heun pays 2 per step but 1 for the last; AFS saves one."""
+    if name == "heun":
+        return (nfe + 1) // 2
+    return nfe + 1 if afs else nfe
+
+
+def ours(den, x_T, schedule, name: str, timesteps, **options) -> tuple[torch.Tensor, int]:
+    counter = CountingDenoiser(den)
+    g = torch.Generator().manual_seed(1)
+    x = SAMPLERS[name](counter, x_T, timesteps, schedule, generator=g, **options)
+    return x, counter.calls
+
+
+def diffusers_run(make, den, x_T, steps: int, to_ours=None) -> tuple[torch.Tensor, int]:
+    """diffusers' own loop (set_timesteps, then step) with our exact denoiser as the model; `to_ours` maps a
+    scheduler's timestep to ours when it lives on another clock (IPNDM's trigonometric t in [0, 1])."""
+    sched = make()
+    sched.set_timesteps(steps)
+    x, calls = x_T.clone(), 0
+    for t in sched.timesteps:
+        tt = torch.full((x.shape[0],), float(to_ours(t)) if to_ours else float(t), dtype=torch.float64)
+        eps = den(x, tt)
+        calls += 1
+        x = sched.step(eps, t, x).prev_sample.to(torch.float64)
+    return x, calls
+
+
+def diffusers_rows(schedule):
+    from diffusers import DPMSolverMultistepScheduler, IPNDMScheduler, UniPCMultistepScheduler
+
+    common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    rows = []
+    for order in (2, 3):
+        for lam, kw in (("karras", {"use_karras_sigmas": True}), ("lu lambdas", {"use_lu_lambdas": True})):
+            rows.append((f"diffusers DPMSolver++({order}M), {lam}",
+                         lambda o=order, k=kw: DPMSolverMultistepScheduler(**common, solver_order=o, **k), None))
+    for order in (2, 3):
+        rows.append((f"diffusers UniPC-{order} (bh2)", lambda o=order: UniPCMultistepScheduler(**common, solver_order=o), None))
+
+    def trig_to_ours(t):  # IPNDM's process: alpha = cos(t pi / 2), sigma = sin(t pi / 2)
+        sigma = torch.tan(torch.as_tensor(float(t), dtype=torch.float64) * math.pi / 2).clamp(max=float(schedule.sigmas[-1]))
+        return float(schedule.t_from_sigma(sigma.reshape(1)).clamp(0, schedule.T - 1)[0])
+
+    rows.append(("diffusers IPNDM", lambda: IPNDMScheduler(num_train_timesteps=1000), trig_to_ours))
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50])
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 15, 20, 50])
+    ap.add_argument("--samplers", nargs="+", default=None, help="ours to run (default: every deterministic and stochastic one)")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--no-tuned", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = ap.parse_args()
-    mixture, schedule = default_mixture(), make_schedule("linear")
+    mixture, schedule = default_mixture(channels=1, resolution=8), make_schedule("linear")
     den = GMMDenoiser(mixture, schedule)
     x_T = torch.randn((args.n, *mixture.shape), generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    print(f"default mixture (stds {[round(float(s), 2) for s in mixture.stds]}), linear schedule, n={args.n}, seed={args.seed}")
-    print(f"{'sampler':<18} {'NFE':>4} {'k':>2} {'std':>5} {'freq z':>7} {'mean err':>9} {'std ratio':>9}")
-    for label, name, spacing, steps_for in RUNS:
-        for target in args.nfe:
-            counter = CountingDenoiser(den)
-            t0 = time.time()
-            x = SAMPLERS[name](counter, x_T, sampler_timesteps(schedule, steps_for(target), spacing), schedule)
-            for r in mixture_fit(mixture, x):
-                print(f"{label:<18} {counter.calls:>4} {r['component']:>2} {r['std']:>5.2f} {r['freq_z']:>7.2f} {r['mean_err']:>9.3f} {r['std_ratio']:>9.3f}")
-            print(f"{'':<18} ({time.time() - t0:.1f} s)", flush=True)
+    results: dict[str, dict[int, tuple]] = {}
+
+    def record(label: str, nfe: int, x: torch.Tensor) -> None:
+        z, m, s = summary(mixture, x)
+        results.setdefault(label, {})[nfe] = (z, m, s)
+        print(f"{label:<44} NFE {nfe:>3}  z {z:6.2f}  mean {m:6.3f}  std {s:6.3f}", flush=True)
+
+    exact, _ = mixture.sample(args.n, generator=torch.Generator().manual_seed(args.seed + 7))
+    record("floor: exact samples", 0, exact)
+    names = args.samplers or [n for n in SAMPLERS if n != "adaptive"]
+    t0 = time.time()
+    for name in names:
+        params = inspect.signature(SAMPLERS[name]).parameters
+        for afs in ((False, True) if "afs" in params else (False,)):
+            for spacing, rho in SPACINGS.items():
+                label = f"{name}{' +afs' if afs else ''}, {spacing}"
+                for nfe in args.nfe:
+                    steps = steps_for(name, nfe, afs)
+                    if steps < 1 or (name == "ddpm" and spacing != "trailing"):
+                        continue
+                    ts = sampler_timesteps(schedule, steps, spacing, rho) if rho else sampler_timesteps(schedule, steps, spacing)
+                    x, calls = ours(den, x_T, schedule, name, ts, **({"afs": True} if afs else {}))
+                    record(label, calls, x)
+    if "adaptive" in SAMPLERS and args.samplers is None:
+        for order in (2, 3):
+            for rtol in (0.1, 0.05, 0.02):
+                ts = sampler_timesteps(schedule, 2, "logsnr")
+                x, calls = ours(den, x_T, schedule, "adaptive", ts, order=order, rtol=rtol)
+                record(f"adaptive order {order}, rtol {rtol}", calls, x)
+    if not args.no_tuned:
+        x_tune = torch.randn((512, *mixture.shape), generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
+        ref = ours(den, x_tune, schedule, "dpm_solver_3m" if "dpm_solver_3m" in SAMPLERS else "dpm_solver",
+                   sampler_timesteps(schedule, 500, "logsnr"))[0]
+        for name in [n for n in TUNED if n in SAMPLERS and n not in STOCHASTIC]:
+            for nfe in [v for v in args.nfe if v <= 20]:
+                steps = steps_for(name, nfe, False)
+                start = sampler_timesteps(schedule, steps, "logsnr")
+                start_sigmas = torch.tensor([sigma_of(schedule, t) for t in time_list(start)], dtype=torch.float64)
+
+                def solve(sigmas, x=x_tune, name=name):
+                    return ours(den, x, schedule, name, sigma_timesteps(schedule, sigmas))[0]
+
+                state = tune_levels(solve, ref, schedule, start_sigmas, delta=0.5, min_delta=0.01, iterations=40)
+                x, calls = ours(den, x_T, schedule, name, sigma_timesteps(schedule, sigmas_of(state.params, schedule)))
+                record(f"{name}, tuned", calls, x)
+    if not args.no_diffusers:
+        for label, make, to_ours in diffusers_rows(schedule):
+            for nfe in args.nfe:
+                x, calls = diffusers_run(make, den, x_T, nfe, to_ours)
+                record(label, calls, x)
+    print(f"({time.time() - t0:.0f} s)")
+    if args.markdown:
+        nfes = sorted({k for r in results.values() for k in r if k})
+        print("\n| solver, levels | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
+        print("| --- |" + " --- |" * len(nfes))
+        print(f"| floor: {args.n} exact samples | " + " | ".join(["{:.2f} / {:.3f} / {:.3f}".format(*results['floor: exact samples'][0])] * len(nfes)) + " |")
+        for label, r in results.items():
+            if label.startswith("floor"):
+                continue
+            cells = ["{:.2f} / {:.3f} / {:.3f}".format(*r[k]) if k in r else "" for k in nfes]
+            extra = [f"{k}: " + "{:.2f} / {:.3f} / {:.3f}".format(*v) for k, v in r.items() if k not in nfes]
+            print(f"| {label} | " + " | ".join(cells) + " |" + (f" ({'; '.join(extra)})" if extra else ""))
 
 
 if __name__ == "__main__":

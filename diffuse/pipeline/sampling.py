@@ -34,6 +34,11 @@ class SamplerPlan:
     schedule: Schedule
     options: dict  # keyword arguments of fn, clip_x0 included
 
+    def describe_steps(self) -> str:
+        from diffuse.diffusion.samplers import SELF_STEPPING
+
+        return "steps chosen by its tolerance" if self.name in SELF_STEPPING else f"{self.steps} steps"
+
     def __call__(self, denoiser, x_T: torch.Tensor, *, generator, y=None, hook=None) -> torch.Tensor:
         kwargs = dict(self.options, hook=hook) if hook is not None else self.options
         return self.fn(denoiser, x_T, self.timesteps, self.schedule, generator=generator, y=y, **kwargs)
@@ -151,7 +156,7 @@ def generate(
     sees one shape only; images are drawn independently, so the padding changes none of them."""
     outs, nfe = [], 0
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"sampling ({plan.name}, {plan.steps} steps)", total=len(indices))
+        task = bar.add_task(f"sampling ({plan.name}, {plan.describe_steps()})", total=len(indices))
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
             pad = batch_size - len(idx) if fixed_shape else 0

@@ -22,13 +22,10 @@ from typing import Callable, Optional
 
 import torch
 
+from diffuse.diffusion.samplers import SELF_STEPPING, STOCHASTIC
 from diffuse.diffusion.schedule import Schedule
 from diffuse.errors import UserError
 
-# Samplers whose output from x_T is not a function of x_T alone: a deterministic reference cannot be matched.
-STOCHASTIC = {"ddpm", "dpm_solver_2m_sde", "dpm_solver_3m_sde", "euler_ancestral"}
-# Samplers that choose their own levels.
-SELF_STEPPING = {"adaptive"}
 
 
 def key(sampler: str, steps: int) -> str:

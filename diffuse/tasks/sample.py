@@ -76,7 +76,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if job.labels is not None:
         info["classes"] = sorted(set(job.labels.tolist()))
     write_json(out / "sample.json", info)
-    console.print(f"wrote {n} samples ({job.plan.name}, {job.plan.steps} steps, NFE {nfe})")
+    console.print(f"wrote {n} samples ({job.plan.name}, {job.plan.describe_steps()}, NFE {nfe})")
     return info
 
 

@@ -153,6 +153,6 @@ def check_flag(name: str, value) -> bool:
 def check_order(value, allowed: tuple[int, ...]) -> int:
     from diffuse.errors import UserError
 
-    if isinstance(value, bool) or value not in allowed:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
         raise UserError(f"sampler.order={value!r} is not allowed: choose one of {', '.join(map(str, allowed))}")
     return value

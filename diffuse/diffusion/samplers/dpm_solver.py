@@ -11,7 +11,11 @@ reuses the previous step's x0_hat, so every step costs one network evaluation:
 The step after the last timestep goes to clean data (sigma = 0, lambda = inf) where the update is x = D; it is
 taken first order (x = x0_hat), the usual choice since h is infinite there. `lower_order_final` also takes the
 step before it first order when there are fewer than 15 steps (stabler at very few steps).
-NFE = number of timesteps.
+
+`afs` (analytic first step; Zhou et al. 2024, "Fast ODE-based sampling for diffusion models in around 5
+steps", section 3.3): at the noisiest level alpha ~ 0 and sigma ~ 1, so x_T is itself the noise prediction;
+the first evaluation is skipped and eps := x_T.
+NFE = number of timesteps (one less with afs).
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ import math
 import torch
 
 from diffuse.diffusion.noise import Generator
-from diffuse.diffusion.samplers.common import alpha_bar_of, batch_time, check_percentile, threshold_x0, time_list
+from diffuse.diffusion.samplers.common import check_flag, check_percentile, data_prediction, levels
 from diffuse.diffusion.schedule import Schedule
+
+
+def analytic_first_step(x_t: torch.Tensor, t, y=None) -> torch.Tensor:
+    """The denoiser AFS puts in place of the network at the first level: eps_hat(x_T) = x_T."""
+    return x_t
 
 
 @torch.no_grad()
@@ -34,37 +43,35 @@ def dpm_solver(
     *,
     lower_order_final: bool = True,
     dynamic_percentile: float = 0.0,
+    afs: bool = False,
     generator: Generator = None,
     y=None,
     clip_x0: bool = False,
     hook=None,
 ) -> torch.Tensor:
     dynamic_percentile = check_percentile(dynamic_percentile)
-    ts = time_list(timesteps)
-    n = len(ts)
+    lower_order_final = check_flag("lower_order_final", lower_order_final)
+    afs = check_flag("afs", afs)
+    path = levels(timesteps, schedule)
+    n = len(path) - 1
     x = x_T
     x0_prev, h_prev = None, None
-    for i, t in enumerate(ts):
-        ab = alpha_bar_of(schedule, t)
-        alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
-        eps = denoiser(x, batch_time(t, x), y)
-        x0 = threshold_x0((x - sigma * eps) / alpha, clip_x0, dynamic_percentile)
-        if i + 1 == n:  # to clean data: lambda = inf, exp(-h) = 0, sigma_next = 0
-            x, nxt = x0, -1
+    for i in range(n):
+        cur, nxt = path[i], path[i + 1]
+        model = analytic_first_step if afs and i == 0 else denoiser
+        x0, _ = data_prediction(model, x, cur, y, clip_x0, dynamic_percentile)
+        if nxt.clean:  # lambda = inf: exp(-h) = 0 and sigma_next = 0
+            x = x0
         else:
-            nxt = ts[i + 1]
-            ab_n = alpha_bar_of(schedule, nxt)
-            alpha_n, sigma_n = math.sqrt(ab_n), math.sqrt(1 - ab_n)
-            lam, lam_n = math.log(alpha / sigma), math.log(alpha_n / sigma_n)
-            h = lam_n - lam
+            h = nxt.lam - cur.lam
             first_order = x0_prev is None or (lower_order_final and n < 15 and i + 2 == n)
             if first_order:
                 d = x0
             else:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma_n / sigma) * x - alpha_n * math.expm1(-h) * d
+            x = (nxt.sigma / cur.sigma) * x - nxt.alpha * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if hook is not None:
-            x = hook(x, nxt)
+            x = hook(x, nxt.t)
     return x
