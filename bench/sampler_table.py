@@ -8,7 +8,8 @@ schedule (T = 1000), n x_T in float64 from one seed, shared by every run. Per ru
     std    the worst |sample std / true std - 1|
 The floor row is the same figures for n exact mixture samples: no solver can show less than sampling error.
 NFE is counted by wrapping the denoiser. "tuned" rows use levels from diffuse.pipeline.tuning (the search
-`diffuse tune-schedule` runs), tuned on 512 other x_T against dpm_solver_3m at 500 steps.
+`diffuse tune-schedule` runs, tune.loss=logrms), tuned on 512 other x_T against dpm_solver_3m at 500 steps. Each of
+our solvers runs with the options its config gives it (conf/sampler/NAME.yaml: UniPC order 2 bh2, iPNDM order 3, ...).
 
     PYTHONPATH=. python bench/sampler_table.py [--n 20000] [--nfe 5 10 15 20 50] [--markdown] [--no-tuned]
 """
@@ -16,7 +17,6 @@ NFE is counted by wrapping the denoiser. "tuned" rows use levels from diffuse.pi
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 import time
@@ -52,6 +52,20 @@ def steps_for(name: str, nfe: int, afs: bool) -> int:
     return nfe + 1 if afs else nfe
 
 
+def config_options(name: str) -> dict:
+    """The sampler's options as `sampler=NAME` configures them (conf/sampler/NAME.yaml), without the level keys."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from diffuse.pipeline.sampling import SAMPLER_META
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="diffuse.conf", version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name="sample", overrides=[f"sampler={name}"]).sampler)
+    return {k: v for k, v in cfg.items() if k not in SAMPLER_META}
+
+
 def ours(den, x_T, schedule, name: str, timesteps, **options) -> tuple[torch.Tensor, int]:
     counter = CountingDenoiser(den)
     g = torch.Generator().manual_seed(1)
@@ -84,6 +98,8 @@ def diffusers_rows(schedule):
                          lambda o=order, k=kw: DPMSolverMultistepScheduler(**common, solver_order=o, **k), None))
     for order in (2, 3):
         rows.append((f"diffusers UniPC-{order} (bh2)", lambda o=order: UniPCMultistepScheduler(**common, solver_order=o), None))
+        rows.append((f"diffusers UniPC-{order} (bh2), karras",
+                     lambda o=order: UniPCMultistepScheduler(**common, solver_order=o, use_karras_sigmas=True), None))
 
     def trig_to_ours(t):  # IPNDM's process: alpha = cos(t pi / 2), sigma = sin(t pi / 2)
         sigma = torch.tan(torch.as_tensor(float(t), dtype=torch.float64) * math.pi / 2).clamp(max=float(schedule.sigmas[-1]))
@@ -118,8 +134,8 @@ def main() -> None:
     names = args.samplers or [n for n in SAMPLERS if n != "adaptive"]
     t0 = time.time()
     for name in names:
-        params = inspect.signature(SAMPLERS[name]).parameters
-        for afs in ((False, True) if "afs" in params else (False,)):
+        defaults = config_options(name)
+        for afs in ((False, True) if "afs" in defaults else (False,)):
             for spacing, rho in SPACINGS.items():
                 label = f"{name}{' +afs' if afs else ''}, {spacing}"
                 for nfe in args.nfe:
@@ -127,29 +143,30 @@ def main() -> None:
                     if steps < 1 or (name == "ddpm" and spacing != "trailing"):
                         continue
                     ts = sampler_timesteps(schedule, steps, spacing, rho) if rho else sampler_timesteps(schedule, steps, spacing)
-                    x, calls = ours(den, x_T, schedule, name, ts, **({"afs": True} if afs else {}))
+                    x, calls = ours(den, x_T, schedule, name, ts, **{**defaults, "afs": afs} if "afs" in defaults else defaults)
                     record(label, calls, x)
     if "adaptive" in SAMPLERS and args.samplers is None:
         for order in (2, 3):
             for rtol in (0.1, 0.05, 0.02):
                 ts = sampler_timesteps(schedule, 2, "logsnr")
-                x, calls = ours(den, x_T, schedule, "adaptive", ts, order=order, rtol=rtol)
+                x, calls = ours(den, x_T, schedule, "adaptive", ts, **{**config_options("adaptive"), "order": order, "rtol": rtol})
                 record(f"adaptive order {order}, rtol {rtol}", calls, x)
     if not args.no_tuned:
         x_tune = torch.randn((512, *mixture.shape), generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
         ref = ours(den, x_tune, schedule, "dpm_solver_3m" if "dpm_solver_3m" in SAMPLERS else "dpm_solver",
                    sampler_timesteps(schedule, 500, "logsnr"))[0]
         for name in [n for n in TUNED if n in SAMPLERS and n not in STOCHASTIC]:
+            defaults = config_options(name)
             for nfe in [v for v in args.nfe if v <= 20]:
                 steps = steps_for(name, nfe, False)
                 start = sampler_timesteps(schedule, steps, "logsnr")
                 start_sigmas = torch.tensor([sigma_of(schedule, t) for t in time_list(start)], dtype=torch.float64)
 
-                def solve(sigmas, x=x_tune, name=name):
-                    return ours(den, x, schedule, name, sigma_timesteps(schedule, sigmas))[0]
+                def solve(sigmas, x=x_tune, name=name, opts=defaults):
+                    return ours(den, x, schedule, name, sigma_timesteps(schedule, sigmas), **opts)[0]
 
                 state = tune_levels(solve, ref, schedule, start_sigmas, delta=0.5, min_delta=0.01, iterations=40)
-                x, calls = ours(den, x_T, schedule, name, sigma_timesteps(schedule, sigmas_of(state.params, schedule)))
+                x, calls = ours(den, x_T, schedule, name, sigma_timesteps(schedule, sigmas_of(state.params, schedule)), **defaults)
                 record(f"{name}, tuned", calls, x)
     if not args.no_diffusers:
         for label, make, to_ours in diffusers_rows(schedule):
@@ -158,7 +175,7 @@ def main() -> None:
                 record(label, calls, x)
     print(f"({time.time() - t0:.0f} s)")
     if args.markdown:
-        nfes = sorted({k for r in results.values() for k in r if k})
+        nfes = sorted(args.nfe)
         print("\n| solver, levels | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
         print("| --- |" + " --- |" * len(nfes))
         print(f"| floor: {args.n} exact samples | " + " | ".join(["{:.2f} / {:.3f} / {:.3f}".format(*results['floor: exact samples'][0])] * len(nfes)) + " |")

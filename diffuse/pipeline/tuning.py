@@ -107,17 +107,19 @@ def pattern_search(loss: Callable[[list[float]], float], state: SearchState, *, 
 
 
 def tune_levels(solve: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor, schedule: Schedule,
-                start: torch.Tensor, *, delta: float, min_delta: float, iterations: int,
+                start: torch.Tensor, *, loss: str = "logrms", delta: float, min_delta: float, iterations: int,
                 state: Optional[SearchState] = None, on_iteration=None) -> SearchState:
-    """The levels (as SearchState.params; sigmas_of turns them into sigmas) whose solve(sigmas) is closest in mean
-    squared error to `reference`, searched from the levels `start` (or from `state`, to continue a search)."""
-    def loss(params: list[float]) -> float:
-        return mse(solve(sigmas_of(params, schedule)), reference)
+    """The levels (as SearchState.params; sigmas_of turns them into sigmas) whose solve(sigmas) is closest to
+    `reference` by the distance LOSSES[loss], searched from the levels `start` (or from `state`, to continue)."""
+    distance = LOSSES[loss]
+
+    def objective(params: list[float]) -> float:
+        return distance(solve(sigmas_of(params, schedule)), reference)
 
     if state is None:
         p0 = params_of(start, schedule)
-        state = SearchState(params=p0, loss=loss(p0), delta=delta)
-    return pattern_search(loss, state, iterations=iterations, min_delta=min_delta, on_iteration=on_iteration)
+        state = SearchState(params=p0, loss=objective(p0), delta=delta)
+    return pattern_search(objective, state, iterations=iterations, min_delta=min_delta, on_iteration=on_iteration)
 
 
 def read_schedule_file(path) -> dict:
@@ -139,6 +141,22 @@ def read_schedule_file(path) -> dict:
     return entry
 
 
+def per_sample_rms(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (x.to(torch.float64) - ref.to(torch.float64)).pow(2).flatten(1).mean(1).sqrt()
+
+
 def mse(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean squared error per element, in float64."""
-    return float((x.to(torch.float64) - ref.to(torch.float64)).pow(2).mean())
+    return float(per_sample_rms(x, ref).pow(2).mean())
+
+
+def log_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over samples of log(RMS error): the log of the errors' geometric mean. A few x_T whose path ends in
+    another mode than the reference's (errors of order 1) dominate a mean squared error, and the search then
+    trades every other sample's accuracy (a narrow mode's spread, errors of order 0.01) for them; in the log
+    every x_T counts alike. Measured on the mixture oracle, 10 NFE: UniPC's worst std error 0.17 tuned by mse,
+    0.04 by log_rms."""
+    return float(per_sample_rms(x, ref).clamp(min=1e-12).log().mean())
+
+
+LOSSES = {"logrms": log_rms, "mse": mse}

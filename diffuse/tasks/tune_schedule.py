@@ -4,6 +4,7 @@ closest to a high-NFE reference from the same x_T -> schedule.json, levels.png a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,10 @@ from diffuse.console import console, progress_bar
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers.common import sigma_of, time_list
 from diffuse.diffusion.timesteps import sigma_timesteps
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError, check_choice, check_number
 from diffuse.pipeline.conditioning import Guidance, sample_labels
 from diffuse.pipeline.sampling import plan_sampler
-from diffuse.pipeline.tuning import SearchState, check_tunable, key, mse, sigmas_of, tune_levels
+from diffuse.pipeline.tuning import LOSSES, SearchState, check_tunable, key, log_rms, mse, sigmas_of, tune_levels
 from diffuse.plot import line_plot
 from diffuse.tasks.common import model_of, runtime_of, save_resolved_config, to_dict, write_json
 
@@ -35,6 +36,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     check_number("tune.iterations", t["iterations"], minimum=0, integer=True)
     check_number("tune.delta", t["delta"], minimum=0, exclusive_min=True)
     check_number("tune.min_delta", t["min_delta"], minimum=0, exclusive_min=True)
+    check_choice("tune.loss", t["loss"], tuple(LOSSES))
     rt = runtime_of(cfg, images=0)
     model = model_of(cfg, rt)
     sampler_cfg = to_dict(cfg.sampler)
@@ -43,7 +45,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     reference = plan_sampler(t["reference"], t["reference_steps"], model.schedule, model.clip_x0)
     check_tunable(reference.name, reference.options)
     identity = {"sampler": sampler_cfg, "steps": steps, "n": n, "n_eval": n_eval, "seed": seed, "reference": t["reference"],
-                "reference_steps": t["reference_steps"], **model.source}
+                "reference_steps": t["reference_steps"], "loss": t["loss"], **model.source}
     state = previous_state(out, identity) if cfg.resume else None
 
     save_resolved_config(cfg, out)
@@ -66,26 +68,25 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return solve(stock, sigma_timesteps(model.schedule, sigmas), x)
 
     stock_sigmas = torch.tensor([sigma_of(model.schedule, s) for s in time_list(stock.timesteps)], dtype=torch.float64)
-    stock_loss = mse(run_levels(stock_sigmas, x_tune), ref_tune)
-    with progress_bar(True, TextColumn("rms {task.fields[rms]:.3g}")) as bar:
+    with progress_bar(True, TextColumn("{task.fields[loss]} {task.fields[value]:.4g}")) as bar:
         task = bar.add_task(f"tuning {stock.name} at {steps} steps", total=t["iterations"],
-                            completed=state.iteration if state else 0, rms=(state.loss if state else stock_loss) ** 0.5)
+                            completed=state.iteration if state else 0, loss=t["loss"], value=state.loss if state else float("nan"))
 
         def checkpoint_state(s: SearchState) -> None:
             write_json(out / "tune_state.json", {"identity": identity, "state": s.to_json()})
-            bar.update(task, completed=s.iteration, rms=s.loss**0.5)
+            bar.update(task, completed=s.iteration, value=s.loss)
 
-        state = tune_levels(lambda sigmas: run_levels(sigmas, x_tune), ref_tune, model.schedule, stock_sigmas, delta=t["delta"],
-                            min_delta=t["min_delta"], iterations=t["iterations"], state=state, on_iteration=checkpoint_state)
+        state = tune_levels(lambda sigmas: run_levels(sigmas, x_tune), ref_tune, model.schedule, stock_sigmas, loss=t["loss"],
+                            delta=t["delta"], min_delta=t["min_delta"], iterations=t["iterations"], state=state,
+                            on_iteration=checkpoint_state)
     checkpoint_state(state)
     tuned = sigmas_of(state.params, model.schedule)
     result = {
         "sampler": stock.name, "steps": steps, "sigmas": tuned.tolist(),
         "timesteps": sigma_timesteps(model.schedule, tuned).tolist(), "stock_sigmas": stock_sigmas.tolist(),
         "options": stock.options, "reference": {"sampler": reference.name, "steps": reference.steps},
-        "rms_tune": {"stock": stock_loss**0.5, "tuned": state.loss**0.5},
-        "rms_heldout": {"stock": mse(run_levels(stock_sigmas, x_eval), ref_eval) ** 0.5,
-                        "tuned": mse(run_levels(tuned, x_eval), ref_eval) ** 0.5},
+        "loss": t["loss"], "tune": {"stock": errors(run_levels(stock_sigmas, x_tune), ref_tune), "tuned": errors(run_levels(tuned, x_tune), ref_tune)},
+        "heldout": {"stock": errors(run_levels(stock_sigmas, x_eval), ref_eval), "tuned": errors(run_levels(tuned, x_eval), ref_eval)},
         "n": n, "n_eval": n_eval, "seed": seed, "iterations": state.iteration, "evals": state.evals, **model.source,
     }
     write_json(out / "schedule.json", result)
@@ -93,11 +94,17 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
               out / "levels.png", title=f"{stock.name}, {steps} steps: noise levels", xlabel="step", ylabel="log10 sigma")
     if "ckpt" in model.source and cfg.write_ckpt:
         record_in_checkpoint(Path(model.source["ckpt"]), result)
-    h = result["rms_heldout"]
-    console.print(f"{stock.name} at {steps} steps, RMS error against {reference.name} at {reference.steps} steps on {n_eval} held-out x_T: "
-                  f"stock {h['stock']:.4g}, tuned {h['tuned']:.4g} ({state.evals} evaluations of the schedule)")
+    h = result["heldout"]
+    console.print(f"{stock.name} at {steps} steps against {reference.name} at {reference.steps} steps, {n_eval} held-out x_T: "
+                  f"geometric-mean error stock {h['stock']['geomean']:.4g}, tuned {h['tuned']['geomean']:.4g}; "
+                  f"RMS stock {h['stock']['rms']:.4g}, tuned {h['tuned']['rms']:.4g} ({state.evals} evaluations of the schedule)")
     console.print(f"use it: sampler={stock.name} steps={steps} sampler.schedule=" + ("tuned" if "ckpt" in model.source and cfg.write_ckpt else str(out / "schedule.json")))
     return result
+
+
+def errors(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """The per-x_T RMS errors summarised: their geometric mean (what tune.loss=logrms lowers) and the overall RMS."""
+    return {"geomean": math.exp(log_rms(x, ref)), "rms": mse(x, ref) ** 0.5}
 
 
 def previous_state(out: Path, identity: dict) -> SearchState | None:
@@ -127,6 +134,6 @@ def references(out: Path, resume: bool, solve, x_tune: torch.Tensor, x_eval: tor
 def record_in_checkpoint(path: Path, result: dict) -> None:
     """The checkpoint rewritten (atomically) with the schedule in its metadata, under "sampler/steps"."""
     ckpt = load_checkpoint(path)
-    ckpt.tuned = {**ckpt.tuned, key(result["sampler"], result["steps"]): {k: result[k] for k in ("sampler", "steps", "sigmas", "options", "rms_heldout")}}
+    ckpt.tuned = {**ckpt.tuned, key(result["sampler"], result["steps"]): {k: result[k] for k in ("sampler", "steps", "sigmas", "options", "loss", "heldout")}}
     save_checkpoint(path, ckpt)
     console.print(f"recorded in {path} as {key(result['sampler'], result['steps'])}")
