@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from diffuse.diffusion.samplers.adaptive import adaptive
+from diffuse.diffusion.samplers.consistency import consistency
 from diffuse.diffusion.samplers.ddim import ddim, ddim_step
 from diffuse.diffusion.samplers.ddpm import ddpm, ddpm_step
 from diffuse.diffusion.samplers.deis import deis
@@ -23,9 +24,10 @@ SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "euler_ancestral": euler_ancestral,
     "dpm_solver": dpm_solver, "dpm_solver_3m": dpm_solver_3m, "dpm_solver_2m_sde": dpm_solver_2m_sde,
     "dpm_solver_3m_sde": dpm_solver_3m_sde, "unipc": unipc, "ipndm": ipndm, "deis": deis, "adaptive": adaptive,
+    "consistency": consistency,
 }
 # Samplers whose output is not a function of x_T alone (ddim too, when eta > 0).
-STOCHASTIC = {"ddpm", "dpm_solver_2m_sde", "dpm_solver_3m_sde", "euler_ancestral"}
+STOCHASTIC = {"ddpm", "dpm_solver_2m_sde", "dpm_solver_3m_sde", "euler_ancestral", "consistency"}
 # Samplers that choose their own levels between the first timestep and the last.
 SELF_STEPPING = {"adaptive"}
 # One step of a sampler, for algorithms that drive the reverse process themselves (RePaint):
