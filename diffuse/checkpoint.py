@@ -12,9 +12,12 @@ and string metadata
     diffuse.optim      optimizer param_groups (hyper-parameters) as JSON
     diffuse.extra      any other JSON state (e.g. counters)
     diffuse.tuned      noise-level schedules diffuse tune-schedule found for these weights, "sampler/steps" -> levels
-    diffuse.sha256     hash of every tensor's name, dtype, shape and bytes: a truncated or altered file is refused
+    diffuse.sha256     hash of the whole file's content: every other metadata entry (key and value) and every
+                       tensor's name, dtype, shape and bytes; a truncated or altered file is refused
 
-Only safetensors and JSON are read: loading a checkpoint never runs code.
+Format 1 (before the hash covered the metadata) hashed the tensors alone: such a file still loads, with a warning
+that its metadata is unverified. A file with no hash loads only when the caller passes verify=False (the user's
+`verify=false`), again with a warning. Only safetensors and JSON are read: loading a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from diffuse.errors import UserError
 
-FORMAT = "1"
+FORMAT = "2"
+HASH_KEY = "diffuse.sha256"
 
 
 @dataclass
@@ -46,14 +50,43 @@ class Checkpoint:
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     tuned: dict = field(default_factory=dict)
+    # What the stored hash vouched for when it was loaded: "all" (format 2: metadata and tensors), "tensors"
+    # (format 1: the metadata is unverified) or "none" (no hash, loaded with verify=False).
+    verified: str = "all"
+
+
+def _bytes(t: torch.Tensor):
+    # A flat uint8 view that hashlib reads in place, without a copy of the tensor's bytes.
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors alone (names, dtypes, shapes, bytes): format 1's checkpoint hash, and the identity of a
+    set of weights (e.g. a feature network's)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_bytes(t))
+    return h.hexdigest()
+
+
+def checkpoint_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 of a whole checkpoint: every metadata entry but the hash itself, then every tensor. Each field is
+    length-prefixed, so no two different contents encode to the same byte stream."""
+    h = hashlib.sha256(b"diffuse checkpoint 2\n")
+
+    def put(data) -> None:
+        data = data.encode() if isinstance(data, str) else data
+        h.update(len(memoryview(data).cast("B")).to_bytes(8, "little"))
+        h.update(data)
+
+    for key in sorted(meta):
+        if key != HASH_KEY:
+            put("meta"), put(key), put(meta[key])
+    for name in sorted(tensors):
+        t = tensors[name]
+        put("tensor"), put(name), put(str(t.dtype)), put(json.dumps(list(t.shape))), put(_bytes(t))
     return h.hexdigest()
 
 
@@ -97,8 +130,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "diffuse.optim": json.dumps(groups),
         "diffuse.extra": json.dumps(ckpt.extra, sort_keys=True),
         "diffuse.tuned": json.dumps(ckpt.tuned, sort_keys=True),
-        "diffuse.sha256": content_hash(tensors),
     }
+    meta[HASH_KEY] = checkpoint_hash(tensors, meta)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
@@ -114,9 +147,12 @@ def atomic_write(path: Path, write) -> None:
         raise
     os.close(fd)
     try:
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it 0600; the file gets the mode a plain open() would give
         write(Path(tmp))
         with open(tmp, "rb+") as f:
+            # The mode a plain open() would give, set after the write: mkstemp makes the temp file 0600, and a
+            # writer may replace it with its own file (safetensors writes its own temp file and renames it over
+            # ours, 0600 again). The umask is read now, not at import: the process may have changed it since.
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -135,9 +171,21 @@ def atomic_write(path: Path, write) -> None:
 # errno values that say the storage, not the program, is at fault.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 TMP_SUFFIX = ".tmp"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
+
+
+def current_umask() -> int:
+    """The process's umask. Linux reports it in /proc (read-only); elsewhere it is set and restored, which another
+    thread creating a file in that instant would see."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _raise_if_environment(e: OSError, path: Path) -> None:
@@ -166,7 +214,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path}: not a readable safetensors file ({_short(e)})") from None
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, verify: bool = True, report: Optional[Callable[[str], None]] = None) -> Checkpoint:
+    """The checkpoint at `path`, its hash checked: a file whose hash does not match is refused whatever `verify`
+    says; verify=False only lets a file that carries no hash load (said in one line through `report`, as is a
+    format-1 file whose hash covers its tensors only)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -179,8 +230,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         tensors = load_file(str(path))
     except Exception as e:
         raise UserError(f"{path}: checkpoint is truncated or corrupted ({_short(e)})") from None
-    if verify and meta.get("diffuse.sha256") and content_hash(tensors) != meta["diffuse.sha256"]:
-        raise UserError(f"{path}: checkpoint is corrupted (content hash mismatch)")
+    verified = check_hash(path, meta, tensors, verify, report)
     try:
         config = json.loads(meta["diffuse.config"])
         groups = json.loads(meta.get("diffuse.optim", "[]"))
@@ -189,13 +239,47 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         step = int(meta.get("diffuse.step", "0"))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: checkpoint metadata is not valid JSON ({_short(e)})") from None
+    for name, val, kind in (("diffuse.config", config, dict), ("diffuse.optim", groups, list), ("diffuse.extra", extra, dict),
+                            ("diffuse.tuned", tuned, dict)):
+        if not isinstance(val, kind):
+            raise UserError(f"{path}: checkpoint metadata {name} is not a JSON {'object' if kind is dict else 'list'}")
     parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "rng": {}, "optim": {}}
     for name, t in tensors.items():
         prefix, _, rest = name.partition(".")
         if prefix in parts:
             parts[prefix][rest if prefix != "optim" else name] = t
     optim = _unflatten_optim(parts["optim"], groups) if groups else None
-    return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra, tuned=tuned)
+    return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra,
+                      tuned=tuned, verified=verified)
+
+
+def check_hash(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], verify: bool,
+               report: Optional[Callable[[str], None]]) -> str:
+    """What the stored hash vouches for ("all", "tensors" or "none"), or a UserError for a file it does not fit."""
+    say = report or _warn
+    stored = meta.get(HASH_KEY)
+    if not stored:
+        if verify:
+            raise UserError(f"{path} carries no content hash ({HASH_KEY}), so it cannot be verified: pass verify=false "
+                            "to load it anyway if you trust where it came from")
+        say(f"warning: {path} carries no content hash: loaded unverified (verify=false)")
+        return "none"
+    if checkpoint_hash(tensors, meta) == stored:
+        return "all"
+    # Format 1 hashed the tensors alone. Only a file that says it is format 1 is held to that weaker rule: one
+    # that says 2 and fits only the old hash has been altered (its metadata, or the hash itself).
+    if meta.get("diffuse.format", "1") == "1" and content_hash(tensors) == stored:
+        say(f"warning: {path} was written by an older diffuse (checkpoint format 1): its hash covers the tensors only, "
+            "so its metadata (config, step) is unverified")
+        return "tensors"
+    raise UserError(f"{path}: checkpoint is corrupted (content hash mismatch: its metadata or tensors were changed "
+                    "after it was written)")
+
+
+def _warn(line: str) -> None:
+    from diffuse.console import err_console
+
+    err_console.print(line, markup=False, soft_wrap=True)
 
 
 def numbered_step(path: Path) -> Optional[int]:
@@ -210,25 +294,31 @@ def numbered_checkpoints(ckdir: Path) -> list[Path]:
     return sorted(found, key=numbered_step)
 
 
-def load_newest_valid(ckdir: Path, report=None) -> tuple[Checkpoint, Path]:
+def load_newest_valid(ckdir: Path, report=None, *, verify: bool = True, asked: str = "resume=true") -> tuple[Checkpoint, Path]:
     """The checkpoint of the highest step in `ckdir` that loads and verifies: last.safetensors, or a numbered
     one when last.safetensors is damaged (or older, after a kill between the two writes). Each damaged file
-    passed over is reported in one line through `report`; if none is valid, one UserError lists them."""
+    passed over is reported in one line through `report`; if none is valid, one UserError lists them. `asked`
+    is what the user typed to get here (resume=true, resume=PATH), for the message when there is nothing."""
     ckdir = Path(ckdir)
     last = ckdir / "last.safetensors"
     candidates: list[tuple[int, int, Path]] = []  # (step, last first at equal steps, path)
     bad: list[str] = []
     if last.is_file():
         try:
-            candidates.append((int(read_metadata(last).get("diffuse.step", "-1")), 1, last))
+            meta = read_metadata(last)
+            if "diffuse.config" not in meta:  # somebody else's file: passed over in a warning line, like a damaged one
+                raise UserError(f"{last} is a safetensors file but not a diffuse checkpoint (no diffuse.config metadata)")
+            candidates.append((int(meta.get("diffuse.step", "-1")), 1, last))
         except (UserError, ValueError) as e:
             bad.append(str(e))
     candidates += [(numbered_step(p), 0, p) for p in numbered_checkpoints(ckdir)]
     if not candidates and not bad:
-        raise UserError(f"resume=true but {ckdir} holds no checkpoint: give hydra.run.dir=THE_RUN_DIR or resume=PATH")
+        hint = "give hydra.run.dir=THE_RUN_DIR or resume=PATH" if asked == "resume=true" else \
+            "give a checkpoint file, or a run dir with checkpoints/"
+        raise UserError(f"{asked} but {ckdir} holds no checkpoint (no last.safetensors, no step_NNNNNNN.safetensors): {hint}")
     for _, _, path in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, verify=verify, report=report)
         except UserError as e:
             bad.append(str(e))
             continue
@@ -238,19 +328,27 @@ def load_newest_valid(ckdir: Path, report=None) -> tuple[Checkpoint, Path]:
     raise UserError(f"no valid checkpoint to resume from in {ckdir}: " + "; ".join(bad))
 
 
-def resolve_ckpt_path(value: Any) -> Path:
-    """`ckpt=` takes a checkpoint file or a training run dir (its checkpoints/last.safetensors)."""
+def resolve_ckpt_path(value: Any, key: str = "ckpt") -> Path:
+    """`ckpt=` takes a checkpoint file or a training run dir (its checkpoints/last.safetensors); `key` is the
+    option the user gave it as (ckpt, resume), for the messages."""
     if value is None or value == "":
-        raise UserError("ckpt= is required: a .safetensors checkpoint or a training run dir")
+        raise UserError(f"{key}= is required: a .safetensors checkpoint or a training run dir")
     p = Path(str(value)).expanduser()
     if p.is_dir():
         for cand in (p / "checkpoints" / "last.safetensors", p / "last.safetensors"):
             if cand.is_file():
                 return cand
-        raise UserError(f"ckpt={str(value)!r} is a directory without checkpoints/last.safetensors")
+        raise UserError(f"{key}={str(value)!r} is a directory without checkpoints/last.safetensors")
     if not p.exists():
-        raise UserError(f"ckpt={str(value)!r} does not exist")
+        raise UserError(f"{key}={str(value)!r} does not exist")
     return p
+
+
+def check_verify(value: Any) -> bool:
+    """The `verify` key: true (a checkpoint must carry a hash that fits it) or false (one without a hash loads)."""
+    if not isinstance(value, bool):
+        raise UserError(f"verify={value!r} is not allowed: true, or false to load a checkpoint that carries no hash")
+    return value
 
 
 def _short(e: Exception) -> str:

@@ -9,9 +9,11 @@ with exit code 2 rather than a Hydra stack trace.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
-from typing import Callable, List
+from pathlib import Path
+from typing import Callable, List, Optional
 
 import typer
 
@@ -66,15 +68,27 @@ def _overrides(args: List[str]) -> List[str]:
     return out
 
 
-def check_overrides(config_name: str, args: List[str]) -> None:
-    """Compose the config with the given overrides (each sweep value in turn) and turn any composition error
-    into a UserError naming the offending override."""
+def check_overrides(config_name: str, args: List[str], check: Optional[Callable] = None) -> None:
+    """Everything that can refuse the command before Hydra starts (so that a refused command writes nothing):
+    the overrides parsed, every job's config composed (under -m each job of the sweep's product, as Hydra will
+    run it) and resolved (a broken interpolation is one line), its run dir usable, and under -m each job's output
+    paths, its run dir free and the task's own up-front checks `check(cfg)`, so that one bad value refuses the
+    whole sweep before its first job starts. A failure is a UserError naming the override (and the -m job)."""
     from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    from diffuse import runlock
+    from diffuse.tasks.common import check_dir_target, check_outputs, check_sweep_outputs
+
+    flags = {a for a in args if a.startswith("-")}
+    multirun = bool(flags & {"-m", "--multirun"})
+    only_print = bool(flags & _PRINT_FLAGS)  # --cfg, --info, --help: nothing runs, nothing is written
     overrides = _overrides(args)
     parser = OverridesParser.create()
     try:
@@ -85,23 +99,111 @@ def check_overrides(config_name: str, args: List[str]) -> None:
         key = o.get_key_element().lstrip("+~")
         if key in MOVED:
             raise UserError(f"{key}= is now {MOVED[key]}= (the runtime group: device, precision and fast paths for every command)")
-    base = [o.input_line for o in parsed if not o.is_sweep_override()]
-    variants = [base]
-    for o in parsed:
-        if o.is_sweep_override():
-            key = o.get_key_element()
-            for val in o.sweep_string_iterator():
-                variants.append(base + [f"{key}={val}"])
+        if key == "hydra.output_subdir":
+            raise UserError("hydra.output_subdir= cannot be changed: diffuse writes Hydra's record into the run dir's .hydra/ itself, once it holds the run dir")
+        if o.is_sweep_override() and not multirun:
+            raise UserError(f"{o.input_line} is a sweep: add -m to run one job per value (a list is key=[a,b], a string with a comma key='a,b')")
+    hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
+    task = [o for o in parsed if not o.is_hydra_override()]
+    try:
+        jobs = BasicSweeper.split_arguments(task, None)[0] if multirun else [[o.input_line for o in task]]
+    except HydraException as e:
+        raise UserError(_one_line(e)) from None
+    swept = {o.get_key_element() for o in task if o.is_sweep_override()}
+
+    dirs: dict[str, int] = {}  # each -m job's run dir, and the job's number
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="diffuse.conf", version_base=None):
-            for ov in variants:
+            for num, job in enumerate(jobs):
+                where = ""
+                if multirun:
+                    shown = [ov.replace("\\", "") for ov in job if ov.split("=", 1)[0] in swept]  # as typed, unescaped
+                    where = f"-m job #{num}" + (f" ({' '.join(shown)})" if shown else "") + ": "
                 try:
-                    compose(config_name=config_name, overrides=ov)
-                except (HydraException, OmegaConfBaseException) as e:
-                    raise UserError(_one_line(e)) from None
+                    try:
+                        cfg = compose(config_name=config_name, overrides=[*hydra_overrides, *job], return_hydra_config=True)
+                    except (HydraException, OmegaConfBaseException) as e:
+                        raise UserError(_one_line(e)) from None
+                    with open_dict(cfg):
+                        cfg.hydra.job.name = Path(__file__).stem  # as Hydra names the job of a function in this file
+                        if multirun:
+                            cfg.hydra.job.num = cfg.hydra.job.id = num
+                    if only_print:  # --cfg job --resolve resolves what it prints
+                        if "--resolve" in flags:
+                            HydraConfig.instance().set_config(cfg)
+                            _resolve(cfg, lambda: OmegaConf.to_container(_job_config(cfg), resolve=True))
+                        continue
+                    if multirun:
+                        sweep_dir = _resolve(cfg, lambda: str(cfg.hydra.sweep.dir))
+                        if num == 0:
+                            check_dir_target(Path(sweep_dir), f"hydra.sweep.dir={sweep_dir}")
+                        run = os.path.join(sweep_dir, _resolve(cfg, lambda: str(cfg.hydra.sweep.subdir)))
+                        check_dir_target(Path(run), f"its run dir {run}")
+                        if os.path.abspath(run) == os.path.abspath(sweep_dir):  # the sweep itself holds that dir
+                            raise UserError(f"it would run in the sweep dir {sweep_dir} itself: hydra.sweep.subdir must name a subdir")
+                        other = dirs.setdefault(os.path.abspath(run), num)
+                        if other != num:  # the later job would write over the earlier one's outputs
+                            raise UserError(f"it would run in {run}, as job #{other} does: hydra.sweep.subdir must differ "
+                                            "from job to job (the default is ${hydra.job.num})")
+                    else:
+                        run = _resolve(cfg, lambda: str(cfg.hydra.run.dir))
+                        check_dir_target(Path(run), f"hydra.run.dir={run}")
+                    with open_dict(cfg):
+                        cfg.hydra.runtime.output_dir = os.path.abspath(run)
+                    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the job's config resolves as in the job
+                    job_cfg = _job_config(cfg)
+                    _resolve(job_cfg, lambda: OmegaConf.to_container(job_cfg, resolve=True))
+                    if multirun:
+                        if num == 0:
+                            check_sweep_outputs(config_name, Path(sweep_dir))
+                            runlock.check_free(Path(sweep_dir))
+                        check_outputs(config_name, job_cfg, Path(run))
+                        runlock.check_free(Path(run))
+                        if check is not None:
+                            check(job_cfg, Path(run))
+                except UserError as e:
+                    raise UserError(f"{where}{e}") from None
     finally:
+        HydraConfig.instance().cfg = None
         GlobalHydra.instance().clear()
+
+
+def _job_config(cfg):
+    """What Hydra hands the job: its config without the hydra node."""
+    from omegaconf import open_dict, read_write
+
+    job_cfg = copy.deepcopy(cfg)
+    with read_write(job_cfg), open_dict(job_cfg):
+        del job_cfg["hydra"]
+    return job_cfg
+
+
+# Hydra flags after which nothing runs: the config or Hydra's help is printed.
+_PRINT_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
+
+
+def _resolve(cfg, get):
+    """get() with an interpolation that cannot be resolved (${oc.env:UNSET}, ${no.such.key}) as one line naming
+    the key and its value as written."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return get()
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        reason = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+        for prefix in ("KeyError raised while resolving interpolation: ", "MissingMandatoryValue while resolving interpolation: "):
+            reason = reason.removeprefix(prefix)
+        raw = None
+        try:
+            raw = OmegaConf.to_container(OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg, resolve=False)
+            raw = raw.get(key.rpartition(".")[2]) if isinstance(raw, dict) else None
+        except Exception:
+            raw = None
+        shown = f"{key}={raw}" if raw is not None else (key or "the config")
+        raise UserError(f"{shown} cannot be resolved: {reason.strip(chr(34))}") from None
 
 
 def _one_line(e: Exception) -> str:
@@ -121,16 +223,18 @@ def _one_line(e: Exception) -> str:
     return first
 
 
-def run_hydra(command: str, job: Callable, args: List[str]) -> None:
+def run_hydra(command: str, job: Callable, args: List[str], check: Optional[Callable] = None) -> None:
+    """Hand `args` to Hydra, which runs `job` in the run dir (each -m job in its own); everything that can refuse
+    them first (check_overrides, with the task's `check` for every -m job)."""
     import hydra
 
+    from diffuse import runlock
     from diffuse.tasks.common import guarded
 
     try:
-        check_overrides(command, args)
+        check_overrides(command, args, check)
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise SystemExit(2)
+        runlock.exit_with(e)  # under torchrun: printed once, every rank exits 2
 
     @hydra.main(config_path="pkg://diffuse.conf", config_name=command, version_base=None)
     def _main(cfg):
@@ -142,6 +246,7 @@ def run_hydra(command: str, job: Callable, args: List[str]) -> None:
         _main()
     finally:
         sys.argv = old_argv
+        runlock.release_all()
 
 
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
@@ -158,9 +263,9 @@ def train(ctx: typer.Context) -> None:
 
     Writes checkpoints/last.safetensors, metrics.jsonl and sample grids into its run dir.
     """
-    from diffuse.tasks.train import run
+    from diffuse.tasks.train import check, run
 
-    run_hydra("train", run, ctx.args)
+    run_hydra("train", run, ctx.args, check)
 
 
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
@@ -177,9 +282,9 @@ def sample(ctx: typer.Context) -> None:
 
     Writes grid.png, images/NNNNNN.png and (save_npz=true) samples.npz into its run dir.
     """
-    from diffuse.tasks.sample import run
+    from diffuse.tasks.sample import check, run
 
-    run_hydra("sample", run, ctx.args)
+    run_hydra("sample", run, ctx.args, check)
 
 
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
@@ -202,9 +307,9 @@ def inpaint(
 
     Writes NAME_NN.png results and NAME_strip.png (original | masked | results) into its run dir.
     """
-    from diffuse.tasks.inpaint import run
+    from diffuse.tasks.inpaint import check, run
 
-    run_hydra("inpaint", run, [*ctx.args, f"image={_hydra_str(image)}", f"mask={_hydra_str(mask)}"])
+    run_hydra("inpaint", run, [*ctx.args, f"image={_hydra_str(image)}", f"mask={_hydra_str(mask)}"], check)
 
 
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
@@ -256,9 +361,9 @@ def tune_schedule(ctx: typer.Context) -> None:
     diffuse sample ckpt=RUN sampler=SAME steps=N sampler.schedule=tuned uses it (model=oracle:
     sampler.schedule=RUN_DIR/schedule.json).
     """
-    from diffuse.tasks.tune_schedule import run
+    from diffuse.tasks.tune_schedule import check, run
 
-    run_hydra("tune_schedule", run, ctx.args)
+    run_hydra("tune_schedule", run, ctx.args, check)
 
 
 @app.command(name="eval", cls=ConfCommand, context_settings=CONTEXT)
@@ -279,12 +384,12 @@ def evaluate(
 
     Writes metrics.json into its run dir; a sweep also writes summary.csv, summary.md and plots in its sweep dir.
     """
-    from diffuse.tasks.evaluate import run
+    from diffuse.tasks.evaluate import check, run
 
     extra = [f"metric=[{','.join(_hydra_str(m) for m in metric)}]"] if metric else []
     if save_ref:
         extra.append(f"save_ref={_hydra_str(save_ref)}")
-    run_hydra("eval", run, [*ctx.args, *extra])
+    run_hydra("eval", run, [*ctx.args, *extra], check)
 
 
 def _hydra_str(v: str) -> str:
@@ -295,6 +400,12 @@ def _hydra_str(v: str) -> str:
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "sample", "inpaint", "eval", "tune-schedule"):
+        # Before torch and Hydra load: a signal from here on is a stop request the job honours at its first safe
+        # point (training: step 0, with a checkpoint), not an exit that leaves nothing to resume.
+        from diffuse.signals import handle_early
+
+        handle_early()
     app()
 
 

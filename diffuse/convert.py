@@ -17,13 +17,16 @@ matrices are stacked. diffusers is not needed here: this module reads its files,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from diffuse import nets
 from diffuse.checkpoint import Checkpoint, save_checkpoint
 from diffuse.errors import UserError
+from diffuse.pipeline.model import MAX_T
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -113,8 +116,9 @@ def unet_config(dcfg: dict, where: str = "config.json") -> dict:
         if c[key] != want:
             refuse(key, json.dumps(want))
     chans = c["block_out_channels"]
-    if not isinstance(chans, list) or not chans or not all(isinstance(x, int) and x > 0 for x in chans):
-        refuse("block_out_channels", "a list of positive integers")
+    if (not isinstance(chans, list) or not 1 <= len(chans) <= nets.MAX_LEVELS
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in chans)):
+        refuse("block_out_channels", f"a list of 1 to {nets.MAX_LEVELS} integers, each from 1 to {nets.MAX_WIDTH}")
     ch = chans[0]
     if any(x % ch for x in chans):
         refuse("block_out_channels", f"multiples of its first entry {ch}")
@@ -128,18 +132,20 @@ def unet_config(dcfg: dict, where: str = "config.json") -> dict:
     size = c["sample_size"]
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int) or size <= 0 or size % 2 ** (n - 1):
-        refuse("sample_size", f"a square size divisible by {2 ** (n - 1)}")
-    if not isinstance(c["layers_per_block"], int) or c["layers_per_block"] < 1:
-        refuse("layers_per_block", "a positive integer")
+    # The weights do not fix the resolution (convolutions run at any size); the levels do (each halves it), and
+    # the sampler allocates it: an absurd one would hang or exhaust memory at the first image.
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= nets.MAX_RESOLUTION or size % 2 ** (n - 1):
+        refuse("sample_size", f"a square size up to {nets.MAX_RESOLUTION} divisible by {2 ** (n - 1)} (each of its {n - 1} downsamplings halves it)")
+    if isinstance(c["layers_per_block"], bool) or not isinstance(c["layers_per_block"], int) or not 1 <= c["layers_per_block"] <= nets.MAX_BLOCKS:
+        refuse("layers_per_block", f"an integer from 1 to {nets.MAX_BLOCKS}")
     if c["downsample_padding"] not in (0, 1):
         refuse("downsample_padding", "0 (pad after, as Ho et al.) or 1")
     groups = c["norm_num_groups"]
     if not isinstance(groups, int) or groups < 1 or any(x % groups for x in chans):
         refuse("norm_num_groups", f"a divisor of every entry of block_out_channels {chans}")
     for key in ("in_channels", "out_channels"):
-        if not isinstance(c[key], int) or c[key] < 1:
-            refuse(key, "a positive integer")
+        if isinstance(c[key], bool) or not isinstance(c[key], int) or not 1 <= c[key] <= nets.MAX_IO_CHANNELS:
+            refuse(key, f"an integer from 1 to {nets.MAX_IO_CHANNELS}")
     # Diffusers fixes the width of a head (default: the whole width, one head); ours fixes the number of heads.
     head_dim = c["attention_head_dim"]
     attn_chans = [chans[i] for i, b in enumerate(down) if b.startswith("Attn")] + [chans[-1]]
@@ -180,8 +186,9 @@ def schedule_config(path: Optional[Path]) -> dict:
         raise UserError(f"{where}: prediction_type={s['prediction_type']!r} cannot be converted: only epsilon is")
     out = {"kind": "linear", "T": s.get("num_train_timesteps", 1000), "beta_start": s.get("beta_start", 1e-4),
            "beta_end": s.get("beta_end", 0.02), "scale_with_T": False}
-    if isinstance(out["T"], bool) or not isinstance(out["T"], int) or out["T"] < 1:
-        raise UserError(f"{where}: num_train_timesteps={out['T']!r} is not a positive integer")
+    # The weights do not fix T either (the time embedding is sinusoidal in t); the schedule's tables do cost it.
+    if isinstance(out["T"], bool) or not isinstance(out["T"], int) or not 2 <= out["T"] <= MAX_T:
+        raise UserError(f"{where}: num_train_timesteps={out['T']!r} cannot be converted: it must be an integer from 2 to {MAX_T:,}")
     for key in ("beta_start", "beta_end"):
         if isinstance(out[key], bool) or not isinstance(out[key], (int, float)) or not 0 < out[key] < 1:
             raise UserError(f"{where}: {key}={out[key]!r} is not a number in (0, 1)")
@@ -269,24 +276,55 @@ def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torc
     return out
 
 
+def check_out(out: Path) -> None:
+    """out=FILE.safetensors, checked before any work: a file path whose folder exists or can be made, and can be
+    written to."""
+    if out.suffix != ".safetensors":
+        raise UserError(f"out={str(out)!r} is not allowed: the checkpoint is a .safetensors file")
+    if out.is_dir():
+        raise UserError(f"out={str(out)!r} is a directory: give the checkpoint's file name, e.g. out={out / 'model.safetensors'}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"out={str(out)!r} cannot be written: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"out={str(out)!r} cannot be written: {parent} is not writable")
+
+
+def header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file declares, as meta tensors of their shapes: its header read, no data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a malformed header
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})") from None
+
+
 def convert_diffusers(src: str | Path, out: str | Path) -> Path:
     """Write the diffuse checkpoint of the diffusers UNet2DModel at `src` to `out`; returns `out`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from diffuse.nets import build_network
-
     out = Path(out).expanduser()
-    if out.suffix != ".safetensors":
-        raise UserError(f"out={str(out)!r} is not allowed: the checkpoint is a .safetensors file")
+    check_out(out)
     config_path, weights_path, sched_path = find_files(src)
     model = unet_config(read_json(config_path), str(config_path))
     schedule = schedule_config(sched_path)
+    # The config's network on the meta device (shapes, no storage) against the shapes in the weights' header:
+    # a config the weights do not fit, or one describing a network too large to build, is refused before a
+    # tensor is read or a parameter allocated.
+    where = str(config_path)
+    keys = {"resolution": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",
+            "num_res_blocks": "layers_per_block", "heads": "attention_head_dim", "groups": "norm_num_groups"}
+    map_weights(header_tensors(weights_path), nets.meta_network(model, where=where, keys=keys), model)
     try:
         sd = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    net = build_network(model)
+    net = nets.build_network(model, where=where, keys=keys)
     weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, net, model).items()}
     config = {
         "model": model, "schedule": schedule, "objective": dict(OBJECTIVE),

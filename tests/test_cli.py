@@ -55,13 +55,16 @@ def test_multirun_sweep_and_cfg_job(run_dir, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-# The whole bad-input matrix runs in process (test_bad_input.py); these two go through a real process: an
-# override Hydra cannot compose, and a bad value the job itself finds.
+# The whole bad-input matrix runs in process (test_bad_input.py, test_run_dir.py); these go through a real
+# process: an override Hydra cannot compose, a bad value the job itself finds, and two that Hydra itself met.
 @pytest.mark.parametrize(
     "args,needle",
     [
         (["train", "model=huge"], "model/huge"),
         (["sample", "ckpt=/no/such/file.safetensors"], "does not exist"),
+        # Hydra-level failures, once a 150-line traceback with exit 1 that left .hydra/ behind
+        (["sample", "seed=${oc.env:DIFFUSE_TEST_UNSET}"], "seed=${oc.env:DIFFUSE_TEST_UNSET} cannot be resolved"),
+        (["train", "hydra.run.dir=/dev/null"], "hydra.run.dir=/dev/null is not a directory"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(args, needle, run_dir, tmp_path):

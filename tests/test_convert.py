@@ -223,3 +223,78 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "refused" in lines[0], r.stderr
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def _no_tensor_read(monkeypatch):
+    """Make reading the weights' data (or building a real network) fail the test: what is refused must be refused
+    from the config and the safetensors header alone."""
+    import safetensors.torch
+
+    from diffuse import nets
+
+    def forbidden(*a, **k):
+        raise AssertionError("the weights were read or the network built before the config was refused")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", forbidden)
+    real = nets._construct
+    monkeypatch.setattr(nets, "_construct", lambda *a: real(*a) if torch.empty(()).device.type == "meta" else forbidden())
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"sample_size": 10**6}, "sample_size=1000000"),
+    ({"sample_size": 9}, "sample_size=9"),
+    ({"block_out_channels": [16, 10**6]}, "block_out_channels=[16, 1000000]"),
+    ({"layers_per_block": 10**4}, "layers_per_block=10000"),
+    ({"in_channels": 10**4, "out_channels": 10**4}, "in_channels=10000"),
+    # within every bound, but not what the weights hold: refused from the header's shapes
+    ({"block_out_channels": [32, 64], "attention_head_dim": 16}, "temb.0.weight has shape (64, 16), the config asks for (128, 32)"),
+    ({"down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"], "attention_head_dim": None},
+     "weights lack down_blocks.0.attentions.0"),
+    ({"down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}, "that their config.json does not describe"),
+    # within the per-key bounds, but a network far beyond the parameter bound
+    ({"block_out_channels": [16384, 16384], "norm_num_groups": 32, "attention_head_dim": None}, "parameters"),
+])
+def test_a_lying_config_is_refused_from_the_header(tmp_path, monkeypatch, change, needle):
+    write_model(tmp_path / "m", SMALL)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**SMALL, **change}))
+    _no_tensor_read(monkeypatch)
+    with pytest.raises(UserError) as e:
+        convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("T", [10**9, 1, 0])
+def test_num_train_timesteps_out_of_bounds_are_refused(tmp_path, monkeypatch, T):
+    write_model(tmp_path / "pipe" / "unet", SMALL)
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "num_train_timesteps": T}
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    _no_tensor_read(monkeypatch)
+    with pytest.raises(UserError, match=f"num_train_timesteps={T} cannot be converted"):
+        convert_diffusers(tmp_path / "pipe", tmp_path / "o.safetensors")
+
+
+def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
+    import diffuse.convert as convert
+
+    write_model(tmp_path / "m", SMALL)
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "file").write_text("x")
+
+    def forbidden(*a, **k):
+        raise AssertionError("the model was read before out= was checked")
+
+    monkeypatch.setattr(convert, "find_files", forbidden)
+    with pytest.raises(UserError, match="dir.safetensors' is a directory"):
+        convert_diffusers(tmp_path / "m", tmp_path / "dir.safetensors")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        convert_diffusers(tmp_path / "m", tmp_path / "file" / "o.safetensors")
+    # through the CLI: one line, exit 2
+    from typer.testing import CliRunner
+
+    from diffuse.cli import app
+
+    r = CliRunner().invoke(app, ["convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'dir.safetensors'}"])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "is a directory" in lines[0], r.stderr

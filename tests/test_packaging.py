@@ -9,7 +9,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import diffuse
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,14 @@ import torch
 
 from diffuse.errors import UserError
 
+# A dataset is held in memory whole (uint8; float32 for the mixture), so its size is bounded before it is built:
+# 64 GiB is more than any machine this runs on gives a dataset, and a typo (size=10^9) fails in one line, not
+# after minutes of drawing, on an allocation.
+MAX_DATASET_BYTES = 2**36
+LIMITS = {"resolution": 4096, "channels": 256, "size": 100_000_000}
+# shapes renders 4x supersampled, 256 images at a time: about 1.5 GB of working memory at 128 pixels, 6 GB at 256.
+SHAPES_MAX_RESOLUTION = 128
+
 
 @dataclass
 class ImageDataset:
@@ -71,6 +79,10 @@ def fit_resolution(images: torch.Tensor, cfg) -> torch.Tensor:
     h, w = images.shape[-2:]
     if (h, w) == (res, res):
         return images
+    n, c = images.shape[:2]
+    # The result, and the float32 batch of up to 4096 images that resize works on.
+    check_memory("resolution", res, max(n * c * res * res, min(n, 4096) * c * res * res * 4 if fit == "resize" else 0),
+                 f"{n} images of {c} x {res} x {res}")
     if fit == "pad":
         if res < max(h, w):
             raise UserError(f"dataset.resolution={res} is smaller than the {h}x{w} images: use dataset.fit=resize")
@@ -84,17 +96,28 @@ def fit_resolution(images: torch.Tensor, cfg) -> torch.Tensor:
 
 
 def _shapes(cfg) -> ImageDataset:
-    from diffuse.data.shapes import render_shapes
+    from diffuse.data.shapes import CLASSES, render_shapes
 
     n = positive_int(cfg, "size")
-    images, labels = render_shapes(n, resolution=positive_int(cfg, "resolution"), seed=int(cfg["seed"]), num_classes=int(cfg["num_classes"]))
-    return ImageDataset(images, labels, int(cfg["num_classes"]), "shapes", flip=bool(cfg["flip"]))
+    res = positive_int(cfg, "resolution", SHAPES_MAX_RESOLUTION)
+    k = cfg.get("num_classes")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(CLASSES):
+        raise UserError(f"dataset.num_classes={k!r} is not allowed: dataset=shapes draws 1 to {len(CLASSES)} kinds ({', '.join(CLASSES)})")
+    if cfg.get("channels", 3) != 3:
+        raise UserError(f"dataset.channels={cfg['channels']!r} is not allowed: dataset=shapes draws RGB images (3 channels)")
+    check_memory("size", n, n * 3 * res * res, f"{n} images of 3 x {res} x {res}")
+    images, labels = render_shapes(n, resolution=res, seed=integer(cfg, "seed"), num_classes=k)
+    return ImageDataset(images, labels, k, "shapes", flip=flag(cfg, "flip"))
 
 
 def _gmm(cfg) -> ImageDataset:
     mixture = build_mixture(cfg)
-    g = torch.Generator().manual_seed(int(cfg["seed"]))
-    x, labels = mixture.sample(positive_int(cfg, "size"), generator=g)
+    n = positive_int(cfg, "size")
+    c, h, w = mixture.shape
+    # Drawn in float64, kept in float32.
+    check_memory("size", n, n * c * h * w * 8, f"{n} draws of {c} x {h} x {w}")
+    g = torch.Generator().manual_seed(integer(cfg, "seed"))
+    x, labels = mixture.sample(n, generator=g)
     return ImageDataset(x.float(), labels, mixture.K, "gmm")
 
 
@@ -104,6 +127,13 @@ def build_mixture(cfg):
     if cfg["path"]:
         return load_mixture(cfg["path"])
     return default_mixture(channels=positive_int(cfg, "channels"), resolution=positive_int(cfg, "resolution"))
+
+
+def check_memory(key: str, value, nbytes: int, what: str) -> None:
+    """dataset.<key>=value refused when the data it asks for (`what`, `nbytes`) exceeds MAX_DATASET_BYTES."""
+    if nbytes > MAX_DATASET_BYTES:
+        raise UserError(f"dataset.{key}={value!r} is not allowed: {what} take {nbytes / 2**30:,.0f} GiB in memory, more than "
+                        f"the {MAX_DATASET_BYTES // 2**30} GiB a dataset may")
 
 
 def _cifar10(cfg) -> ImageDataset:
@@ -140,17 +170,43 @@ DATASETS: dict[str, Callable] = {
 }
 
 
+# What a dataset's files decide: its config may state these keys (dataset_shape reads them) but not change them.
+FIXED = {"cifar10": {"channels": 3, "num_classes": 10}, "mnist": {"channels": 1, "num_classes": 10},
+         "fashion_mnist": {"channels": 1, "num_classes": 10}, "folder": {"channels": 3}}
+
+
 def build_dataset(cfg) -> ImageDataset:
     name = cfg.get("name")
     if name not in DATASETS:
         raise UserError(f"dataset={name!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
+    for key, fixed in FIXED.get(name, {}).items():
+        if key in cfg and cfg[key] != fixed:
+            raise UserError(f"dataset.{key}={cfg[key]!r} is not allowed: dataset={name} has {fixed} (its images decide it)")
+    if "flip" in cfg:
+        flag(cfg, "flip")
     return DATASETS[name](cfg)
 
 
-def positive_int(cfg, key: str) -> int:
+def positive_int(cfg, key: str, maximum: Optional[int] = None) -> int:
+    """dataset.<key>, a positive integer up to `maximum` (by default its entry in LIMITS, if any)."""
     val = cfg.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-        raise UserError(f"dataset.{key}={val!r} is not allowed: it must be a positive integer")
+    top = maximum or LIMITS.get(key)
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1 or (top is not None and val > top):
+        raise UserError(f"dataset.{key}={val!r} is not allowed: it must be a positive integer" + (f" up to {top:,}" if top else ""))
+    return val
+
+
+def integer(cfg, key: str) -> int:
+    val = cfg.get(key)
+    if isinstance(val, bool) or not isinstance(val, int):
+        raise UserError(f"dataset.{key}={val!r} is not allowed: it must be an integer")
+    return val
+
+
+def flag(cfg, key: str) -> bool:
+    val = cfg.get(key, False)
+    if not isinstance(val, bool):
+        raise UserError(f"dataset.{key}={val!r} is not allowed: true or false")
     return val
 
 

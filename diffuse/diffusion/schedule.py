@@ -110,8 +110,9 @@ def make_schedule(
     linear   linspace(beta_start, beta_end, T), times 1000/T when scale_with_T (Nichol & Dhariwal's convention:
              the parameters are stated for T = 1000); scale_with_T=false is the exact linspace, as diffusers has it.
     """
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise UserError(f"schedule.T={T!r} is not allowed: it must be a positive integer")
+    # One level leaves nothing to step between: every sampler's step count would have to be 1 and T at once.
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        raise UserError(f"schedule.T={T!r} is not allowed: it must be an integer >= 2 (the number of noise levels)")
     _in_open_unit("max_beta", max_beta)
     if kind == "linear":
         _in_open_unit("beta_start", beta_start)

@@ -1,35 +1,236 @@
-"""Networks F(x, t, y), built from a config through an allow-list: a checkpoint's config is user input."""
+"""Networks F(x, t, y), built from a config through an allow-list: a checkpoint's config is user input.
+
+Every argument is checked (type, range) and the network is first built on the meta device, where it has shapes
+but no storage: its parameter count, and the shapes a checkpoint's weights must have, are known before a byte
+of it is allocated. A crafted ch = 10^6 is one line, not a 16 TB allocation.
+"""
 
 from __future__ import annotations
 
 import inspect
+import math
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from diffuse.errors import UserError
 from diffuse.nets.dit import DiT
+from diffuse.nets.layers import DOWNSAMPLE_PADS
 from diffuse.nets.unet import UNet
 
 NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
 
+# Bounds on what a config may ask for. They are far beyond what this toolkit trains (DiT-XL/2 has 675M
+# parameters, Stable Diffusion's U-Net 860M, Ho et al.'s largest 256x256 model 114M) and far below what
+# would exhaust a machine before the first step.
+MAX_PARAMETERS = 2_000_000_000  # 8 GB of float32 weights; 32 GB with the EMA copy and AdamW's two moments
+MAX_RESOLUTION = 4096  # pixels per side
+MAX_IO_CHANNELS = 256  # images have 1-4 channels, latents 4-16, mask-conditioned inputs 2C + 1
+MAX_WIDTH = 16384  # channels of any layer: ch x ch_mult[i], hidden_size, freq_dim
+MAX_LEVELS = 10  # a U-Net of 10 levels halves 4096 pixels down to 8
+MAX_BLOCKS = 64  # residual blocks per level, transformer blocks
+MAX_HEADS = 1024
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21841
 
-def build_network(cfg: dict) -> nn.Module:
-    """cfg: {'arch': name, **constructor arguments}. Unknown architectures and arguments are refused."""
+# In training the network's resolution is the dataset's: that is the key a user sets.
+TRAINING_KEYS = {"resolution": "dataset.resolution"}
+
+
+class _Check:
+    """Messages for one config: `where` (a file, or nothing) and the name each argument has for the user."""
+
+    def __init__(self, cfg: dict, where: str, keys: dict[str, str], data_known: bool = True):
+        self.cfg, self.prefix, self.keys = cfg, f"{where}: " if where else "", keys
+        self.data_known = data_known  # resolution and channels given (they come from the data in training)
+
+    def key(self, arg: str) -> str:
+        return self.keys.get(arg, f"model.{arg}")
+
+    def fail(self, arg: str, allowed: str) -> UserError:
+        return UserError(f"{self.prefix}{self.key(arg)}={self.cfg[arg]!r} is not allowed: {allowed}")
+
+    def integer(self, arg: str, lo: int, hi: int, why: str = "") -> int:
+        v = self.cfg[arg]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.fail(arg, f"it must be an integer from {lo} to {hi:,}" + (f" ({why})" if why else ""))
+        return v
+
+    def optional_integer(self, arg: str, lo: int, hi: int, null_means: str) -> Optional[int]:
+        if self.cfg[arg] is None:
+            return None
+        v = self.cfg[arg]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.fail(arg, f"it must be null ({null_means}) or an integer from {lo} to {hi:,}")
+        return v
+
+    def number(self, arg: str, lo: float, hi: float, hi_open: bool, lo_open: bool = False) -> float:
+        v = self.cfg[arg]
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            raise self.fail(arg, f"it must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        return v
+
+    def int_list(self, arg: str, lo: int, hi: int, max_len: int, nonempty: bool) -> list[int]:
+        v = self.cfg[arg]
+        ok = isinstance(v, (list, tuple)) and (len(v) >= 1 or not nonempty) and len(v) <= max_len
+        ok = ok and all(not isinstance(x, bool) and isinstance(x, int) and lo <= x <= hi for x in v)
+        if not ok:
+            size = f"1 to {max_len}" if nonempty else f"at most {max_len}"
+            raise self.fail(arg, f"it must be a list of {size} integers, each from {lo} to {hi:,}")
+        return list(v)
+
+
+def _check_io(c: _Check) -> None:
+    if c.data_known:
+        c.integer("resolution", 1, MAX_RESOLUTION)
+        c.integer("in_channels", 1, MAX_IO_CHANNELS)
+        c.optional_integer("out_channels", 1, MAX_IO_CHANNELS, "as many as in_channels")
+    c.optional_integer("num_classes", 0, MAX_CLASSES, "unconditional")
+
+
+def _check_unet(c: _Check) -> None:
+    cfg = c.cfg
+    _check_io(c)
+    # The sinusoidal time embedding has ch channels and divides by ch // 2 - 1: below 4 it is NaN.
+    ch = c.integer("ch", 4, MAX_WIDTH, "the time embedding has model.ch channels and needs at least 4")
+    mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
+    if ch * max(mult) > MAX_WIDTH:
+        raise c.fail("ch_mult", f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, "
+                                f"more than {MAX_WIDTH:,}")
+    c.integer("num_res_blocks", 0, MAX_BLOCKS)
+    attn = c.int_list("attn_resolutions", 1, MAX_RESOLUTION, 64, nonempty=False)
+    c.number("dropout", 0.0, 1.0, hi_open=True)
+    heads = c.integer("heads", 1, MAX_HEADS)
+    c.integer("groups", 1, MAX_WIDTH)
+    if cfg["downsample_pad"] not in DOWNSAMPLE_PADS:
+        raise c.fail("downsample_pad", f"choose one of {', '.join(DOWNSAMPLE_PADS)}")
+    if not c.data_known:
+        return
+    res, levels = cfg["resolution"], len(mult)
+    # Each level but the last halves the feature map and the up path doubles it back: the skips only line up
+    # when every halving is exact.
+    if res % 2 ** (levels - 1):
+        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('ch_mult')}={mult}: its "
+                        f"{levels} levels halve the image {levels - 1} times, so the resolution must be a multiple of "
+                        f"{2 ** (levels - 1)}")
+    # Attention runs at the levels whose resolution is listed, and always in the middle block.
+    widths = {ch * m for i, m in enumerate(mult) if res // 2**i in attn} | {ch * mult[-1]}
+    bad = sorted(w for w in widths if w % heads)
+    if bad:
+        raise c.fail("heads", f"an attention layer of {bad[0]} channels does not split into {heads} heads")
+
+
+def _check_dit(c: _Check) -> None:
+    cfg = c.cfg
+    _check_io(c)
+    res = cfg["resolution"] if c.data_known else MAX_RESOLUTION
+    patch = c.integer("patch_size", 1, res, f"at most {c.key('resolution')}={res}" if c.data_known else "")
+    if c.data_known and res % patch:
+        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('patch_size')}={patch}: "
+                        "the image must split into whole patches")
+    heads = c.integer("heads", 1, MAX_HEADS)
+    hidden = c.integer("hidden_size", 4, MAX_WIDTH)
+    if hidden % 4 or hidden % heads:
+        raise c.fail("hidden_size", f"it must be a multiple of 4 (the 2-D position embedding) and of {c.key('heads')}={heads}")
+    c.integer("depth", 0, MAX_BLOCKS)
+    ratio = c.number("mlp_ratio", 0.0, 64.0, hi_open=False, lo_open=True)
+    if int(hidden * ratio) < 1:
+        raise c.fail("mlp_ratio", f"with {c.key('hidden_size')}={hidden} the MLP would have no channels")
+    c.integer("freq_dim", 4, MAX_WIDTH, "the time embedding divides by freq_dim // 2 - 1")
+
+
+_CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit}
+# What grows a network's parameter count, named when it is too large.
+_SIZE_KEYS = {"unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"), "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes")}
+
+
+def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = True) -> tuple[type[nn.Module], dict, _Check]:
+    """The class and complete, checked constructor arguments of a model config."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where + ': ' if where else ''}the model config is {type(cfg).__name__}, not a mapping of model.* keys")
     cfg = dict(cfg)
     arch = cfg.pop("arch", None)
+    prefix = f"{where}: " if where else ""
     if "_target_" in cfg:
-        raise UserError(f"model._target_={cfg['_target_']!r} is refused: networks are chosen by model.arch from {', '.join(NETWORKS)}")
+        raise UserError(f"{prefix}model._target_={cfg['_target_']!r} is refused: networks are chosen by model.arch from {', '.join(NETWORKS)}")
     if arch not in NETWORKS:
-        raise UserError(f"model.arch={arch!r} is not allowed: choose one of {', '.join(sorted(NETWORKS))}")
+        raise UserError(f"{prefix}model.arch={arch!r} is not allowed: choose one of {', '.join(sorted(NETWORKS))}")
     cls = NETWORKS[arch]
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    params = inspect.signature(cls.__init__).parameters
+    allowed = set(params) - {"self"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise UserError(f"model.{unknown[0]} is not an argument of {arch}: allowed are {', '.join(sorted(allowed))}")
+        raise UserError(f"{prefix}model.{unknown[0]} is not an argument of {arch}: allowed are {', '.join(sorted(allowed))}")
+    full = {name: cfg.get(name, params[name].default) for name in allowed}
+    check = _Check(full, where, TRAINING_KEYS if keys is None else keys, data_known)
+    _CHECKS[arch](check)
     for key in ("ch_mult", "attn_resolutions"):
         if key in cfg and cfg[key] is not None:
             cfg[key] = tuple(cfg[key])
+    return cls, cfg, check
+
+
+def check_model_config(cfg: dict) -> None:
+    """A training run's model.* keys, checked before the dataset is loaded: all but what the data decides
+    (resolution, channels), which build_network checks once they are known."""
+    _arguments(cfg, "", None, data_known=False)
+
+
+def _construct(cls: type[nn.Module], cfg: dict, prefix: str) -> nn.Module:
     try:
         return cls(**cfg)
     except (TypeError, ValueError) as e:
-        raise UserError(f"model config is not valid for {arch}: {e}") from None
+        raise UserError(f"{prefix}model config is not valid for {cls.__name__}: {e}") from None
+
+
+def meta_network(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> nn.Module:
+    """The network `cfg` describes, built on the meta device (shapes, no storage: nothing is allocated), or one
+    line for a config that is invalid or describes more than MAX_PARAMETERS."""
+    cls, args, check = _arguments(cfg, where, keys)
+    with torch.device("meta"):
+        net = _construct(cls, args, check.prefix)
+    n = sum(t.numel() for t in net.state_dict().values())
+    if n > MAX_PARAMETERS:
+        given = ", ".join(f"{check.key(k)}={check.cfg[k]!r}" for k in _SIZE_KEYS[cfg["arch"]] if check.cfg[k] is not None)
+        raise UserError(f"{check.prefix}{given} describe a network of {n:,} parameters: more than the {MAX_PARAMETERS:,} allowed")
+    return net
+
+
+def network_shapes(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> dict[str, torch.Size]:
+    """The state-dict shapes of the network `cfg` describes (see meta_network)."""
+    return {name: t.shape for name, t in meta_network(cfg, where=where, keys=keys).state_dict().items()}
+
+
+def check_weights(shapes: dict[str, torch.Size], weights: dict[str, torch.Tensor], where: str = "") -> None:
+    """Weights (names and shapes) against a network's state-dict shapes, before the network is built."""
+    prefix = f"{where}: " if where else ""
+    missing = sorted(set(shapes) - set(weights))
+    extra = sorted(set(weights) - set(shapes))
+    wrong = sorted(k for k in set(shapes) & set(weights) if tuple(weights[k].shape) != tuple(shapes[k]))
+    if not (missing or extra or wrong):
+        return
+    want = sum(math.prod(s) for s in shapes.values())
+    have = sum(t.numel() for t in weights.values())
+    if wrong:
+        first = f"{wrong[0]} is {tuple(weights[wrong[0]].shape)} where the config asks for {tuple(shapes[wrong[0]])}"
+    elif missing:
+        first = f"no tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    else:
+        first = f"{extra[0]} is not in the network" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    raise UserError(f"{prefix}the weights do not fit its model config: the config describes {want:,} parameters, the file "
+                    f"holds {have:,}; {first}")
+
+
+def build_network(cfg: dict, *, where: str = "", keys: Optional[dict] = None,
+                  weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """cfg: {'arch': name, **constructor arguments}. Unknown architectures and arguments, values out of range and
+    networks beyond MAX_PARAMETERS are refused before anything is allocated, as are `weights` (a state dict to be
+    loaded next) that do not fit. `where` (a file) prefixes the messages; `keys` renames arguments in them
+    (default: the training names, resolution = dataset.resolution)."""
+    shapes = network_shapes(cfg, where=where, keys=keys)
+    if weights is not None:
+        check_weights(shapes, weights, where)
+    cls, args, check = _arguments(cfg, where, keys)
+    return _construct(cls, args, check.prefix)

@@ -13,6 +13,10 @@ from diffuse.errors import UserError
 from diffuse.pipeline.model import Model
 
 GUIDANCE = ("cfg", "none")
+# The most images one command draws. 200 times the 50000 of a standard FID; every command holds a label per
+# image (80 MB of them here) and the images or their features, so far beyond this it would fail partway, after
+# hours, on an allocation (n = 10^12 labels alone would be 8 TB).
+MAX_IMAGES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ def guide(model: Model, guidance: Guidance):
 def resolve_labels(label: Optional[int], labels: Optional[Sequence[int]], n: int, num_classes: Optional[int]) -> Optional[torch.Tensor]:
     """The label of each of n images: `label` for all, `labels` cycled, else all classes in turn; None for an
     unconditional model (which refuses label and labels)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise UserError(f"n={n!r} is not allowed: it must be an integer from 1 to {MAX_IMAGES:,} (the images one run draws)")
     if label is not None and labels is not None:
         raise UserError("label= and labels= cannot both be given: choose one")
     if not num_classes:

@@ -9,13 +9,17 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path
+from diffuse.checkpoint import Checkpoint, check_verify, load_checkpoint, resolve_ckpt_path
 from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.schedule import Schedule, make_schedule
 from diffuse.errors import UserError
 from diffuse.pipeline.runtime import Runtime, inference_network
 
 SCHEDULE_KEYS = {"T", "beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau", "max_beta", "scale_with_T"}
+# The longest schedule a config may ask for. Published discrete schedules have T <= 4000 (Nichol & Dhariwal's
+# longest); continuous-time samplers use fractional t, not a larger T. Every table is float64 and there are
+# about ten, so 10^5 is 8 MB; a crafted T = 10^9 would be 80 GB.
+MAX_T = 100_000
 
 
 @dataclass(frozen=True)
@@ -56,42 +60,72 @@ class TrainedNetwork:
         return bool((self.config.get("objective") or {}).get("mask_training"))
 
 
-def schedule_from_config(cfg: Optional[dict]) -> Schedule:
-    """A Schedule from a `schedule` config (or a checkpoint's copy of one): unknown keys and non-numbers are refused."""
+def schedule_from_config(cfg: Optional[dict], where: str = "") -> Schedule:
+    """A Schedule from a `schedule` config (or a checkpoint's copy of one, `where` naming the file): unknown keys,
+    non-numbers and a T beyond MAX_T are refused before any table is computed."""
+    prefix = f"{where}: " if where else ""
+    if cfg is not None and not isinstance(cfg, dict):
+        raise UserError(f"{prefix}the schedule config is {type(cfg).__name__}, not a mapping of schedule.* keys")
     cfg = dict(cfg or {})
     kind = cfg.pop("kind", None)
     unknown = sorted(set(cfg) - SCHEDULE_KEYS)
     if unknown:
-        raise UserError(f"schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}")
+        raise UserError(f"{prefix}schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}")
     for key, val in cfg.items():
         if key == "scale_with_T":
             if not isinstance(val, bool):
-                raise UserError(f"schedule.scale_with_T={val!r} is not allowed: true or false")
-        elif key != "T" and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val)):
-            raise UserError(f"schedule.{key}={val!r} is not allowed: it must be a finite number")
-    return make_schedule(kind, **cfg)
+                raise UserError(f"{prefix}schedule.scale_with_T={val!r} is not allowed: true or false")
+        elif key == "T":
+            if isinstance(val, bool) or not isinstance(val, int) or not 2 <= val <= MAX_T:
+                raise UserError(f"{prefix}schedule.T={val!r} is not allowed: it must be an integer from 2 to {MAX_T:,} "
+                                "(the number of noise levels)")
+        elif isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+            raise UserError(f"{prefix}schedule.{key}={val!r} is not allowed: it must be a finite number")
+    try:
+        return make_schedule(kind, **cfg)
+    except UserError as e:
+        if not prefix:
+            raise
+        raise UserError(f"{prefix}{e}") from None
 
 
-def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True) -> TrainedNetwork:
+def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str = "the checkpoint") -> TrainedNetwork:
+    """The network, schedule and prediction type a checkpoint (`where`: its file, for the messages) describes.
+    Its config is user input: it is checked, the schedule bounded, and the network's shapes (on the meta device)
+    compared with the weights in the file before the network is allocated."""
+    from diffuse.diffusion.prediction import PREDICTIONS
     from diffuse.nets import build_network
 
     conf = ckpt.config
     if not isinstance(conf, dict) or "model" not in conf or "schedule" not in conf:
-        raise UserError("checkpoint config lacks model/schedule: not a diffuse training checkpoint")
-    net = build_network(conf["model"])
+        raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
+    for part in ("objective", "data"):
+        if not isinstance(conf.get(part) or {}, dict):
+            raise UserError(f"{where}: its config's {part} is {type(conf[part]).__name__}, not a mapping")
+    objective = conf.get("objective") or {}
+    prediction = objective.get("prediction", "eps")
+    if prediction not in PREDICTIONS:
+        raise UserError(f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
+    if objective.get("mask_training", False) not in (True, False):
+        raise UserError(f"{where}: objective.mask_training={objective['mask_training']!r} is not allowed: true or false")
+    if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
+        raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
+    schedule = schedule_from_config(conf["schedule"], where=where)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
+    net = build_network(conf["model"], where=where, keys={}, weights=weights)
     try:
         net.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"checkpoint weights do not fit its model config: {first}") from None
-    prediction = (conf.get("objective") or {}).get("prediction", "eps")
-    return TrainedNetwork(net, schedule_from_config(conf["schedule"]), prediction, conf)
+        raise UserError(f"{where}: the weights do not fit its model config: {first}") from None
+    return TrainedNetwork(net, schedule, prediction, conf)
 
 
 def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], schedule: Optional[dict], use_ema: bool,
-               runtime: Runtime) -> Model:
-    """`ckpt=` (a file or training run dir), or `model=oracle` with its mixture (`dataset`) and `schedule`."""
+               runtime: Runtime, verify: Any = True) -> Model:
+    """`ckpt=` (a file or training run dir), or `model=oracle` with its mixture (`dataset`) and `schedule`.
+    verify=false lets a checkpoint that carries no hash load, said in a warning and in Model.source."""
+    verify = check_verify(verify)
     if ckpt in (None, ""):
         if not model:
             raise UserError("ckpt= is required: a .safetensors checkpoint or a training run dir (or model=oracle for the exact mixture)")
@@ -103,8 +137,8 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
     if schedule:
         raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
     path = resolve_ckpt_path(ckpt)
-    loaded = load_checkpoint(path)
-    tn = network_from_checkpoint(loaded, use_ema=use_ema)
+    loaded = load_checkpoint(path, verify=verify)
+    tn = network_from_checkpoint(loaded, use_ema=use_ema, where=str(path))
     runner = inference_network(tn.net, runtime)
     if tn.mask_conditioned:
         from diffuse.diffusion.inpainting import MaskConditioned
@@ -112,8 +146,11 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
         # A mask-conditioned network: told that nothing is known it samples; inpaint gives it the known pixels.
         runner = MaskConditioned(runner)
     den = NetworkDenoiser(runner, tn.prediction, tn.schedule, autocast_dtype=runtime.autocast)
+    source = {"ckpt": str(path), "step": loaded.step}
+    if loaded.verified != "all":  # what made the outputs says that its checkpoint was not (wholly) verified
+        source["ckpt_verified"] = loaded.verified
     return Model(den, tn.schedule, (tn.net.out_channels, tn.net.resolution, tn.net.resolution), tn.net.num_classes,
-                 tn.is_8bit, {"ckpt": str(path), "step": loaded.step}, loaded.tuned)
+                 tn.is_8bit, source, loaded.tuned)
 
 
 def oracle_model(dataset: Optional[dict], schedule: Optional[dict]) -> Model:

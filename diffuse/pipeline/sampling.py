@@ -131,6 +131,7 @@ class CountingDenoiser:
 class Samples(NamedTuple):
     images: torch.Tensor  # in model space, on the CPU (empty when keep=False)
     nfe: int  # denoiser calls per image (counted on the first batch)
+    stopped: bool = False  # a stop request ended it between batches: images holds the batches before it
 
 
 def generate(
@@ -147,17 +148,22 @@ def generate(
     progress: bool = True,
     keep: bool = True,
     fixed_shape: bool = False,
+    stop=None,
 ) -> Samples:
     """Draw images `indices`, each from its own (seed, i) noise stream; labels[j] is the label of indices[j].
 
     on_batch(first position in indices, images) is called as each batch completes. keep=False holds no images:
     for callers that consume each batch (evaluation of 50k samples). fixed_shape pads a short last batch to
     batch_size with copies of its last image (dropped after), so that a compiled network or its CUDA graph
-    sees one shape only; images are drawn independently, so the padding changes none of them."""
-    outs, nfe = [], 0
+    sees one shape only; images are drawn independently, so the padding changes none of them. stop (a
+    diffuse.signals.StopRequest) is looked at before each batch: once requested, no new batch starts."""
+    outs, nfe, stopped = [], 0, False
     with progress_bar(progress) as bar:
         task = bar.add_task(f"sampling ({plan.name}, {plan.describe_steps()})", total=len(indices))
         for start in range(0, len(indices), batch_size):
+            if stop is not None and stop.requested:
+                stopped = True
+                break
             idx = indices[start : start + batch_size]
             pad = batch_size - len(idx) if fixed_shape else 0
             gen = PerSample(seed, idx + idx[-1:] * pad)
@@ -172,4 +178,4 @@ def generate(
             if on_batch is not None:
                 on_batch(start, x0)
             bar.advance(task, len(idx))
-    return Samples(torch.cat(outs) if outs else torch.empty(0, *shape), nfe)
+    return Samples(torch.cat(outs) if outs else torch.empty(0, *shape), nfe, stopped)

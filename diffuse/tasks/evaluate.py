@@ -10,22 +10,25 @@ torchrun every rank runs them in the same order, so the collective steps inside 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError, check_number
 from diffuse.images import describe_shape, from_uint8, open_images, sample_info, to_uint8
 from diffuse.metrics import image_scores, likelihood
-from diffuse.metrics.extraction import assemble, cat, features_in_chunks, sample_features
+from diffuse.metrics.extraction import FeatureStore, assemble, cat, features_in_chunks, sample_features
 from diffuse.metrics.features import build_extractor, check_metrics_config
 from diffuse.metrics.references import Reference, reference_stats, resolve_reference
 from diffuse.pipeline.runtime import Runtime
+from diffuse.pipeline.sampling import CountingDenoiser
+from diffuse.signals import StopRequest, Stopped
 from diffuse.tasks.common import dataset_config, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict, write_json
 
 # n=null with a model: the standard sample count of published FIDs (50000 samples against the training set).
@@ -35,8 +38,12 @@ STANDARD_N = 50000
 class Evaluation:
     """What the metrics draw on, each part built on first use and then kept."""
 
-    def __init__(self, cfg: DictConfig, rt: Runtime, d: distributed.Dist, n: Optional[int]):
+    def __init__(self, cfg: DictConfig, rt: Runtime, d: distributed.Dist, n: Optional[int], *, out: Optional[Path] = None,
+                 stop: Optional[StopRequest] = None, resume: bool = False):
         self.cfg, self.rt, self.d, self.n = cfg, rt, d, n
+        # out: where generated samples' features are kept as they are computed (None: not kept); stop: looked at
+        # between sampling batches; resume: go on from the features kept in out.
+        self.out, self.stop, self.resume = out, stop, resume
         self.m = check_metrics_config(to_dict(cfg.metrics))
         self.info: dict[str, Any] = {}
         self.samples = self.job = None
@@ -77,12 +84,41 @@ class Evaluation:
         bs = int(self.m["batch_size"])
         if self.samples is not None:
             return sample_features(self.extractor, self.samples, self.n, self.d, bs, f"sample features ({self.n} images)")
-        mine, chunks = list(range(self.d.rank, self.n, self.d.world)), []
-        drawn = self.job.generate(mine, device=self.rt.device, batch_size=self.cfg.batch_size, progress=self.d.main,
-                                  keep=False, fixed_shape=self.rt.compile and not self.job.model.is_oracle,
-                                  on_batch=lambda start, x0: chunks.append(features_in_chunks(self.extractor, to_uint8(x0), bs)))
-        self.info["nfe"] = drawn.nfe
-        return assemble(distributed.gather((mine, cat(chunks)), self.d), self.n)
+        mine = list(range(self.d.rank, self.n, self.d.world))
+        store = FeatureStore(self.out / "features", self.extractor) if self.out is not None else None
+        kept_idx, kept, kept_nfe = store.load(mine) if store and self.resume else ([], {}, 0)
+        if store and not self.resume:
+            if self.d.main:
+                store.clear()
+            distributed.any_rank(False, self.d, self.rt.device)  # no rank writes before the clearing is done
+        done = set(kept_idx)
+        todo = [i for i in mine if i not in done]
+        if self.resume and self.d.main:
+            console.print(f"resume: features of {len(done)} image(s) kept, {len(todo)} to draw")
+        indices, chunks = list(kept_idx), [kept] if kept_idx else []
+        counter = CountingDenoiser(self.job.denoiser)
+        calls_before = [0]
+
+        def on_batch(start: int, x0: torch.Tensor) -> None:
+            idx = todo[start : start + len(x0)]
+            feats = features_in_chunks(self.extractor, to_uint8(x0), bs)
+            if store:
+                store.add(idx, feats, counter.calls - calls_before[0])
+            calls_before[0] = counter.calls
+            indices.extend(idx)
+            chunks.append(feats)
+
+        job = dataclasses.replace(self.job, denoiser=counter)
+        with self.stop.deferred() if self.stop else nullcontext():
+            drawn = job.generate(todo, device=self.rt.device, batch_size=self.cfg.batch_size, progress=self.d.main,
+                                 keep=False, fixed_shape=self.rt.compile and not self.job.model.is_oracle, on_batch=on_batch,
+                                 stop=self.stop)
+            # Every rank stops if one does, before the gather they would share; the finished batches are kept.
+            if distributed.any_rank(drawn.stopped, self.d, self.rt.device):
+                raise Stopped("sampling")
+        parts = distributed.gather((indices, cat(chunks), max(drawn.nfe, kept_nfe)), self.d)
+        self.info["nfe"] = max(p[2] for p in parts)  # a rank that found all its features kept drew none
+        return assemble([(i, f) for i, f, _ in parts], self.n)
 
     @cached_property
     def likelihood_config(self) -> dict:
@@ -174,6 +210,12 @@ def metric_names(value: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- run
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    with StopRequest() as stop:  # from the start: nothing in an evaluation swallows a signal
+        return score(cfg, out, stop)
+
+
+def prepare(cfg: DictConfig, out: Path):
+    """What score() refuses from the config alone: (metric names, whether it generates samples, n)."""
     names = metric_names(to_dict(cfg.metric))
     has_model = cfg.ckpt not in (None, "") or cfg.model is not None
     scoring_samples = bool(set(names) & FEATURE_METRICS) or cfg.samples not in (None, "")
@@ -184,26 +226,39 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if "is" in names and cfg.metrics.features != "inception":
         raise UserError(f"--metric is needs metrics.features=inception (the ImageNet classifier's logits), not {cfg.metrics.features!r}")
     n = None if cfg.n is None else check_number("n", cfg.n, minimum=1, integer=True)
+    if not isinstance(cfg.resume, bool):
+        raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
     generating = has_model and scoring_samples
+    if cfg.resume and generating:
+        check_resume(cfg, out)
+    return names, generating, n
+
+
+def score(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
+    names, generating, n = prepare(cfg, out)
     rt = runtime_of(cfg, images=(n or STANDARD_N) if generating else 0)
     d = distributed.setup(rt.device.type)
     try:
-        ev = Evaluation(cfg, rt, d, (n or STANDARD_N) if generating else n)
-        # Everything that can be refused is checked before the first image is drawn.
-        if cfg.save_ref or (ev.shape is not None and set(names) & NEEDS_REFERENCE):
-            ev.reference  # noqa: B018
-        if ev.shape is not None and set(names) & FEATURE_METRICS:
-            ev.extractor.check_shape(ev.shape[0], ev.shape[1])
-        if set(names) & LIKELIHOOD_METRICS:
-            ev.likelihood_config, ev.likelihood_data  # noqa: B018
-        save_resolved_config(cfg, out)
-        if cfg.save_ref:
-            save_reference(ev, Path(str(cfg.save_ref)).expanduser())
-        if ev.shape is None and not set(names) & LIKELIHOOD_METRICS:
-            return {}
-        values: dict[str, Any] = {}
-        for name in names:
-            values.update(METRICS[name](ev))
+        # Sampling batches are the safe points (their features are kept); any other phase is stopped where it is.
+        with stop.immediately():
+            ev = Evaluation(cfg, rt, d, (n or STANDARD_N) if generating else n, out=out, stop=stop, resume=bool(cfg.resume))
+            # Everything that can be refused is checked before the first image is drawn.
+            if cfg.save_ref or (ev.shape is not None and set(names) & NEEDS_REFERENCE):
+                ev.reference  # noqa: B018
+            if ev.shape is not None and set(names) & FEATURE_METRICS:
+                ev.extractor.check_shape(ev.shape[0], ev.shape[1])
+            if set(names) & LIKELIHOOD_METRICS:
+                ev.likelihood_config, ev.likelihood_data  # noqa: B018
+            save_resolved_config(cfg, out)
+            if cfg.save_ref:
+                save_reference(ev, Path(str(cfg.save_ref)).expanduser())
+            if ev.shape is None and not set(names) & LIKELIHOOD_METRICS:
+                return {}
+            values: dict[str, Any] = {}
+            for name in names:
+                values.update(METRICS[name](ev))
+    except Stopped:
+        return stopped_early(out, stop, d, (n or STANDARD_N) if generating else None)
     finally:
         distributed.teardown(d)
     if not d.main:
@@ -216,8 +271,43 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if set(names) & NEEDS_REFERENCE:
         result["reference"] = {"source": ev.reference.desc, "n": ev.ref_stats.n, "kid_features": int(ev.ref_stats.features.shape[0])}
     write_json(out / "metrics.json", result)
+    if generating:
+        FeatureStore(out / "features").clear()
     print_table(result)
     return result
+
+
+# What must be the same for resume=true to keep the features of an earlier run's samples (n and batch_size may
+# change: image i depends only on (seed, i)); the feature extractor is checked on each kept file.
+RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "schedule")
+
+
+def check_resume(cfg: DictConfig, out: Path) -> None:
+    old_path = out / "config.yaml"
+    if not old_path.is_file():
+        return
+    old, new = to_dict(OmegaConf.load(old_path)), to_dict(cfg)
+    keys = [(k, old.get(k), new.get(k)) for k in RESUME_KEYS]
+    if cfg.model is not None:  # model=oracle is the dataset's mixture; with a checkpoint, dataset is the reference only
+        keys.append(("dataset", old.get("dataset"), new.get("dataset")))
+    keys.append(("runtime.precision", (old.get("runtime") or {}).get("precision"), new["runtime"]["precision"]))
+    for key, before, now in keys:
+        if before != now:
+            raise UserError(f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
+                            "the features kept would not be this run's samples' (use another hydra.run.dir)")
+
+
+def stopped_early(out: Path, stop: StopRequest, d: distributed.Dist, n_generated: Optional[int]) -> dict[str, Any]:
+    """The line of an evaluation a signal stopped: what it kept (generated samples' features) and how to go on."""
+    if not d.main:
+        return {"stopped": True}
+    if n_generated is None:
+        console.print(stop.line("nothing of this evaluation is kept: run it again"), markup=False)
+        return {"stopped": True}
+    kept = FeatureStore(out / "features").count()
+    console.print(stop.line(f"features of {kept} of {n_generated} generated images kept in {out / 'features'}", "eval", out.resolve()),
+                  markup=False)
+    return {"stopped": True, "kept": kept}
 
 
 def save_reference(ev: Evaluation, path: Path) -> None:
@@ -247,3 +337,17 @@ def print_table(result: dict) -> None:
     if "reference" in result:
         bits.append(f"reference={result['reference']['source']} ({result['reference']['n']} images)")
     console.print(", ".join(bits), markup=False)
+
+
+def check(cfg: DictConfig, out: Path) -> None:
+    """What score() refuses before it computes anything, as far as it goes without the feature extractor and the
+    reference (the same for every job of a sweep; the first job checks them before its work): the metrics, the
+    samples or the sampling job (the model loaded on the CPU). cli.check_overrides runs it for every job of a -m
+    sweep before the first job starts. Keep it in step with score()."""
+    from diffuse.tasks.common import checking_runtime
+
+    names, generating, n = prepare(cfg, out)
+    rt = checking_runtime(runtime_of(cfg, images=(n or STANDARD_N) if generating else 0))
+    ev = Evaluation(cfg, rt, distributed.Dist(), (n or STANDARD_N) if generating else n)
+    if set(names) & LIKELIHOOD_METRICS:
+        ev.likelihood_config  # noqa: B018

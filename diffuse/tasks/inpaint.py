@@ -15,10 +15,18 @@ from diffuse.diffusion.samplers import STEPS
 from diffuse.errors import UserError, check_choice, check_number
 from diffuse.images import from_uint8, image_mask_pairs, load_image_and_mask, make_grid, resize, save_png, to_uint8
 from diffuse.pipeline.sampling import CountingDenoiser, plan_sampler
-from diffuse.tasks.common import model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.signals import StopRequest
+from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    with StopRequest() as stop:  # from the start; images are the safe points
+        return fill(cfg, out, stop)
+
+
+def prepare(cfg: DictConfig, checking: bool = False):
+    """Everything fill() refuses before it writes anything, and what it needs. With checking=True
+    (cli.check_overrides, for every job of a -m sweep before the first starts) the model loads on the CPU."""
     if not cfg.image or not cfg.mask:
         raise UserError("--image PATH and --mask PATH are both required")
     n = check_number("n", cfg.n, minimum=1, integer=True)
@@ -28,7 +36,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     method = check_choice("inpaint.method", ic["method"], METHODS)
     pairs = image_mask_pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
     rt = runtime_of(cfg, images=n * len(pairs))
-    model = model_of(cfg, rt)
+    model = model_of(cfg, checking_runtime(rt) if checking else rt)
     if method == "conditioned":
         require_mask_conditioned(model.denoiser)
     plan = plan_sampler(to_dict(cfg.sampler), steps, model.schedule, model.clip_x0, model.tuned)
@@ -39,10 +47,16 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         if plan.name not in STEPS:
             raise UserError(f"sampler={plan.name!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
     loaded = [load_image_and_mask(i, m, model.shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs]
+    return n, seed, steps, ic, method, pairs, loaded, rt, model, plan
 
+
+def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
+    n, seed, steps, ic, method, pairs, loaded, rt, model, plan = prepare(cfg)
     save_resolved_config(cfg, out)
     results, nfe = [], 0  # NFE stays 0 when every mask keeps everything: no denoiser call is needed
     for idx, ((img_path, _), (img, keep_full)) in enumerate(zip(pairs, loaded)):
+        if stop.requested:
+            break
         if keep_full.all():
             warn(f"mask for {img_path} keeps every pixel: nothing to generate, the input is returned")
             res = img.unsqueeze(0).expand(n, -1, -1, -1).clone()
@@ -57,7 +71,13 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **model.source}
     if method == "repaint":
         info.update(jump_length=ic["jump_length"], resamples=ic["resamples"], jump_last=ic["jump_last"])
+    if len(results) < len(pairs):  # inpaint.json lists the images done; the others were never started
+        info["not_done"] = [str(p) for p, _ in pairs[len(results):]]
     write_json(out / "inpaint.json", info)
+    if len(results) < len(pairs):
+        console.print(stop.line(f"{len(results)} of {len(pairs)} image(s) inpainted, in {out}; the other {len(pairs) - len(results)} "
+                                "are listed in inpaint.json (not_done): run again on them"), markup=False)
+        return {**info, "stopped": True}
     console.print(f"inpainted {len(results)} image(s) x {n} ({method}, {steps} steps, NFE {nfe} per image batch)")
     return info
 
@@ -87,3 +107,7 @@ def complete(model, plan, method: str, ic: dict, img: torch.Tensor, keep_full: t
     if scaled:
         res = resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)
     return paste(res, img.unsqueeze(0), keep_full.unsqueeze(0)), den.calls
+
+
+def check(cfg: DictConfig, out: Path) -> None:
+    prepare(cfg, checking=True)

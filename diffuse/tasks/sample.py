@@ -15,7 +15,8 @@ from diffuse.checkpoint import atomic_write, remove_stale_temps
 from diffuse.console import console
 from diffuse.errors import UserError, check_number
 from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
-from diffuse.tasks.common import model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict, write_json
+from diffuse.signals import StopRequest
+from diffuse.tasks.common import checking_runtime, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict, write_json
 
 # What must be the same for resume=true to keep the images an earlier run wrote (n and batch_size may change:
 # image i depends only on (seed, i)).
@@ -23,16 +24,27 @@ RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps",
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    with StopRequest() as stop:  # from the start: a signal while the model loads stops before the first batch
+        return draw(cfg, out, stop)
+
+
+def prepare(cfg: DictConfig, out: Path, checking: bool = False):
+    """Everything draw() refuses before it writes anything: (n, batch_size, grid_n, runtime, sampling job). With
+    checking=True (cli.check_overrides, for every job of a -m sweep before the first starts) on the CPU."""
     n = check_number("n", cfg.n, minimum=1, integer=True)
     batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
     grid_n = check_number("grid_n", cfg.grid_n, minimum=0, integer=True)
     if not isinstance(cfg.resume, bool):
         raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
     rt = runtime_of(cfg, images=n)
-    job = sampling_job_of(cfg, model_of(cfg, rt), n)
+    job = sampling_job_of(cfg, model_of(cfg, checking_runtime(rt) if checking else rt), n)
     if cfg.resume:
         check_resume(cfg, out)
+    return n, batch_size, grid_n, rt, job
 
+
+def draw(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
+    n, batch_size, grid_n, rt, job = prepare(cfg, out)
     save_resolved_config(cfg, out)
     images_dir = out / "images"
     if cfg.save_images:
@@ -54,23 +66,28 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     try:
         drawn = job.generate(todo, device=rt.device, batch_size=batch_size, on_batch=write_batch, progress=d.main,
-                             fixed_shape=rt.compile and not job.model.is_oracle)
-        local = drawn.images
-        if done:  # read back exactly: to_uint8(from_uint8(u)) == u
-            local = torch.cat([local, from_uint8(torch.stack(list(done.values())))])
-        parts = distributed.gather((todo + list(done), local), d)
+                             fixed_shape=rt.compile and not job.model.is_oracle, stop=stop)
+        # Every rank stops if one does (each has written its finished batches), before the gather they would share.
+        stopped = distributed.any_rank(drawn.stopped, d, rt.device)
+        if not stopped:
+            local = drawn.images
+            if done:  # read back exactly: to_uint8(from_uint8(u)) == u
+                local = torch.cat([local, from_uint8(torch.stack(list(done.values())))])
+            parts = distributed.gather((todo + list(done), local, drawn.nfe), d)
     finally:
         distributed.teardown(d)
     if not d.main:
         return {}
+    if stopped:
+        return stopped_early(cfg, out, n, stop)
     images = torch.empty(n, *local.shape[1:])
-    for idx, imgs in parts:
+    for idx, imgs, _ in parts:
         images[idx] = imgs
     save_outputs(images, job.labels, out, save_images=cfg.save_images, save_npz=cfg.save_npz, grid_n=grid_n)
     if cfg.resume:
         remove_stale_temps(images_dir)  # writes an earlier run's interruption left before their rename
-    nfe = drawn.nfe
-    if not todo and cfg.resume and (out / "sample.json").is_file():
+    nfe = max(p[2] for p in parts)  # a rank whose images were all written before drew none and counted none
+    if not nfe and cfg.resume and (out / "sample.json").is_file():
         nfe = json.loads((out / "sample.json").read_text()).get("nfe", 0)  # nothing was left to draw
     info = {"n": n, **job.info(), "nfe": nfe}
     if job.labels is not None:
@@ -78,6 +95,18 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     write_json(out / "sample.json", info)
     console.print(f"wrote {n} samples ({job.plan.name}, {job.plan.describe_steps()}, NFE {nfe})")
     return info
+
+
+def stopped_early(cfg: DictConfig, out: Path, n: int, stop: StopRequest) -> dict[str, Any]:
+    """The line of a run a signal stopped between batches: the finished images are in images/ (whole files),
+    and resume=true draws only the others. grid.png, samples.npz and sample.json wait for the whole set."""
+    if not cfg.save_images:
+        console.print(stop.line("no image kept (save_images=false): run it again"), markup=False)
+        return {"n": n, "written": 0, "stopped": True}
+    images_dir = out / "images"
+    written = sum((images_dir / f"{i:06d}.png").is_file() for i in range(n))
+    console.print(stop.line(f"{written} of {n} images written to {images_dir}", "sample", out.resolve()), markup=False)
+    return {"n": n, "written": written, "stopped": True}
 
 
 def check_resume(cfg: DictConfig, out: Path) -> None:
@@ -122,3 +151,7 @@ def save_outputs(images: torch.Tensor, labels: Optional[torch.Tensor], out: Path
 def _savez(path: Path, arrays: dict) -> None:
     with open(path, "wb") as f:  # np.savez on a path would append ".npz" to the temp name
         np.savez(f, **arrays)
+
+
+def check(cfg: DictConfig, out: Path) -> None:
+    prepare(cfg, out, checking=True)

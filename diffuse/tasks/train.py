@@ -8,17 +8,26 @@ from typing import Any
 from omegaconf import DictConfig
 
 from diffuse import distributed
+from diffuse.signals import StopRequest
 from diffuse.tasks.common import save_resolved_config, to_dict
 from diffuse.training.loop import fit, resume
-from diffuse.training.trainer import Trainer
+from diffuse.training.trainer import Trainer, check_config
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    trainer = Trainer(to_dict(cfg), out)
-    try:
-        resume(trainer, cfg.resume)
-        if trainer.dist.main:
-            save_resolved_config(cfg, out)
-        return fit(trainer)
-    finally:
-        distributed.teardown(trainer.dist)
+    # Signals are handled from the start: one while the network is built stops before the first step, with a
+    # checkpoint of step 0 that resume=true continues.
+    with StopRequest() as stop:
+        trainer = Trainer(to_dict(cfg), out)
+        try:
+            resume(trainer, cfg.resume, cfg.verify)
+            if trainer.dist.main:
+                save_resolved_config(cfg, out)
+            return fit(trainer, stop)
+        finally:
+            distributed.teardown(trainer.dist)
+
+
+def check(cfg: DictConfig, out: Path) -> None:
+    """What run() refuses before its first step (cli.check_overrides runs it for every job of a -m sweep)."""
+    check_config(to_dict(cfg))

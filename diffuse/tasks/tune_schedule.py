@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -23,10 +23,28 @@ from diffuse.pipeline.conditioning import Guidance, sample_labels
 from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import LOSSES, SearchState, check_tunable, key, log_rms, mse, sigmas_of, tune_levels
 from diffuse.plot import line_plot
-from diffuse.tasks.common import model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.signals import StopRequest, Stopped
+from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
 
 
-def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+class Setup(NamedTuple):
+    steps: int
+    n: int
+    n_eval: int
+    batch_size: int
+    seed: int
+    tune: dict
+    rt: Any
+    model: Any
+    stock: Any  # the solver's plan with its stock levels
+    reference: Any
+    identity: dict  # what tune_state.json must match for resume=true
+    state: Optional[SearchState]
+
+
+def prepare(cfg: DictConfig, out: Path, checking: bool = False) -> Setup:
+    """Everything run() refuses before it writes anything. checking=True (cli.check_overrides, for every job of a -m
+    sweep before the first starts) loads the model on the CPU."""
     steps = check_number("steps", cfg.steps, minimum=2, integer=True)
     n, n_eval = check_number("n", cfg.n, minimum=1, integer=True), check_number("n_eval", cfg.n_eval, minimum=1, integer=True)
     batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
@@ -38,7 +56,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     check_number("tune.min_delta", t["min_delta"], minimum=0, exclusive_min=True)
     check_choice("tune.loss", t["loss"], tuple(LOSSES))
     rt = runtime_of(cfg, images=0)
-    model = model_of(cfg, rt)
+    model = model_of(cfg, checking_runtime(rt) if checking else rt)
+    if cfg.write_ckpt and model.source.get("ckpt_verified") == "none":
+        # Rewriting it would give content nobody verified a valid hash.
+        raise UserError(f"write_ckpt=true would record the schedule in {model.source['ckpt']}, which carries no hash (loaded "
+                        "with verify=false): pass write_ckpt=false, the schedule is written to schedule.json all the same")
     sampler_cfg = to_dict(cfg.sampler)
     stock = plan_sampler(sampler_cfg, steps, model.schedule, model.clip_x0, model.tuned)
     check_tunable(stock.name, stock.options)
@@ -47,7 +69,24 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     identity = {"sampler": sampler_cfg, "steps": steps, "n": n, "n_eval": n_eval, "seed": seed, "reference": t["reference"],
                 "reference_steps": t["reference_steps"], "loss": t["loss"], **model.source}
     state = previous_state(out, identity) if cfg.resume else None
+    return Setup(steps, n, n_eval, batch_size, seed, t, rt, model, stock, reference, identity, state)
 
+
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    # The search has no batch to finish: a signal stops it where it is (tune_state.json is written atomically after
+    # every sweep, so what a resume continues is intact).
+    with StopRequest() as stop:
+        try:
+            with stop.immediately():
+                return tune(cfg, out)
+        except Stopped:
+            kept = "the search after its last finished sweep (tune_state.json)" if (out / "tune_state.json").is_file() else "nothing"
+            console.print(stop.line(f"{kept} is kept", "tune-schedule", out.resolve()), markup=False)
+            return {"stopped": True}
+
+
+def tune(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    steps, n, n_eval, batch_size, seed, t, rt, model, stock, reference, identity, state = prepare(cfg, out)
     save_resolved_config(cfg, out)
     labels = sample_labels(model, Guidance(), None, None, max(n, n_eval))
 
@@ -133,7 +172,11 @@ def references(out: Path, resume: bool, solve, x_tune: torch.Tensor, x_eval: tor
 
 def record_in_checkpoint(path: Path, result: dict) -> None:
     """The checkpoint rewritten (atomically) with the schedule in its metadata, under "sampler/steps"."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, report=lambda line: None)  # a format-1 file was named when the model was loaded
     ckpt.tuned = {**ckpt.tuned, key(result["sampler"], result["steps"]): {k: result[k] for k in ("sampler", "steps", "sigmas", "options", "loss", "heldout")}}
     save_checkpoint(path, ckpt)
     console.print(f"recorded in {path} as {key(result['sampler'], result['steps'])}")
+
+
+def check(cfg: DictConfig, out: Path) -> None:
+    prepare(cfg, out, checking=True)

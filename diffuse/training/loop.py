@@ -4,25 +4,29 @@ the final checkpoint and grid. One host sync per log interval, none per step."""
 from __future__ import annotations
 
 import json
+import math
 import os
-import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from rich.progress import TextColumn
 
 from diffuse import distributed
-from diffuse.checkpoint import ENVIRONMENT_ERRNOS, atomic_write, load_checkpoint, load_newest_valid, remove_stale_temps, resolve_ckpt_path
+from diffuse.checkpoint import ENVIRONMENT_ERRNOS, atomic_write, check_verify, load_checkpoint, load_newest_valid, remove_stale_temps, resolve_ckpt_path
 from diffuse.console import console, err_console, progress_bar
 from diffuse.errors import RunStopped, UserError
+from diffuse.signals import StopRequest
 from diffuse.training.trainer import Trainer
 
 
-def resume(trainer: Trainer, value: Any) -> None:
+def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
     """Phase 1. resume=true continues this run dir from its newest checkpoint that verifies (passing over a damaged
-    last.safetensors); resume=PATH starts this run from another run's checkpoint (a file or a run dir)."""
+    last.safetensors); resume=PATH starts this run from another run's checkpoint (a file or a run dir).
+    verify=false lets a checkpoint without a hash load (said in one line); a damaged one never does."""
+    verify = check_verify(verify)
     if value in (False, None, "", "false"):
         return
     out = trainer.out
@@ -30,10 +34,11 @@ def resume(trainer: Trainer, value: Any) -> None:
     if in_place or Path(str(value)).is_dir():
         root = out if in_place else Path(str(value))
         ckdir = root / "checkpoints" if (root / "checkpoints").is_dir() or in_place else root
-        ckpt, src = load_newest_valid(ckdir, report=lambda line: err_console.print(line, markup=False))
+        ckpt, src = load_newest_valid(ckdir, report=lambda line: err_console.print(line, markup=False), verify=verify,
+                                      asked="resume=true" if in_place else f"resume={value}")
     else:
-        src = resolve_ckpt_path(value)
-        ckpt = load_checkpoint(src)
+        src = resolve_ckpt_path(value, key="resume")
+        ckpt = load_checkpoint(src, verify=verify)
     trainer.load(ckpt, src)
     if trainer.dist.main and in_place:
         for d in (out / "checkpoints", out / "samples", out):
@@ -43,51 +48,68 @@ def resume(trainer: Trainer, value: Any) -> None:
     console.print(f"resumed from {src} at step {trainer.step}")
 
 
-def fit(trainer: Trainer) -> dict[str, Any]:
-    """Phases 2 and 3: train to trainer.steps (or a stop signal), then save and draw the final grid."""
+def fit(trainer: Trainer, stop: Optional[StopRequest] = None) -> dict[str, Any]:
+    """Phases 2 and 3: train to trainer.steps (or a stop signal), then save and draw the final grid. `stop`: the
+    request the task installed as it started (a signal while the network was built stops here, at the resumed
+    step, with a checkpoint); None installs one now."""
     t = trainer.tcfg
     if not trainer.dist.main:
         console.quiet = True  # one voice: rank 0 prints, logs and writes
     console.print(trainer.describe())
-    stopped = False
     fields = (TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"))
-    with StopRequest() as stop, progress_bar(True, *fields) as bar, MetricsLog(trainer) as log:
+    with (nullcontext(stop) if stop is not None else StopRequest()) as stop, progress_bar(True, *fields) as bar, \
+            MetricsLog(trainer) as log:
         task = bar.add_task("train", total=t["steps"], completed=trainer.step, loss=float("nan"), ips=0.0)
-        while trainer.step < t["steps"]:
+        stopped = distributed.any_rank(stop.requested, trainer.dist, trainer.device)
+        while not stopped and trainer.step < t["steps"]:
             log.add(trainer.train_step())
             step = trainer.step
             if step % t["log_every"] == 0 or step == t["steps"]:
                 rec = log.write(step)
                 bar.update(task, completed=step, loss=rec["loss"], ips=rec["images_per_s"])
             if step % t["ckpt_every"] == 0 and step != t["steps"]:
-                trainer.save()
+                save(trainer, log)
             if t["sample_every"] and step % t["sample_every"] == 0 and step != t["steps"]:
                 trainer.sample_grid()
-            if stop_agreed(trainer, stop, step):
-                stopped = True
-                break
+            stopped = stop_agreed(trainer, stop, step)
         bar.update(task, completed=trainer.step)
-    return finish(trainer, log.last_loss, stopped)
+        # The final checkpoint and grid stay inside the stop handling: a signal there is a request like any other.
+        return finish(trainer, log, stop, stopped)
 
 
-def stop_agreed(trainer: Trainer, stop: "StopRequest", step: int) -> bool:
+def stop_agreed(trainer: Trainer, stop: StopRequest, step: int) -> bool:
     """Ranks must stop at the same step: with several, they agree on it at each log step."""
     if not trainer.dist.enabled:
         return stop.requested
     return step % trainer.tcfg["log_every"] == 0 and distributed.any_rank(stop.requested, trainer.dist, trainer.device)
 
 
-def finish(trainer: Trainer, last_loss: float, stopped: bool) -> dict[str, Any]:
-    ckpt = trainer.save()
+def save(trainer: Trainer, log: "MetricsLog") -> Optional[Path]:
+    """A checkpoint that also carries the open metrics interval: a run resumed from it logs the records a run
+    never stopped logs (every rank calls this at the same step)."""
+    trainer.interval = log.pending()
+    return trainer.save()
+
+
+def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool) -> dict[str, Any]:
+    t = trainer.tcfg
+    if not stopped and trainer.step == t["steps"] and log.losses:
+        log.write(trainer.step)  # resumed at the last step from a checkpoint whose interval was still open
+    ckpt = save(trainer, log)
     skipped = trainer.read_nonfinite()[0]
     if skipped:
         console.print(f"{skipped} step(s) skipped for a non-finite loss or gradient")
-    if stopped:
-        console.print(f"stopped by signal at step {trainer.step}; checkpoint {ckpt}")
-        return {"step": trainer.step, "loss": last_loss, "stopped": True}
-    grid = trainer.sample_grid()
-    console.print(f"step {trainer.step}: loss {last_loss:.4f}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
-    return {"step": trainer.step, "loss": last_loss, "checkpoint": str(ckpt)}
+    if stopped or stop.requested:
+        # A request during the final checkpoint leaves the grid undrawn: a resume of the finished run draws it.
+        what = f"step {trainer.step} of {t['steps']}, checkpoint {ckpt}"
+        if trainer.step == t["steps"]:
+            what += " (training is complete; the final grid was not drawn)"
+        console.print(stop.line(what, "train", trainer.out.resolve()), markup=False)
+        return {"step": trainer.step, "loss": log.last_loss, "stopped": True}
+    grid = trainer.sample_grid()  # one request during it: the grid is finished, and so is the run
+    loss = f": loss {log.last_loss:.4f}" if math.isfinite(log.last_loss) else ""  # nan: no step was left to take
+    console.print(f"step {trainer.step}{loss}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
+    return {"step": trainer.step, "loss": log.last_loss, "checkpoint": str(ckpt)}
 
 
 class MetricsLog:
@@ -101,6 +123,24 @@ class MetricsLog:
         self.last_loss = float("nan")
         self.skipped_logged = trainer.read_nonfinite()[0]
         self.t_last, self.step_last = time.perf_counter(), trainer.step
+        opened = _checked_interval(trainer.interval.get("interval"))
+        if opened:  # resumed inside a log interval: its first steps were taken before the checkpoint
+            # Losses are float32 (diffusion_loss's dtype) and JSON keeps a float32 value exactly.
+            self.losses = [torch.tensor(float("nan") if v is None else v, dtype=torch.float32, device=trainer.device)
+                           for v in opened["losses"]]
+            self.skipped_logged = int(opened["skipped"])
+            trainer.nonfinite[2] = max(int(trainer.nonfinite[2]), int(opened["longest"]))
+
+    def pending(self) -> dict:
+        """The interval opened since the last record, for a checkpoint: each step's loss (averaged over ranks:
+        after a resume every rank holds the same values, whatever the world size), the skipped count at the
+        last record and the longest non-finite run since it. Empty at a log step."""
+        if not self.losses:
+            return {}
+        tr = self.trainer
+        per_step = distributed.mean(torch.stack(self.losses).float(), tr.dist).tolist()
+        return {"interval": {"losses": [v if math.isfinite(v) else None for v in per_step],
+                             "skipped": self.skipped_logged, "longest": int(tr.nonfinite[2])}}
 
     def __enter__(self) -> "MetricsLog":
         self.file = open(self.path if self.trainer.dist.main else os.devnull, "a")
@@ -138,29 +178,15 @@ class MetricsLog:
         return rec
 
 
-class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step; a second SIGINT aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def _checked_interval(value: Any) -> Optional[dict]:
+    """A checkpoint's open interval as MetricsLog reads it; a checkpoint is user input, so its shape is checked."""
+    if value is None:
+        return None
+    losses = value.get("losses") if isinstance(value, dict) else None
+    ints = isinstance(value, dict) and all(isinstance(value.get(k), int) and value[k] >= 0 for k in ("skipped", "longest"))
+    if not (isinstance(losses, list) and ints and all(v is None or isinstance(v, (int, float)) for v in losses)):
+        raise UserError("cannot resume: the checkpoint's metrics interval (diffuse.extra 'interval') is malformed")
+    return value
 
 
 def storage_stopped(e: OSError, path: Path, trainer: Trainer) -> Exception:

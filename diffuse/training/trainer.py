@@ -21,7 +21,7 @@ from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
 from diffuse.errors import UserError, check_choice, check_number
 from diffuse.fastpath import compile_network, set_attention
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
-from diffuse.nets import build_network
+from diffuse.nets import build_network, check_model_config
 from diffuse.pipeline.model import schedule_from_config
 from diffuse.pipeline.runtime import resolve_runtime
 from diffuse.pipeline.sampling import generate, plan_sampler
@@ -42,6 +42,8 @@ def validate_trainer(t: dict) -> None:
     check_number("trainer.sample_steps", t["sample_steps"], minimum=1, integer=True)
     check_number("trainer.seed", t["seed"], integer=True)
     check_number("trainer.max_nonfinite", t["max_nonfinite"], minimum=1, integer=True)
+    if not isinstance(t["ema_warmup"], bool):
+        raise UserError(f"trainer.ema_warmup={t['ema_warmup']!r} is not allowed: true or false")
 
 
 def validate_objective(o: dict) -> None:
@@ -65,6 +67,38 @@ def objective_key(o) -> dict:
     return o
 
 
+def check_config(cfg: dict):
+    """What a training run refuses from its config alone, without loading the data or allocating the network (it is
+    sized on the meta device at the dataset's shape): (runtime, schedule). Trainer runs it first; a -m sweep runs
+    it for every job before the first starts (tasks/train.py check)."""
+    from diffuse.data import DATASETS, dataset_shape
+
+    t, o = cfg["trainer"], cfg["objective"]
+    validate_trainer(t)
+    validate_objective(o)
+    rt = resolve_runtime(cfg["runtime"])
+    schedule = schedule_from_config(cfg["schedule"])
+    model, data = cfg["model"], cfg["dataset"]
+    if model.get("arch") == "oracle":
+        raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
+    check_model_config(model)
+    if data.get("name") not in DATASETS:
+        raise UserError(f"dataset={data.get('name')!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
+    channels, resolution, classes = dataset_shape(data)
+    if t["sample_steps"] > schedule.T:
+        raise UserError(f"trainer.sample_steps={t['sample_steps']} is not allowed: at most schedule.T={schedule.T}")
+    plan_sampler(cfg["sampler"], t["sample_steps"], schedule, data["name"] != "gmm")
+    k = model.get("num_classes")
+    if k and (not classes or classes > k):
+        raise UserError(f"model.num_classes={k} does not fit dataset={data['name']!r}, which has {classes or 'no'} classes")
+    net = {**model, "resolution": resolution, "in_channels": channels}
+    if o["mask_training"]:
+        net.update(in_channels=2 * channels + 1, out_channels=channels)
+    with torch.device("meta"):
+        build_network(net)
+    return rt, schedule
+
+
 class Trainer:
     """One training run, built from the composed train config (model, dataset, schedule, objective, trainer,
     sampler, runtime)."""
@@ -73,22 +107,16 @@ class Trainer:
         cfg = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
         self.out = out
         self.tcfg, self.ocfg = cfg["trainer"], cfg["objective"]
-        validate_trainer(self.tcfg)
-        validate_objective(self.ocfg)
-        self.runtime = rt = resolve_runtime(cfg["runtime"])
+        rt, self.schedule = check_config(cfg)
+        self.runtime = rt
         self.device = rt.device
         self.dist = distributed.setup(self.device.type)
         if self.tcfg["batch_size"] % self.dist.world:
             raise UserError(f"trainer.batch_size={self.tcfg['batch_size']} does not split over {self.dist.world} processes: "
                             "it is the global batch and must be a multiple of the world size")
         self.amp = rt.autocast
-        self.schedule = schedule_from_config(cfg["schedule"])
-
         model_cfg = cfg["model"]
-        if model_cfg.get("arch") == "oracle":
-            raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
         self.data = build_dataset(cfg["dataset"])
-        # The sampler of the periodic grids, checked before any step is taken.
         self.plan = plan_sampler(cfg["sampler"], self.tcfg["sample_steps"], self.schedule, self.data.is_8bit)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
         # Mask training: the network also reads the masked image (C) and the mask (1); it still predicts C channels.
@@ -126,6 +154,7 @@ class Trainer:
         # device and read at log steps, so the guard adds no per-step host sync.
         self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)
         self.last_saved: Optional[tuple[Path, int]] = None
+        self.interval: dict = {}  # the open metrics.jsonl interval (training.loop), checkpointed for an exact resume
         self.config = {
             "model": self.model_cfg,
             "schedule": cfg["schedule"],
@@ -143,7 +172,7 @@ class Trainer:
         skipped, run, _ = self.nonfinite.tolist()
         return Checkpoint(
             config=self.config, step=self.step, model=self.net.state_dict(), ema=self.ema.state_dict(),
-            optim=self.opt.state_dict(), rng=rng, extra={"skipped": skipped, "nonfinite_run": run},
+            optim=self.opt.state_dict(), rng=rng, extra={"skipped": skipped, "nonfinite_run": run, **self.interval},
         )
 
     def load(self, ckpt: Checkpoint, path: Path) -> None:
@@ -171,6 +200,7 @@ class Trainer:
         self.step = ckpt.step
         run = int(ckpt.extra.get("nonfinite_run", 0))
         self.nonfinite = torch.tensor([int(ckpt.extra.get("skipped", 0)), run, run], device=self.device)
+        self.interval = {"interval": ckpt.extra["interval"]} if ckpt.extra.get("interval") else {}
 
     def save(self) -> Optional[Path]:
         """checkpoints/step_NNNNNNN.safetensors (unless keep=0) and last.safetensors, the same state in both;
