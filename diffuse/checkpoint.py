@@ -5,6 +5,7 @@ One file holds tensors named
     ema.<param>        their exponential moving average (what sampling uses by default)
     optim.<i>.<key>    optimizer state of parameter i (AdamW's step, exp_avg, exp_avg_sq)
     rng.<name>         generator states (uint8), for exact resume
+    aux.<part>.<param> a training objective's own networks: the teacher of a distillation round, a target network
 and string metadata
     diffuse.format     format version
     diffuse.config     the resolved config as JSON: enough to rebuild the network, schedule and objective
@@ -50,6 +51,7 @@ class Checkpoint:
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     tuned: dict = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # a training objective's own networks (teacher., target.)
     # What the stored hash vouched for when it was loaded: "all" (format 2: metadata and tensors), "tensors"
     # (format 1: the metadata is unverified) or "none" (no hash, loaded with verify=False).
     verified: str = "all"
@@ -116,7 +118,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, sd in (("model", ckpt.model), ("ema", ckpt.ema), ("rng", ckpt.rng)):
+    for prefix, sd in (("model", ckpt.model), ("ema", ckpt.ema), ("rng", ckpt.rng), ("aux", ckpt.aux)):
         for k, v in sd.items():
             tensors[f"{prefix}.{k}"] = _cpu(v)
     groups: list = []
@@ -243,14 +245,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, report: Optional[C
                             ("diffuse.tuned", tuned, dict)):
         if not isinstance(val, kind):
             raise UserError(f"{path}: checkpoint metadata {name} is not a JSON {'object' if kind is dict else 'list'}")
-    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "rng": {}, "optim": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "rng": {}, "optim": {}, "aux": {}}
     for name, t in tensors.items():
         prefix, _, rest = name.partition(".")
         if prefix in parts:
             parts[prefix][rest if prefix != "optim" else name] = t
     optim = _unflatten_optim(parts["optim"], groups) if groups else None
     return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra,
-                      tuned=tuned, verified=verified)
+                      tuned=tuned, aux=parts["aux"], verified=verified)
 
 
 def check_hash(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], verify: bool,

@@ -347,6 +347,25 @@ def convert(
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
     typer.echo(f"wrote {path}")
+@app.command(cls=ConfCommand, context_settings=CONTEXT)
+def distill(ctx: typer.Context) -> None:
+    """Distil a teacher into a few-step student: progressive distillation, consistency distillation or tuning.
+
+    Examples:
+
+      diffuse distill teacher=outputs/train/RUN method=progressive distill.start_steps=64 distill.target_steps=4
+
+      diffuse distill teacher=oracle model=tiny method=consistency trainer.steps=4000
+
+    Writes checkpoints (each progressive round's student as checkpoints/student_Nsteps.safetensors) that record
+    their method, teacher and steps: diffuse sample ckpt=RUN (progressive: DDIM at the student's steps;
+    consistency, ect: sampler=consistency steps=1|2|4).
+    """
+    from diffuse.tasks.distill import check, run
+
+    run_hydra("distill", run, ctx.args, check)
+
+
 @app.command(name="tune-schedule", cls=ConfCommand, context_settings=CONTEXT)
 def tune_schedule(ctx: typer.Context) -> None:
     """Choose the N noise levels of a solver for one model: closest to a high-NFE reference from the same x_T.
@@ -400,7 +419,7 @@ def _hydra_str(v: str) -> str:
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if len(sys.argv) > 1 and sys.argv[1] in ("train", "sample", "inpaint", "eval", "tune-schedule"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "sample", "inpaint", "eval", "tune-schedule", "distill"):
         # Before torch and Hydra load: a signal from here on is a stop request the job honours at its first safe
         # point (training: step 0, with a checkpoint), not an exit that leaves nothing to resume.
         from diffuse.signals import handle_early

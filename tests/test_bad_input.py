@@ -181,16 +181,16 @@ def test_odd_modes_that_convert_plainly_are_accepted(image, mask, files, tmp_pat
 
 
 def test_nonfinite_stop_exits_3_and_keeps_the_checkpoints(files, tmp_path, monkeypatch):
-    from diffuse.training import trainer as trainer_module
+    from diffuse.training import objectives as objectives_module
 
-    real = trainer_module.diffusion_loss
+    real = objectives_module.diffusion_loss
     calls = []
 
     def loss(*a, **k):
         calls.append(1)
         return real(*a, **k) * (float("nan") if len(calls) > 2 else 1.0)
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", loss)
+    monkeypatch.setattr(objectives_module, "diffusion_loss", loss)
     run = tmp_path / "run"
     r = _invoke(["train", *TINY, "trainer.steps=50", "trainer.ckpt_every=2", "trainer.log_every=1",
                  "trainer.max_nonfinite=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch)

@@ -10,7 +10,7 @@ from diffuse.checkpoint import load_checkpoint, load_newest_valid, numbered_chec
 from diffuse.errors import RunStopped, UserError
 from diffuse.tasks import train as train_task
 from diffuse.training import loop as loop_module
-from diffuse.training import trainer as trainer_module
+from diffuse.training import objectives as objectives_module
 
 SMALL = [
     "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
@@ -114,7 +114,7 @@ class _InfGrad(torch.autograd.Function):
 def _inject(monkeypatch, bad: dict):
     """The training loss of call i (= step i + 1) made NaN (bad[i] == 'nan') or given infinite gradients."""
     calls = []
-    real = trainer_module.diffusion_loss
+    real = objectives_module.diffusion_loss
 
     def loss(*a, **k):
         out = real(*a, **k)
@@ -126,7 +126,7 @@ def _inject(monkeypatch, bad: dict):
             return _InfGrad.apply(out)
         return out
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", loss)
+    monkeypatch.setattr(objectives_module, "diffusion_loss", loss)
     return calls
 
 

@@ -19,6 +19,7 @@ from diffuse.metrics.extraction import FeatureStore
 from diffuse.signals import StopRequest, Stopped
 from diffuse.tasks import evaluate, inpaint, sample
 from diffuse.tasks import train as train_task
+from diffuse.training import objectives as objectives_module
 from diffuse.training import trainer as trainer_module
 from tests.conftest import compose
 
@@ -53,7 +54,7 @@ def _train(out, *extra):
 def _stop_after(monkeypatch, step, nan_at=()):
     """Trainer.train_step that raises SIGTERM right after step `step`; the steps in nan_at get a NaN loss (and so
     are skipped, as a real non-finite step is)."""
-    real_step, real_loss = trainer_module.Trainer.train_step, trainer_module.diffusion_loss
+    real_step, real_loss = trainer_module.Trainer.train_step, objectives_module.diffusion_loss
     taking = []
 
     def diffusion_loss(*a, **k):
@@ -67,7 +68,7 @@ def _stop_after(monkeypatch, step, nan_at=()):
             raise_sigterm()
         return loss
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", diffusion_loss)
+    monkeypatch.setattr(objectives_module, "diffusion_loss", diffusion_loss)
     monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
 
 

@@ -116,3 +116,33 @@ def pair_distance(a: torch.Tensor, b: torch.Tensor, loss: str) -> torch.Tensor:
         c = 0.00054 * math.sqrt(d)
         return ((sq + c * c).sqrt() - c) / math.sqrt(d)
     raise UserError(f"objective.loss={loss!r} is not allowed: choose one of {', '.join(LOSSES)}")
+
+
+def t_of_sigma(schedule: Schedule, sigma: torch.Tensor) -> torch.Tensor:
+    """The fractional timestep of each noise level sigma in [sigma_min, sigma_max], on sigma's device (the training
+    step's levels: no trip to the host), by the schedule's log-SNR interpolation."""
+    ls = schedule.table("log_snr", sigma.device)  # decreasing in t
+    lam = (-2 * sigma.to(torch.float64).log()).clamp(float(ls[-1]), float(ls[0]))
+    rev = ls.flip(0)
+    idx = torch.searchsorted(rev, lam).clamp(1, schedule.T - 1)
+    lo, hi = rev[idx - 1], rev[idx]
+    return (schedule.T - 1) - ((idx - 1) + (lam - lo) / (hi - lo))
+
+
+@torch.no_grad()
+def heun_step(teacher, x: torch.Tensor, s_from: torch.Tensor, s_to: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
+              y=None) -> torch.Tensor:
+    """One Heun step of the teacher's probability-flow ODE in x~ = x_0 + sigma eps (Karras et al. 2022, Algorithm 1,
+    the step samplers/heun.py takes), dx~/dsigma = eps, from sigma_from to sigma_to per sample: consistency
+    distillation draws a different pair of levels for every example, which the samplers' shared levels cannot."""
+    def shaped(v):
+        return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+    def eps(x_tilde, s, t):
+        return teacher(x_tilde / shaped((1 + s**2).sqrt()), t, y).to(x.dtype)
+
+    h = shaped(s_to - s_from)
+    d1 = eps(x, s_from, t_from)
+    x_euler = x + h * d1
+    d2 = eps(x_euler, s_to, t_to)
+    return x + h * (d1 + d2) / 2

@@ -38,6 +38,8 @@ class SamplingJob:
 def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guidance: Optional[dict], label, labels,
                      n: int, seed: int) -> SamplingJob:
     """Everything checked before the first image is drawn: the sampler's options, labels and guidance."""
+    if steps is None and model.sampling.get("sampler") == sampler["name"] and sampler["sigmas"] is None and sampler["timesteps"] is None:
+        steps = model.sampling["steps"]  # a distilled student samples at the steps it was distilled for
     plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned)
     g = parse_guidance(guidance)
     chosen = sample_labels(model, g, label, labels, n)

@@ -33,6 +33,7 @@ class Model:
     clip_x0: bool  # the samplers' default clipping of x0 to [-1, 1]: on for 8-bit image data
     source: dict  # {"model": "oracle"}, or {"ckpt": path, "step": n}: recorded beside what it makes
     tuned: dict = dataclasses.field(default_factory=dict)  # noise-level schedules tuned for it, "sampler/steps" -> levels
+    sampling: dict = dataclasses.field(default_factory=dict)  # how it was made to be sampled: {"sampler", "steps"} (a distilled student)
 
     @property
     def is_oracle(self) -> bool:
@@ -145,12 +146,23 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
 
         # A mask-conditioned network: told that nothing is known it samples; inpaint gives it the known pixels.
         runner = MaskConditioned(runner)
-    den = NetworkDenoiser(runner, tn.prediction, tn.schedule, autocast_dtype=runtime.autocast)
+    den = denoiser_of(runner, tn, runtime.autocast)
     source = {"ckpt": str(path), "step": loaded.step}
     if loaded.verified != "all":  # what made the outputs says that its checkpoint was not (wholly) verified
         source["ckpt_verified"] = loaded.verified
+    sampling = tn.config.get("sampling") if isinstance(tn.config.get("sampling"), dict) else {}
     return Model(den, tn.schedule, (tn.net.out_channels, tn.net.resolution, tn.net.resolution), tn.net.num_classes,
-                 tn.is_8bit, source, loaded.tuned)
+                 tn.is_8bit, source, loaded.tuned, sampling)
+
+
+def denoiser_of(net, tn: "TrainedNetwork", autocast=None):
+    """The denoiser of a trained network: a consistency model's (its f read as eps) or a diffusion model's."""
+    o = tn.config.get("objective") or {}
+    if o.get("kind") == "consistency":
+        from diffuse.diffusion.consistency import ConsistencyDenoiser
+
+        return ConsistencyDenoiser(net, tn.prediction, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
+    return NetworkDenoiser(net, tn.prediction, tn.schedule, autocast_dtype=autocast)
 
 
 def oracle_model(dataset: Optional[dict], schedule: Optional[dict]) -> Model:

@@ -166,6 +166,7 @@ OUTPUTS = {
     "eval": ("features/", "config.yaml", "metrics.json"),
     "tune_schedule": ("config.yaml", "schedule.json", "levels.png", "tune_state.json", "reference.safetensors"),
 }
+OUTPUTS["distill"] = (*OUTPUTS["train"], "checkpoints/student_*steps.safetensors")
 # What a -m sweep writes into its sweep dir: Hydra's multirun.yaml, and eval's summary (tasks/sweep_summary.py).
 SWEEP_OUTPUTS = {"eval": ("summary.csv", "summary.md", "*_vs_nfe.png")}
 

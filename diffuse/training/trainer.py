@@ -16,8 +16,8 @@ from diffuse.console import console
 from diffuse.data import build_dataset
 from diffuse.diffusion.inpainting import MaskConditioned, mask_context
 from diffuse.diffusion.masks import check_mask_kinds, draw_masks
-from diffuse.diffusion.objectives import WEIGHTINGS, diffusion_loss
-from diffuse.diffusion.prediction import PREDICTIONS, NetworkDenoiser
+from diffuse.diffusion.objectives import WEIGHTINGS
+from diffuse.diffusion.prediction import PREDICTIONS
 from diffuse.errors import UserError, check_choice, check_number
 from diffuse.fastpath import compile_network, set_attention
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
@@ -47,6 +47,7 @@ def validate_trainer(t: dict) -> None:
 
 
 def validate_objective(o: dict) -> None:
+    check_choice("objective.kind", o["kind"], ("diffusion", "consistency"))
     check_choice("objective.prediction", o["prediction"], PREDICTIONS)
     check_choice("objective.weighting", o["weighting"], WEIGHTINGS)
     check_number("objective.min_snr_gamma", o["min_snr_gamma"], minimum=0, exclusive_min=True)
@@ -61,6 +62,8 @@ def objective_key(o) -> dict:
     """An objective config as resume compares it: checkpoints from before mask training lack its keys, and
     mask_kinds only matter when mask_training is on."""
     o = dict(o or {})
+    if o.get("kind", "diffusion") == "diffusion":  # checkpoints from before consistency models lack the key
+        o.pop("kind", None)
     if not o.get("mask_training"):
         o["mask_training"] = False
         o.pop("mask_kinds", None)
@@ -103,7 +106,9 @@ class Trainer:
     """One training run, built from the composed train config (model, dataset, schedule, objective, trainer,
     sampler, runtime)."""
 
-    def __init__(self, cfg: dict | DictConfig, out: Path):
+    def __init__(self, cfg: dict | DictConfig, out: Path, make_objective=None, init_weights: Optional[dict] = None):
+        """make_objective(trainer) -> the objective (default: by objective.kind, diffusion or consistency training);
+        init_weights: the network's starting weights (a distillation student starts as its teacher)."""
         cfg = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
         self.out = out
         self.tcfg, self.ocfg = cfg["trainer"], cfg["objective"]
@@ -117,6 +122,7 @@ class Trainer:
         self.amp = rt.autocast
         model_cfg = cfg["model"]
         self.data = build_dataset(cfg["dataset"])
+        self.sampler_cfg = cfg["sampler"]
         self.plan = plan_sampler(cfg["sampler"], self.tcfg["sample_steps"], self.schedule, self.data.is_8bit)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
         # Mask training: the network also reads the masked image (C) and the mask (1); it still predicts C channels.
@@ -128,7 +134,10 @@ class Trainer:
             raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
         seed = self.tcfg["seed"]
         torch.manual_seed(seed)  # the initial weights follow from the seed alone
-        self.net = set_attention(build_network(self.model_cfg), rt.attention).to(self.device)
+        self.net = build_network(self.model_cfg)
+        if init_weights is not None:
+            self.net.load_state_dict(init_weights)
+        self.net = set_attention(self.net, rt.attention).to(self.device)
         if rt.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
@@ -141,10 +150,7 @@ class Trainer:
         if rt.compile:
             self.model = compile_network(self.model, rt.compile_mode)
         self.data = self.data.to(self.device) if rt.data_on_device else self.data
-        # Fused on every device: its found_inf input lets a non-finite step be skipped on the device itself.
-        self.opt = torch.optim.AdamW(
-            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"], fused=True,
-        )
+        self.reset_optimizer()
         # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
         self.data_gen = torch.Generator().manual_seed(seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
@@ -163,6 +169,14 @@ class Trainer:
             "trainer": self.tcfg,
             "data": {"is_8bit": self.data.is_8bit, "num_classes": self.data.num_classes},
         }
+        self.objective = (make_objective or default_objective)(self)
+        self.config.update(self.objective.config())
+
+    def reset_optimizer(self) -> None:
+        # Fused on every device: its found_inf input lets a non-finite step be skipped on the device itself.
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"], fused=True,
+        )
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def state(self) -> Checkpoint:
@@ -173,6 +187,7 @@ class Trainer:
         return Checkpoint(
             config=self.config, step=self.step, model=self.net.state_dict(), ema=self.ema.state_dict(),
             optim=self.opt.state_dict(), rng=rng, extra={"skipped": skipped, "nonfinite_run": run, **self.interval},
+            aux=self.objective.tensors(),
         )
 
     def load(self, ckpt: Checkpoint, path: Path) -> None:
@@ -201,6 +216,7 @@ class Trainer:
         run = int(ckpt.extra.get("nonfinite_run", 0))
         self.nonfinite = torch.tensor([int(ckpt.extra.get("skipped", 0)), run, run], device=self.device)
         self.interval = {"interval": ckpt.extra["interval"]} if ckpt.extra.get("interval") else {}
+        self.objective.load(ckpt.aux, ckpt.extra)
 
     def save(self) -> Optional[Path]:
         """checkpoints/step_NNNNNNN.safetensors (unless keep=0) and last.safetensors, the same state in both;
@@ -262,17 +278,11 @@ class Trainer:
         if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
             drop = (torch.rand((bs,), generator=self.noise_gen, device=gdev) < p_uncond)[sl].to(y.device)
             y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
-        t = torch.randint(0, self.schedule.T, (bs,), generator=self.noise_gen, device=gdev)[sl].to(self.device)
-        noise = torch.randn((bs, *x0.shape[1:]), generator=self.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            # The loss covers every pixel, known ones included (see README: mask-conditioned training).
-            loss = diffusion_loss(
-                model, x0, self.schedule, prediction=self.ocfg["prediction"], weighting=self.ocfg["weighting"],
-                min_snr_gamma=self.ocfg["min_snr_gamma"], y=y, t=t, noise=noise,
-            ).mean()
+            loss = self.objective.loss(model, x0, y, bs, sl).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         finite = self.finite_step(loss)
@@ -283,6 +293,7 @@ class Trainer:
         self.opt.step()
         self.update_ema(finite)
         self.step += 1
+        self.objective.after_step()
         return loss.detach()
 
     def finite_step(self, loss: torch.Tensor) -> torch.Tensor:
@@ -328,10 +339,12 @@ class Trainer:
         if n == 0 or not self.dist.main:
             return None
         net = MaskConditioned(self.ema) if self.mask_probs is not None else self.ema  # nothing known: plain sampling
-        den = NetworkDenoiser(net, self.ocfg["prediction"], self.schedule, autocast_dtype=self.amp)
+        den = self.objective.denoiser(net, self.amp)
+        steps = self.objective.grid_steps()
+        plan = self.plan if steps is None else plan_sampler(self.sampler_cfg, steps, self.schedule, self.data.is_8bit)
         shape = (self.data.channels, self.data.resolution, self.data.resolution)
         labels = (torch.arange(n) % self.data.num_classes) if self.net.num_classes else None
-        x = generate(den, self.plan, shape=shape, seed=self.tcfg["seed"], device=self.device, batch_size=min(n, 256),
+        x = generate(den, plan, shape=shape, seed=self.tcfg["seed"], device=self.device, batch_size=min(n, 256),
                      indices=list(range(n)), labels=labels, progress=False).images
         grid = make_grid(to_uint8(x))
         path = self.out / "samples" / f"step_{self.step:07d}.png"
@@ -344,3 +357,10 @@ class Trainer:
         return (f"training {self.model_cfg['arch']} ({n_params / 1e6:.2f}M parameters) on {self.data.name} "
                 f"({len(self.data)} images, {self.data.resolution}x{self.data.resolution}) on {self.device}"
                 + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
+
+
+def default_objective(trainer: Trainer):
+    """objective.kind: diffusion (the denoising losses), or consistency (consistency training from scratch)."""
+    from diffuse.training.objectives import ConsistencyObjective, DiffusionObjective
+
+    return ConsistencyObjective(trainer) if trainer.ocfg.get("kind", "diffusion") == "consistency" else DiffusionObjective(trainer)

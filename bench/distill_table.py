@@ -1,0 +1,112 @@
+"""Few-step students against their teacher's own samplers at equal NFE, with the exact mixture oracle as the
+teacher: progressive distillation (students of 4 and 2 DDIM steps) and consistency distillation (1 and 2 steps),
+each trained here on the CPU by `diffuse distill`, then sampled from the same n x_T as the teacher's DDIM,
+DPM-Solver++(2M) and iPNDM at the same NFE.
+
+The mixture: four components over 1 x 8 x 8 (stds 0.05, 0.1, 0.15, 0.2), the linear schedule. Each cell:
+max |freq z| / worst mean error (in stds) / worst |std ratio - 1| over the components (bench/sampler_table.py's
+figures); the floor row is what n exact samples give.
+
+    PYTHONPATH=. python bench/distill_table.py [--steps 2500] [--cd-steps 3000] [--n 4000] [--out outputs/bench_distill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.sampler_table import config_options, summary  # noqa: E402
+from diffuse.data.gmm import default_mixture  # noqa: E402
+from diffuse.diffusion.oracle import GMMDenoiser  # noqa: E402
+from diffuse.diffusion.samplers import SAMPLERS  # noqa: E402
+from diffuse.diffusion.schedule import make_schedule  # noqa: E402
+from diffuse.diffusion.timesteps import sampler_timesteps  # noqa: E402
+from diffuse.pipeline.model import load_model  # noqa: E402
+from diffuse.pipeline.runtime import resolve_runtime  # noqa: E402
+
+STUDENT = ["model=tiny", "model.attn_resolutions=[]", "dataset=gmm", "dataset.channels=1", "dataset.size=20000",
+           "trainer.batch_size=128", "trainer.lr=1e-3", "trainer.warmup=100", "trainer.log_every=100", "trainer.sample_n=0",
+           "trainer.ckpt_every=100000", "trainer.ema_decay=0.999", "runtime.device=cpu"]
+
+
+def compose(name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="diffuse.conf", version_base=None):
+        return hydra_compose(config_name=name, overrides=overrides)
+
+
+def distil(out: Path, overrides: list[str]) -> float:
+    """Runs `diffuse distill` in process (unless its run dir is already complete); returns the seconds it took."""
+    from diffuse.tasks import distill
+
+    if (out / "checkpoints" / "last.safetensors").is_file():
+        return float("nan")
+    t0 = time.time()
+    distill.run(compose("distill", [*STUDENT, "teacher=oracle", *overrides]), out)
+    return time.time() - t0
+
+
+def sample_student(path: Path, x_T: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
+    rt = resolve_runtime({"device": "cpu", "precision": "fp32", "channels_last": False, "attention": "sdpa", "compile": False,
+                          "compile_mode": "default", "cuda_graphs": False, "ema_foreach": True, "data_on_device": False})
+    model = load_model(ckpt=path, model=None, dataset=None, schedule=None, use_ema=True, runtime=rt)
+    ts = sampler_timesteps(model.schedule, steps, "trailing")
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for xb in x_T.split(1000):
+        out.append(SAMPLERS[sampler](model.denoiser, xb.float(), ts, model.schedule, generator=g).double())
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2500, help="training steps of progressive distillation, all rounds")
+    ap.add_argument("--cd-steps", type=int, default=3000, help="training steps of consistency distillation")
+    ap.add_argument("--start", type=int, default=32, help="the first teacher's DDIM steps")
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--out", default="outputs/bench_distill")
+    args = ap.parse_args()
+    out = Path(args.out)
+    times = {
+        "progressive": distil(out / "progressive", ["method=progressive", f"distill.start_steps={args.start}", "distill.target_steps=2",
+                                                     f"trainer.steps={args.steps}"]),
+        "consistency": distil(out / "consistency", ["method=consistency", f"trainer.steps={args.cd_steps}"]),
+    }
+    mixture, schedule = default_mixture(channels=1, resolution=8), make_schedule("linear")
+    den = GMMDenoiser(mixture, schedule)
+    x_T = torch.randn((args.n, *mixture.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = [("floor: exact samples", {0: summary(mixture, mixture.sample(args.n, generator=torch.Generator().manual_seed(7))[0])})]
+    for name, spacing in (("ddim", "trailing"), ("dpm_solver", "logsnr"), ("ipndm", "logsnr")):
+        r = {}
+        for nfe in (1, 2, 4):
+            x = SAMPLERS[name](den, x_T, sampler_timesteps(schedule, nfe, spacing), schedule, **config_options(name))
+            r[nfe] = summary(mixture, x)
+        rows.append((f"teacher (oracle), {name}, {spacing}", r))
+    students = out / "progressive" / "checkpoints"
+    rows.append(("progressive student, DDIM", {n: summary(mixture, sample_student(students / f"student_{n}steps.safetensors", x_T, "ddim", n))
+                                              for n in (4, 2)}))
+    cd = out / "consistency" / "checkpoints" / "last.safetensors"
+    rows.append(("consistency distillation, consistency sampler", {n: summary(mixture, sample_student(cd, x_T, "consistency", n))
+                                                                   for n in (1, 2)}))
+    print(f"n = {args.n}; CPU seconds to distil: progressive {times['progressive']:.0f} ({args.steps} steps, "
+          f"{args.start} -> 2), consistency {times['consistency']:.0f} ({args.cd_steps} steps)")
+    print("\n| sampler | NFE 1 | NFE 2 | NFE 4 |\n| --- | --- | --- | --- |")
+    for label, r in rows:
+        cells = ["{:.2f} / {:.3f} / {:.3f}".format(*r[k]) if k in r else "" for k in (1, 2, 4)]
+        if 0 in r:
+            cells = ["{:.2f} / {:.3f} / {:.3f}".format(*r[0])] * 3
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
