@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
-import torch
 from omegaconf import DictConfig
 
 from diffuse import distributed
