@@ -68,7 +68,22 @@ def help_text(command: str) -> str:
     for group in singles:
         lines += ["", f"{group}.* (group {group}):"]
         lines += _rows([(f"{group}.{k}={v}", c) for k, v, c in keys(conf_root() / group / "default.yaml")])
+    for group, _ in groups:  # a group whose options fill another key (method -> distill.*): each option's keys
+        for opt in options(group.split("@")[0]):
+            path = conf_root() / group.split("@")[0] / f"{opt}.yaml"
+            package = _package(path)
+            if package and package != "_global_":
+                lines += ["", f"{package}.* with {group}={opt}:"]
+                lines += _rows([(f"{package}.{k}={v}", c) for k, v, c in keys(path)])
     return "\n".join(lines)
+
+
+def _package(path) -> str | None:
+    for line in path.read_text().splitlines():
+        m = re.match(r"#\s*@package\s+(\S+)", line)
+        if m:
+            return m.group(1)
+    return None
 
 
 def _rows(rows: list[tuple[str, str]]) -> list[str]:

@@ -2,9 +2,11 @@
 form of its Gaussian teacher, students record their steps, resume is bit-identical, and bad teachers are refused."""
 
 import json
+import math
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +36,8 @@ def test_a_linear_student_learns_the_closed_form_of_its_gaussian_teacher():
     lands where the teacher's two do, to 1e-3."""
     s = make_schedule("linear")
     flow = GaussianFlow(s, s=0.5, shape=(1, 2, 2))
-    levels = pd.student_levels(s, 1)
+    grid = pd.teacher_grid(s, 2, "trailing")
+    levels = pd.student_levels(grid, 1)
     A = torch.zeros(1, requires_grad=True, dtype=torch.float64)
     b = torch.zeros(flow.mu.shape, requires_grad=True, dtype=torch.float64)
 
@@ -46,7 +49,7 @@ def test_a_linear_student_learns_the_closed_form_of_its_gaussian_teacher():
     for _ in range(600):
         x0 = flow.mu + 0.5 * torch.randn((256, *flow.mu.shape), generator=g, dtype=torch.float64)
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-        loss = pd.progressive_loss(student, "x0", flow.denoiser, x0, s, levels, torch.zeros(256, dtype=torch.long), noise,
+        loss = pd.progressive_loss(student, "x0", flow.denoiser, x0, s, grid, 1, torch.zeros(256, dtype=torch.long), noise,
                                    weighting="truncated_snr").mean()
         opt.zero_grad()
         loss.backward()
@@ -56,12 +59,12 @@ def test_a_linear_student_learns_the_closed_form_of_its_gaussian_teacher():
     a, sg = coefficients(s, t, x_T)
     with torch.no_grad():
         one = student(x_T, t)  # one DDIM step to clean data is the x0 prediction itself
-        teacher = pd.teacher_target(flow.denoiser, x_T, t, torch.full((64,), int(pd.student_levels(s, 2)[1])),
+        teacher = pd.teacher_target(flow.denoiser, x_T, t, torch.full((64,), int(grid[1])),
                                     torch.full((64,), -1), s)
     assert (one - teacher).abs().max() < 1e-3
     # The closed form, derived apart from the code: a Gaussian's denoiser is x0 = mu + a s^2 (x - a mu) / (a^2 s^2 + sigma^2),
     # and a DDIM step keeps the implied eps: x' = a' x0 + sigma' (x - a x0) / sigma; two of them, the second to clean.
-    mid = int(pd.student_levels(s, 2)[1])
+    mid = int(grid[1])
 
     def ddim_step(x, t_from, t_to):
         a0, a1 = s.alpha_bar[t_from].sqrt(), (s.alpha_bar[t_to].sqrt() if t_to >= 0 else torch.tensor(1.0, dtype=torch.float64))
@@ -81,11 +84,18 @@ def test_a_progressive_round_lowers_the_loss_and_students_record_their_steps(tmp
     assert losses[-1] < losses[0] / 2, losses  # within each round the student closes in on its teacher
     four = load_checkpoint(run / "checkpoints" / "student_4steps.safetensors")
     two = load_checkpoint(run / "checkpoints" / "student_2steps.safetensors")
-    assert four.config["sampling"] == {"sampler": "ddim", "steps": 4} and two.config["sampling"]["steps"] == 2
+    levels = pd.student_levels(pd.teacher_grid(make_schedule("linear"), 8, "logsnr"), 4)
+    assert four.config["sampling"] == {"sampler": "ddim", "steps": 4, "timesteps": levels.tolist()}
+    assert two.config["sampling"]["timesteps"] == levels[::2].tolist()  # every other level of the round before
     assert two.config["distill"]["teacher"] == "oracle" and two.config["distill"]["method"] == "progressive"
     assert any(k.startswith("teacher.") for k in two.aux)  # a later round's teacher: the earlier student
-    info = sample_task.run(compose("sample", [f"ckpt={run / 'checkpoints' / 'student_4steps.safetensors'}", "n=3"]), tmp_path / "s")
+    info = sample_task.run(compose("sample", [f"ckpt={run / 'checkpoints' / 'student_4steps.safetensors'}", "n=3", "save_npz=true"]),
+                           tmp_path / "s")
     assert info["steps"] == 4 and info["nfe"] == 4  # no steps= needed
+    explicit = sample_task.run(compose("sample", [f"ckpt={run / 'checkpoints' / 'student_4steps.safetensors'}", "n=3", "save_npz=true",
+                                                  f"sampler.timesteps=[{','.join(map(str, levels.tolist()))}]"]), tmp_path / "e")
+    assert explicit["nfe"] == 4
+    assert np.array_equal(np.load(tmp_path / "s" / "samples.npz")["arr_0"], np.load(tmp_path / "e" / "samples.npz")["arr_0"])
     info = sample_task.run(compose("sample", [f"ckpt={run}", "n=3", "steps=3"]), tmp_path / "s3")
     assert info["nfe"] == 3  # an explicit steps= still wins
 
@@ -189,3 +199,37 @@ def test_checkpoint_teacher_refusals(teacher_run, tmp_path):
     with pytest.raises(UserError, match="is a consistency model: distil a diffusion model"):
         distill_task.check(compose("distill", [f"teacher={ct}"]), tmp_path / "r")
     assert not Path(tmp_path / "r").exists()
+
+
+def test_a_class_conditional_student_samples_inpaints_and_is_evaluated(tmp_path):
+    """A class-conditional teacher distils, guidance folded in, into a class-conditional student that the other
+    commands take as they are: sample with a label at its own steps, inpaint by replacement, eval."""
+    from PIL import Image
+
+    from diffuse.tasks import evaluate as eval_task
+    from diffuse.tasks import inpaint as inpaint_task
+
+    net = ["model=tiny", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[]", "model.num_classes=4", "dataset=shapes",
+           "dataset.size=64", "dataset.resolution=8", "trainer.batch_size=8", "trainer.sample_n=0", "trainer.warmup=0"]
+    train_task.run(compose("train", [*net, "trainer.steps=2"]), tmp_path / "t")
+    run = tmp_path / "d"
+    distill_task.run(compose("distill", [f"teacher={tmp_path / 't'}", "distill.start_steps=4", "distill.target_steps=2",
+                                         "distill.guidance_scale=2", "trainer.steps=2", "trainer.sample_n=2"]), run)
+    ck = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert ck.config["model"]["num_classes"] == 4 and ck.config["distill"]["guidance_scale"] == 2.0
+    info = sample_task.run(compose("sample", [f"ckpt={run}", "n=2", "label=1"]), tmp_path / "s")
+    assert info["nfe"] == 2 and info["steps"] == 2
+    Image.fromarray((np.random.RandomState(0).rand(8, 8, 3) * 255).astype("uint8")).save(tmp_path / "img.png")
+    mask = np.zeros((8, 8), "uint8")
+    mask[:, 4:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    info = inpaint_task.run(compose("inpaint", [f"ckpt={run}", f"image={tmp_path / 'img.png'}", f"mask={tmp_path / 'mask.png'}",
+                                                "inpaint=replace", "sampler=ddim", "n=2", "label=1"]), tmp_path / "i")
+    assert info["steps"] == 2 and info["nfe"] == 2 and info["labels"] == [1, 1]  # the student's steps; the class asked for
+    out = np.asarray(Image.open(tmp_path / "i" / "img_00.png"))
+    assert np.array_equal(out[:, :4], np.asarray(Image.open(tmp_path / "img.png"))[:, :4])  # known pixels kept
+    metrics = eval_task.run(compose("eval", [f"ckpt={run}", "metric=[fid]", "n=16", "batch_size=8", "ref=shapes", "dataset=shapes",
+                                             "dataset.resolution=8", "dataset.size=64", "metrics.features=checkpoint",
+                                             f"metrics.features_ckpt={tmp_path / 't'}", f"metrics.cache_dir={tmp_path / 'cache'}"]),
+                            tmp_path / "e")
+    assert math.isfinite(metrics["metrics"]["fid"]) and metrics["steps"] == 2 and metrics["nfe"] == 2

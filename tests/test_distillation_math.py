@@ -21,8 +21,8 @@ def test_one_ddim_step_with_the_target_reaches_the_teachers_two_steps():
     student level, the last (to clean data) included."""
     s = make_schedule("linear")
     flow = GaussianFlow(s)
-    levels = pd.student_levels(s, 4)
-    fine = pd.student_levels(s, 8)
+    fine = pd.teacher_grid(s, 8, "trailing")
+    levels = pd.student_levels(fine, 4)
     x = flow.x_T(6).double()
     for i in range(4):
         t = torch.full((6,), int(levels[i]))
@@ -45,11 +45,11 @@ def test_progressive_loss_is_zero_for_the_exact_student_and_weighted_by_snr():
     """A student whose x0 prediction is the target has zero loss; the weights are max(SNR, 1) and SNR + 1."""
     s = make_schedule("linear")
     flow = GaussianFlow(s)
-    levels = pd.student_levels(s, 2)
+    fine = pd.teacher_grid(s, 4, "trailing")
+    levels = pd.student_levels(fine, 2)
     x0 = flow.mu.expand(5, *flow.mu.shape).clone() + 0.5 * torch.randn(5, *flow.mu.shape, dtype=torch.float64)
     index = torch.tensor([0, 1, 0, 1, 1])
     noise = torch.randn_like(x0)
-    fine = pd.student_levels(s, 4)
 
     def exact_student(x_t, t, y=None):  # returns eps of the target x0
         i = (levels == t[:1]).nonzero()[0, 0]
@@ -60,7 +60,7 @@ def test_progressive_loss_is_zero_for_the_exact_student_and_weighted_by_snr():
 
     for i in (0, 1):  # one level per call so that the exact student knows its level
         sel = index == i
-        loss = pd.progressive_loss(exact_student, "eps", flow.denoiser, x0[sel], s, levels, index[sel], noise[sel], weighting="truncated_snr")
+        loss = pd.progressive_loss(exact_student, "eps", flow.denoiser, x0[sel], s, fine, 2, index[sel], noise[sel], weighting="truncated_snr")
         assert loss.abs().max() < 1e-8  # weights up to SNR(t_1) ~ 1e3 on float64 rounding
     t = torch.tensor([10, 999])
     snr = s.alpha_bar[t] / (1 - s.alpha_bar[t])
@@ -76,8 +76,20 @@ def test_rounds_halve_down_to_the_target():
         with pytest.raises(UserError, match="distill.target_steps="):
             pd.rounds(start, target)
     s = make_schedule("linear")
-    for n in (1, 2, 4, 8, 64):  # every other teacher level is a student level
-        assert torch.equal(pd.student_levels(s, 2 * n)[::2], pd.student_levels(s, n))
+    for spacing in pd.SPACINGS:
+        grid = pd.teacher_grid(s, 128, spacing)
+        assert torch.equal(grid, pd.student_levels(grid, 128)) and grid[0] == s.T - 1
+        for n in (1, 2, 4, 8, 64):  # every other teacher level is a student level
+            assert torch.equal(pd.student_levels(grid, 2 * n)[::2], pd.student_levels(grid, n))
+    # log-SNR spacing: the levels' log-SNR evenly spaced between the schedule's ends
+    ab = s.alpha_bar_at(pd.teacher_grid(s, 16, "logsnr"))
+    lam = (ab / (1 - ab)).log()
+    assert torch.allclose(lam.diff(), lam.diff()[:1].expand(15), rtol=1e-6)
+    for start, key in ((2000, "distill.start_steps=2000"),):
+        with pytest.raises(UserError, match=key):
+            pd.teacher_grid(s, start, "trailing")
+    with pytest.raises(UserError, match="distill.spacing='karras'"):
+        pd.teacher_grid(s, 16, "karras")
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])

@@ -1,9 +1,12 @@
 """Progressive distillation, Salimans & Ho 2022 ("Progressive Distillation for Fast Sampling of Diffusion Models"),
-Algorithm 2, on the discrete levels of trailing DDIM.
+Algorithm 2, on a nested grid of levels.
 
-A student of N steps visits the levels t_N > ... > t_1 of N-step trailing DDIM, then clean data. The teacher takes
-twice as many steps: from the student's level t_i, two DDIM steps (eta = 0) through the midpoint level to t_{i-1}
-(the 2N-step trailing grid holds the N-step one, so the midpoints are the teacher's own levels). The student is
+The first teacher's S levels (distill.start_steps, spaced trailing or evenly in log-SNR) fix every round's: a
+student of N steps visits every (S/N)-th of them, t_N > ... > t_1, then clean data, so the 2N-step grid holds the
+N-step one exactly. The teacher takes twice as many steps: from the student's level t_i, two DDIM steps (eta = 0)
+through the midpoint level to t_{i-1}. Log-SNR spacing matters on narrow data: trailing integer timesteps leave the
+last step from sigma ~ 0.05 (64 steps, linear schedule) straight to clean data, and the teacher's DDIM there already
+shrinks a component of std 0.05 by 40%, which its students would inherit. The student is
 trained so that ONE DDIM step from t_i lands where the teacher's two do, which fixes its clean-image target
 (their eq. 8, here with alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar)):
 
@@ -20,15 +23,25 @@ import torch
 
 from diffuse.diffusion.prediction import to_eps
 from diffuse.diffusion.schedule import Schedule, coefficients
-from diffuse.diffusion.timesteps import make_timesteps
+from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.errors import UserError
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+SPACINGS = ("logsnr", "trailing")
 
 
-def student_levels(schedule: Schedule, steps: int) -> torch.Tensor:
-    """The student's N levels (decreasing) and the teacher's 2N: trailing DDIM."""
-    return make_timesteps(schedule.T, steps, "trailing")
+def teacher_grid(schedule: Schedule, start_steps: int, spacing: str) -> torch.Tensor:
+    """The first teacher's start_steps levels, decreasing (integer timesteps for trailing, fractional for logsnr)."""
+    if spacing not in SPACINGS:
+        raise UserError(f"distill.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS)}")
+    if start_steps > schedule.T:
+        raise UserError(f"distill.start_steps={start_steps} is not allowed: at most the schedule's T={schedule.T} levels")
+    return sampler_timesteps(schedule, start_steps, spacing)
+
+
+def student_levels(grid: torch.Tensor, steps: int) -> torch.Tensor:
+    """The N-step student's levels: every (len(grid) / N)-th level of the first teacher's grid, its top one first."""
+    return grid[:: len(grid) // steps][:steps]
 
 
 def rounds(start_steps: int, target_steps: int) -> list[int]:
@@ -91,15 +104,17 @@ def weight(schedule: Schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
     raise UserError(f"distill.weighting={weighting!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
 
 
-def progressive_loss(student, prediction: str, teacher, x0: torch.Tensor, schedule: Schedule, levels: torch.Tensor,
+def progressive_loss(student, prediction: str, teacher, x0: torch.Tensor, schedule: Schedule, grid: torch.Tensor, steps: int,
                      index: torch.Tensor, noise: torch.Tensor, *, weighting: str, y=None, teacher_y=None) -> torch.Tensor:
-    """Per-sample loss at student level levels[index] (levels: the student's N levels, decreasing; the teacher's
-    midpoints are the 2N-step grid's). `index` (B,) and `noise` come from the caller's generators."""
-    fine = make_timesteps(schedule.T, 2 * len(levels), "trailing").to(x0.device)
-    lv = levels.to(x0.device)
-    t = lv[index]
-    t_mid = fine[2 * index + 1]
-    t_next = torch.where(index + 1 < len(levels), lv[(index + 1).clamp(max=len(levels) - 1)], torch.full_like(t, -1))
+    """Per-sample loss of the `steps`-step student at its level number `index` (0: the noisiest), on the first
+    teacher's `grid` (see student_levels). `index` (B,) and `noise` come from the caller's generators."""
+    g = grid.to(x0.device)
+    r = len(grid) // steps
+    if r < 2 or len(grid) % steps:
+        raise ValueError(f"a {steps}-step student needs a grid of 2^k * {steps} levels, not {len(grid)}")
+    t = g[index * r]
+    t_mid = g[index * r + r // 2]
+    t_next = torch.where(index + 1 < steps, g[((index + 1) * r).clamp(max=len(grid) - 1)], torch.full_like(t, -1))
     a, s = coefs_at(schedule, t, x0)
     x_t = a * x0 + s * noise
     target = teacher_target(teacher, x_t, t, t_mid, t_next, schedule, teacher_y if teacher_y is not None else y)

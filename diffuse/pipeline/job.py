@@ -35,11 +35,22 @@ class SamplingJob:
         return out
 
 
+def as_distilled(model: Model, sampler: dict, steps: Optional[int]) -> tuple[dict, Optional[int]]:
+    """(sampler, steps) with a distilled student's own steps and levels when the command leaves them to it: the same
+    sampler it was distilled for, no steps= or the student's, no explicit or tuned levels."""
+    made = model.sampling
+    if (made.get("sampler") == sampler["name"] and steps in (None, made.get("steps")) and sampler["sigmas"] is None
+            and sampler["timesteps"] is None and sampler["schedule"] == "stock"):
+        steps = made["steps"]
+        if made.get("timesteps") is not None:
+            sampler = {**sampler, "timesteps": list(made["timesteps"])}
+    return sampler, steps
+
+
 def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guidance: Optional[dict], label, labels,
                      n: int, seed: int) -> SamplingJob:
     """Everything checked before the first image is drawn: the sampler's options, labels and guidance."""
-    if steps is None and model.sampling.get("sampler") == sampler["name"] and sampler["sigmas"] is None and sampler["timesteps"] is None:
-        steps = model.sampling["steps"]  # a distilled student samples at the steps it was distilled for
+    sampler, steps = as_distilled(model, sampler, steps)
     plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned)
     g = parse_guidance(guidance)
     chosen = sample_labels(model, g, label, labels, n)

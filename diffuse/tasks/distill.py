@@ -48,16 +48,16 @@ def objective(trainer: Trainer, d: dict, teacher):
     from diffuse.training.objectives import ConsistencyObjective, ProgressiveObjective
 
     if d["method"] == "progressive":
-        return ProgressiveObjective(trainer, teacher, d, on_round=lambda steps: save_student(trainer, steps))
+        return ProgressiveObjective(trainer, teacher, d, on_round=lambda steps, sampling: save_student(trainer, steps, sampling))
     return ConsistencyObjective(trainer, teacher if d["method"] == "consistency" else None, method="ect" if d["method"] == "ect" else "cd")
 
 
-def save_student(trainer: Trainer, steps: int) -> None:
+def save_student(trainer: Trainer, steps: int, sampling: dict) -> None:
     """checkpoints/student_{N}steps.safetensors: a finished round's student, sampled at its N steps with no flag."""
     if not trainer.dist.main:
         return
     state = trainer.state()
-    state.config = {**state.config, "sampling": {"sampler": "ddim", "steps": steps}}
+    state.config = {**state.config, "sampling": sampling}
     path = save_checkpoint(trainer.out / "checkpoints" / f"student_{steps}steps.safetensors", state)
     console.print(f"round done: the {steps}-step student is {path}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import STEPS
 from diffuse.errors import UserError, check_choice, check_number
 from diffuse.images import from_uint8, image_mask_pairs, load_image_and_mask, make_grid, resize, save_png, to_uint8
-from diffuse.pipeline.sampling import CountingDenoiser, plan_sampler
+from diffuse.pipeline.conditioning import guide
+from diffuse.pipeline.job import as_distilled, prepare_sampling
+from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
 
@@ -31,7 +34,8 @@ def prepare(cfg: DictConfig, checking: bool = False):
         raise UserError("--image PATH and --mask PATH are both required")
     n = check_number("n", cfg.n, minimum=1, integer=True)
     seed = check_number("seed", cfg.seed, integer=True)
-    steps = check_number("steps", cfg.steps, minimum=1, integer=True)
+    if cfg.steps is not None:
+        check_number("steps", cfg.steps, minimum=1, integer=True)
     ic = to_dict(cfg.inpaint)
     method = check_choice("inpaint.method", ic["method"], METHODS)
     pairs = image_mask_pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
@@ -39,7 +43,13 @@ def prepare(cfg: DictConfig, checking: bool = False):
     model = model_of(cfg, checking_runtime(rt) if checking else rt)
     if method == "conditioned":
         require_mask_conditioned(model.denoiser)
-    plan = plan_sampler(to_dict(cfg.sampler), steps, model.schedule, model.clip_x0, model.tuned)
+    sampler, steps = as_distilled(model, to_dict(cfg.sampler), cfg.steps)
+    job = prepare_sampling(model, sampler=sampler, steps=steps if steps is not None else DEFAULT_STEPS, guidance=to_dict(cfg.guidance),
+                           label=cfg.label, labels=cfg.labels, n=n, seed=seed)
+    plan, steps = job.plan, job.plan.steps
+    if method == "conditioned" and job.guidance.scale != 1.0 and job.labels is not None:
+        raise UserError(f"guidance.scale={job.guidance.scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
+                        "network is told the known pixels per image, guidance would double the batch; use scale 1 or inpaint=replace")
     if method == "repaint":  # its options are checked before anything is written
         if "jump_length" not in ic:
             raise UserError("inpaint.method=repaint needs RePaint's options: choose the method with inpaint=repaint")
@@ -47,11 +57,14 @@ def prepare(cfg: DictConfig, checking: bool = False):
         if plan.name not in STEPS:
             raise UserError(f"sampler={plan.name!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
     loaded = [load_image_and_mask(i, m, model.shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs]
-    return n, seed, steps, ic, method, pairs, loaded, rt, model, plan
+    return n, seed, steps, ic, method, pairs, loaded, rt, model, job
+
+
+DEFAULT_STEPS = 50  # base reverse steps when steps= is left null (a distilled student: its own)
 
 
 def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
-    n, seed, steps, ic, method, pairs, loaded, rt, model, plan = prepare(cfg)
+    n, seed, steps, ic, method, pairs, loaded, rt, model, job = prepare(cfg)
     save_resolved_config(cfg, out)
     results, nfe = [], 0  # NFE stays 0 when every mask keeps everything: no denoiser call is needed
     for idx, ((img_path, _), (img, keep_full)) in enumerate(zip(pairs, loaded)):
@@ -61,7 +74,7 @@ def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
             warn(f"mask for {img_path} keeps every pixel: nothing to generate, the input is returned")
             res = img.unsqueeze(0).expand(n, -1, -1, -1).clone()
         else:
-            res, nfe = complete(model, plan, method, ic, img, keep_full, n=n, seed=seed, first=idx * n, device=rt.device)
+            res, nfe = complete(model, job, method, ic, img, keep_full, n=n, seed=seed, first=idx * n, device=rt.device)
         stem = img_path.stem
         for j in range(n):
             save_png(res[j], out / f"{stem}_{j:02d}.png")
@@ -69,6 +82,8 @@ def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         save_png(make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2), out / f"{stem}_strip.png")
         results.append(str(img_path))
     info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **model.source}
+    if job.labels is not None:
+        info.update(labels=job.labels.tolist(), guidance_scale=job.guidance.scale)
     if method == "repaint":
         info.update(jump_length=ic["jump_length"], resamples=ic["resamples"], jump_last=ic["jump_last"])
     if len(results) < len(pairs):  # inpaint.json lists the images done; the others were never started
@@ -82,10 +97,12 @@ def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     return info
 
 
-def complete(model, plan, method: str, ic: dict, img: torch.Tensor, keep_full: torch.Tensor, *, n: int, seed: int,
+def complete(model, job, method: str, ic: dict, img: torch.Tensor, keep_full: torch.Tensor, *, n: int, seed: int,
              first: int, device) -> tuple[torch.Tensor, int]:
     """n completions (uint8, at the image's own size, known pixels exactly the input's) of one image, drawn at the
-    model's size from noise streams first, first + 1, ...; and the denoiser calls they took."""
+    model's size from noise streams first, first + 1, ... (completion j with label job.labels[j]); and the
+    denoiser calls they took."""
+    plan = job.plan
     c, h, w = model.shape
     H, W = img.shape[-2:]
     scaled = (H, W) != (h, w)
@@ -97,12 +114,16 @@ def complete(model, plan, method: str, ic: dict, img: torch.Tensor, keep_full: t
     known = x0.unsqueeze(0).expand(n, -1, -1, -1)
     # conditioned: the network sees the clean known pixels; the hook still keeps x_t's known pixels on
     # q(x_t | x_0), as in training, and pastes them exactly at the end.
-    den = CountingDenoiser(condition_on(model.denoiser, known, keep) if method == "conditioned" else model.denoiser)
+    guided = job.denoiser
+    if method == "conditioned":
+        guided = guide(dataclasses.replace(model, denoiser=condition_on(model.denoiser, known, keep)), job.guidance)
+    den = CountingDenoiser(guided)
+    y = job.labels.to(device) if job.labels is not None else None
     if method == "repaint":
         x = repaint(den, x_T, plan.timesteps, model.schedule, known, keep, jump_length=ic["jump_length"],
-                    resamples=ic["resamples"], jump_last=ic["jump_last"], step=plan.name, generator=gen, **plan.options)
+                    resamples=ic["resamples"], jump_last=ic["jump_last"], step=plan.name, generator=gen, y=y, **plan.options)
     else:
-        x = plan(den, x_T, generator=gen, hook=replace_hook(known, keep, model.schedule, gen))
+        x = plan(den, x_T, generator=gen, y=y, hook=replace_hook(known, keep, model.schedule, gen))
     res = to_uint8(x.float().cpu())
     if scaled:
         res = resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)

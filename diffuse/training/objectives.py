@@ -77,11 +77,12 @@ class ProgressiveObjective(DiffusionObjective):
     a round its student is written to checkpoints/student_{N}steps.safetensors (recording its steps) and the
     optimizer restarts, as a new distillation does."""
 
-    def __init__(self, trainer, teacher, dcfg: dict, on_round: Callable[[int], None]):
+    def __init__(self, trainer, teacher, dcfg: dict, on_round: Callable[[int, dict], None]):
         super().__init__(trainer)
         self.first_teacher, self.teacher = teacher, teacher
         self.rounds = check_progressive(dcfg, trainer.tcfg["steps"])
         self.weighting = dcfg["weighting"]
+        self.grid = pd.teacher_grid(trainer.schedule, dcfg["start_steps"], dcfg["spacing"])
         self.per_round = trainer.tcfg["steps"] // len(self.rounds)
         self.on_round = on_round
         self.teacher_net = None  # the frozen student that teaches rounds after the first
@@ -98,21 +99,20 @@ class ProgressiveObjective(DiffusionObjective):
     def loss(self, model, x0, y, bs, sl):
         tr = self.tr
         gdev = tr.noise_gen.device
-        levels = pd.student_levels(tr.schedule, self.steps)
-        index = torch.randint(0, len(levels), (bs,), generator=tr.noise_gen, device=gdev)[sl].to(tr.device)
+        index = torch.randint(0, self.steps, (bs,), generator=tr.noise_gen, device=gdev)[sl].to(tr.device)
         noise = torch.randn((bs, *x0.shape[1:]), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
-        return pd.progressive_loss(model, tr.ocfg["prediction"], self.teacher, x0, tr.schedule, levels, index, noise,
-                                   weighting=self.weighting, y=y)
+        return pd.progressive_loss(model, tr.ocfg["prediction"], self.teacher, x0, tr.schedule, self.grid, self.steps, index,
+                                   noise, weighting=self.weighting, y=y)
 
     def after_step(self) -> None:
         tr = self.tr
         if tr.step == tr.tcfg["steps"]:  # the last round's student (also last.safetensors)
-            self.on_round(self.rounds[-1])
+            self.on_round(self.rounds[-1], self.sampling(self.rounds[-1]))
             return
         if tr.step % self.per_round or tr.step // self.per_round >= len(self.rounds):
             return
         finished = self.rounds[tr.step // self.per_round - 1]
-        self.on_round(finished)  # the student of `finished` steps, saved before it becomes the teacher
+        self.on_round(finished, self.sampling(finished))  # the student of `finished` steps, saved before it becomes the teacher
         self.teacher_net = frozen(tr.ema)
         self.teacher = self.denoiser(self.teacher_net)
         tr.reset_optimizer()
@@ -121,8 +121,12 @@ class ProgressiveObjective(DiffusionObjective):
     def grid_steps(self) -> int:
         return self.steps
 
-    def sampling(self) -> dict:
-        return {"sampler": "ddim", "steps": self.steps}
+    def sampling(self, steps: Optional[int] = None) -> dict:
+        """What the student's checkpoint records: DDIM over its own levels (explicit, as spacings other than
+        trailing could not rebuild them from the step count)."""
+        steps = steps or self.steps
+        levels = pd.student_levels(self.grid, steps)
+        return {"sampler": "ddim", "steps": steps, "timesteps": [int(v) if not levels.is_floating_point() else float(v) for v in levels]}
 
     def tensors(self):
         return {f"teacher.{k}": v for k, v in self.teacher_net.state_dict().items()} if self.teacher_net is not None else {}
@@ -143,6 +147,7 @@ def check_progressive(d: dict, steps: int) -> list[int]:
     """distill.* of progressive distillation against trainer.steps: the rounds' step counts."""
     rounds = pd.rounds(d["start_steps"], d["target_steps"])
     check_choice("distill.weighting", d["weighting"], pd.WEIGHTINGS)
+    check_choice("distill.spacing", d["spacing"], pd.SPACINGS)
     if steps < len(rounds):
         raise UserError(f"trainer.steps={steps} is fewer than the {len(rounds)} rounds from {d['start_steps']} to "
                         f"{d['target_steps']} steps: give each round at least one step")
