@@ -82,6 +82,8 @@ def test_a_progressive_round_lowers_the_loss_and_students_record_their_steps(tmp
                                          "trainer.steps=48"]), run)
     losses = [r["loss"] for r in _metrics(run)]
     assert losses[-1] < losses[0] / 2, losses  # within each round the student closes in on its teacher
+    stages = [(r["round"], r["rounds"], r["student_steps"]) for r in _metrics(run)]
+    assert stages[0] == (1, 2, 4) and stages[-1] == (2, 2, 2)  # metrics.jsonl (and the progress bar) say the round
     four = load_checkpoint(run / "checkpoints" / "student_4steps.safetensors")
     two = load_checkpoint(run / "checkpoints" / "student_2steps.safetensors")
     levels = pd.student_levels(pd.teacher_grid(make_schedule("linear"), 8, "logsnr"), 4)
@@ -139,6 +141,7 @@ def test_consistency_training_and_distillation_sample_in_one_step(tmp_path):
     whose checkpoints say so and sample with sampler=consistency at 1 or 2 steps."""
     train_task.run(compose("train", [*STUDENT, "objective=consistency", "trainer.steps=8"]), tmp_path / "ct")
     distill_task.run(compose("distill", [*STUDENT, "teacher=oracle", "method=consistency", "trainer.steps=8"]), tmp_path / "cd")
+    assert [r["levels"] for r in _metrics(tmp_path / "cd")][-1] >= 2  # N(k) of the curriculum, logged
     for run in ("ct", "cd"):
         ck = load_checkpoint(tmp_path / run / "checkpoints" / "last.safetensors")
         assert ck.config["objective"]["kind"] == "consistency" and ck.config["sampling"]["sampler"] == "consistency"

@@ -66,7 +66,9 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None) -> dict[str, Any]:
             step = trainer.step
             if step % t["log_every"] == 0 or step == t["steps"]:
                 rec = log.write(step)
-                bar.update(task, completed=step, loss=rec["loss"], ips=rec["images_per_s"])
+                stage = status_text(trainer.objective.status())
+                bar.update(task, completed=step, loss=rec["loss"], ips=rec["images_per_s"],
+                           description=f"train ({stage})" if stage else "train")
             if step % t["ckpt_every"] == 0 and step != t["steps"]:
                 save(trainer, log)
             if t["sample_every"] and step % t["sample_every"] == 0 and step != t["steps"]:
@@ -75,6 +77,17 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None) -> dict[str, Any]:
         bar.update(task, completed=trainer.step)
         # The final checkpoint and grid stay inside the stop handling: a signal there is a request like any other.
         return finish(trainer, log, stop, stopped)
+
+
+def status_text(status: dict) -> str:
+    """round 2/5 (16 steps) | N 37 | delta 0.0625: a staged objective's place, in a few words."""
+    if "round" in status:
+        return f"round {status['round']}/{status['rounds']}, {status['student_steps']}-step student"
+    if "levels" in status:
+        return f"N {status['levels']}"
+    if "ect_delta" in status:
+        return f"delta {status['ect_delta']:.3g}"
+    return ""
 
 
 def stop_agreed(trainer: Trainer, stop: StopRequest, step: int) -> bool:
@@ -163,7 +176,7 @@ class MetricsLog:
         ips = (step - self.step_last) * tr.tcfg["batch_size"] / max(now - self.t_last, 1e-9)
         self.t_last, self.step_last = now, step
         rec = {"step": step, "loss": self.last_loss, "lr": tr.lr_at(step - 1), "images_per_s": ips,
-               "skipped": skipped - self.skipped_logged}
+               "skipped": skipped - self.skipped_logged, **tr.objective.status()}
         self.skipped_logged = skipped
         try:
             self.file.write(json.dumps(rec) + "\n")
@@ -174,7 +187,9 @@ class MetricsLog:
         if longest >= limit:
             raise RunStopped(nonfinite_message(tr, step, longest, limit))
         if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
-            console.print(f"step {step}/{tr.tcfg['steps']} loss {self.last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s")
+            stage = status_text(tr.objective.status())
+            console.print(f"step {step}/{tr.tcfg['steps']} loss {self.last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s"
+                          + (f" {stage}" if stage else ""))
         return rec
 
 

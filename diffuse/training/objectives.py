@@ -53,6 +53,10 @@ class DiffusionObjective:
     def grid_steps(self) -> Optional[int]:
         return None  # the trainer's sample_steps
 
+    def status(self) -> dict:
+        """Where a staged objective is, for the progress bar and metrics.jsonl (a round, a level count N)."""
+        return {}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -120,6 +124,9 @@ class ProgressiveObjective(DiffusionObjective):
 
     def grid_steps(self) -> int:
         return self.steps
+
+    def status(self) -> dict:
+        return {"round": self.round + 1, "rounds": len(self.rounds), "student_steps": self.steps}
 
     def sampling(self, steps: Optional[int] = None) -> dict:
         """What the student's checkpoint records: DDIM over its own levels (explicit, as spacings other than
@@ -197,6 +204,11 @@ class ConsistencyObjective(DiffusionObjective):
 
     def grid_steps(self) -> int:
         return 1
+
+    def status(self) -> dict:
+        if self.method == "ect":
+            return {"ect_delta": self.o["ect_delta"] / 2 ** math.floor(10 * self.tr.step / max(self.tr.tcfg["steps"], 1))}
+        return {"levels": len(self.levels()[0])}
 
     def levels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, t) of the current N(k) levels, on the device (computed once per N)."""
