@@ -106,6 +106,14 @@ def open_image(path: str | Path, mode: str, *, mask: bool = False) -> Image.Imag
     """An image file decoded in `mode` (L or RGB), or a UserError naming it. A mask must say plainly what to keep:
     one with transparent or coloured pixels is refused rather than guessed at."""
     path = Path(path)
+    im = _decode(path)
+    if mask:
+        _check_mask(im, path)
+    return _convert(im, mode, path)
+
+
+def _decode(path: Path) -> Image.Image:
+    """The decoded file in its own mode, detached from the file, or a UserError naming it."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if not path.is_file():
@@ -114,13 +122,14 @@ def open_image(path: str | Path, mode: str, *, mask: bool = False) -> Image.Imag
         with Image.open(path) as im:
             check_size(im, path)
             im.load()
-            im = im.copy()  # detached from the file, which closes here
+            return im.copy()  # detached from the file, which closes here
     except UserError:
         raise
     except Exception as e:  # a damaged file makes PIL raise OSError, ValueError, SyntaxError, EOFError...
         raise UserError(f"{path} is not a readable image: {type(e).__name__}") from None
-    if mask:
-        _check_mask(im, path)
+
+
+def _convert(im: Image.Image, mode: str, path: Path) -> Image.Image:
     try:
         return convert_image(im, mode, path)
     except UserError:
@@ -184,22 +193,55 @@ def image_mask_pairs(image: Path, mask: Path) -> list[tuple[Path, Path]]:
 def load_image_and_mask(img_path: Path, mask_path: Path, shape, resize: bool, invert: bool):
     """(image uint8 C x H x W at its own size, keep mask 1 x H x W bool at that size) or a UserError. White (255)
     is generated, black kept (the other way round with invert); grey values are binarised at 50%."""
-    from diffuse.console import warn
-
     c, h, w = shape
     im = open_image(img_path, "L" if c == 1 else "RGB")
-    mk = open_image(mask_path, "L", mask=True)
-    if mk.size != im.size:
-        raise UserError(f"mask {mask_path} is {mk.size[0]}x{mk.size[1]} but image {img_path} is {im.size[0]}x{im.size[1]}")
+    keep = load_keep_mask(mask_path, img_path, im.size, invert)
     if im.size != (w, h) and not resize:
         raise UserError(f"image {img_path} is {im.size[0]}x{im.size[1]} but the model makes {w}x{h} (inpaint.resize=true resizes it)")
+    return to_tensor(im), keep
+
+
+def load_keep_mask(mask_path: Path, img_path: Path, size, invert: bool) -> torch.Tensor:
+    """The keep mask (1 x H x W bool) of a mask file for an image of `size` (W, H): white (255) is generated,
+    black kept (the other way round with invert); grey values are binarised at 50%, with a warning."""
+    from diffuse.console import warn
+
+    mk = open_image(mask_path, "L", mask=True)
+    if mk.size != tuple(size):
+        raise UserError(f"mask {mask_path} is {mk.size[0]}x{mk.size[1]} but image {img_path} is {size[0]}x{size[1]}")
     arr = np.asarray(mk)
     if ((arr > 0) & (arr < 255)).any():
         warn(f"mask {mask_path} has grey values; binarised at 50%")
     generate = arr >= 128
     if invert:
         generate = ~generate
-    return to_tensor(im), torch.from_numpy(~generate).unsqueeze(0)
+    return torch.from_numpy(~generate).unsqueeze(0)
+
+
+def image_files(image: Path, what: str = "--image") -> list[Path]:
+    """One image file, or the images of a folder sorted by name."""
+    if image.is_dir():
+        imgs = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXT)
+        if not imgs:
+            raise UserError(f"{what} {image}: the folder holds no images")
+        return imgs
+    return [image]
+
+
+def load_model_image(path: Path, shape, fit: bool, key: str) -> torch.Tensor:
+    """An image for a model making `shape` (C, H, W), as uint8 C x H x W at its own size. One of another size or
+    channel count is refused unless `fit` (the caller then resizes it; grey and colour convert as PIL converts
+    them); `key` names the switch that allows it."""
+    c, h, w = shape
+    raw = _decode(Path(path))
+    channels = 1 if is_grey(raw.mode) else 3
+    if not fit:
+        if channels != c:
+            raise UserError(f"image {path} has {channels} channel{'s' if channels != 1 else ''} but the model makes {c} "
+                            f"({key}=true converts it)")
+        if raw.size != (w, h):
+            raise UserError(f"image {path} is {raw.size[0]}x{raw.size[1]} but the model makes {w}x{h} ({key}=true resizes it)")
+    return to_tensor(_convert(raw, "L" if c == 1 else "RGB", Path(path)))
 
 
 # ---------------------------------------------------------------------------------- images to score (diffuse eval)

@@ -10,7 +10,7 @@ from hydra.errors import HydraException
 from typer.testing import CliRunner
 
 from diffuse.cli import app
-from diffuse.conf_help import conf_root, groups_of, options
+from diffuse.conf_help import FEW, conf_root, groups_of, options
 from tests.conftest import compose
 
 TINY = [
@@ -86,7 +86,7 @@ def test_help_reads_well(tmp_path):
     assert r.returncode == 0 and "diffuse train experiment=quickstart" in r.stdout and "runtime.device=auto" in r.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "inpaint", "eval", "tune_schedule", "distill"])
+@pytest.mark.parametrize("command", ["train", "sample", "inpaint", "edit", "eval", "tune_schedule", "distill"])
 def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_path):
     """The help is read from conf/: every file of every group the command composes is an option there, and
     composes. A group or option added to conf/ shows up without touching the help."""
@@ -109,6 +109,14 @@ def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_p
                 raise AssertionError(f"{command} {group}={option}: {e}") from None
     for key in compose(command, []).runtime:  # the runtime group's keys, each listed with its default
         assert f"runtime.{key}=" in r.output
+    for group, _ in groups:  # a group of a few options: each option's keys (inherited ones too) under a heading
+        package = {"method": "distill"}.get(group, group)
+        if "@" in group or len(options(group)) > FEW or options(group) == ["default"] or group in ("experiment", "hydra"):
+            continue
+        for opt in options(group):
+            section = r.output.split(f"{package}.* with {group}={opt}:")[1].split("\n\n")[0]
+            listed = sorted(line.split("=")[0].strip() for line in section.strip().splitlines() if "=" in line.split()[0])
+            assert listed == sorted(f"{package}.{k}" for k in compose(command, [f"{group}={opt}"])[package]), (group, opt)
 
 
 def test_moved_keys_point_to_their_new_place(tmp_path):

@@ -35,6 +35,7 @@ COMMANDS = {
     "sample": ["sample", *ORACLE, "n=2"],
     "sample resume": ["sample", *ORACLE, "n=2", "resume=true"],
     "inpaint": ["inpaint", "--image", "{img}", "--mask", "{img}", *ORACLE, "inpaint.method=replace"],
+    "edit": ["edit", "--image", "{img}", *ORACLE, "n=1"],
     "eval": ["eval", "--metric", "nll", *ORACLE, "likelihood.n=4", "likelihood.methods=[vlb]"],
     "tune-schedule": ["tune-schedule", *ORACLE, "n=2", "n_eval=2", "tune.iterations=0", "tune.reference_steps=4"],
 }
@@ -254,6 +255,7 @@ def test_hydra_level_failures_are_one_line_and_leave_nothing(case, needle, tmp_p
     ("eval", "metrics.json", "dir", "metrics.json is a directory: diffuse eval writes a file"),
     ("tune-schedule", "schedule.json", "dir", "schedule.json is a directory"),
     ("inpaint", "img_00.png", "dir", "img_00.png is a directory"),
+    ("edit", "grid.png", "dir", "grid.png is a directory: diffuse edit writes a file grid.png there"),
     ("sample", ".hydra", "file", ".hydra is not a directory"),
 ])
 def test_an_output_path_of_the_wrong_kind_is_one_line_before_any_work(command, entry, kind, needle, tmp_path, image, monkeypatch):

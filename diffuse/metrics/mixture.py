@@ -125,3 +125,54 @@ def mixture_interval_nll(mixture: GaussianMixture, lo: torch.Tensor, hi: torch.T
     s = mixture.stds[None, :, None]
     log_comp = log_normal_interval((lo - mu) / s, (hi - mu) / s).sum(2) + torch.log(mixture.weights)
     return -torch.logsumexp(log_comp, 1) / mixture.dim
+
+
+def noisy_posterior(mixture: GaussianMixture, x_t: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q(x_0 | x_t) of one noisy image x_t = a x_0 + s eps (a^2 = alpha_bar, s^2 = 1 - alpha_bar): again a mixture,
+    sum_k w_k N(m_k, v_k I), returned as (w (K,), m (K, D), v (K,)), float64. Per component (mean mu_k, isotropic
+    std s_k, weight pi_k) the product of two Gaussians in x_0:
+        w_k proportional to pi_k N(x_t; a mu_k, (a^2 s_k^2 + s^2) I)
+        m_k = (a s_k^2 x_t + s^2 mu_k) / (a^2 s_k^2 + s^2)
+        v_k = s_k^2 s^2 / (a^2 s_k^2 + s^2)
+    What SDEdit from x_t draws when the reverse process samples the mixture exactly."""
+    x = x_t.to(torch.float64).cpu().reshape(1, -1)
+    a, s2 = math.sqrt(alpha_bar), 1.0 - alpha_bar
+    w = torch.softmax(mixture.component_log_probs(x, s2, a)[0], 0)
+    sk2 = mixture.stds**2
+    denom = a**2 * sk2 + s2
+    m = (a * sk2[:, None] * x + s2 * mixture.means.flatten(1)) / denom[:, None]
+    return w, m, sk2 * s2 / denom
+
+
+def posterior_fit(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, samples: torch.Tensor) -> list[dict]:
+    """Samples against a mixture sum_k w_k N(m_k, v_k I) (noisy_posterior's), with no hard assignment (the
+    components of a posterior may overlap): r_k(x), each sample's responsibility under that mixture, satisfies
+    E[r_k] = w_k, E[r_k x] = w_k m_k and E[r_k |x - m_k|^2] = w_k D v_k exactly, so per component
+        weight     mean of r_k (its standard error `weight_se` from the same samples)
+        mean_err   RMS over dimensions of (r-weighted mean - m_k), in units of sqrt(v_k)
+        std_ratio  RMS over dimensions of the r-weighted spread, divided by sqrt(v_k)
+    and n_eff = (sum r_k)^2 / sum r_k^2, the samples' worth for component k."""
+    x = samples.to(torch.float64).cpu().flatten(1)
+    n, d = x.shape
+    sq = (x**2).sum(1, keepdim=True) - 2 * x @ m.T + (m**2).sum(1)
+    r = torch.softmax(torch.log(w) - 0.5 * sq / v - 0.5 * d * torch.log(v), dim=1)  # (n, K)
+    rows = []
+    for k in range(len(w)):
+        rk = r[:, k]
+        total = float(rk.sum())
+        n_eff = total**2 / float((rk**2).sum()) if total > 0 else 0.0
+        row = {"component": k, "exact_weight": float(w[k]), "weight": total / n, "weight_se": float(rk.std()) / math.sqrt(n),
+               "n_eff": n_eff, "mean_err": float("nan"), "std_ratio": float("nan")}
+        if n_eff >= 2:
+            mean = (rk[:, None] * x).sum(0) / total
+            spread = ((rk[:, None] * (x - mean) ** 2).sum(0) / total).mean().sqrt()
+            row["mean_err"] = float(((mean - m[k]) ** 2).mean().sqrt()) / math.sqrt(float(v[k]))
+            row["std_ratio"] = float(spread) / math.sqrt(float(v[k]))
+        rows.append(row)
+    return rows
+
+
+def sample_posterior(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n exact draws (n x D, float64) of the mixture sum_k w_k N(m_k, v_k I): the floor any sampler's fit is seen through."""
+    k = torch.multinomial(w, n, replacement=True, generator=generator)
+    return m[k] + v[k].sqrt()[:, None] * torch.randn((n, m.shape[1]), generator=generator, dtype=torch.float64)

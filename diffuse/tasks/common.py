@@ -163,6 +163,7 @@ OUTPUTS = {
               "checkpoints/step_*.safetensors", "samples/step_*.png"),
     "sample": ("images/", "config.yaml", "sample.json", "grid.png", "samples.npz", "images/*.png"),
     "inpaint": ("config.yaml", "inpaint.json", "*.png"),
+    "edit": ("config.yaml", "edit.json", "grid.png", "samples.npz", "*.png"),
     "eval": ("features/", "config.yaml", "metrics.json"),
     "tune_schedule": ("config.yaml", "schedule.json", "levels.png", "tune_state.json", "reference.safetensors"),
 }

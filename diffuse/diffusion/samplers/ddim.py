@@ -66,6 +66,7 @@ def ddim_invert(
     *,
     y=None,
     fixed_point_iters: int = 0,
+    hook=None,
 ) -> torch.Tensor:
     """DDIM inversion: the x_T from which `ddim(..., eta=0)` over the same (decreasing) timesteps returns x_0.
 
@@ -74,7 +75,8 @@ def ddim_invert(
     the steps shrink; each fixed-point iteration re-evaluates eps at the current estimate of x_t, converging to
     the exact inverse of the sampler's step when the step is small enough to be a contraction (Pan et al.
     2023, "Effective real image editing with accelerated iterative diffusion inversion"). Cost: steps x
-    (1 + fixed_point_iters) denoiser calls."""
+    (1 + fixed_point_iters) denoiser calls. `hook(x, t) -> x` sees the state after each inverse step with the
+    timestep it now belongs to (editing records the path with it)."""
     if isinstance(fixed_point_iters, bool) or not isinstance(fixed_point_iters, int) or fixed_point_iters < 0:
         raise UserError(f"fixed_point_iters={fixed_point_iters!r} is not allowed: it must be an integer >= 0")
     x = x_0
@@ -84,7 +86,7 @@ def ddim_invert(
         x_t = _undo_step(x, eps, ab_t, ab_s)
         for _ in range(fixed_point_iters):
             x_t = _undo_step(x, denoiser(x_t, batch_time(t, x), y), ab_t, ab_s)
-        x = x_t
+        x = x_t if hook is None else hook(x_t, t)
     return x
 
 
