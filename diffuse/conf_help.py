@@ -68,14 +68,41 @@ def help_text(command: str) -> str:
     for group in singles:
         lines += ["", f"{group}.* (group {group}):"]
         lines += _rows([(f"{group}.{k}={v}", c) for k, v, c in keys(conf_root() / group / "default.yaml")])
-    for group, _ in groups:  # a group whose options fill another key (method -> distill.*): each option's keys
-        for opt in options(group.split("@")[0]):
-            path = conf_root() / group.split("@")[0] / f"{opt}.yaml"
-            package = _package(path)
-            if package and package != "_global_":
+    for group, _ in groups:  # groups of a few options (inpaint, edit, schedule, method -> distill.*): each option's keys
+        if "@" in group:  # sampler@tune.reference: another key's choice, listed under its own group
+            continue
+        opts = options(group)
+        if len(opts) > FEW:
+            continue
+        for opt in opts:
+            path = conf_root() / group / f"{opt}.yaml"
+            package = _package(path) or group
+            if package != "_global_" and opts != ["default"]:
                 lines += ["", f"{package}.* with {group}={opt}:"]
-                lines += _rows([(f"{package}.{k}={v}", c) for k, v, c in keys(path)])
+                lines += _rows([(f"{package}.{k}={v}", c) for k, v, c in option_keys(path)])
     return "\n".join(lines)
+
+
+FEW = 3  # groups with at most this many options list every option's keys in --help
+
+
+def option_keys(path) -> list[tuple[str, str, str]]:
+    """An option file's keys, those it inherits from options of its own group in its defaults list included
+    (edit=invert extends sdedit); its own value wins."""
+    inherited: list[tuple[str, str, str]] = []
+    in_defaults = False
+    for line in path.read_text().splitlines():
+        if line.startswith("defaults:"):
+            in_defaults = True
+            continue
+        m = re.match(r"\s+-\s+([A-Za-z0-9_]+)\s*(#.*)?$", line) if in_defaults else None
+        if m and m.group(1) != "_self_" and (path.parent / f"{m.group(1)}.yaml").is_file():
+            inherited += option_keys(path.parent / f"{m.group(1)}.yaml")
+        elif not line.startswith((" ", "-")):
+            in_defaults = False
+    own = keys(path)
+    names = {k for k, _, _ in own}
+    return [row for row in inherited if row[0] not in names] + own
 
 
 def _package(path) -> str | None:
