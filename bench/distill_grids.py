@@ -23,10 +23,10 @@ from diffuse.checkpoint import load_checkpoint  # noqa: E402
 from diffuse.checkpoint import resolve_ckpt_path  # noqa: E402
 
 
-def panel(ckpt: Path, steps: int | None, n: int, grid_n: int, work: Path) -> tuple[Image.Image, dict, np.ndarray]:
+def panel(ckpt: Path, steps: int | None, n: int, grid_n: int, work: Path, sampler: str = "ddim") -> tuple[Image.Image, dict, np.ndarray]:
     from diffuse.tasks import sample
 
-    over = [f"ckpt={ckpt}", f"n={n}", f"grid_n={grid_n}", "seed=0", "sampler=ddim", "runtime.device=cpu", "save_images=false",
+    over = [f"ckpt={ckpt}", f"n={n}", f"grid_n={grid_n}", "seed=0", f"sampler={sampler}", "runtime.device=cpu", "save_images=false",
             "save_npz=true"]
     info = sample.run(compose("sample", [*over, *([f"steps={steps}"] if steps else [])]), work)
     return Image.open(work / "grid.png").convert("RGB"), info, np.load(work / "samples.npz")["arr_0"].astype(np.float64)
@@ -38,14 +38,16 @@ def main() -> None:
     ap.add_argument("--student", required=True)
     ap.add_argument("--out", default="docs/distill_shapes.png")
     ap.add_argument("--n", type=int, default=16, help="images in each grid")
+    ap.add_argument("--steps", type=int, default=None, help="the student's steps (default: those it records)")
     ap.add_argument("--n-rms", type=int, default=256, help="images over which each panel's RMS distance to the 50-step one is taken")
     args = ap.parse_args()
-    student_steps = load_checkpoint(resolve_ckpt_path(args.student)).config["sampling"]["steps"]
+    made = load_checkpoint(resolve_ckpt_path(args.student)).config["sampling"]  # a progressive student: ddim; CD/ECT: consistency
+    student_steps = args.steps or made["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         n = max(args.n, args.n_rms)
         shots = [(f"teacher, DDIM {50} steps", *panel(Path(args.teacher), 50, n, args.n, Path(tmp) / "a")),
                  (f"teacher, DDIM {student_steps} steps", *panel(Path(args.teacher), student_steps, n, args.n, Path(tmp) / "b")),
-                 (f"student, {student_steps} steps", *panel(Path(args.student), None, n, args.n, Path(tmp) / "c"))]
+                 (f"student ({made['sampler']}), {student_steps} steps", *panel(Path(args.student), args.steps, n, args.n, Path(tmp) / "c", made["sampler"]))]
     w, h = shots[0][1].size
     label_h, gap = 18, 8
     sheet = Image.new("RGB", (len(shots) * w + (len(shots) - 1) * gap, h + label_h), "white")

@@ -7,7 +7,7 @@ The mixture: four components over 1 x 8 x 8 (stds 0.05, 0.1, 0.15, 0.2), the lin
 max |freq z| / worst mean error (in stds) / worst |std ratio - 1| over the components (bench/sampler_table.py's
 figures); the floor row is what n exact samples give.
 
-    PYTHONPATH=. python bench/distill_table.py [--steps 3000] [--cd-steps 3000] [--n 4000] [--out outputs/bench_distill]
+    PYTHONPATH=. python bench/distill_table.py [--steps 9000] [--cd-steps 8000] [--n 4000] [--out outputs/bench_distill]
 """
 
 from __future__ import annotations
@@ -46,14 +46,16 @@ def compose(name: str, overrides: list[str]):
 
 
 def distil(out: Path, overrides: list[str]) -> float:
-    """Runs `diffuse distill` in process (unless its run dir is already complete); returns the seconds it took."""
+    """Runs `diffuse distill` in process unless its run dir is already complete; the seconds it took (kept in
+    bench_seconds.txt beside the run, so a rerun of the table reports them)."""
     from diffuse.tasks import distill
 
-    if (out / "checkpoints" / "last.safetensors").is_file():
-        return float("nan")
-    t0 = time.time()
-    distill.run(compose("distill", [*STUDENT, "teacher=oracle", *overrides]), out)
-    return time.time() - t0
+    record = out / "bench_seconds.txt"
+    if not (out / "checkpoints" / "last.safetensors").is_file():
+        t0 = time.time()
+        distill.run(compose("distill", [*STUDENT, "teacher=oracle", *overrides]), out)
+        record.write_text(f"{time.time() - t0:.0f}\n")
+    return float(record.read_text()) if record.is_file() else float("nan")
 
 
 def sample_student(path: Path, x_T: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
@@ -79,8 +81,8 @@ def cell(figures) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3000, help="training steps of progressive distillation, all rounds")
-    ap.add_argument("--cd-steps", type=int, default=3000, help="training steps of consistency distillation")
+    ap.add_argument("--steps", type=int, default=9000, help="training steps of progressive distillation, all rounds")
+    ap.add_argument("--cd-steps", type=int, default=8000, help="training steps of consistency distillation")
     ap.add_argument("--start", type=int, default=64, help="the first teacher's DDIM steps (log-SNR levels)")
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--out", default="outputs/bench_distill")
