@@ -7,7 +7,7 @@ The mixture: four components over 1 x 8 x 8 (stds 0.05, 0.1, 0.15, 0.2), the lin
 max |freq z| / worst mean error (in stds) / worst |std ratio - 1| over the components (bench/sampler_table.py's
 figures); the floor row is what n exact samples give.
 
-    PYTHONPATH=. python bench/distill_table.py [--steps 9000] [--cd-steps 8000] [--n 4000] [--out outputs/bench_distill]
+    PYTHONPATH=. python bench/distill_table.py [--steps 15000] [--cd-steps 8000] [--n 4000] [--out outputs/bench_distill]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def cell(figures) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=9000, help="training steps of progressive distillation, all rounds")
+    ap.add_argument("--steps", type=int, default=15000, help="training steps of progressive distillation, all rounds")
     ap.add_argument("--cd-steps", type=int, default=8000, help="training steps of consistency distillation")
     ap.add_argument("--start", type=int, default=64, help="the first teacher's DDIM steps (log-SNR levels)")
     ap.add_argument("--n", type=int, default=4000)

@@ -119,13 +119,15 @@ def _stopping_after(monkeypatch, step):
     ("progressive", ["distill.start_steps=4", "distill.target_steps=1", "trainer.steps=12"]),
     ("consistency", ["trainer.steps=12"]),
 ])
-def test_resume_is_bit_identical(method, extra, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(method, extra, tmp_path, monkeypatch, capsys):
     """A distillation stopped mid-round (signal: checkpoint at step 5) and resumed equals one run straight: model,
     EMA, optimizer, and the objective's own networks (a round's teacher, a target network)."""
     args = [*STUDENT, "teacher=oracle", f"method={method}", "trainer.ckpt_every=100", *extra]
     distill_task.run(compose("distill", args), tmp_path / "a")
     real = _stopping_after(monkeypatch, 5)
+    capsys.readouterr()
     assert distill_task.run(compose("distill", args), tmp_path / "b")["stopped"]
+    assert "diffuse distill resume=true" in capsys.readouterr().out.replace("\n", " ")  # the command that continues it
     monkeypatch.setattr(trainer_module.Trainer, "train_step", real)
     distill_task.run(compose("distill", [*args, "resume=true"]), tmp_path / "b")
     a, b = (load_checkpoint(p / "checkpoints" / "last.safetensors") for p in (tmp_path / "a", tmp_path / "b"))

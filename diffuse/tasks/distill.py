@@ -39,7 +39,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             resume(trainer, cfg.resume, cfg.verify)
             if trainer.dist.main:
                 save_resolved_config(cfg, out)
-            return fit(trainer, stop)
+            return fit(trainer, stop, command="distill")
         finally:
             distributed.teardown(trainer.dist)
 
@@ -155,6 +155,10 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
     tn = network_from_checkpoint(ckpt, use_ema=cfg.use_ema, where=str(path))
     conf = tn.config
     o = dict(conf.get("objective") or {})
+    if o.get("kind", "diffusion") == "edm":
+        # The student starts as a copy of the teacher and is trained as a plain network: it would misread F.
+        raise UserError(f"teacher={path} is EDM-preconditioned (objective.kind=edm): distillation takes a plain diffusion "
+                        "model (objective.kind=diffusion) as its teacher")
     if o.get("kind", "diffusion") != "diffusion":
         raise UserError(f"teacher={path} is a consistency model: distil a diffusion model")
     if o.get("mask_training"):
