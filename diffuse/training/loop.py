@@ -48,10 +48,10 @@ def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
     console.print(f"resumed from {src} at step {trainer.step}")
 
 
-def fit(trainer: Trainer, stop: Optional[StopRequest] = None) -> dict[str, Any]:
+def fit(trainer: Trainer, stop: Optional[StopRequest] = None, command: str = "train") -> dict[str, Any]:
     """Phases 2 and 3: train to trainer.steps (or a stop signal), then save and draw the final grid. `stop`: the
     request the task installed as it started (a signal while the network was built stops here, at the resumed
-    step, with a checkpoint); None installs one now."""
+    step, with a checkpoint); None installs one now. `command`: the one a stopped run's line says to resume with."""
     t = trainer.tcfg
     if not trainer.dist.main:
         console.quiet = True  # one voice: rank 0 prints, logs and writes
@@ -76,7 +76,7 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None) -> dict[str, Any]:
             stopped = stop_agreed(trainer, stop, step)
         bar.update(task, completed=trainer.step)
         # The final checkpoint and grid stay inside the stop handling: a signal there is a request like any other.
-        return finish(trainer, log, stop, stopped)
+        return finish(trainer, log, stop, stopped, command)
 
 
 def status_text(status: dict) -> str:
@@ -87,6 +87,8 @@ def status_text(status: dict) -> str:
         return f"N {status['levels']}"
     if "ect_delta" in status:
         return f"delta {status['ect_delta']:.3g}"
+    if "accuracy" in status:  # a classifier's training accuracy over the interval
+        return f"accuracy {status['accuracy']:.3f}"
     return ""
 
 
@@ -104,7 +106,7 @@ def save(trainer: Trainer, log: "MetricsLog") -> Optional[Path]:
     return trainer.save()
 
 
-def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool) -> dict[str, Any]:
+def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool, command: str = "train") -> dict[str, Any]:
     t = trainer.tcfg
     if not stopped and trainer.step == t["steps"] and log.losses:
         log.write(trainer.step)  # resumed at the last step from a checkpoint whose interval was still open
@@ -117,7 +119,7 @@ def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool
         what = f"step {trainer.step} of {t['steps']}, checkpoint {ckpt}"
         if trainer.step == t["steps"]:
             what += " (training is complete; the final grid was not drawn)"
-        console.print(stop.line(what, "train", trainer.out.resolve()), markup=False)
+        console.print(stop.line(what, command, trainer.out.resolve()), markup=False)
         return {"step": trainer.step, "loss": log.last_loss, "stopped": True}
     grid = trainer.sample_grid()  # one request during it: the grid is finished, and so is the run
     loss = f": loss {log.last_loss:.4f}" if math.isfinite(log.last_loss) else ""  # nan: no step was left to take
