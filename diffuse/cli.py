@@ -268,6 +268,26 @@ def train(ctx: typer.Context) -> None:
     run_hydra("train", run, ctx.args, check)
 
 
+@app.command(name="train-classifier", cls=ConfCommand, context_settings=CONTEXT)
+def train_classifier(ctx: typer.Context) -> None:
+    """Train a noise-aware classifier p(y | x_t, t), for classifier guidance and as a feature extractor.
+
+    Examples:
+
+      diffuse train-classifier dataset=fashion_mnist dataset.resolution=32 dataset.fit=pad trainer.steps=3000
+
+      diffuse sample ckpt=RUN guidance=classifier guidance.classifier=CLASSIFIER_RUN guidance.scale=2 label=3
+
+      diffuse eval --metric fid ckpt=RUN metrics.features=classifier metrics.features_ckpt=CLASSIFIER_RUN
+
+    Writes checkpoints/last.safetensors, metrics.jsonl (loss, accuracy) and accuracy.json (held-out accuracy at
+    accuracy_t) into its run dir; resume=true hydra.run.dir=RUN continues it.
+    """
+    from diffuse.tasks.train_classifier import check, run
+
+    run_hydra("train_classifier", run, ctx.args, check)
+
+
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
 def sample(ctx: typer.Context) -> None:
     """Draw samples from a trained model (or the exact mixture oracle).
@@ -447,7 +467,7 @@ def _hydra_str(v: str) -> str:
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if len(sys.argv) > 1 and sys.argv[1] in ("train", "sample", "inpaint", "edit", "eval", "tune-schedule", "distill"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "train-classifier", "sample", "inpaint", "edit", "eval", "tune-schedule", "distill"):
         # Before torch and Hydra load: a signal from here on is a stop request the job honours at its first safe
         # point (training: step 0, with a checkpoint), not an exit that leaves nothing to resume.
         from diffuse.signals import handle_early

@@ -1,4 +1,7 @@
-"""Classifier-free guidance, Ho & Salimans 2022 (eq. 6 in the eps form), as a denoiser -> denoiser wrapper.
+"""Guidance as denoiser -> denoiser wrappers: classifier-free guidance (Ho & Salimans 2022) and classifier guidance
+(Dhariwal & Nichol 2021).
+
+Classifier-free guidance, eq. 6 of Ho & Salimans in the eps form:
 
     eps_guided = eps_null + s (eps_cond - eps_null)
 
@@ -10,18 +13,31 @@ labelled `null_label`). Options:
     rescale   phi in [0, 1]: Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"),
               eq. 15-16, in x0 space: x0_r = x0_guided * std(x0_cond) / std(x0_guided) per sample, then
               x0 = phi x0_r + (1 - phi) x0_guided. Needs the schedule to move between eps and x0.
-Because it is a denoiser, it works with every sampler and with inpainting hooks.
+
+Classifier guidance adds s grad_x log p(y | x_t) to the score, -eps / sqrt(1 - alpha_bar_t) (Dhariwal & Nichol,
+Algorithm 2, their eq. 14):
+
+    eps_guided = eps - sqrt(1 - alpha_bar_t) s grad_x log p(y | x_t)                       (mode eps)
+
+Since p(x_t) p(y | x_t) = p(x_t | y) p(y), at s = 1 an unconditional eps becomes the conditional one exactly,
+whatever the sampler. Their Algorithm 1 moves the ancestral step's mean instead, mu + s Sigma grad (mode mean):
+written here as the eps shift that moves the DDPM step's mean by exactly that, for the steps of one timestep list.
+
+Because they are denoisers, both work with every sampler and with inpainting hooks, and they compose: classifier
+guidance wraps a classifier-free-guided denoiser.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from diffuse.diffusion.schedule import Schedule, coefficients
 from diffuse.errors import UserError
+
+CLASSIFIER_MODES = ("eps", "mean")
 
 
 def check_guidance(scale, interval=None, rescale=0.0, schedule: Optional[Schedule] = None):
@@ -66,3 +82,47 @@ def cfg_denoiser(denoiser, scale: float, null_label: int, interval=None, rescale
         return eps
 
     return guided
+
+
+def classifier_guided(denoiser, grad: Callable, scale: float, schedule: Schedule, *, interval=None,
+                      factors: Optional[dict] = None):
+    """A denoiser computing eps - scale c_t grad(x_t, t, y), grad(x_t, t, y) = grad_x log p(y | x_t) (the classifier);
+    c_t = sqrt(1 - alpha_bar_t), or with `factors` ({timestep: c_t}, mean_shift_factors) the ancestral mean's.
+    Unlabelled calls (y=None) and scale 0 pass through; outside `interval` the classifier is not asked."""
+    check_guidance(scale, interval)
+    scale = float(scale)
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        eps = denoiser(x_t, t, y)
+        if y is None or scale == 0.0:
+            return eps
+        shape = (-1, *([1] * (x_t.dim() - 1)))
+        if factors is None:
+            c = (1 - schedule.alpha_bar_at(t.to(x_t.device))).sqrt()
+        else:
+            c = torch.tensor([factors[step_key(v)] for v in t.tolist()], dtype=torch.float64, device=x_t.device)
+        if interval is not None:
+            c = torch.where((t >= interval[0]) & (t <= interval[1]), c, 0.0)
+        return eps - (scale * c).to(eps.dtype).reshape(shape) * grad(x_t, t, y).to(eps.dtype)
+
+    return guided
+
+
+def step_key(t) -> float:
+    return round(float(t), 9)
+
+
+def mean_shift_factors(timesteps: torch.Tensor, schedule: Schedule, variance: str) -> dict:
+    """{t: c_t} such that eps - s c_t g moves the mean of the ancestral step t -> t_next (samplers.ddpm_step, over
+    `timesteps`, with its `variance`) by exactly s Sigma_t g. The step's mean is A x0_hat + B x_t with
+    x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) and A = sqrt(ab_s) beta / (1 - ab_t), beta = 1 - ab_t / ab_s, so
+    d mean / d eps = -A sqrt(1 - ab_t) / sqrt(ab_t), and c_t = Sigma_t sqrt(ab_t (1 - ab_t)) / (sqrt(ab_s) beta).
+    At the last step (to clean data) Sigma is the one that step would add (0 for beta_tilde)."""
+    from diffuse.diffusion.samplers.common import step_pairs
+
+    out = {}
+    for t, _, ab_t, ab_s in step_pairs(timesteps, schedule):
+        beta = 1 - ab_t / ab_s
+        var = beta if variance == "beta" else beta * (1 - ab_s) / (1 - ab_t)
+        out[step_key(t)] = var * (ab_t * (1 - ab_t)) ** 0.5 / (ab_s**0.5 * beta)
+    return out

@@ -5,6 +5,8 @@
                  on the clean image at t = 0: features of the data's own domain for datasets far from
                  ImageNet (digits, medical, toy mixtures). Use a network trained on the reference data, and
                  not the model being scored, or the metric measures how much it likes its own samples.
+    classifier   a diffuse train-classifier network's penultimate layer (its attention-pooled vector) at t = 0:
+                 trained to tell the data's classes apart, as the Inception was ImageNet's.
 
 Every extractor carries `name` and `sha256` (of its weights): reference statistics are only reused with the
 same pair.
@@ -19,7 +21,7 @@ from torch import nn
 
 from diffuse.errors import UserError, check_number
 
-EXTRACTORS = ("inception", "checkpoint")
+EXTRACTORS = ("inception", "checkpoint", "classifier")
 
 
 class InceptionFeatures:
@@ -87,6 +89,32 @@ class NetworkFeatures:
         return {"pool": pooled.cpu()}
 
 
+class ClassifierFeatures:
+    """The penultimate layer of a noise-aware classifier (diffuse.nets.classifier) at t = 0."""
+
+    name = "classifier"
+    has_logits = False
+
+    def __init__(self, net: nn.Module, sha256: str, device: torch.device):
+        self.net = net.to(device).eval()
+        self.sha256 = sha256
+        self.device = device
+        self.dim = net.feature_dim
+
+    def check_shape(self, channels: int, resolution: int) -> None:
+        if (channels, resolution) != (self.net.in_channels, self.net.resolution):
+            raise UserError(
+                f"metrics.features=classifier: the classifier takes {self.net.in_channels}x{self.net.resolution}x{self.net.resolution} "
+                f"images, these are {channels}x{resolution}x{resolution}"
+            )
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(self.device).float() / 127.5 - 1.0
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
+        return {"pool": self.net.features(x, t).float().cpu()}
+
+
 def _middle_layer(net: nn.Module) -> nn.Module:
     if hasattr(net, "mid"):
         return net.mid[-1]
@@ -122,6 +150,22 @@ def build_extractor(m: dict, device: torch.device):
 
         if m["features_ckpt"] in (None, ""):
             raise UserError("metrics.features=checkpoint needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse checkpoint trained on the reference data")
-        net = network_from_checkpoint(load_checkpoint(resolve_ckpt_path(m["features_ckpt"]))).net
+        path = resolve_ckpt_path(m["features_ckpt"], key="metrics.features_ckpt")
+        ckpt = load_checkpoint(path)
+        from diffuse.pipeline.classifier import is_classifier_config
+
+        if is_classifier_config(ckpt.config):
+            raise UserError(f"metrics.features_ckpt={m['features_ckpt']} is a classifier (diffuse train-classifier): use "
+                            "metrics.features=classifier")
+        net = network_from_checkpoint(ckpt, where=str(path)).net
         return NetworkFeatures(net, content_hash(net.state_dict()), device)
+    if name == "classifier":
+        from diffuse.checkpoint import content_hash
+        from diffuse.pipeline.classifier import load_classifier_checkpoint
+
+        if m["features_ckpt"] in (None, ""):
+            raise UserError("metrics.features=classifier needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse train-classifier "
+                            "checkpoint trained on the reference data")
+        net = load_classifier_checkpoint(m["features_ckpt"], "metrics.features_ckpt").net
+        return ClassifierFeatures(net, content_hash(net.state_dict()), device)
     raise UserError(f"metrics.features={name!r} is not allowed: choose one of {', '.join(EXTRACTORS)}")

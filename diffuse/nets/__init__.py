@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from diffuse.errors import UserError
+from diffuse.nets.classifier import Classifier
 from diffuse.nets.dit import DiT
 from diffuse.nets.layers import DOWNSAMPLE_PADS
 from diffuse.nets.unet import UNet
 
-NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT}
+# "classifier" is the noise-aware classifier of classifier guidance (diffuse train-classifier), not a denoiser.
+NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "classifier": Classifier}
 
 # Bounds on what a config may ask for. They are far beyond what this toolkit trains (DiT-XL/2 has 675M
 # parameters, Stable Diffusion's U-Net 860M, Ho et al.'s largest 256x256 model 114M) and far below what
@@ -91,8 +93,22 @@ def _check_io(c: _Check) -> None:
 
 
 def _check_unet(c: _Check) -> None:
-    cfg = c.cfg
     _check_io(c)
+    _check_levels(c)
+
+
+def _check_classifier(c: _Check) -> None:
+    if c.data_known:
+        c.integer("resolution", 1, MAX_RESOLUTION)
+        c.integer("in_channels", 1, MAX_IO_CHANNELS)
+    if c.cfg["num_classes"] is not None or c.data_known:  # null in a training config: the dataset's
+        c.integer("num_classes", 2, MAX_CLASSES, "a classifier needs at least two classes")
+    _check_levels(c)
+
+
+def _check_levels(c: _Check) -> None:
+    """The U-Net's down path and middle block (shared by the classifier, its encoder half)."""
+    cfg = c.cfg
     # The sinusoidal time embedding has ch channels and divides by ch // 2 - 1: below 4 it is NaN.
     ch = c.integer("ch", 4, MAX_WIDTH, "the time embedding has model.ch channels and needs at least 4")
     mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
@@ -141,9 +157,10 @@ def _check_dit(c: _Check) -> None:
     c.integer("freq_dim", 4, MAX_WIDTH, "the time embedding divides by freq_dim // 2 - 1")
 
 
-_CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit}
+_CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit, "classifier": _check_classifier}
 # What grows a network's parameter count, named when it is too large.
-_SIZE_KEYS = {"unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"), "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes")}
+_SIZE_KEYS = {"unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"), "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes"),
+              "classifier": ("ch", "ch_mult", "num_res_blocks", "num_classes")}
 
 
 def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = True) -> tuple[type[nn.Module], dict, _Check]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from diffuse.pipeline.conditioning import Guidance, guide, parse_guidance, sample_labels
+from diffuse.pipeline.conditioning import Guidance, attach_classifier, guide, parse_guidance, sample_labels
 from diffuse.pipeline.model import Model
 from diffuse.pipeline.sampling import SamplerPlan, Samples, generate, plan_sampler
 
@@ -31,7 +31,18 @@ class SamplingJob:
         """What sample.json and metrics.json record of how the images were drawn (nfe is added once counted)."""
         out = {"sampler": self.plan.name, "steps": self.plan.steps, "seed": self.seed, **self.model.source}
         if self.labels is not None:
-            out["guidance_scale"] = self.guidance.scale
+            out.update(self.guidance_info())
+        return out
+
+    def guidance_info(self) -> dict:
+        """The guidance the labelled images were drawn with: guidance_scale (classifier-free) and, under classifier
+        guidance, classifier_scale, its mode and the classifier."""
+        g = self.guidance
+        if g.name != "classifier":
+            return {"guidance_scale": g.scale}
+        out = {"guidance": "classifier", "classifier_scale": g.scale, "classifier_mode": g.mode, **g.loaded.source}
+        if self.model.num_classes:
+            out["guidance_scale"] = g.cfg_scale
         return out
 
 
@@ -48,10 +59,11 @@ def as_distilled(model: Model, sampler: dict, steps: Optional[int]) -> tuple[dic
 
 
 def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guidance: Optional[dict], label, labels,
-                     n: int, seed: int) -> SamplingJob:
-    """Everything checked before the first image is drawn: the sampler's options, labels and guidance."""
+                     n: int, seed: int, verify: Any = True) -> SamplingJob:
+    """Everything checked before the first image is drawn: the sampler's options, labels and guidance (its classifier
+    loaded; `verify`: the command's, for the classifier's checkpoint too)."""
     sampler, steps = as_distilled(model, sampler, steps)
     plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned)
-    g = parse_guidance(guidance)
+    g = attach_classifier(parse_guidance(guidance), model, plan, verify)
     chosen = sample_labels(model, g, label, labels, n)
     return SamplingJob(model, guide(model, g), plan, g, chosen, seed)

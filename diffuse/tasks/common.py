@@ -50,7 +50,7 @@ def sampling_job_of(cfg: DictConfig, model: Model, n: int) -> SamplingJob:
     """The sampler, guidance and labels of a sampling command (sample, eval), checked."""
     seed = check_number("seed", cfg.seed, integer=True)
     return prepare_sampling(model, sampler=to_dict(cfg.sampler), steps=cfg.steps, guidance=to_dict(cfg.guidance),
-                            label=cfg.label, labels=to_dict(cfg.labels), n=n, seed=seed)
+                            label=cfg.label, labels=to_dict(cfg.labels), n=n, seed=seed, verify=cfg.get("verify", True))
 
 
 def dataset_config(name: str) -> dict:
@@ -168,6 +168,8 @@ OUTPUTS = {
     "tune_schedule": ("config.yaml", "schedule.json", "levels.png", "tune_state.json", "reference.safetensors"),
 }
 OUTPUTS["distill"] = (*OUTPUTS["train"], "checkpoints/student_*steps.safetensors")
+OUTPUTS["train_classifier"] = ("checkpoints/", "config.yaml", "metrics.jsonl", "accuracy.json", "checkpoints/last.safetensors",
+                               "checkpoints/step_*.safetensors")
 # What a -m sweep writes into its sweep dir: Hydra's multirun.yaml, and eval's summary (tasks/sweep_summary.py).
 SWEEP_OUTPUTS = {"eval": ("summary.csv", "summary.md", "*_vs_nfe.png")}
 
@@ -182,7 +184,7 @@ def check_outputs(command: str, cfg: DictConfig, out: Path) -> None:
     (or prunes) checkpoints; such a file is never overwritten."""
     check_paths(out, (*OUTPUTS.get(command, ()), f"{RECORD_DIR}/", *(f"{RECORD_DIR}/{n}" for n in RECORD)),
                 f"diffuse {command.replace('_', '-')}")
-    if command == "train":
+    if command in ("train", "train_classifier"):
         ckdir = out / "checkpoints"
         for p in [ckdir / "last.safetensors", *sorted(ckdir.glob("step_*.safetensors"))]:
             if p.is_file() and not is_diffuse_checkpoint(p):

@@ -45,10 +45,11 @@ def prepare(cfg: DictConfig, checking: bool = False):
         require_mask_conditioned(model.denoiser)
     sampler, steps = as_distilled(model, to_dict(cfg.sampler), cfg.steps)
     job = prepare_sampling(model, sampler=sampler, steps=steps if steps is not None else DEFAULT_STEPS, guidance=to_dict(cfg.guidance),
-                           label=cfg.label, labels=cfg.labels, n=n, seed=seed)
+                           label=cfg.label, labels=cfg.labels, n=n, seed=seed, verify=cfg.verify)
     plan, steps = job.plan, job.plan.steps
-    if method == "conditioned" and job.guidance.scale != 1.0 and job.labels is not None:
-        raise UserError(f"guidance.scale={job.guidance.scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
+    if method == "conditioned" and job.guidance.free_scale != 1.0 and job.labels is not None and model.num_classes:
+        key = "guidance.cfg_scale" if job.guidance.name == "classifier" else "guidance.scale"
+        raise UserError(f"{key}={job.guidance.free_scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
                         "network is told the known pixels per image, guidance would double the batch; use scale 1 or inpaint=replace")
     if method == "repaint":  # its options are checked before anything is written
         if "jump_length" not in ic:
@@ -83,7 +84,7 @@ def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         results.append(str(img_path))
     info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **model.source}
     if job.labels is not None:
-        info.update(labels=job.labels.tolist(), guidance_scale=job.guidance.scale)
+        info.update(labels=job.labels.tolist(), **job.guidance_info())
     if method == "repaint":
         info.update(jump_length=ic["jump_length"], resamples=ic["resamples"], jump_last=ic["jump_last"])
     if len(results) < len(pairs):  # inpaint.json lists the images done; the others were never started

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from diffuse.checkpoint import atomic_write
 
 # Columns of the summary, in this order when present; the metric values follow.
-_INFO = ("job", "sampler", "steps", "nfe", "seed", "guidance_scale", "n", "features")
+_INFO = ("job", "sampler", "steps", "nfe", "seed", "guidance_scale", "classifier_scale", "n", "features")
 
 
 class SweepSummary(Callback):
