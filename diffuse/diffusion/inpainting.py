@@ -21,6 +21,7 @@ conditioned
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -70,12 +71,14 @@ def require_mask_conditioned(denoiser) -> None:
 
 
 def condition_on(denoiser, x0_known: torch.Tensor, keep: torch.Tensor):
-    """The denoiser of a mask-conditioned network (a NetworkDenoiser over MaskConditioned) told the known pixels."""
-    from diffuse.diffusion.prediction import NetworkDenoiser
-
+    """The denoiser of a mask-conditioned network (a NetworkDenoiser, or an EDMDenoiser, over MaskConditioned) told
+    the known pixels."""
     require_mask_conditioned(denoiser)
-    return NetworkDenoiser(denoiser.net.with_known(x0_known, keep), denoiser.prediction, denoiser.schedule,
-                           autocast_dtype=denoiser.autocast_dtype)
+    # A copy with only the network swapped keeps whatever reads its output as eps (a prediction type, a
+    # preconditioning) as it was.
+    told = copy.copy(denoiser)
+    told.net = denoiser.net.with_known(x0_known, keep)
+    return told
 
 
 def paste(x: torch.Tensor, x0_known: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Training losses (Ho et al. 2020 section 3.4; Hang et al. 2023; Ho et al. eq. 5 for the bound's weights).
+"""Training losses (Ho et al. 2020 section 3.4; Hang et al. 2023; Ho et al. eq. 5 for the bound's weights; Karras et
+al. 2022 for EDM's, at the end of the file).
 
 Every weighting is expressed as a weight on the squared error of the network's own prediction target, per
 sample, so one line computes the loss whatever the prediction type:
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.diffusion.prediction import PREDICTIONS, target
+from diffuse.diffusion.consistency import t_of_sigma
+from diffuse.diffusion.prediction import PREDICTIONS, edm_denoise, target
 from diffuse.diffusion.schedule import Schedule, coefficients, q_sample
 from diffuse.errors import UserError
 
@@ -88,3 +90,32 @@ def diffusion_loss(
     out = net(x_t, t, y)
     err = (out.float() - target(prediction, x0, noise, a, s).float()).pow(2).flatten(1).mean(1)
     return err * loss_weight(schedule, t, prediction, weighting, min_snr_gamma).to(err.dtype)
+
+
+# -- EDM (Karras et al. 2022, section 5, eq. 8 and Table 1) ----------------------------------------------------
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on |D - x_0|^2: 1 / c_out^2, so that the weight on F's own
+    error is 1 at every noise level (what makes F's target unit-variance matter)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_sigmas(n: int, generator: torch.Generator | None, *, p_mean: float, p_std: float, sigma_min: float,
+               sigma_max: float, device=None) -> torch.Tensor:
+    """n training noise levels, ln sigma ~ N(P_mean, P_std^2) (float64, on the generator's device), clamped to the
+    schedule's [sigma_min, sigma_max]: outside it the process has no timestep for F's time input, and the samplers
+    never ask there."""
+    z = torch.randn((n,), generator=generator, device=device, dtype=torch.float64)
+    return (p_mean + p_std * z).exp().clamp(sigma_min, sigma_max)
+
+
+def edm_loss(net, x0: torch.Tensor, schedule: Schedule, sigma: torch.Tensor, noise: torch.Tensor, *,
+             sigma_data: float = 0.5, y=None) -> torch.Tensor:
+    """Per-sample lambda(sigma) |D(x_0 + sigma eps; sigma) - x_0|^2 (mean over pixels), Karras et al. eq. 8, at
+    the given levels sigma (B,) and noise eps; F's time input is the fractional timestep of each sigma."""
+    t = t_of_sigma(schedule, sigma)
+    s = sigma.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+    d = edm_denoise(net, x0 + s * noise, s, t, y, sigma_data=sigma_data)
+    err = (d.float() - x0.float()).pow(2).flatten(1).mean(1)
+    return err * edm_weight(sigma, sigma_data).to(err.dtype)

@@ -102,3 +102,53 @@ class NetworkDenoiser:
             out = self.net(x_t, t, y)
         a, s = coefficients(self.schedule, t, x_t)
         return to_eps(self.prediction, out.to(x_t.dtype), x_t, a, s)
+
+
+# -- EDM preconditioning (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+# section 5 and Table 1) ---------------------------------------------------------------------------------------
+#
+# In the EDM variables of our variance-preserving process, x~ = x_t / a and sigma = s / a (so x~ = x_0 + sigma eps),
+# the network F is wrapped as
+#     D(x~; sigma) = c_skip(sigma) x~ + c_out(sigma) F(c_in(sigma) x~; c_noise(sigma))
+#     c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),  c_in = 1 / sqrt(sigma^2 + sd^2)
+# with sd = sigma_data. D is a clean-image prediction; F regresses (x_0 - c_skip x~) / c_out, which has unit
+# variance for data of std sd, as does its input c_in x~, at every noise level.
+#
+# The time input. Karras et al. feed c_noise = ln(sigma) / 4 to their backbones; we feed the (fractional) timestep
+# t whose noise level is sigma instead. Any strictly monotone function of sigma tells F the same thing, so the
+# choice only matters through the embedding that reads it: ours (layers.timestep_embedding) has frequencies from 1
+# down to 1/10000 laid out for t in [0, T-1], over which ln(sigma) / 4 spans only about [-1.2, 1.3] (the linear
+# schedule's sigma_min 0.01 to sigma_max 157): all but the fastest few of its frequencies would see a constant.
+# With t every backbone (U-Net, DiT) runs unchanged and sees the same conditioning as under eps or v training,
+# so a comparison with them measures the preconditioning, loss weight and noise distribution, not an embedding;
+# and the sampler's t is already the network's t, with no second conversion.
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in) of Karras et al. Table 1 at noise levels sigma, in sigma's dtype."""
+    sd2 = sigma_data**2
+    norm = (sigma**2 + sd2).sqrt()
+    return sd2 / (sigma**2 + sd2), sigma * sigma_data / norm, 1 / norm
+
+
+def edm_denoise(net, x_tilde: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor, y=None, *, sigma_data: float) -> torch.Tensor:
+    """D(x~; sigma): the clean image the preconditioned network F assigns to x~ = x_0 + sigma eps (differentiable).
+    sigma broadcasts against x~ (shape (B, 1, ..., 1)); t is the timestep of each sigma, F's time input."""
+    c_skip, c_out, c_in = edm_scalings(sigma, sigma_data)
+    return c_skip * x_tilde + c_out * net(c_in * x_tilde, t, y).to(x_tilde.dtype)
+
+
+class EDMDenoiser:
+    """An EDM-preconditioned network through the one denoiser interface: the eps at (x_t, t) whose x0 is D. Every
+    sampler, guidance wrapper and inpainting hook then drives it as it drives a NetworkDenoiser."""
+
+    def __init__(self, net: Callable, schedule: Schedule, sigma_data: float = 0.5, autocast_dtype=None):
+        self.net, self.schedule, self.sigma_data, self.autocast_dtype = net, schedule, sigma_data, autocast_dtype
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        a, s = coefficients(self.schedule, t, x_t)
+        # The conversions stay in x_t's dtype (samplers work in float32/64); only F runs under autocast.
+        with torch.autocast(x_t.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            d = edm_denoise(self.net, x_t / a, s / a, t, y, sigma_data=self.sigma_data)
+        return (x_t - a * d.to(x_t.dtype)) / s

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from diffuse.checkpoint import Checkpoint, check_verify, load_checkpoint, resolve_ckpt_path
-from diffuse.diffusion.prediction import NetworkDenoiser
+from diffuse.diffusion.prediction import EDMDenoiser, NetworkDenoiser
 from diffuse.diffusion.schedule import Schedule, make_schedule
 from diffuse.errors import UserError
 from diffuse.pipeline.runtime import Runtime, inference_network
@@ -100,6 +100,9 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     conf = ckpt.config
     if not isinstance(conf, dict) or "model" not in conf or "schedule" not in conf:
         raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
+    if isinstance(conf["model"], dict) and conf["model"].get("arch") == "classifier":
+        raise UserError(f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
+                        "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier")
     for part in ("objective", "data"):
         if not isinstance(conf.get(part) or {}, dict):
             raise UserError(f"{where}: its config's {part} is {type(conf[part]).__name__}, not a mapping")
@@ -107,6 +110,13 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     prediction = objective.get("prediction", "eps")
     if prediction not in PREDICTIONS:
         raise UserError(f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
+    kind = objective.get("kind", "diffusion")
+    if kind not in ("diffusion", "consistency", "edm"):
+        raise UserError(f"{where}: objective.kind={kind!r} is not allowed: choose one of diffusion, consistency, edm")
+    sigma_data = objective.get("sigma_data", 0.5)
+    if kind != "diffusion" and (isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float))
+                                or not math.isfinite(sigma_data) or sigma_data <= 0):
+        raise UserError(f"{where}: objective.sigma_data={sigma_data!r} is not allowed: it must be a number > 0")
     if objective.get("mask_training", False) not in (True, False):
         raise UserError(f"{where}: objective.mask_training={objective['mask_training']!r} is not allowed: true or false")
     if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
@@ -156,12 +166,15 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
 
 
 def denoiser_of(net, tn: "TrainedNetwork", autocast=None):
-    """The denoiser of a trained network: a consistency model's (its f read as eps) or a diffusion model's."""
+    """The denoiser of a trained network: a consistency model's (its f read as eps), an EDM-preconditioned one's
+    (D read as eps) or a diffusion model's, as its checkpoint's objective.kind says."""
     o = tn.config.get("objective") or {}
     if o.get("kind") == "consistency":
         from diffuse.diffusion.consistency import ConsistencyDenoiser
 
         return ConsistencyDenoiser(net, tn.prediction, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
+    if o.get("kind") == "edm":
+        return EDMDenoiser(net, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
     return NetworkDenoiser(net, tn.prediction, tn.schedule, autocast_dtype=autocast)
 
 

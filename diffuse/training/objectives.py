@@ -4,6 +4,7 @@ the trainer's noise generator, always for the whole global batch, keeping this r
 same whatever the world size and a resume continues it exactly.
 
     diffusion      the denoising losses of diffusion.objectives (simple, min-SNR, the bound's weights)
+    edm            Karras et al. 2022: the network preconditioned by sigma_data, log-normal noise levels, lambda(sigma)
     progressive    Salimans & Ho 2022: a student of N DDIM steps matches its teacher's 2N, N halving per round
     consistency    Song et al. 2023 / Song & Dhariwal 2023: consistency distillation (a teacher's ODE step between
                    adjacent levels) or consistency training (the same noise at both levels), against a target network
@@ -21,12 +22,12 @@ import torch
 
 from diffuse.diffusion import consistency as cm
 from diffuse.diffusion import distillation as pd
-from diffuse.diffusion.objectives import diffusion_loss
+from diffuse.diffusion.objectives import diffusion_loss, edm_loss, edm_sigmas
 from diffuse.diffusion.noise import sample_seed
-from diffuse.diffusion.prediction import NetworkDenoiser
+from diffuse.diffusion.prediction import EDMDenoiser, NetworkDenoiser
 from diffuse.errors import UserError, check_choice, check_number
 
-KINDS = ("diffusion", "consistency")
+KINDS = ("diffusion", "consistency", "edm")
 
 
 class DiffusionObjective:
@@ -68,6 +69,44 @@ class DiffusionObjective:
 
     def config(self) -> dict:
         return {}
+
+
+class EDMObjective(DiffusionObjective):
+    """EDM training (Karras et al. 2022): ln sigma ~ N(P_mean, P_std^2) clamped to the schedule's levels, eps ~ N(0, I),
+    lambda(sigma) |D - x_0|^2 with D the preconditioned network. Its checkpoint records objective.kind=edm, which is
+    all that sampling needs to rebuild D."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        o = trainer.ocfg
+        check_edm(o)
+        self.sigma_data = float(o["sigma_data"])
+        self.sigma_range = float(trainer.schedule.sigmas[0]), float(trainer.schedule.sigmas[-1])
+
+    def loss(self, model, x0, y, bs, sl):
+        tr, o = self.tr, self.tr.ocfg
+        gdev = tr.noise_gen.device
+        sigma = edm_sigmas(bs, tr.noise_gen, p_mean=o["p_mean"], p_std=o["p_std"], sigma_min=self.sigma_range[0],
+                           sigma_max=self.sigma_range[1], device=gdev)[sl].to(tr.device)
+        noise = torch.randn((bs, *x0.shape[1:]), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
+        return edm_loss(model, x0, tr.schedule, sigma, noise, sigma_data=self.sigma_data, y=y)
+
+    def denoiser(self, net, autocast=None):
+        return EDMDenoiser(net, self.tr.schedule, self.sigma_data, autocast_dtype=autocast)
+
+
+def check_edm(o: dict) -> None:
+    """The keys of objective=edm. Its network's target and loss weight are fixed by the preconditioning, so
+    prediction and weighting only record them (x0: D predicts the clean image; edm: Karras's lambda)."""
+    if o["prediction"] != "x0":
+        raise UserError(f"objective.prediction={o['prediction']!r} is not allowed with objective.kind=edm: the "
+                        "preconditioned D(x; sigma) predicts x0 (its network regresses (x0 - c_skip x~) / c_out); leave it x0")
+    if o["weighting"] != "edm":
+        raise UserError(f"objective.weighting={o['weighting']!r} is not allowed with objective.kind=edm: its loss weight "
+                        "is Karras et al.'s lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; leave it edm")
+    check_number("objective.sigma_data", o["sigma_data"], minimum=0, exclusive_min=True)
+    check_number("objective.p_mean", o["p_mean"])
+    check_number("objective.p_std", o["p_std"], minimum=0, exclusive_min=True)
 
 
 def frozen(net):

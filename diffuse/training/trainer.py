@@ -47,9 +47,14 @@ def validate_trainer(t: dict) -> None:
 
 
 def validate_objective(o: dict) -> None:
-    check_choice("objective.kind", o["kind"], ("diffusion", "consistency"))
+    from diffuse.training.objectives import KINDS, check_edm
+
+    check_choice("objective.kind", o["kind"], KINDS)
     check_choice("objective.prediction", o["prediction"], PREDICTIONS)
-    check_choice("objective.weighting", o["weighting"], WEIGHTINGS)
+    if o["kind"] == "edm":
+        check_edm(o)
+    else:
+        check_choice("objective.weighting", o["weighting"], WEIGHTINGS)
     check_number("objective.min_snr_gamma", o["min_snr_gamma"], minimum=0, exclusive_min=True)
     check_number("objective.p_uncond", o["p_uncond"], minimum=0, maximum=1)
     if o["mask_training"] not in (True, False):
@@ -360,7 +365,9 @@ class Trainer:
 
 
 def default_objective(trainer: Trainer):
-    """objective.kind: diffusion (the denoising losses), or consistency (consistency training from scratch)."""
-    from diffuse.training.objectives import ConsistencyObjective, DiffusionObjective
+    """objective.kind: diffusion (the denoising losses), consistency (consistency training from scratch) or edm
+    (Karras et al.'s preconditioned denoiser)."""
+    from diffuse.training.objectives import ConsistencyObjective, DiffusionObjective, EDMObjective
 
-    return ConsistencyObjective(trainer) if trainer.ocfg.get("kind", "diffusion") == "consistency" else DiffusionObjective(trainer)
+    kind = trainer.ocfg.get("kind", "diffusion")
+    return {"consistency": ConsistencyObjective, "edm": EDMObjective}.get(kind, DiffusionObjective)(trainer)
