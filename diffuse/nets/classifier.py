@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, attention, group_norm, timestep_embedding
+from diffuse.nets.layers import AttnBlock, ResBlock, attention, group_norm, timestep_embedding
+from diffuse.nets.unet import encoder
 
 
 class AttentionPool(nn.Module):
@@ -68,18 +69,9 @@ class Classifier(nn.Module):
         temb_dim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        cur, res = ch, resolution
-        for level, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups)])
-                cur = ch * mult
-                if res in attn_resolutions:
-                    block.append(AttnBlock(cur, heads, groups))
-                self.down.append(block)
-            if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur, downsample_pad)]))
-                res //= 2
+        self.down, chans, res = encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups,
+                                        heads, downsample_pad)
+        cur = chans[-1]
         self.mid = nn.ModuleList(
             [ResBlock(cur, cur, temb_dim, dropout, groups), AttnBlock(cur, heads, groups), ResBlock(cur, cur, temb_dim, dropout, groups)]
         )

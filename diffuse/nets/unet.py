@@ -19,6 +19,27 @@ from torch import nn
 from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
 
 
+
+def encoder(ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int, temb_dim: int, dropout: float,
+            groups: int, heads: int, downsample_pad: str) -> tuple[nn.ModuleList, list[int], int]:
+    """The U-Net's down path (shared with the noise-aware classifier, whose weights it therefore names alike): the
+    blocks, the channels of every skip (conv_in's first), and the resolution it ends at."""
+    down, chans = nn.ModuleList(), [ch]
+    cur, res = ch, resolution
+    for level, mult in enumerate(ch_mult):
+        for _ in range(num_res_blocks):
+            block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups)])
+            cur = ch * mult
+            if res in attn_resolutions:
+                block.append(AttnBlock(cur, heads, groups))
+            down.append(block)
+            chans.append(cur)
+        if level != len(ch_mult) - 1:
+            down.append(nn.ModuleList([Downsample(cur, downsample_pad)]))
+            chans.append(cur)
+            res //= 2
+    return down, chans, res
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -46,21 +67,9 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        chans = [ch]
-        cur, res = ch, resolution
-        for level, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups)])
-                cur = ch * mult
-                if res in attn_resolutions:
-                    block.append(AttnBlock(cur, heads, groups))
-                self.down.append(block)
-                chans.append(cur)
-            if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur, downsample_pad)]))
-                chans.append(cur)
-                res //= 2
+        self.down, chans, res = encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups,
+                                        heads, downsample_pad)
+        cur = chans[-1]
 
         self.mid = nn.ModuleList(
             [ResBlock(cur, cur, temb_dim, dropout, groups), AttnBlock(cur, heads, groups), ResBlock(cur, cur, temb_dim, dropout, groups)]
