@@ -40,6 +40,7 @@ def encoder(ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution:
             res //= 2
     return down, chans, res
 
+
 class UNet(nn.Module):
     def __init__(
         self,

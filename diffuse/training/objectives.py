@@ -125,7 +125,8 @@ class ProgressiveObjective(DiffusionObjective):
         self.first_teacher, self.teacher = teacher, teacher
         self.rounds = check_progressive(dcfg, trainer.tcfg["steps"])
         self.weighting = dcfg["weighting"]
-        self.grid = pd.teacher_grid(trainer.schedule, dcfg["start_steps"], dcfg["spacing"])
+        # on the device once: the loss indexes it every step
+        self.grid = pd.teacher_grid(trainer.schedule, dcfg["start_steps"], dcfg["spacing"]).to(trainer.device)
         self.per_round = trainer.tcfg["steps"] // len(self.rounds)
         self.on_round = on_round
         self.teacher_net = None  # the frozen student that teaches rounds after the first
