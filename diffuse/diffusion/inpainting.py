@@ -170,6 +170,12 @@ def repaint(
     if step not in STEPS:
         raise UserError(f"sampler={step!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
     update = STEPS[step]
+    learned_variance = step_options.pop("learned_variance", None)
+    if step == "ddpm":
+        from diffuse.diffusion.samplers.ddpm import resolve_variance
+
+        step_options["variance"] = resolve_variance(step_options.get("variance"), learned_variance)
+    learned = step_options.get("variance") == "learned"
     ts = time_list(timesteps) + [-1]  # level r is timestep ts[steps - r]; -1 is clean data
     steps = len(ts) - 1
     levels = jump_schedule(steps, jump_length, resamples, jump_last)
@@ -179,7 +185,10 @@ def repaint(
     for r, r_next in zip(levels, levels[1:]):
         t, t_next = ts[steps - r], ts[steps - r_next]
         if r_next < r:  # reverse step t -> t_next
-            eps = denoiser(x, batch_time(t, x), y)
+            tt = batch_time(t, x)
+            eps = denoiser(x, tt, y)
+            if learned:
+                step_options["v_raw"] = learned_variance(x, tt, y) if t_next >= 0 else None
             x = update(x, eps, alpha_bar_of(schedule, t), alpha_bar_of(schedule, t_next), last=t_next < 0, generator=generator, **step_options)
             x = hook(x, t_next)
         else:  # forward jump t -> t_next > t: q(x_{t_next} | x_t)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from diffuse.diffusion.consistency import t_of_sigma
-from diffuse.diffusion.prediction import PREDICTIONS, edm_denoise, target
+from diffuse.diffusion.bound import LN2, vlb_term
+from diffuse.diffusion.prediction import PREDICTIONS, edm_denoise, target, to_eps
 from diffuse.diffusion.schedule import Schedule, coefficients, q_sample
 from diffuse.errors import UserError
 
@@ -77,8 +78,15 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    learn_sigma: bool = False,
+    vlb_weight: float = 0.001,
+    discretized: bool = True,
 ) -> torch.Tensor:
-    """Per-sample loss: draw t ~ U{0..T-1} and eps ~ N(0, I), noise x0, regress the network on its target."""
+    """Per-sample loss: draw t ~ U{0..T-1} and eps ~ N(0, I), noise x0, regress the network on its target.
+
+    learn_sigma: the network outputs [target; v_raw] (2C channels) and the loss is Nichol & Dhariwal's L_hybrid,
+    the weighted target error plus vlb_weight T L_t, L_t the bound's term in bits per dimension at the learned
+    variance with the mean's gradient stopped (diffusion.bound.vlb_term; discretized: 8-bit data's decoder)."""
     b = x0.shape[0]
     gen_device = generator.device if generator is not None else x0.device
     if t is None:
@@ -88,8 +96,16 @@ def diffusion_loss(
     x_t = q_sample(schedule, x0, t, noise)
     a, s = coefficients(schedule, t, x0)
     out = net(x_t, t, y)
+    if learn_sigma:
+        c = x0.shape[1]
+        out, v_raw = out[:, :c], out[:, c:]
     err = (out.float() - target(prediction, x0, noise, a, s).float()).pow(2).flatten(1).mean(1)
-    return err * loss_weight(schedule, t, prediction, weighting, min_snr_gamma).to(err.dtype)
+    loss = err * loss_weight(schedule, t, prediction, weighting, min_snr_gamma).to(err.dtype)
+    if learn_sigma:
+        eps = to_eps(prediction, out.detach().to(x_t.dtype), x_t, a, s)
+        vlb = vlb_term(x0, x_t, t, eps, v_raw, schedule, discretized=discretized) / LN2
+        loss = loss + (vlb_weight * schedule.T) * vlb.to(loss.dtype)
+    return loss
 
 
 # -- EDM (Karras et al. 2022, section 5, eq. 8 and Table 1) ----------------------------------------------------

@@ -83,25 +83,54 @@ class NetworkDenoiser:
 
     The network runs in the dtype it was built in (autocast may lower it); the conversion to eps happens in
     the input's dtype so that samplers working in float32/64 keep their precision.
+
+    learn_sigma: the network also outputs the variance channels v_raw of diffusion.bound (2C channels in all).
+    A call returns eps only, so every sampler and wrapper uses the mean; variance_output(x_t, t, y) gives v_raw.
+    It reuses the last call's forward pass when that call's leading rows were these inputs (the ancestral
+    sampler asks right after its eps; classifier-free guidance's batch leads with the conditional rows, whose
+    variances guided-diffusion's sampler uses too), else it runs the network again.
     """
 
-    def __init__(self, net: Callable, prediction: str, schedule: Schedule, autocast_dtype=None):
+    def __init__(self, net: Callable, prediction: str, schedule: Schedule, autocast_dtype=None, learn_sigma: bool = False):
         if prediction not in PREDICTIONS:
             raise UserError(f"objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
         self.net = net
         self.prediction = prediction
         self.schedule = schedule
         self.autocast_dtype = autocast_dtype
+        self.learn_sigma = learn_sigma
+        self._last = None  # (x_t, t, y, v_raw) of the last call, learn_sigma only
+
+    def _forward(self, x_t, t, y):
+        if self.autocast_dtype is not None:
+            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
+                return self.net(x_t, t, y)
+        return self.net(x_t, t, y)
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.autocast_dtype is not None:
-            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-                out = self.net(x_t, t, y)
-        else:
-            out = self.net(x_t, t, y)
+        out = self._forward(x_t, t, y)
+        if self.learn_sigma:
+            c = out.shape[1] // 2
+            # A copy of x_t: a caller may update it in place before asking for the variances.
+            self._last = (x_t.clone(), t, y, out[:, c:].to(x_t.dtype))
+            out = out[:, :c]
         a, s = coefficients(self.schedule, t, x_t)
         return to_eps(self.prediction, out.to(x_t.dtype), x_t, a, s)
+
+    @torch.no_grad()
+    def variance_output(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """v_raw at (x_t, t, y): the variance channels of a learn_sigma network (diffusion.bound)."""
+        if not self.learn_sigma:
+            raise ValueError("variance_output: this network has no learned variances")
+        if self._last is not None:
+            lx, lt, ly, v = self._last
+            b = x_t.shape[0]
+            same_y = (y is None and ly is None) or (y is not None and ly is not None and ly.shape[0] >= b and torch.equal(ly[:b], y))
+            if lx.shape[0] >= b and lx.shape[1:] == x_t.shape[1:] and same_y and torch.equal(lt[:b], t) and torch.equal(lx[:b], x_t):
+                return v[:b]
+        self(x_t, t, y)
+        return self._last[3]
 
 
 # -- EDM preconditioning (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",

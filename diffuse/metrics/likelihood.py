@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from diffuse.diffusion.bound import (discretized_log_likelihood, gaussian_kl, interpolate_log_variance, log_normal_interval,  # noqa: F401
+                                     log_variance_bounds)
 from diffuse.diffusion.noise import Generator, randn
 from diffuse.diffusion.schedule import Schedule, coefficients, posterior, q_sample
 from diffuse.errors import UserError
@@ -82,32 +84,13 @@ def bpd_from_dequantized_nll(nll: torch.Tensor) -> torch.Tensor:
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log P(bin of x) per entry under N(mean, std^2), Ho et al. 2020 section 3.3: the bin of 2k/255 - 1 is
-    [x - 1/255, x + 1/255], widened to -inf at k = 0 and +inf at k = 255, so the 256 bins cover the line."""
-    k = grid_index(x)
-    xd = k.to(torch.float64) / 127.5 - 1
-    mean, std = mean.to(torch.float64), torch.as_tensor(std, dtype=torch.float64, device=xd.device)
-    lo = torch.where(k == 0, torch.full_like(xd, -math.inf), (xd - 1 / 255 - mean) / std)
-    hi = torch.where(k == 255, torch.full_like(xd, math.inf), (xd + 1 / 255 - mean) / std)
-    return log_normal_interval(lo, hi)
-
-
-def log_normal_interval(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """log(Phi(hi) - Phi(lo)) for lo < hi, accurate in both tails: intervals above 0 are mirrored below it so
-    that the difference is taken between two small CDF values rather than two values near 1."""
-    flip = (lo + hi) > 0
-    a = torch.where(flip, -hi, lo)
-    b = torch.where(flip, -lo, hi)
-    lb, la = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
-    # log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), with -expm1 for the small case.
-    return lb + torch.log(-torch.expm1(la - lb))
+    [x - 1/255, x + 1/255], widened to -inf at k = 0 and +inf at k = 255, so the 256 bins cover the line.
+    x off the 8-bit grid is refused."""
+    grid_index(x)
+    return discretized_log_likelihood(x, mean, std)
 
 
 # ------------------------------------------------------------------------------------------ the variational bound
-
-def gaussian_kl(mean1, var1, mean2, var2) -> torch.Tensor:
-    """KL(N(mean1, var1) || N(mean2, var2)) per entry, in nats."""
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
-
 
 def prior_kl(x0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) || N(0, I)) per example, nats; closed form, no denoiser."""
@@ -134,42 +117,62 @@ def x0_from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule:
     return (x_t - s * eps) / a
 
 
+def _var_p(schedule: Schedule, t: torch.Tensor, variance: str, like: torch.Tensor, v_raw) -> torch.Tensor:
+    """p(x_{t-1} | x_t)'s variance, broadcast against `like`: fixed, or the learned one of v_raw (bound.py)."""
+    if variance == "learned":
+        log_beta, log_beta_tilde = log_variance_bounds(schedule, t.to(like.device), like)
+        return torch.exp(interpolate_log_variance(v_raw.to(like.dtype), log_beta, log_beta_tilde))
+    return _bcast(reverse_variance(schedule, t, variance), like)
+
+
 def kl_terms(x0: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Schedule,
-             variance: str = "beta_tilde") -> torch.Tensor:
+             variance: str = "beta_tilde", v_raw: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per example in nats, for integer t >= 1, given the
-    denoiser's eps at x_t; p's mean is the posterior mean at x0_hat (Ho et al. eq. 11), its variance sigma_t^2."""
+    denoiser's eps at x_t; p's mean is the posterior mean at x0_hat (Ho et al. eq. 11), its variance sigma_t^2
+    (variance="learned": the network's, from its v_raw at x_t)."""
     x0, x_t, eps = (v.to(torch.float64) for v in (x0, x_t, eps))
     mean_q, var_q = posterior(schedule, x0, x_t, t)
     mean_p, _ = posterior(schedule, x0_from_eps(eps, x_t, t, schedule), x_t, t)
-    var_p = _bcast(reverse_variance(schedule, t, variance), x0)
+    var_p = _var_p(schedule, t, variance, x0, v_raw)
     return gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1)
 
 
 def decoder_nll(x0: torch.Tensor, x_1: torch.Tensor, eps: torch.Tensor, schedule: Schedule,
-                discretized: bool) -> torch.Tensor:
+                discretized: bool, v_raw: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L_0 = -log p(x_0 | x_1) per example in nats, x_1 the sample at index 0: a Gaussian with the posterior mean
-    at x0_hat (which at the first step is x0_hat itself) and variance beta-tilde_1; a density for continuous data,
-    the discretized probability of the 8-bit bin for 8-bit data."""
+    at x0_hat (which at the first step is x0_hat itself) and variance beta-tilde_1 (or the learned one, given the
+    network's v_raw); a density for continuous data, the discretized probability of the 8-bit bin for 8-bit data."""
     t = torch.zeros(x0.shape[0], dtype=torch.long)
     x0, x_1, eps = (v.to(torch.float64) for v in (x0, x_1, eps))
     mean, _ = posterior(schedule, x0_from_eps(eps, x_1, t, schedule), x_1, t)
-    var = float(schedule.posterior_variance[1])
+    var = _var_p(schedule, t, "learned" if v_raw is not None else "beta_tilde", x0, v_raw)
     if discretized:
-        return -discretized_gaussian_log_likelihood(x0, mean, math.sqrt(var)).flatten(1).sum(1)
-    return (0.5 * (x0 - mean) ** 2 / var + 0.5 * math.log(2 * math.pi * var)).flatten(1).sum(1)
+        return -discretized_gaussian_log_likelihood(x0, mean, var.sqrt()).flatten(1).sum(1)
+    return (0.5 * (x0 - mean) ** 2 / var + 0.5 * torch.log(2 * math.pi * var)).flatten(1).sum(1)
+
+
+def _check_variance(variance: str, learned_variance) -> None:
+    if variance == "learned" and learned_variance is None:
+        raise UserError("variance='learned' needs a model trained with learned variances (objective.learn_sigma=true): "
+                        f"this one has none; choose one of {', '.join(VARIANCES)}")
+    if variance != "learned" and variance not in VARIANCES:
+        raise UserError(f"variance={variance!r} is not allowed: choose one of {', '.join(VARIANCES)}, learned")
 
 
 @torch.no_grad()
 def vlb_terms(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
               variance: str = "beta_tilde", discretized: bool = False, batch_t: int = 8,
-              progress: Progress = None) -> torch.Tensor:
+              progress: Progress = None, learned_variance=None) -> torch.Tensor:
     """(N, T+1) float64 nats: column 0 the decoder L_0, column t = 1..T-1 the KL term L_{t-1} (paper indexing) at
     schedule step t, column T the prior L_T. batch_t timesteps share one denoiser call of batch_t * N inputs.
+    variance="learned": the model's learned variances, `learned_variance(x_t, t, y) -> v_raw` (the network's
+    variance channels of the call just made, prediction.NetworkDenoiser.variance_output).
 
     Noise for the chunk is drawn as (N, batch_t, ...) so that a PerSample generator keys it on the example."""
     if isinstance(batch_t, bool) or not isinstance(batch_t, int) or batch_t < 1:
         raise UserError(f"batch_t={batch_t!r} is not allowed: it must be a positive integer")
-    reverse_variance(schedule, torch.zeros(1), variance)  # refuse a bad name before any work
+    _check_variance(variance, learned_variance)  # refuse a bad name before any work
+    learned = variance == "learned"
     n, T = x.shape[0], schedule.T
     if discretized:
         grid_index(x)
@@ -183,14 +186,18 @@ def vlb_terms(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generato
         t = ts.repeat_interleave(n).to(x.device)
         x0 = x.repeat(m, *([1] * (x.dim() - 1)))
         x_t = q_sample(schedule, x0, t, noise)
-        eps = denoiser(x_t, t, None if y is None else y.repeat(m))
+        yy = None if y is None else y.repeat(m)
+        eps = denoiser(x_t, t, yy)
+        v_raw = learned_variance(x_t, t, yy) if learned else None
         out = torch.empty(m * n, dtype=torch.float64, device=x.device)
         first = t == 0
         if first.any():
-            out[first] = decoder_nll(x0[first], x_t[first], eps[first], schedule, discretized)
+            out[first] = decoder_nll(x0[first], x_t[first], eps[first], schedule, discretized,
+                                     v_raw[first] if learned else None)
         rest = ~first
         if rest.any():
-            out[rest] = kl_terms(x0[rest], x_t[rest], eps[rest], t[rest], schedule, variance)
+            out[rest] = kl_terms(x0[rest], x_t[rest], eps[rest], t[rest], schedule, variance,
+                                 v_raw[rest] if learned else None)
         terms[:, start:start + m] = out.view(m, n).T.cpu()
         done += m
         if progress is not None:
@@ -199,18 +206,20 @@ def vlb_terms(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generato
 
 
 def vlb_nll(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-            variance: str = "beta_tilde", batch_t: int = 8, progress: Progress = None) -> torch.Tensor:
+            variance: str = "beta_tilde", batch_t: int = 8, progress: Progress = None,
+            learned_variance=None) -> torch.Tensor:
     """The variational bound on -log p(x) of continuous data, nats/dim (Gaussian decoder density)."""
     terms = vlb_terms(denoiser, x, schedule, y=y, generator=generator, variance=variance, discretized=False,
-                      batch_t=batch_t, progress=progress)
+                      batch_t=batch_t, progress=progress, learned_variance=learned_variance)
     return terms.sum(1) / _dim(x)
 
 
 def vlb_bpd(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-            variance: str = "beta_tilde", batch_t: int = 8, progress: Progress = None) -> torch.Tensor:
+            variance: str = "beta_tilde", batch_t: int = 8, progress: Progress = None,
+            learned_variance=None) -> torch.Tensor:
     """The variational bound on -log2 P(x) of 8-bit data, bits/dim (discretized decoder, Ho et al. section 3.3)."""
     terms = vlb_terms(denoiser, x, schedule, y=y, generator=generator, variance=variance, discretized=True,
-                      batch_t=batch_t, progress=progress)
+                      batch_t=batch_t, progress=progress, learned_variance=learned_variance)
     return terms.sum(1) / (_dim(x) * LN2)
 
 
@@ -342,12 +351,24 @@ def check_likelihood_config(lc: dict) -> dict:
     if not methods or any(m not in METHODS for m in methods):
         raise UserError(f"likelihood.methods={methods!r} is not allowed: a list of {', '.join(METHODS)}")
     lc["methods"] = list(dict.fromkeys(methods))
-    check_choice("likelihood.variance", lc["variance"], VARIANCES)
+    if lc["variance"] is not None:
+        check_choice("likelihood.variance", lc["variance"], VARIANCES + ("learned",))
     check_choice("likelihood.probe", lc["probe"], PROBES)
     return lc
 
 
-def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict, y_null: Optional[int], d, device) -> dict[str, float]:
+def resolve_variance(variance: Optional[str], learned_variance) -> str:
+    """likelihood.variance: null means the model's own, learned if it learned them, else beta-tilde."""
+    if variance is None:
+        return "learned" if learned_variance is not None else "beta_tilde"
+    if variance == "learned" and learned_variance is None:
+        raise UserError("likelihood.variance=learned needs a model trained with objective.learn_sigma=true: this one "
+                        f"has fixed variances; choose {' or '.join(VARIANCES)} (or null)")
+    return variance
+
+
+def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict, y_null: Optional[int], d, device,
+          learned_variance=None) -> dict[str, float]:
     """bits/dim of 8-bit data (kind="bpd") or nats/dim of continuous data (kind="nll") of the examples x (in [-1, 1]),
     by each of lc["methods"], sharded over torchrun ranks (`d`), with the standard error of each mean. Example i's
     noise, probes and dequantization depend only on (lc["seed"], i): the figures do not depend on the batch size
@@ -361,6 +382,7 @@ def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict,
 
         x = from_uint8(to_uint8(x))
     bs, methods = lc["batch_size"], lc["methods"]
+    variance = resolve_variance(lc["variance"], learned_variance)
     mine = list(range(d.rank, x.shape[0], d.world))
     per: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     with progress_bar(d.main) as bar:
@@ -373,7 +395,8 @@ def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict,
                 gen = PerSample(lc["seed"], idx)
                 if m == "vlb":
                     fn = vlb_bpd if kind == "bpd" else vlb_nll
-                    v = fn(denoiser, xb, schedule, y=y, generator=gen, variance=lc["variance"], batch_t=lc["batch_t"])
+                    v = fn(denoiser, xb, schedule, y=y, generator=gen, variance=variance, batch_t=lc["batch_t"],
+                           learned_variance=learned_variance)
                 else:
                     fn = ode_bpd if kind == "bpd" else ode_nll
                     v = fn(denoiser, xb, schedule, y=y, generator=gen, hutchinson=lc["hutchinson"], probe=lc["probe"],

@@ -9,13 +9,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, as in Ho et al.'s code: [sin, cos], with
-    frequencies exp(-log(max_period) * i / (half - 1))."""
+TIME_EMBEDDINGS = ("ddpm", "adm")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, layout: str = "ddpm") -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps. layout="ddpm", as in Ho et al.'s code: [sin, cos],
+    frequencies exp(-log(max_period) * i / (half - 1)); "adm", as in Nichol & Dhariwal's (improved/guided
+    diffusion): [cos, sin], frequencies exp(-log(max_period) * i / half)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
+    denom = half if layout == "adm" else half - 1
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / denom)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    parts = [torch.cos(args), torch.sin(args)] if layout == "adm" else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(parts, dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -42,35 +48,44 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNo
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-dropout-conv, with a skip."""
+    """GroupNorm-SiLU-conv, plus the projected time embedding, GroupNorm-SiLU-dropout-conv, with a skip.
+    scale_shift: the embedding gives a scale and shift of the second norm's output instead of a bias added before
+    it (Nichol & Dhariwal's use_scale_shift_norm, "AdaGN" in Dhariwal & Nichol 2021)."""
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float = 0.0, groups: int = 32):
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float = 0.0, groups: int = 32, eps: float = 1e-6,
+                 scale_shift: bool = False):
         super().__init__()
-        self.norm1 = group_norm(cin, groups)
+        self.scale_shift = scale_shift
+        self.norm1 = group_norm(cin, groups, eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_dim, cout)
-        self.norm2 = group_norm(cout, groups)
+        self.temb_proj = nn.Linear(temb_dim, 2 * cout if scale_shift else cout)
+        self.norm2 = group_norm(cout, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.temb_proj(F.silu(temb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
     """Self-attention over the pixels of a feature map, through scaled_dot_product_attention."""
 
-    def __init__(self, channels: int, heads: int = 1, groups: int = 32):
+    def __init__(self, channels: int, heads: int = 1, groups: int = 32, eps: float = 1e-6):
         super().__init__()
         if channels % heads:
             raise ValueError(f"{channels} channels do not split into {heads} heads")
         self.heads = heads
         self.attention_impl = "sdpa"  # a runtime choice (diffuse.fastpath.set_attention), not part of the weights
-        self.norm = group_norm(channels, groups)
+        self.norm = group_norm(channels, groups, eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 

@@ -90,7 +90,13 @@ def attach_classifier(guidance: Guidance, model: Model, plan, verify: bool = Tru
         if plan.name != "ddpm":
             raise UserError(f"guidance.mode=mean moves the mean of the ancestral DDPM step: it needs sampler=ddpm, not {plan.name} "
                             "(guidance.mode=eps works with every sampler)")
-        factors = mean_shift_factors(plan.timesteps, model.schedule, plan.options.get("variance", "beta_tilde"))
+        from diffuse.diffusion.samplers.ddpm import resolve_variance
+
+        variance = resolve_variance(plan.options.get("variance", "beta_tilde"), plan.options.get("learned_variance"))
+        if variance == "learned":
+            raise UserError("guidance.mode=mean scales the shift by the step's fixed variance: this model's variances are "
+                            "learned (per pixel); use guidance.mode=eps, or sampler.variance=beta or beta_tilde")
+        factors = mean_shift_factors(plan.timesteps, model.schedule, variance)
     loaded = load_guide_classifier(guidance.classifier, model, use_ema=guidance.classifier_ema, verify=verify)
     return dataclasses.replace(guidance, loaded=loaded, mean_factors=factors)
 

@@ -62,9 +62,10 @@ def prepare(cfg: DictConfig, out: Path, checking: bool = False) -> Setup:
         raise UserError(f"write_ckpt=true would record the schedule in {model.source['ckpt']}, which carries no hash (loaded "
                         "with verify=false): pass write_ckpt=false, the schedule is written to schedule.json all the same")
     sampler_cfg = to_dict(cfg.sampler)
-    stock = plan_sampler(sampler_cfg, steps, model.schedule, model.clip_x0, model.tuned)
+    stock = plan_sampler(sampler_cfg, steps, model.schedule, model.clip_x0, model.tuned, model.learned_variance)
     check_tunable(stock.name, stock.options)
-    reference = plan_sampler(t["reference"], t["reference_steps"], model.schedule, model.clip_x0)
+    reference = plan_sampler(t["reference"], t["reference_steps"], model.schedule, model.clip_x0,
+                             learned_variance=model.learned_variance)
     check_tunable(reference.name, reference.options)
     identity = {"sampler": sampler_cfg, "steps": steps, "n": n, "n_eval": n_eval, "seed": seed, "reference": t["reference"],
                 "reference_steps": t["reference_steps"], "loss": t["loss"], **model.source}

@@ -43,13 +43,15 @@ class DiffusionObjective:
         noise = torch.randn((bs, *x0.shape[1:]), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
         # The loss covers every pixel, known ones included (see README: mask-conditioned training).
         return diffusion_loss(model, x0, tr.schedule, prediction=o["prediction"], weighting=o["weighting"],
-                              min_snr_gamma=o["min_snr_gamma"], y=y, t=t, noise=noise)
+                              min_snr_gamma=o["min_snr_gamma"], y=y, t=t, noise=noise, learn_sigma=o["learn_sigma"],
+                              vlb_weight=o["vlb_weight"], discretized=tr.data.is_8bit)
 
     def after_step(self) -> None:
         pass
 
     def denoiser(self, net, autocast=None):
-        return NetworkDenoiser(net, self.tr.ocfg["prediction"], self.tr.schedule, autocast_dtype=autocast)
+        return NetworkDenoiser(net, self.tr.ocfg["prediction"], self.tr.schedule, autocast_dtype=autocast,
+                               learn_sigma=self.tr.ocfg["learn_sigma"])
 
     def grid_steps(self) -> Optional[int]:
         return None  # the trainer's sample_steps
