@@ -1,15 +1,38 @@
-"""A line chart drawn with PIL: enough for metric-against-NFE plots without a plotting dependency."""
+"""Line charts drawn with PIL: metric-against-NFE plots (eval sweeps, tuned schedules) and a training run's
+curves.png, without a plotting dependency (the base install stays small, and a chart redrawn at every log step
+costs milliseconds, not a plotting library's import)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
 from diffuse.checkpoint import atomic_write
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+@dataclass
+class Series:
+    points: list[tuple[float, float]]
+    label: Optional[str] = None  # None: not in the legend
+    color: Optional[tuple[int, int, int]] = None  # None: the next palette colour
+    style: str = "line+markers"  # line | dots | line+markers
+
+
+@dataclass
+class Panel:
+    title: str
+    series: list[Series] = field(default_factory=list)
+    xlabel: str = ""
+    ylabel: str = ""
+    log_x: bool = False
+    log_y: bool = False
+    data_ticks: bool = False  # an x tick at every x value (a handful of NFEs) rather than round numbers
 
 
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -20,56 +43,125 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+    return [start + i * step for i in range(int(math.ceil((hi - start) / step - 1e-9)) + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks inside [lo, hi] (both > 0): decades, or 1-2-5 (then every digit) when fewer than three decades fit."""
+    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for mults in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        ticks = [m * 10.0 ** e for e in range(a, b + 1) for m in mults if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) >= 3:
+            return ticks
+    # Less than a factor of ~3 from end to end: round numbers on a linear scale, placed on the log axis.
+    return [t for t in _ticks(lo, hi) if lo <= t <= hi] or [lo, hi]
 
 
 def _label(v: float) -> str:
     return f"{v:.4g}"
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str, ylabel: str,
-              log_x: bool = False, size: tuple[int, int] = (640, 420)) -> None:
-    """One line with markers per series name (points sorted by x), axes with ticks, a legend; written as PNG."""
-    font = ImageFont.load_default()
-    w, h = size
-    left, right, top, bottom = 70, 150, 36, 50
-    pts = [p for s in series.values() for p in s]
+class _Axis:
+    """One axis: data value -> [0, 1], with its ticks."""
+
+    def __init__(self, values: list[float], log: bool, round_ends: bool):
+        self.log = log and all(v > 0 for v in values)
+        f = self.f
+        lo, hi = min(map(f, values)), max(map(f, values))
+        if hi == lo:
+            lo, hi = lo - (0.5 if self.log else max(abs(lo), 1.0) * 0.5), hi + (0.5 if self.log else max(abs(hi), 1.0) * 0.5)
+        if self.log:
+            pad = 0.04 * (hi - lo)
+            self.lo, self.hi = lo - pad, hi + pad
+            self.ticks = _log_ticks(10 ** self.lo, 10 ** self.hi)
+        elif round_ends:  # the axis ends on round ticks
+            self.ticks = _ticks(lo, hi)
+            self.lo, self.hi = self.ticks[0], self.ticks[-1]
+        else:
+            pad = 0.04 * (hi - lo)
+            self.lo, self.hi = lo - pad, hi + pad
+            self.ticks = [t for t in _ticks(self.lo, self.hi) if self.lo <= t <= self.hi]
+
+    def f(self, v: float) -> float:
+        return math.log10(v) if self.log else v
+
+    def __call__(self, v: float) -> float:
+        return (self.f(v) - self.lo) / (self.hi - self.lo)
+
+
+def _draw_panel(dr: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel: Panel, font, *, legend_outside: bool = False,
+                round_y: bool = True) -> None:
+    """The panel inside box (left, top, right, bottom of the whole panel, labels included)."""
+    x_left, y_top, x_right, y_bottom = box
+    left, top = x_left + 70, y_top + 36
+    right = x_right - (150 if legend_outside else 16)
+    bottom = y_bottom - 50
+    pts = [p for s in panel.series for p in s.points if math.isfinite(p[0]) and math.isfinite(p[1])]
+    dr.text(((left + right) / 2, y_top + 12), panel.title, fill=(0, 0, 0), font=font, anchor="mm")
+    dr.rectangle([left, top, right, bottom], outline=(0, 0, 0))
     if not pts:
-        raise ValueError("nothing to plot")
-    fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    xs, ys = [fx(p[0]) for p in pts], [p[1] for p in pts]
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    y_ticks = _ticks(min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
-    y0, y1 = y_ticks[0], y_ticks[-1]
+        dr.text(((left + right) / 2, (top + bottom) / 2), "no data yet", fill=(127, 127, 127), font=font, anchor="mm")
+        return
+    ax = _Axis([p[0] for p in pts], panel.log_x, round_ends=False)
+    ay = _Axis([p[1] for p in pts], panel.log_y, round_ends=round_y)
 
     def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (fx(x) - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+        return left + ax(x) * (right - left), bottom - ay(y) * (bottom - top)
 
-    img = Image.new("RGB", size, "white")
-    dr = ImageDraw.Draw(img)
-    dr.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    for yt in y_ticks:
-        _, yy = px(10 ** x0 if log_x else x0, yt)
+    for yt in ay.ticks:
+        yy = bottom - ay(yt) * (bottom - top)
         dr.line([left - 4, yy, left, yy], fill=(0, 0, 0))
-        dr.line([left + 1, yy, w - right - 1, yy], fill=(230, 230, 230))
+        dr.line([left + 1, yy, right - 1, yy], fill=(230, 230, 230))
         dr.text((left - 6, yy), _label(yt), fill=(0, 0, 0), font=font, anchor="rm")
-    for xv in sorted({p[0] for p in pts}):
-        xx, _ = px(xv, y0)
-        dr.line([xx, h - bottom, xx, h - bottom + 4], fill=(0, 0, 0))
-        dr.text((xx, h - bottom + 6), _label(xv), fill=(0, 0, 0), font=font, anchor="mt")
-    dr.text(((left + w - right) / 2, h - 18), xlabel + (" (log scale)" if log_x else ""), fill=(0, 0, 0), font=font, anchor="mm")
-    dr.text((8, top - 20), ylabel, fill=(0, 0, 0), font=font)
-    dr.text(((left + w - right) / 2, 12), title, fill=(0, 0, 0), font=font, anchor="mm")
-    for i, (name, s) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        line = [px(x, y) for x, y in sorted(s)]
-        if len(line) > 1:
+    x_ticks = sorted({p[0] for p in pts}) if panel.data_ticks else ax.ticks
+    for xv in x_ticks:
+        xx = left + ax(xv) * (right - left)
+        dr.line([xx, bottom, xx, bottom + 4], fill=(0, 0, 0))
+        dr.text((xx, bottom + 6), _label(xv), fill=(0, 0, 0), font=font, anchor="mt")
+    dr.rectangle([left, top, right, bottom], outline=(0, 0, 0))  # over the grid lines that meet it
+    if panel.xlabel:
+        dr.text(((left + right) / 2, y_bottom - 18), panel.xlabel + (" (log scale)" if ax.log else ""), fill=(0, 0, 0), font=font, anchor="mm")
+    if panel.ylabel or ay.log:
+        dr.text((x_left + 8, top - 20), panel.ylabel + (" (log scale)" if ay.log else ""), fill=(0, 0, 0), font=font)
+    shown = 0
+    for i, s in enumerate(panel.series):
+        color = s.color or COLORS[i % len(COLORS)]
+        line = [px(x, y) for x, y in sorted(s.points) if math.isfinite(x) and math.isfinite(y) and (not ay.log or y > 0)]
+        if "line" in s.style and len(line) > 1:
             dr.line(line, fill=color, width=2)
-        for x, y in line:
-            dr.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        ly = top + 8 + 16 * i
-        dr.line([w - right + 10, ly, w - right + 30, ly], fill=color, width=2)
-        dr.text((w - right + 36, ly), name, fill=(0, 0, 0), font=font, anchor="lm")
+        r = 1.5 if s.style == "dots" else 3
+        if s.style != "line":
+            for x, y in line:
+                dr.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        if s.label is None:
+            continue
+        ly = top + 8 + 16 * shown
+        lx = right + 10 if legend_outside else right - 130
+        dr.line([lx, ly, lx + 20, ly], fill=color, width=2)
+        dr.text((lx + 26, ly), s.label, fill=(0, 0, 0), font=font, anchor="lm")
+        shown += 1
+
+
+def panels_plot(panels: list[Panel], path: Path, *, columns: int = 2, panel_size: tuple[int, int] = (480, 300)) -> None:
+    """Panels on a grid of `columns`, written as one PNG (atomically: a reader never sees half a chart)."""
+    font = ImageFont.load_default()
+    pw, ph = panel_size
+    rows = math.ceil(len(panels) / columns)
+    img = Image.new("RGB", (pw * min(columns, len(panels)), ph * rows), "white")
+    dr = ImageDraw.Draw(img)
+    for k, panel in enumerate(panels):
+        x0, y0 = (k % columns) * pw, (k // columns) * ph
+        _draw_panel(dr, (x0, y0, x0 + pw, y0 + ph), panel, font)
+    atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str, ylabel: str,
+              log_x: bool = False, size: tuple[int, int] = (640, 420)) -> None:
+    """One line with markers per series name (points sorted by x), a tick at each x value, a legend on the right;
+    written as PNG."""
+    if not any(series.values()):
+        raise ValueError("nothing to plot")
+    panel = Panel(title, [Series(list(s), name) for name, s in series.items()], xlabel=xlabel, ylabel=ylabel, log_x=log_x, data_ticks=True)
+    img = Image.new("RGB", size, "white")
+    _draw_panel(ImageDraw.Draw(img), (0, 0, *size), panel, ImageFont.load_default(), legend_outside=True)
     atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
