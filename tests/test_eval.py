@@ -146,7 +146,7 @@ def test_bad_sample_files_are_refused(fx, tmp_path):
 
 
 def test_metric_names_and_sources_are_checked(fx, tmp_path):
-    with pytest.raises(UserError, match="--metric fvd is not allowed: choose from fid, kid, is, bpd, nll"):
+    with pytest.raises(UserError, match="--metric fvd is not allowed: choose from fid, kid, is, fd, pr, dc, bpd, nll"):
         evaluate.metric_names(["fid", "fvd"])
     assert evaluate.metric_names(["kid", "fid", "kid"]) == ["kid", "fid"]
     with pytest.raises(UserError, match="nothing to evaluate"):

@@ -7,6 +7,7 @@
                  not the model being scored, or the metric measures how much it likes its own samples.
     classifier   a diffuse train-classifier network's penultimate layer (its attention-pooled vector) at t = 0:
                  trained to tell the data's classes apart, as the Inception was ImageNet's.
+    dinov2       DINOv2's class token (diffuse.metrics.dinov2, ViT-S/B/L/14): the feature space of FD_DINOv2.
 
 Every extractor carries `name` and `sha256` (of its weights): reference statistics are only reused with the
 same pair.
@@ -21,7 +22,7 @@ from torch import nn
 
 from diffuse.errors import UserError, check_number
 
-EXTRACTORS = ("inception", "checkpoint", "classifier")
+EXTRACTORS = ("inception", "dinov2", "checkpoint", "classifier")
 
 
 class InceptionFeatures:
@@ -125,12 +126,18 @@ def _middle_layer(net: nn.Module) -> nn.Module:
 
 def check_metrics_config(m: dict) -> dict:
     """The `metrics` group, checked before any image is drawn or read."""
-    for key, minimum in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("kid_ref_max", 2), ("is_splits", 1)):
+    for key, minimum in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("kid_ref_max", 2), ("is_splits", 1),
+                         ("pr_k", 1), ("dc_k", 1), ("seeds", 1)):
         check_number(f"metrics.{key}", m[key], minimum=minimum, integer=True)
     check_number("metrics.seed", m["seed"], integer=True)
-    sha = m["inception_sha256"]
-    if sha not in (None, "") and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
-        raise UserError(f"metrics.inception_sha256={sha!r} is not allowed: 64 hex digits, or null to skip the check")
+    for key in ("inception_sha256", "dinov2_sha256"):
+        sha = m[key]
+        if sha not in (None, "") and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+            raise UserError(f"metrics.{key}={sha!r} is not allowed: 64 hex digits, or null to skip the check")
+    from diffuse.metrics.dinov2 import ARCHS
+
+    if m["dinov2_arch"] not in ARCHS:
+        raise UserError(f"metrics.dinov2_arch={m['dinov2_arch']!r} is not allowed: choose one of {', '.join(ARCHS)}")
     return m
 
 
@@ -144,6 +151,12 @@ def build_extractor(m: dict, device: torch.device):
         path = find_weights(m["inception_weights"], download=m["download"])
         net, sha = load_inception(path, m["inception_sha256"])
         return InceptionFeatures(net, sha, device)
+    if name == "dinov2":
+        from diffuse.metrics.dinov2 import DINOv2Features, find_weights, load_dinov2
+
+        path = find_weights(m["dinov2_arch"], m["dinov2_weights"], download=m["download"])
+        net, sha = load_dinov2(path, m["dinov2_arch"], m["dinov2_sha256"])
+        return DINOv2Features(net, sha, device)
     if name == "checkpoint":
         from diffuse.checkpoint import content_hash, load_checkpoint, resolve_ckpt_path
         from diffuse.pipeline.model import network_from_checkpoint
