@@ -223,6 +223,16 @@ def _one_line(e: Exception) -> str:
     return first
 
 
+# Commands that take a latent model's autoencoder as autoencoder=PATH. conf/autoencoder/ is a config group (train-ae's
+# architectures), and Hydra reads autoencoder=X as a choice in that group wherever the group exists; so the value is
+# passed on as autoencoder_ckpt=X, which those configs copy into their autoencoder key.
+LATENT_COMMANDS = ("train", "sample", "inpaint", "eval")
+
+
+def latent_alias(arg: str) -> str:
+    return "autoencoder_ckpt=" + arg[len("autoencoder="):] if arg.startswith("autoencoder=") else arg
+
+
 def run_hydra(command: str, job: Callable, args: List[str], check: Optional[Callable] = None) -> None:
     """Hand `args` to Hydra, which runs `job` in the run dir (each -m job in its own); everything that can refuse
     them first (check_overrides, with the task's `check` for every -m job)."""
@@ -231,6 +241,8 @@ def run_hydra(command: str, job: Callable, args: List[str], check: Optional[Call
     from diffuse import runlock
     from diffuse.tasks.common import guarded
 
+    if command in LATENT_COMMANDS:
+        args = [latent_alias(a) for a in args]
     try:
         check_overrides(command, args, check)
     except UserError as e:
@@ -286,6 +298,26 @@ def train_classifier(ctx: typer.Context) -> None:
     from diffuse.tasks.train_classifier import check, run
 
     run_hydra("train_classifier", run, ctx.args, check)
+
+
+@app.command(name="train-ae", cls=ConfCommand, context_settings=CONTEXT)
+def train_ae(ctx: typer.Context) -> None:
+    """Train a KL autoencoder, whose latent space `diffuse train autoencoder=RUN` diffuses in (latent diffusion).
+
+    Examples:
+
+      diffuse train-ae dataset=shapes dataset.resolution=32 trainer.steps=1500
+
+      diffuse train-ae dataset=folder dataset.path=imgs/ dataset.resolution=256 autoencoder=kl_f8 runtime.device=cuda
+
+      diffuse train autoencoder=outputs/train_ae/RUN dataset=shapes dataset.resolution=32 model=dit_s
+
+    Writes checkpoints/last.safetensors, metrics.jsonl (loss, recon), ae.json (held-out reconstruction PSNR) and
+    reconstructions.png into its run dir; resume=true hydra.run.dir=RUN continues it.
+    """
+    from diffuse.tasks.train_ae import check, run
+
+    run_hydra("train_ae", run, ctx.args, check)
 
 
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
@@ -361,10 +393,30 @@ def edit(
 
 
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
+def upsample(
+    ctx: typer.Context,
+    image: str = typer.Option(..., "--image", help="an image file, or a folder of images, at the model's low resolution"),
+) -> None:
+    """Super-resolve images with a model trained with condition=lowres (a cascade's super-resolution stage).
+
+    Examples:
+
+      diffuse upsample ckpt=outputs/train/SR_RUN --image small.png n=4
+
+      diffuse upsample ckpt=SR_RUN --image imgs/ condition.aug_level=0.2 sampler=dpm_solver steps=20
+
+    Writes NAME_NN.png results, grid.png (each input enlarged, then its results) and upsample.json into its run dir.
+    """
+    from diffuse.tasks.upsample import check, run
+
+    run_hydra("upsample", run, [*ctx.args, f"image={_hydra_str(image)}"], check)
+
+
+@app.command(cls=ConfCommand, context_settings=CONTEXT)
 def convert(
     ctx: typer.Context,
-    src: str = typer.Argument(..., metavar="PATH_OR_DIR", help="a diffusers model or pipeline folder, or its config.json / safetensors file"),
-    fmt: str = typer.Option(..., "--from", help="the format of PATH_OR_DIR: diffusers"),
+    src: str = typer.Argument(..., metavar="PATH_OR_DIR", help="a diffusers model or pipeline folder, or its config.json / safetensors file; an improved/guided-diffusion .safetensors file"),
+    fmt: str = typer.Option(..., "--from", help="the format of PATH_OR_DIR: diffusers | improved-diffusion | guided-diffusion"),
 ) -> None:
     """Import pretrained weights as a diffuse checkpoint.
 
@@ -372,15 +424,30 @@ def convert(
 
     Maps a diffusers UNet2DModel of Ho et al.'s DDPM architecture (e.g. google/ddpm-cifar10-32: config.json and
     diffusion_pytorch_model.safetensors; pickled .bin files are refused) onto diffuse's U-Net, with its linear
-    schedule and eps prediction, so that `diffuse sample ckpt=FILE.safetensors` draws from it.
+    schedule and eps prediction, so that `diffuse sample ckpt=FILE.safetensors` draws from it. An AutoencoderKL
+    folder (the Stable Diffusion VAE family, or a pipeline folder holding only vae/) becomes an autoencoder
+    checkpoint for `diffuse train autoencoder=FILE.safetensors`.
+
+    diffuse convert --from improved-diffusion MODEL.safetensors out=FILE.safetensors resolution=32 schedule=cosine
+    [T=4000] [heads=4 | head_channels=64] [attention_order=legacy|new] [rescale_timesteps=true|false] [prediction=eps|x0]
+
+    Maps Nichol & Dhariwal's U-Net (improved-diffusion, or guided-diffusion's with --from guided-diffusion), learned
+    variances included, from a safetensors state dict (their .pt pickles are refused: save the state dict with
+    safetensors first); the flags the weights cannot tell are given as key=value.
     """
     try:
-        if fmt != "diffusers":
-            raise UserError(f"--from {fmt!r} is not allowed: choose diffusers")
+        from diffuse.convert_adm import FORMATS
+
+        if fmt != "diffusers" and fmt not in FORMATS:
+            raise UserError(f"--from {fmt!r} is not allowed: choose diffusers, {', '.join(FORMATS)}")
         # out=FILE may come before or after the path (Typer takes the first bare token as PATH_OR_DIR).
         tokens = [src, *ctx.args]
         outs = [a.partition("=")[2] for a in tokens if a.startswith("out=")]
-        paths = [a for a in tokens if not a.startswith("out=")]
+        if fmt in FORMATS:
+            options = [a for a in tokens if "=" in a and not a.startswith("out=")]
+            paths = [a for a in tokens if "=" not in a]
+        else:
+            options, paths = [], [a for a in tokens if not a.startswith("out=")]
         if len(outs) != 1 or not outs[0]:
             raise UserError("out=FILE.safetensors is required, once: where to write the checkpoint")
         if not paths:
@@ -388,9 +455,53 @@ def convert(
         if len(paths) != 1:
             raise UserError(f"{paths[-1]!r} is not an argument of convert: give one PATH_OR_DIR and out=FILE.safetensors")
         src, out = paths[0], outs[0]
-        from diffuse.convert import convert_diffusers
+        if fmt in FORMATS:
+            from diffuse.convert_adm import convert_adm
 
-        path = convert_diffusers(src, out)
+            path = convert_adm(src, out, options, fmt)
+        else:
+            from diffuse.convert import convert_diffusers
+
+            path = convert_diffusers(src, out)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(context_settings=CONTEXT)
+def export(
+    ctx: typer.Context,
+    fmt: str = typer.Option(..., "--to", help="the format to write: diffusers"),
+) -> None:
+    """Export a checkpoint for another toolkit.
+
+    diffuse export --to diffusers ckpt=FILE|RUN_DIR out=DIR [use_ema=false]
+
+    Writes a diffusers pipeline folder (model_index.json, unet/ as a UNet2DModel in safetensors, scheduler/ with
+    the model's betas and prediction type) that DDPMPipeline.from_pretrained(DIR) loads. A network diffusers
+    cannot express (DiT, EDM or consistency parameterisation, learned variances, conditioning inputs) is refused.
+    """
+    try:
+        if fmt != "diffusers":
+            raise UserError(f"--to {fmt!r} is not allowed: choose diffusers")
+        args: dict[str, str] = {}
+        for a in ctx.args:
+            key, eq, value = a.partition("=")
+            if not eq or key not in ("ckpt", "out", "use_ema"):
+                raise UserError(f"{a!r} is not an argument of export: give ckpt=FILE|RUN_DIR out=DIR [use_ema=true|false]")
+            if key in args:
+                raise UserError(f"{key}= is given twice")
+            args[key] = value
+        for key, what in (("ckpt", "the checkpoint file or training run dir"), ("out", "the pipeline folder to write")):
+            if not args.get(key):
+                raise UserError(f"{key}= is required: {what}")
+        use_ema = args.get("use_ema", "true").lower()
+        if use_ema not in ("true", "false"):
+            raise UserError(f"use_ema={args['use_ema']!r} is not allowed: true or false")
+        from diffuse.export import export_diffusers
+
+        path = export_diffusers(args["ckpt"], args["out"], use_ema=use_ema == "true")
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
@@ -436,7 +547,7 @@ def tune_schedule(ctx: typer.Context) -> None:
 @app.command(name="eval", cls=ConfCommand, context_settings=CONTEXT)
 def evaluate(
     ctx: typer.Context,
-    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid, is, bpd or nll; repeat for several (default: fid)"),
+    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid, is, fd, pr, dc, bpd or nll; repeat for several (default: fid)"),
     save_ref: str = typer.Option(None, "--save-ref", metavar="PATH", help="write the reference statistics to this .safetensors file"),
 ) -> None:
     """Score samples with FID, KID and the Inception Score against reference data, or a model's likelihood.
@@ -467,7 +578,8 @@ def _hydra_str(v: str) -> str:
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if len(sys.argv) > 1 and sys.argv[1] in ("train", "train-classifier", "sample", "inpaint", "edit", "eval", "tune-schedule", "distill"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "train-classifier", "train-ae", "sample", "inpaint", "edit", "eval", "tune-schedule", "distill",
+                                                   "upsample"):
         # Before torch and Hydra load: a signal from here on is a stop request the job honours at its first safe
         # point (training: step 0, with a checkpoint), not an exit that leaves nothing to resume.
         from diffuse.signals import handle_early

@@ -75,6 +75,8 @@ def find_files(src: str | Path) -> tuple[Path, Path, Optional[Path]]:
         else:
             raise UserError(f"{p}: not a diffusers model file: give a folder with config.json and {WEIGHTS}")
     model_dir = p if (p / "config.json").is_file() else p / "unet"
+    if not (model_dir / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+        model_dir = p / "vae"  # a pipeline folder holding only its autoencoder
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{p}: no config.json (nor unet/config.json): not a diffusers model or pipeline folder")
     weights = given if given is not None and given.parent == model_dir else model_dir / WEIGHTS
@@ -311,7 +313,12 @@ def convert_diffusers(src: str | Path, out: str | Path) -> Path:
     out = Path(out).expanduser()
     check_out(out)
     config_path, weights_path, sched_path = find_files(src)
-    model = unet_config(read_json(config_path), str(config_path))
+    dcfg = read_json(config_path)
+    from diffuse.convert_autoencoder import convert_autoencoder, is_autoencoder_config
+
+    if is_autoencoder_config(dcfg):
+        return convert_autoencoder(config_path, weights_path, dcfg, src, out)
+    model = unet_config(dcfg, str(config_path))
     schedule = schedule_config(sched_path)
     # The config's network on the meta device (shapes, no storage) against the shapes in the weights' header:
     # a config the weights do not fit, or one describing a network too large to build, is refused before a

@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from diffuse.errors import UserError
+from diffuse.nets.autoencoder import AutoencoderKL
 from diffuse.nets.classifier import Classifier
 from diffuse.nets.dit import DiT
-from diffuse.nets.layers import DOWNSAMPLE_PADS
+from diffuse.nets.layers import DOWNSAMPLE_PADS, TIME_EMBEDDINGS
 from diffuse.nets.unet import UNet
 
-# "classifier" is the noise-aware classifier of classifier guidance (diffuse train-classifier), not a denoiser.
-NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "classifier": Classifier}
+# "classifier" is the noise-aware classifier of classifier guidance (diffuse train-classifier), "autoencoder" the
+# image <-> latent map of latent diffusion (diffuse train-ae): neither is a denoiser.
+NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "classifier": Classifier, "autoencoder": AutoencoderKL}
 
 # Bounds on what a config may ask for. They are far beyond what this toolkit trains (DiT-XL/2 has 675M
 # parameters, Stable Diffusion's U-Net 860M, Ho et al.'s largest 256x256 model 114M) and far below what
@@ -95,6 +97,14 @@ def _check_io(c: _Check) -> None:
 def _check_unet(c: _Check) -> None:
     _check_io(c)
     _check_levels(c)
+    if not isinstance(c.cfg["aug_embedding"], bool):
+        raise c.fail("aug_embedding", "true or false")
+    if not isinstance(c.cfg["scale_shift"], bool):
+        raise c.fail("scale_shift", "true or false")
+    if c.cfg["time_embedding"] not in TIME_EMBEDDINGS:
+        raise c.fail("time_embedding", f"choose one of {', '.join(TIME_EMBEDDINGS)}")
+    c.number("norm_eps", 0.0, 1.0, hi_open=True, lo_open=True)
+    c.number("time_scale", 0.0, 1e6, hi_open=False, lo_open=True)
 
 
 def _check_classifier(c: _Check) -> None:
@@ -157,10 +167,36 @@ def _check_dit(c: _Check) -> None:
     c.integer("freq_dim", 4, MAX_WIDTH, "the time embedding divides by freq_dim // 2 - 1")
 
 
-_CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit, "classifier": _check_classifier}
+def _check_autoencoder(c: _Check) -> None:
+    cfg = c.cfg
+    ch = c.integer("ch", 1, MAX_WIDTH)
+    mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
+    if ch * max(mult) > MAX_WIDTH:
+        raise c.fail("ch_mult", f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, more than {MAX_WIDTH:,}")
+    c.integer("num_res_blocks", 1, MAX_BLOCKS)
+    c.integer("latent_channels", 1, MAX_IO_CHANNELS)
+    c.integer("groups", 1, MAX_WIDTH)
+    c.number("dropout", 0.0, 1.0, hi_open=True)
+    for key in ("mid_attention", "quant_conv", "post_quant_conv"):
+        if not isinstance(cfg[key], bool):
+            raise c.fail(key, "true or false")
+    if not c.data_known:
+        return
+    c.integer("in_channels", 1, MAX_IO_CHANNELS)
+    c.optional_integer("out_channels", 1, MAX_IO_CHANNELS, "as many as in_channels")
+    res = c.integer("resolution", 1, MAX_RESOLUTION)
+    factor = 2 ** (len(mult) - 1)
+    if res % factor:
+        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('ch_mult')}={mult}: the "
+                        f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}")
+
+
+_CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit, "classifier": _check_classifier,
+                                              "autoencoder": _check_autoencoder}
 # What grows a network's parameter count, named when it is too large.
 _SIZE_KEYS = {"unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"), "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes"),
-              "classifier": ("ch", "ch_mult", "num_res_blocks", "num_classes")}
+              "classifier": ("ch", "ch_mult", "num_res_blocks", "num_classes"),
+              "autoencoder": ("ch", "ch_mult", "num_res_blocks", "latent_channels")}
 
 
 def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = True) -> tuple[type[nn.Module], dict, _Check]:
@@ -251,3 +287,21 @@ def build_network(cfg: dict, *, where: str = "", keys: Optional[dict] = None,
         check_weights(shapes, weights, where)
     cls, args, check = _arguments(cfg, where, keys)
     return _construct(cls, args, check.prefix)
+
+
+def drop_variance_outputs(cfg: dict, weights: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """The weights of a learned-variance network (2C outputs: the mean's C, then the variances') with the
+    variance outputs removed: the same network with C outputs and the same mean prediction."""
+    out = dict(weights)
+    if cfg.get("arch") == "unet":
+        for key in ("conv_out.weight", "conv_out.bias"):
+            out[key] = weights[key][:channels].clone()
+        return out
+    if cfg.get("arch") == "dit":
+        # The final linear's rows are (patch row, patch column, channel) with the channel fastest (DiT.unpatchify).
+        for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+            w = weights[key]
+            per_pixel = w.reshape(-1, 2 * channels, *w.shape[1:])
+            out[key] = per_pixel[:, :channels].reshape(-1, *w.shape[1:]).clone()
+        return out
+    raise UserError(f"model.arch={cfg.get('arch')!r}: no learned-variance outputs to remove")

@@ -21,17 +21,18 @@ from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, Upsample, group
 
 
 def encoder(ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int, temb_dim: int, dropout: float,
-            groups: int, heads: int, downsample_pad: str) -> tuple[nn.ModuleList, list[int], int]:
+            groups: int, heads: int, downsample_pad: str, norm_eps: float = 1e-6,
+            scale_shift: bool = False) -> tuple[nn.ModuleList, list[int], int]:
     """The U-Net's down path (shared with the noise-aware classifier, whose weights it therefore names alike): the
     blocks, the channels of every skip (conv_in's first), and the resolution it ends at."""
     down, chans = nn.ModuleList(), [ch]
     cur, res = ch, resolution
     for level, mult in enumerate(ch_mult):
         for _ in range(num_res_blocks):
-            block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups)])
+            block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups, norm_eps, scale_shift)])
             cur = ch * mult
             if res in attn_resolutions:
-                block.append(AttnBlock(cur, heads, groups))
+                block.append(AttnBlock(cur, heads, groups, norm_eps))
             down.append(block)
             chans.append(cur)
         if level != len(ch_mult) - 1:
@@ -56,6 +57,11 @@ class UNet(nn.Module):
         heads: int = 1,
         groups: int = 32,
         downsample_pad: str = "both",
+        aug_embedding: bool = False,
+        norm_eps: float = 1e-6,
+        scale_shift: bool = False,
+        time_embedding: str = "ddpm",
+        time_scale: float = 1.0,
     ):
         super().__init__()
         self.resolution = resolution
@@ -63,44 +69,56 @@ class UNet(nn.Module):
         self.out_channels = out_channels or in_channels
         self.num_classes = num_classes
         self.ch = ch
+        # Nichol & Dhariwal's networks (diffuse convert --from improved-diffusion): GroupNorm eps 1e-5, scale-shift
+        # norms, their [cos, sin] embedding, and t rescaled to 0..1000 when T differs (rescale_timesteps).
+        self.time_embedding, self.time_scale = time_embedding, time_scale
         temb_dim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        # A super-resolution model's conditioning-augmentation level, embedded like t (Ho et al. 2021, section 4.2).
+        self.aug_emb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)) if aug_embedding else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down, chans, res = encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups,
-                                        heads, downsample_pad)
+                                        heads, downsample_pad, norm_eps, scale_shift)
         cur = chans[-1]
 
         self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, temb_dim, dropout, groups), AttnBlock(cur, heads, groups), ResBlock(cur, cur, temb_dim, dropout, groups)]
+            [ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift), AttnBlock(cur, heads, groups, norm_eps),
+             ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift)]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(cur + chans.pop(), ch * mult, temb_dim, dropout, groups)])
+                block = nn.ModuleList([ResBlock(cur + chans.pop(), ch * mult, temb_dim, dropout, groups, norm_eps, scale_shift)])
                 cur = ch * mult
                 if res in attn_resolutions:
-                    block.append(AttnBlock(cur, heads, groups))
+                    block.append(AttnBlock(cur, heads, groups, norm_eps))
                 self.up.append(block)
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
                 res *= 2
 
-        self.norm_out = group_norm(cur, groups)
+        self.norm_out = group_norm(cur, groups, norm_eps)
         self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
 
-    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        emb = self.temb(timestep_embedding(t, self.ch))
+    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor], aug: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = t if self.time_scale == 1.0 else t * self.time_scale
+        emb = self.temb(timestep_embedding(t, self.ch, layout=self.time_embedding))
+        if self.aug_emb is not None:
+            if aug is None:
+                raise ValueError("this U-Net embeds an augmentation level (aug_embedding=True): call it with aug=")
+            emb = emb + self.aug_emb(timestep_embedding(aug, self.ch))
         if self.label_emb is not None:
             if y is None:  # unconditional use of a conditional network: the null label
                 y = torch.full((t.shape[0],), self.num_classes, dtype=torch.long, device=t.device)
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb = self.embed(t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                aug: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.embed(t, y, aug)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

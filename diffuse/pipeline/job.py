@@ -25,7 +25,7 @@ class SamplingJob:
         """Images `indices` (see pipeline.sampling.generate for on_batch, keep, progress, fixed_shape)."""
         labels = self.labels[indices] if self.labels is not None else None
         return generate(self.denoiser, self.plan, shape=self.model.shape, seed=self.seed, device=device,
-                        batch_size=batch_size, indices=indices, labels=labels, **kwargs)
+                        batch_size=batch_size, indices=indices, labels=labels, decode=self.model.decode, **kwargs)
 
     def info(self) -> dict:
         """What sample.json and metrics.json record of how the images were drawn (nfe is added once counted)."""
@@ -63,7 +63,7 @@ def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guida
     """Everything checked before the first image is drawn: the sampler's options, labels and guidance (its classifier
     loaded; `verify`: the command's, for the classifier's checkpoint too)."""
     sampler, steps = as_distilled(model, sampler, steps)
-    plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned)
+    plan = plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned, model.learned_variance)
     g = attach_classifier(parse_guidance(guidance), model, plan, verify)
     chosen = sample_labels(model, g, label, labels, n)
     return SamplingJob(model, guide(model, g), plan, g, chosen, seed)

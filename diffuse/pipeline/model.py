@@ -34,6 +34,20 @@ class Model:
     source: dict  # {"model": "oracle"}, or {"ckpt": path, "step": n}: recorded beside what it makes
     tuned: dict = dataclasses.field(default_factory=dict)  # noise-level schedules tuned for it, "sampler/steps" -> levels
     sampling: dict = dataclasses.field(default_factory=dict)  # how it was made to be sampled: {"sampler", "steps"} (a distilled student)
+    # A learn_sigma network's variance channels, (x_t, t, y) -> v_raw (diffusion.bound): ancestral sampling and the
+    # bound use them; None for fixed variances.
+    learned_variance: Optional[Callable] = None
+    lowres: dict = dataclasses.field(default_factory=dict)  # a super-resolution model's checked condition (pipeline.cascade)
+    autoencoder: Any = None  # a latent model's LatentCodec (pipeline/latent.py): shape is the latents', decode() makes images
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape of the images it makes: shape itself, or a latent model's decoded latents."""
+        return self.autoencoder.image_shape(self.shape[-1]) if self.autoencoder is not None else self.shape
+
+    @property
+    def decode(self) -> Optional[Callable]:
+        return self.autoencoder.decode if self.autoencoder is not None else None
 
     @property
     def is_oracle(self) -> bool:
@@ -59,6 +73,15 @@ class TrainedNetwork:
     @property
     def mask_conditioned(self) -> bool:
         return bool((self.config.get("objective") or {}).get("mask_training"))
+
+    @property
+    def learn_sigma(self) -> bool:
+        return bool((self.config.get("objective") or {}).get("learn_sigma"))
+
+    @property
+    def image_channels(self) -> int:
+        """The channels of the images it makes: a learn_sigma network outputs twice as many (its variances)."""
+        return self.net.out_channels // 2 if self.learn_sigma else self.net.out_channels
 
 
 def schedule_from_config(cfg: Optional[dict], where: str = "") -> Schedule:
@@ -90,10 +113,12 @@ def schedule_from_config(cfg: Optional[dict], where: str = "") -> Schedule:
         raise UserError(f"{prefix}{e}") from None
 
 
-def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str = "the checkpoint") -> TrainedNetwork:
+def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str = "the checkpoint",
+                            superres: bool = False) -> TrainedNetwork:
     """The network, schedule and prediction type a checkpoint (`where`: its file, for the messages) describes.
     Its config is user input: it is checked, the schedule bounded, and the network's shapes (on the meta device)
-    compared with the weights in the file before the network is allocated."""
+    compared with the weights in the file before the network is allocated. A super-resolution model (condition=lowres)
+    is refused unless `superres`: it samples only given a low-resolution image."""
     from diffuse.diffusion.prediction import PREDICTIONS
     from diffuse.nets import build_network
 
@@ -103,6 +128,9 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     if isinstance(conf["model"], dict) and conf["model"].get("arch") == "classifier":
         raise UserError(f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
                         "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier")
+    if isinstance(conf["model"], dict) and conf["model"].get("arch") == "autoencoder":
+        raise UserError(f"{where} is an autoencoder (diffuse train-ae), not a diffusion model: diffuse in its latent space "
+                        "with diffuse train autoencoder=FILE")
     for part in ("objective", "data"):
         if not isinstance(conf.get(part) or {}, dict):
             raise UserError(f"{where}: its config's {part} is {type(conf[part]).__name__}, not a mapping")
@@ -119,9 +147,17 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
         raise UserError(f"{where}: objective.sigma_data={sigma_data!r} is not allowed: it must be a number > 0")
     if objective.get("mask_training", False) not in (True, False):
         raise UserError(f"{where}: objective.mask_training={objective['mask_training']!r} is not allowed: true or false")
+    if objective.get("learn_sigma", False) not in (True, False):
+        raise UserError(f"{where}: objective.learn_sigma={objective['learn_sigma']!r} is not allowed: true or false")
+    if objective.get("learn_sigma") and kind != "diffusion":
+        raise UserError(f"{where}: objective.learn_sigma=true with objective.kind={kind}: learned variances are for diffusion models")
     if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
         raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
     schedule = schedule_from_config(conf["schedule"], where=where)
+    if conf.get("condition") is not None and not superres:
+        from diffuse.pipeline.cascade import superres_refusal
+
+        raise superres_refusal(conf, where)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
     net = build_network(conf["model"], where=where, keys={}, weights=weights)
     try:
@@ -129,13 +165,19 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{where}: the weights do not fit its model config: {first}") from None
-    return TrainedNetwork(net, schedule, prediction, conf)
+    tn = TrainedNetwork(net, schedule, prediction, conf)
+    if tn.learn_sigma and (net.out_channels % 2 or (tn.mask_conditioned and net.out_channels != 2 * ((net.in_channels - 1) // 2))):
+        raise UserError(f"{where}: objective.learn_sigma=true but the network has {net.out_channels} output channels, "
+                        "not twice its image channels")
+    return tn
 
 
 def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], schedule: Optional[dict], use_ema: bool,
-               runtime: Runtime, verify: Any = True) -> Model:
+               runtime: Runtime, verify: Any = True, superres: bool = False, autoencoder: Any = None) -> Model:
     """`ckpt=` (a file or training run dir), or `model=oracle` with its mixture (`dataset`) and `schedule`.
-    verify=false lets a checkpoint that carries no hash load, said in a warning and in Model.source."""
+    verify=false lets a checkpoint that carries no hash load, said in a warning and in Model.source. `superres`: a
+    super-resolution checkpoint is wanted (cascade, upsample), and loads with its LowResConditioned network. A latent
+    model loads the autoencoder its checkpoint records (`autoencoder`: another path to that same file)."""
     verify = check_verify(verify)
     if ckpt in (None, ""):
         if not model:
@@ -149,8 +191,16 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
         raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
     path = resolve_ckpt_path(ckpt)
     loaded = load_checkpoint(path, verify=verify)
-    tn = network_from_checkpoint(loaded, use_ema=use_ema, where=str(path))
+    tn = network_from_checkpoint(loaded, use_ema=use_ema, where=str(path), superres=superres)
     runner = inference_network(tn.net, runtime)
+    lowres = {}
+    if tn.config.get("condition") is not None:
+        from diffuse.diffusion.superres import LowResConditioned
+        from diffuse.pipeline.cascade import check_condition
+
+        lowres = check_condition(tn.config["condition"], tn.net.resolution, where=str(path)) or {}
+        if lowres:
+            runner = LowResConditioned(runner, lowres["factor"])
     if tn.mask_conditioned:
         from diffuse.diffusion.inpainting import MaskConditioned
 
@@ -161,8 +211,30 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
     if loaded.verified != "all":  # what made the outputs says that its checkpoint was not (wholly) verified
         source["ckpt_verified"] = loaded.verified
     sampling = tn.config.get("sampling") if isinstance(tn.config.get("sampling"), dict) else {}
-    return Model(den, tn.schedule, (tn.net.out_channels, tn.net.resolution, tn.net.resolution), tn.net.num_classes,
-                 tn.is_8bit, source, loaded.tuned, sampling)
+    learned = den.variance_output if tn.learn_sigma else None
+    return Model(den, tn.schedule, (tn.image_channels, tn.net.resolution, tn.net.resolution), tn.net.num_classes,
+                 tn.is_8bit, source, loaded.tuned, sampling, learned, lowres=lowres,
+                 autoencoder=latent_codec(tn.config, autoencoder, runtime, str(path), source))
+
+
+def latent_codec(config: dict, override: Any, runtime: Runtime, where: str, source: dict):
+    """The LatentCodec a latent checkpoint's config records, its path added to `source` (None for a pixel model, for
+    which `override` is refused: it has no latent space)."""
+    rec = config.get("autoencoder")
+    if rec is None:
+        if override not in (None, ""):
+            raise UserError(f"autoencoder={override} is not allowed: {where} is a pixel-space model, not a latent one")
+        return None
+    scale = rec.get("scale_factor") if isinstance(rec, dict) else None
+    if (not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("hash"), str)
+            or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+        raise UserError(f"{where}: its config's autoencoder record is malformed (path, hash and a scale_factor > 0 are needed)")
+    from diffuse.pipeline.latent import load_autoencoder
+
+    codec = load_autoencoder(override if override not in (None, "") else rec["path"], expected=rec["hash"],
+                             scale_factor=float(scale), device=runtime.device, autocast=runtime.autocast)
+    source["autoencoder"] = codec.path
+    return codec
 
 
 def denoiser_of(net, tn: "TrainedNetwork", autocast=None):
@@ -175,7 +247,7 @@ def denoiser_of(net, tn: "TrainedNetwork", autocast=None):
         return ConsistencyDenoiser(net, tn.prediction, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
     if o.get("kind") == "edm":
         return EDMDenoiser(net, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
-    return NetworkDenoiser(net, tn.prediction, tn.schedule, autocast_dtype=autocast)
+    return NetworkDenoiser(net, tn.prediction, tn.schedule, autocast_dtype=autocast, learn_sigma=tn.learn_sigma)
 
 
 def oracle_model(dataset: Optional[dict], schedule: Optional[dict]) -> Model:

@@ -20,7 +20,7 @@ from diffuse.errors import UserError
 # the sampler function.
 SAMPLER_META = {"name", "spacing", "default_steps", "clip_x0", "rho", "polyexp_rho", "sigmas", "timesteps", "schedule"}
 # Arguments a sampler gets from the caller, never from its config.
-CALL_ARGS = {"denoiser", "x_T", "timesteps", "schedule", "generator", "y", "hook"}
+CALL_ARGS = {"denoiser", "x_T", "timesteps", "schedule", "generator", "y", "hook", "learned_variance"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,11 @@ class SamplerPlan:
 
 
 def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, clip_default: bool,
-                 tuned: Optional[dict] = None) -> SamplerPlan:
+                 tuned: Optional[dict] = None, learned_variance: Optional[Callable] = None) -> SamplerPlan:
     """The sampler of `sampler_cfg` over `steps` (None: its default_steps, or all T); unknown options are refused.
-    `tuned`: the schedules diffuse tune-schedule recorded for the model, for sampler.schedule=tuned."""
+    `tuned`: the schedules diffuse tune-schedule recorded for the model, for sampler.schedule=tuned.
+    `learned_variance`: a learn_sigma model's variance channels (Model.learned_variance), for the samplers that
+    take them (ancestral DDPM); the others use the mean only."""
     name = sampler_cfg["name"]
     fn = get_sampler(name)
     timesteps = levels_of(sampler_cfg, steps, schedule, tuned or {})
@@ -64,6 +66,8 @@ def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, cl
     if clip not in ("auto", None, True, False):
         raise UserError(f"sampler.clip_x0={clip!r} is not allowed: auto, true or false")
     options["clip_x0"] = clip_default if clip in ("auto", None) else clip
+    if "learned_variance" in params:
+        options["learned_variance"] = learned_variance
     # Samplers check their options on entry: a call over no timesteps refuses bad ones before any work is done.
     fn(None, torch.zeros(1), timesteps[:0], schedule, **options)
     return SamplerPlan(name, fn, steps, timesteps, schedule, options)
@@ -149,6 +153,7 @@ def generate(
     keep: bool = True,
     fixed_shape: bool = False,
     stop=None,
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Samples:
     """Draw images `indices`, each from its own (seed, i) noise stream; labels[j] is the label of indices[j].
 
@@ -156,7 +161,8 @@ def generate(
     for callers that consume each batch (evaluation of 50k samples). fixed_shape pads a short last batch to
     batch_size with copies of its last image (dropped after), so that a compiled network or its CUDA graph
     sees one shape only; images are drawn independently, so the padding changes none of them. stop (a
-    diffuse.signals.StopRequest) is looked at before each batch: once requested, no new batch starts."""
+    diffuse.signals.StopRequest) is looked at before each batch: once requested, no new batch starts. decode (a
+    latent model's: latents -> images) runs on each batch on the device, before on_batch sees it."""
     outs, nfe, stopped = [], 0, False
     with progress_bar(progress) as bar:
         task = bar.add_task(f"sampling ({plan.name}, {plan.describe_steps()})", total=len(indices))
@@ -171,7 +177,8 @@ def generate(
             y = labels[start : start + len(idx)] if labels is not None else None
             y = torch.cat([y, y[-1:].expand(pad)]).to(device) if y is not None else None
             counter = CountingDenoiser(denoiser)
-            x0 = plan(counter, x_T, generator=gen, y=y)[: len(idx)].float().cpu()
+            x0 = plan(counter, x_T, generator=gen, y=y)[: len(idx)]
+            x0 = (decode(x0) if decode is not None else x0).float().cpu()
             nfe = nfe or counter.calls
             if keep:
                 outs.append(x0)

@@ -43,7 +43,7 @@ def checking_runtime(rt: Runtime) -> Runtime:
 def model_of(cfg: DictConfig, runtime: Runtime) -> Model:
     """ckpt= or model=oracle (with its dataset and schedule) as a Model."""
     return load_model(ckpt=cfg.ckpt, model=to_dict(cfg.model), dataset=to_dict(cfg.dataset), schedule=to_dict(cfg.schedule),
-                      use_ema=cfg.use_ema, runtime=runtime, verify=cfg.verify)
+                      use_ema=cfg.use_ema, runtime=runtime, verify=cfg.verify, autoencoder=cfg.get("autoencoder"))
 
 
 def sampling_job_of(cfg: DictConfig, model: Model, n: int) -> SamplingJob:
@@ -51,6 +51,36 @@ def sampling_job_of(cfg: DictConfig, model: Model, n: int) -> SamplingJob:
     seed = check_number("seed", cfg.seed, integer=True)
     return prepare_sampling(model, sampler=to_dict(cfg.sampler), steps=cfg.steps, guidance=to_dict(cfg.guidance),
                             label=cfg.label, labels=to_dict(cfg.labels), n=n, seed=seed, verify=cfg.get("verify", True))
+
+
+def job_of(cfg: DictConfig, runtime: Runtime, n: int):
+    """The command's sampling job: sampling_job_of its model, or with cascade=[BASE, SR, ...] a pipeline.cascade.CascadeJob
+    (the base stage with the command's sampler, guidance and labels; each super-resolution stage with the same sampler
+    and steps, at condition.aug_level: null for each model's own, a number for all, or a list, one per stage)."""
+    from diffuse.pipeline.cascade import CascadeJob, check_chain, load_cascade, plan_superres
+
+    paths = to_dict(cfg.get("cascade"))
+    if paths in (None, ""):
+        return sampling_job_of(cfg, model_of(cfg, runtime), n)
+    if cfg.ckpt not in (None, "") or cfg.model is not None:
+        raise UserError("cascade= and ckpt=/model= cannot both be given: the cascade's first checkpoint is its base model")
+    models = load_cascade(paths, lambda p, sr: load_model(ckpt=p, model=None, dataset=None, schedule=None, use_ema=cfg.use_ema,
+                                                           runtime=runtime, verify=cfg.verify, superres=sr,
+                                                           autoencoder=None if sr else cfg.get("autoencoder")))
+    cond = to_dict(cfg.get("condition")) or {}
+    levels, truncs = (_per_stage(cond.get(k), len(models) - 1, f"condition.{k}") for k in ("aug_level", "truncated"))
+    base = sampling_job_of(cfg, models[0], n)
+    stages = tuple(plan_superres(m, to_dict(cfg.sampler), cfg.steps, lv, tr) for m, lv, tr in zip(models[1:], levels, truncs))
+    check_chain(models[0], stages)
+    return CascadeJob(base, stages, base.denoiser)
+
+
+def _per_stage(value: Any, stages: int, key: str) -> list:
+    if isinstance(value, list):
+        if len(value) != stages:
+            raise UserError(f"{key}={value!r} is not allowed: give one value, or a list of {stages} (one per super-resolution stage)")
+        return value
+    return [value] * stages
 
 
 def dataset_config(name: str) -> dict:
@@ -160,16 +190,19 @@ def _restore(kept: dict[Path, bytes]) -> None:
 # goes, would otherwise fail only when the file is written, after the work.
 OUTPUTS = {
     "train": ("checkpoints/", "samples/", "config.yaml", "metrics.jsonl", "grid.png", "checkpoints/last.safetensors",
-              "checkpoints/step_*.safetensors", "samples/step_*.png"),
+              "checkpoints/step_*.safetensors", "samples/step_*.png", "curves.png", "tensorboard/", "wandb/"),
     "sample": ("images/", "config.yaml", "sample.json", "grid.png", "samples.npz", "images/*.png"),
     "inpaint": ("config.yaml", "inpaint.json", "*.png"),
     "edit": ("config.yaml", "edit.json", "grid.png", "samples.npz", "*.png"),
+    "upsample": ("config.yaml", "upsample.json", "grid.png", "*.png"),
     "eval": ("features/", "config.yaml", "metrics.json"),
     "tune_schedule": ("config.yaml", "schedule.json", "levels.png", "tune_state.json", "reference.safetensors"),
 }
 OUTPUTS["distill"] = (*OUTPUTS["train"], "checkpoints/student_*steps.safetensors")
 OUTPUTS["train_classifier"] = ("checkpoints/", "config.yaml", "metrics.jsonl", "accuracy.json", "checkpoints/last.safetensors",
-                               "checkpoints/step_*.safetensors")
+                               "checkpoints/step_*.safetensors", "curves.png")
+OUTPUTS["train_ae"] = ("checkpoints/", "config.yaml", "metrics.jsonl", "ae.json", "reconstructions.png",
+                       "checkpoints/last.safetensors", "checkpoints/step_*.safetensors")
 # What a -m sweep writes into its sweep dir: Hydra's multirun.yaml, and eval's summary (tasks/sweep_summary.py).
 SWEEP_OUTPUTS = {"eval": ("summary.csv", "summary.md", "*_vs_nfe.png")}
 
@@ -184,7 +217,7 @@ def check_outputs(command: str, cfg: DictConfig, out: Path) -> None:
     (or prunes) checkpoints; such a file is never overwritten."""
     check_paths(out, (*OUTPUTS.get(command, ()), f"{RECORD_DIR}/", *(f"{RECORD_DIR}/{n}" for n in RECORD)),
                 f"diffuse {command.replace('_', '-')}")
-    if command in ("train", "train_classifier"):
+    if command in ("train", "train_classifier", "train_ae"):
         ckdir = out / "checkpoints"
         for p in [ckdir / "last.safetensors", *sorted(ckdir.glob("step_*.safetensors"))]:
             if p.is_file() and not is_diffuse_checkpoint(p):

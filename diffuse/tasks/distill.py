@@ -154,6 +154,9 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
     ckpt = load_checkpoint(path, verify=cfg.verify)
     tn = network_from_checkpoint(ckpt, use_ema=cfg.use_ema, where=str(path))
     conf = tn.config
+    if conf.get("autoencoder") is not None:
+        raise UserError(f"teacher={path} is a latent model (trained with autoencoder=): distillation takes a pixel-space "
+                        "teacher; its student would need the teacher's latents, which distill does not encode")
     o = dict(conf.get("objective") or {})
     if o.get("kind", "diffusion") == "edm":
         # The student starts as a copy of the teacher and is trained as a plain network: it would misread F.
@@ -174,7 +177,8 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
                         f"{dataset['name']} is {c}x{r}x{r}: the student learns the teacher's images")
     o = {**o, "kind": "diffusion"}
     for key, default in (("weighting", "simple"), ("min_snr_gamma", 5.0), ("p_uncond", 0.1), ("mask_training", False),
-                         ("mask_kinds", {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2})):
+                         ("mask_kinds", {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2}), ("learn_sigma", False),
+                         ("vlb_weight", 0.001)):
         o.setdefault(key, default)  # checkpoints of diffuse convert carry fewer objective keys
     rt = resolve_runtime(to_dict(cfg.runtime))
     teacher_net = inference_network(tn.net, rt)
@@ -182,6 +186,14 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
     teacher = None if method == "ect" else Guided(denoiser_of(teacher_net, tn), scale, tn.net.num_classes, tn.schedule)
     model = {k: v for k, v in conf["model"].items() if k not in ("resolution", "in_channels")}
     init = {k: v.clone() for k, v in (ckpt.ema if (cfg.use_ema and ckpt.ema) else ckpt.model).items()}
+    if o["learn_sigma"]:
+        from diffuse.nets import drop_variance_outputs
+
+        # The student matches the teacher's deterministic DDIM steps: it learns the mean alone, from the teacher's
+        # weights without their variance outputs.
+        init = drop_variance_outputs(conf["model"], init, tn.image_channels)
+        model = {**model, "out_channels": None}
+        o = {**o, "learn_sigma": False}
     about = {"teacher": {"path": str(path), "sha256": content_hash(init), "step": ckpt.step}}
     return model, conf["schedule"], o, dataset, teacher, init, about
 

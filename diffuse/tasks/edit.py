@@ -74,6 +74,9 @@ def prepare(cfg: DictConfig, checking: bool = False):
     pairs = edit_pairs(cfg.image, cfg.mask)
     rt = runtime_of(cfg, images=n * len(pairs))
     model = model_of(cfg, checking_runtime(rt) if checking else rt)
+    if model.autoencoder is not None:
+        raise UserError(f"ckpt={cfg.ckpt} is a latent model (autoencoder {model.autoencoder.path}): diffuse edit works in "
+                        "pixel space and does not take one; inpaint it with diffuse inpaint, or edit with a pixel model")
     job = sampling_job_of(cfg, model, n)
     masked = pairs[0][1] is not None
     check_sampler(job, method, strength, masked, n)

@@ -9,7 +9,9 @@ torchrun every rank runs them in the same order, so the collective steps inside 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
@@ -22,14 +24,14 @@ from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError, check_number
 from diffuse.images import describe_shape, from_uint8, open_images, sample_info, to_uint8
-from diffuse.metrics import image_scores, likelihood
+from diffuse.metrics import image_scores, likelihood, manifold
 from diffuse.metrics.extraction import FeatureStore, assemble, cat, features_in_chunks, sample_features
 from diffuse.metrics.features import build_extractor, check_metrics_config
 from diffuse.metrics.references import Reference, reference_stats, resolve_reference
 from diffuse.pipeline.runtime import Runtime
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest, Stopped
-from diffuse.tasks.common import dataset_config, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import dataset_config, job_of, model_of, runtime_of, save_resolved_config, to_dict, write_json
 
 # n=null with a model: the standard sample count of published FIDs (50000 samples against the training set).
 STANDARD_N = 50000
@@ -44,6 +46,8 @@ class Evaluation:
         # out: where generated samples' features are kept as they are computed (None: not kept); stop: looked at
         # between sampling batches; resume: go on from the features kept in out.
         self.out, self.stop, self.resume = out, stop, resume
+        # Where the generated samples' features are kept; another sample set (metrics.seeds) keeps its own below it.
+        self.features_dir = out / "features" if out is not None else None
         self.m = check_metrics_config(to_dict(cfg.metrics))
         self.info: dict[str, Any] = {}
         self.samples = self.job = None
@@ -56,8 +60,8 @@ class Evaluation:
             self.info.update({"samples": self.samples.desc, **sample_info(Path(str(cfg.samples)).expanduser())})
         elif n is not None:
             check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
-            self.job = sampling_job_of(cfg, model_of(cfg, rt), n)
-            self.shape = self.job.model.shape
+            self.job = job_of(cfg, rt, n)
+            self.shape = self.job.model.image_shape  # a latent model's samples are decoded: FID is on images
             self.info.update(self.job.info())
 
     @cached_property
@@ -85,7 +89,7 @@ class Evaluation:
         if self.samples is not None:
             return sample_features(self.extractor, self.samples, self.n, self.d, bs, f"sample features ({self.n} images)")
         mine = list(range(self.d.rank, self.n, self.d.world))
-        store = FeatureStore(self.out / "features", self.extractor) if self.out is not None else None
+        store = FeatureStore(self.features_dir, self.extractor) if self.features_dir is not None else None
         kept_idx, kept, kept_nfe = store.load(mine) if store and self.resume else ([], {}, 0)
         if store and not self.resume:
             if self.d.main:
@@ -120,6 +124,21 @@ class Evaluation:
         self.info["nfe"] = max(p[2] for p in parts)  # a rank that found all its features kept drew none
         return assemble([(i, f) for i, f, _ in parts], self.n)
 
+    def another_set(self, k: int) -> "Evaluation":
+        """Sample set k of metrics.seeds: the same model, sampler and reference (extractor and statistics shared),
+        its images drawn with seed + k, its features kept in features/set{k}."""
+        ev = copy.copy(self)
+        ev.__dict__.pop("features", None)
+        ev.info = dict(self.info)
+        ev.job = _with_seed(self.job, self.job_seed + k)
+        ev.info["seed"] = self.job_seed + k
+        ev.features_dir = self.features_dir / f"set{k}" if self.features_dir is not None else None
+        return ev
+
+    @property
+    def job_seed(self) -> int:
+        return int(self.job.seed if hasattr(self.job, "seed") else self.job.base.seed)
+
     @cached_property
     def likelihood_config(self) -> dict:
         return likelihood.check_likelihood_config(to_dict(self.cfg.likelihood))
@@ -130,7 +149,11 @@ class Evaluation:
         a compiled graph, and the bound's small-t terms are sensitive to eps errors."""
         if self.cfg.ckpt in (None, "") and self.cfg.model is None:
             raise UserError("--metric bpd/nll needs the model: ckpt=FILE|RUN_DIR (or model=oracle dataset=gmm)")
-        return model_of(self.cfg, dataclasses.replace(self.rt, autocast=None, compile=False, cuda_graphs=False))
+        model = model_of(self.cfg, dataclasses.replace(self.rt, autocast=None, compile=False, cuda_graphs=False))
+        if model.autoencoder is not None:
+            raise UserError(f"--metric bpd/nll is not defined for a latent model (ckpt={self.cfg.ckpt}): its bound is on the "
+                            "latents, not on the images' pixels; score it with --metric fid/kid")
+        return model
 
     @cached_property
     def likelihood_data(self) -> tuple[torch.Tensor, str]:
@@ -173,28 +196,56 @@ def _is(ev: Evaluation) -> dict[str, float]:
     return {"is": mean, "is_std": std}
 
 
+def _fd(ev: Evaluation) -> dict[str, float]:
+    """The Fréchet distance in the chosen feature space, named after it: --metric fd metrics.features=dinov2 is
+    Stein et al.'s FD_DINOv2 (--metric fid computes the same number, under the name FID)."""
+    return {f"fd_{ev.extractor.name}": _fid(ev)["fid"]}
+
+
+def _manifold_sets(ev: Evaluation) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference subset kept with its statistics (metrics.kid_ref_max images) and the samples, the larger cut
+    to the smaller's size (its first images): each side's k-NN radii must come from a set of the same size."""
+    real, fake = ev.ref_stats.features, ev.features["pool"]
+    m = min(len(real), len(fake))
+    ev.info["manifold_n"] = m
+    return real[:m], fake[:m]
+
+
+def _pr(ev: Evaluation) -> dict[str, float]:
+    p, r = manifold.precision_recall(*_manifold_sets(ev), k=ev.m["pr_k"], device=ev.rt.device)
+    return {"precision": p, "recall": r}
+
+
+def _dc(ev: Evaluation) -> dict[str, float]:
+    dens, cov = manifold.density_coverage(*_manifold_sets(ev), k=ev.m["dc_k"], device=ev.rt.device)
+    return {"density": dens, "coverage": cov}
+
+
 def _likelihood(ev: Evaluation, kind: str) -> dict[str, float]:
     lc, model = ev.likelihood_config, ev.likelihood_model
     x, desc = ev.likelihood_data
     # Class-conditional networks are scored unconditionally: the null label.
     y_null = model.num_classes if (model.num_classes and not model.is_oracle) else None
-    out = likelihood.score(model.denoiser, x, model.schedule, kind=kind, lc=lc, y_null=y_null, d=ev.d, device=ev.rt.device)
+    learned = model.learned_variance
+    out = likelihood.score(model.denoiser, x, model.schedule, kind=kind, lc=lc, y_null=y_null, d=ev.d, device=ev.rt.device,
+                           learned_variance=learned)
     if kind == "nll" and model.is_oracle:
         from diffuse.data import build_mixture
         from diffuse.metrics.mixture import mixture_nll
 
         out["nll_exact"] = float(mixture_nll(build_mixture(to_dict(ev.cfg.dataset)), x).mean())
-    ev.info["likelihood"] = {"data": desc, "n": int(x.shape[0]), **{k: lc[k] for k in ("methods", "variance", "ode_steps", "hutchinson", "probe", "sigma_min", "seed")}}
+    ev.info["likelihood"] = {"data": desc, "n": int(x.shape[0]), **{k: lc[k] for k in ("methods", "ode_steps", "hutchinson", "probe", "sigma_min", "seed")},
+                             "variance": likelihood.resolve_variance(lc["variance"], learned)}
     return out
 
 
 METRICS: dict[str, Callable[[Evaluation], dict[str, float]]] = {
-    "fid": _fid, "kid": _kid, "is": _is,
+    "fid": _fid, "kid": _kid, "is": _is, "fd": _fd, "pr": _pr, "dc": _dc,
     "bpd": lambda ev: _likelihood(ev, "bpd"), "nll": lambda ev: _likelihood(ev, "nll"),
 }
 LIKELIHOOD_METRICS = {"bpd", "nll"}
-FEATURE_METRICS = {"fid", "kid", "is"}  # their reference, shapes and extractor are checked before any work
-NEEDS_REFERENCE = {"fid", "kid"}
+FEATURE_METRICS = {"fid", "kid", "is", "fd", "pr", "dc"}  # their reference, shapes and extractor are checked before any work
+NEEDS_REFERENCE = {"fid", "kid", "fd", "pr", "dc"}
 
 
 def metric_names(value: Any) -> list[str]:
@@ -207,6 +258,42 @@ def metric_names(value: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def score_sets(ev: Evaluation, names: list[str], seeds: int) -> dict[str, Any]:
+    """Every metric on sample set 0; with metrics.seeds = S > 1 also on sets 1..S-1 (drawn with seed + k), each
+    sample metric then reported as its min and mean over the S sets, and each set's own values under `sets` in
+    metrics.json: the protocol of Karras et al. 2022 (EDM), who report the minimum FID of three sets of 50000.
+    A likelihood draws no samples: it is computed once."""
+    per_set = []
+    for k in range(seeds):
+        evk = ev if k == 0 else ev.another_set(k)
+        values: dict[str, Any] = {}
+        for name in names:
+            if k == 0 or name not in LIKELIHOOD_METRICS:
+                values.update(METRICS[name](evk))
+        per_set.append((evk, values))
+    if seeds == 1:
+        return per_set[0][1]
+    sample_keys = list(per_set[1][1])  # the later sets computed the sample metrics only
+    out: dict[str, Any] = {k: v for k, v in per_set[0][1].items() if k not in sample_keys}
+    for key in sample_keys:
+        if key.endswith("_subset_size"):
+            out[key] = per_set[0][1][key]
+            continue
+        vals = [v[key] for _, v in per_set]
+        out[f"{key}_min"], out[f"{key}_mean"] = min(vals), math.fsum(vals) / len(vals)
+    ev.info["seeds"] = [evk.info["seed"] for evk, _ in per_set]
+    ev.info["sets"] = [{"seed": evk.info["seed"], "nfe": evk.info.get("nfe"), "metrics": {k: v[k] for k in sample_keys}}
+                       for evk, v in per_set]
+    return out
+
+
+def _with_seed(job, seed: int):
+    """The sampling job drawing with another seed (a cascade's seed is its base stage's)."""
+    if any(f.name == "seed" for f in dataclasses.fields(job)):
+        return dataclasses.replace(job, seed=seed)
+    return dataclasses.replace(job, base=dataclasses.replace(job.base, seed=seed))
+
+
 # ---------------------------------------------------------------------------------------------------------- run
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -217,7 +304,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 def prepare(cfg: DictConfig, out: Path):
     """What score() refuses from the config alone: (metric names, whether it generates samples, n)."""
     names = metric_names(to_dict(cfg.metric))
-    has_model = cfg.ckpt not in (None, "") or cfg.model is not None
+    has_model = cfg.ckpt not in (None, "") or cfg.model is not None or cfg.get("cascade") not in (None, "")
     scoring_samples = bool(set(names) & FEATURE_METRICS) or cfg.samples not in (None, "")
     if cfg.samples not in (None, "") and has_model:
         raise UserError("samples= and ckpt=/model= cannot both be given: score existing samples or generate new ones")
@@ -229,6 +316,10 @@ def prepare(cfg: DictConfig, out: Path):
     if not isinstance(cfg.resume, bool):
         raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
     generating = has_model and scoring_samples
+    seeds = check_number("metrics.seeds", cfg.metrics.seeds, minimum=1, integer=True)
+    if seeds > 1 and not (has_model and set(names) & FEATURE_METRICS):
+        raise UserError(f"metrics.seeds={seeds} scores {seeds} sample sets drawn from a model: it needs ckpt= (or model=oracle) "
+                        f"and a sample metric ({', '.join(sorted(FEATURE_METRICS))}), not samples= or a likelihood alone")
     if cfg.resume and generating:
         check_resume(cfg, out)
     return names, generating, n
@@ -254,11 +345,9 @@ def score(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
                 save_reference(ev, Path(str(cfg.save_ref)).expanduser())
             if ev.shape is None and not set(names) & LIKELIHOOD_METRICS:
                 return {}
-            values: dict[str, Any] = {}
-            for name in names:
-                values.update(METRICS[name](ev))
+            values = score_sets(ev, names, int(ev.m["seeds"]) if generating else 1)
     except Stopped:
-        return stopped_early(out, stop, d, (n or STANDARD_N) if generating else None)
+        return stopped_early(out, stop, d, (n or STANDARD_N) * int(cfg.metrics.seeds) if generating else None)
     finally:
         distributed.teardown(d)
     if not d.main:
@@ -279,7 +368,7 @@ def score(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
 
 # What must be the same for resume=true to keep the features of an earlier run's samples (n and batch_size may
 # change: image i depends only on (seed, i)); the feature extractor is checked on each kept file.
-RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "schedule")
+RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "schedule", "cascade", "condition")
 
 
 def check_resume(cfg: DictConfig, out: Path) -> None:
@@ -287,7 +376,8 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     if not old_path.is_file():
         return
     old, new = to_dict(OmegaConf.load(old_path)), to_dict(cfg)
-    keys = [(k, old.get(k), new.get(k)) for k in RESUME_KEYS]
+    # A run dir from before cascades has no cascade/condition keys: it drew without them, as the defaults do.
+    keys = [(k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k)) for k in RESUME_KEYS]
     if cfg.model is not None:  # model=oracle is the dataset's mixture; with a checkpoint, dataset is the reference only
         keys.append(("dataset", old.get("dataset"), new.get("dataset")))
     keys.append(("runtime.precision", (old.get("runtime") or {}).get("precision"), new["runtime"]["precision"]))
@@ -304,7 +394,7 @@ def stopped_early(out: Path, stop: StopRequest, d: distributed.Dist, n_generated
     if n_generated is None:
         console.print(stop.line("nothing of this evaluation is kept: run it again"), markup=False)
         return {"stopped": True}
-    kept = FeatureStore(out / "features").count()
+    kept = sum(FeatureStore(p).count() for p in [out / "features", *sorted((out / "features").glob("set*"))])
     console.print(stop.line(f"features of {kept} of {n_generated} generated images kept in {out / 'features'}", "eval", out.resolve()),
                   markup=False)
     return {"stopped": True, "kept": kept}

@@ -57,7 +57,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
         repaint_nfe(steps, ic["jump_length"], ic["resamples"], ic["jump_last"])
         if plan.name not in STEPS:
             raise UserError(f"sampler={plan.name!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
-    loaded = [load_image_and_mask(i, m, model.shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs]
+    loaded = [load_image_and_mask(i, m, model.image_shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs]
     return n, seed, steps, ic, method, pairs, loaded, rt, model, job
 
 
@@ -104,12 +104,18 @@ def complete(model, job, method: str, ic: dict, img: torch.Tensor, keep_full: to
     model's size from noise streams first, first + 1, ... (completion j with label job.labels[j]); and the
     denoiser calls they took."""
     plan = job.plan
-    c, h, w = model.shape
+    c, h, w = model.image_shape
     H, W = img.shape[-2:]
     scaled = (H, W) != (h, w)
     x0 = from_uint8(resize(img, (h, w), "bilinear").round().clamp(0, 255) if scaled else img.float()).to(device)
     keep = (resize(keep_full.float(), (h, w), "nearest") > 0.5) if scaled else keep_full
     keep = keep.unsqueeze(0).to(device)
+    if model.autoencoder is not None:
+        # A latent model: the known region is the latent cells whose every pixel is kept, holding the encoded
+        # image; the sampler fills the rest of the latent grid. The known pixels go back exactly at the end.
+        f = model.autoencoder.factor
+        keep = -torch.nn.functional.max_pool2d(-keep.float(), f) > 0.5
+        x0 = model.autoencoder.encode(x0.unsqueeze(0))[0].to(device)
     gen = PerSample(seed, [first + j for j in range(n)])
     x_T = randn((n, *model.shape), gen, device)
     known = x0.unsqueeze(0).expand(n, -1, -1, -1)
@@ -117,7 +123,10 @@ def complete(model, job, method: str, ic: dict, img: torch.Tensor, keep_full: to
     # q(x_t | x_0), as in training, and pastes them exactly at the end.
     guided = job.denoiser
     if method == "conditioned":
-        guided = guide(dataclasses.replace(model, denoiser=condition_on(model.denoiser, known, keep)), job.guidance)
+        told = condition_on(model.denoiser, known, keep)
+        guided = guide(dataclasses.replace(model, denoiser=told), job.guidance)
+        if plan.options.get("learned_variance") is not None:  # the variances of the network told the known pixels
+            plan = dataclasses.replace(plan, options={**plan.options, "learned_variance": told.variance_output})
     den = CountingDenoiser(guided)
     y = job.labels.to(device) if job.labels is not None else None
     if method == "repaint":
@@ -125,6 +134,8 @@ def complete(model, job, method: str, ic: dict, img: torch.Tensor, keep_full: to
                     resamples=ic["resamples"], jump_last=ic["jump_last"], step=plan.name, generator=gen, y=y, **plan.options)
     else:
         x = plan(den, x_T, generator=gen, y=y, hook=replace_hook(known, keep, model.schedule, gen))
+    if model.autoencoder is not None:
+        x = model.autoencoder.decode(x)
     res = to_uint8(x.float().cpu())
     if scaled:
         res = resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)

@@ -16,11 +16,12 @@ from diffuse.console import console
 from diffuse.errors import UserError, check_number
 from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict, write_json
 
 # What must be the same for resume=true to keep the images an earlier run wrote (n and batch_size may change:
 # image i depends only on (seed, i)).
-RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "dataset", "schedule")
+RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "dataset", "schedule",
+               "cascade", "condition")
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def prepare(cfg: DictConfig, out: Path, checking: bool = False):
     if not isinstance(cfg.resume, bool):
         raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
     rt = runtime_of(cfg, images=n)
-    job = sampling_job_of(cfg, model_of(cfg, checking_runtime(rt) if checking else rt), n)
+    job = job_of(cfg, checking_runtime(rt) if checking else rt, n)
     if cfg.resume:
         check_resume(cfg, out)
     return n, batch_size, grid_n, rt, job
@@ -54,7 +55,7 @@ def draw(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     # set is the one a single process draws. Rank 0 gathers them for the grid and the npz.
     d = distributed.setup(rt.device.type)
     mine = list(range(d.rank, n, d.world))
-    done = written_images(images_dir, mine, job.model.shape) if cfg.resume else {}
+    done = written_images(images_dir, mine, job.model.image_shape) if cfg.resume else {}
     todo = [i for i in mine if i not in done]
     if cfg.resume:
         console.print(f"resume: {len(done)} image(s) already written, {len(todo)} to draw")
@@ -119,7 +120,8 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     old, new = to_dict(OmegaConf.load(old_path)), to_dict(cfg)
     # runtime.precision changes the images (bf16 rounds differently); the other runtime switches do not.
     old_precision = (old.get("runtime") or {}).get("precision", old.get("precision"))
-    for key, before, now in [*((k, old.get(k), new.get(k)) for k in RESUME_KEYS),
+    # A run dir from before cascades has no cascade/condition keys: it drew without them, as the defaults do.
+    for key, before, now in [*((k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k)) for k in RESUME_KEYS),
                              ("runtime.precision", old_precision, new["runtime"]["precision"])]:
         if before != now:
             raise UserError(f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "

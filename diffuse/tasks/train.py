@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from diffuse import distributed
+from diffuse.errors import UserError
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import save_resolved_config, to_dict
 from diffuse.training.loop import fit, resume
@@ -18,6 +19,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # Signals are handled from the start: one while the network is built stops before the first step, with a
     # checkpoint of step 0 that resume=true continues.
     with StopRequest() as stop:
+        check_model_arch(cfg)
         trainer = Trainer(to_dict(cfg), out)
         try:
             resume(trainer, cfg.resume, cfg.verify)
@@ -30,4 +32,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 def check(cfg: DictConfig, out: Path) -> None:
     """What run() refuses before its first step (cli.check_overrides runs it for every job of a -m sweep)."""
+    check_model_arch(cfg)
     check_config(to_dict(cfg))
+
+
+def check_model_arch(cfg: DictConfig) -> None:
+    if cfg.model.get("arch") == "autoencoder":
+        raise UserError("model.arch='autoencoder' is not a denoiser: train it with diffuse train-ae, then diffuse in its "
+                        "latent space with diffuse train autoencoder=RUN")

@@ -19,17 +19,23 @@ from diffuse.checkpoint import ENVIRONMENT_ERRNOS, atomic_write, check_verify, l
 from diffuse.console import console, err_console, progress_bar
 from diffuse.errors import RunStopped, UserError
 from diffuse.signals import StopRequest
+from diffuse.training.curves import read_records, write_curves
+from diffuse.training.evaluation import build_eval
+from diffuse.training.tracking import build_tracker
 from diffuse.training.trainer import Trainer
 
 
 def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
     """Phase 1. resume=true continues this run dir from its newest checkpoint that verifies (passing over a damaged
-    last.safetensors); resume=PATH starts this run from another run's checkpoint (a file or a run dir).
+    last.safetensors); resume=auto does when there is one, and starts afresh when not; resume=PATH starts this run
+    from another run's checkpoint (a file or a run dir).
     verify=false lets a checkpoint without a hash load (said in one line); a damaged one never does."""
     verify = check_verify(verify)
+    out = trainer.out
+    if value == "auto":  # a job that may be a restart (torchrun --max-restarts, a requeued cluster job): go on if it can
+        value = any((out / "checkpoints").glob("*.safetensors")) if (out / "checkpoints").is_dir() else False
     if value in (False, None, "", "false"):
         return
-    out = trainer.out
     in_place = value in (True, "true")
     if in_place or Path(str(value)).is_dir():
         root = out if in_place else Path(str(value))
@@ -56,6 +62,7 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None, command: str = "tr
     if not trainer.dist.main:
         console.quiet = True  # one voice: rank 0 prints, logs and writes
     console.print(trainer.describe())
+    evaluate = build_eval(trainer, trainer.metrics_cfg)  # before the first step: a refusal costs no training
     fields = (TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"))
     with (nullcontext(stop) if stop is not None else StopRequest()) as stop, progress_bar(True, *fields) as bar, \
             MetricsLog(trainer) as log:
@@ -66,13 +73,17 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None, command: str = "tr
             step = trainer.step
             if step % t["log_every"] == 0 or step == t["steps"]:
                 rec = log.write(step)
-                stage = status_text(trainer.objective.status())
+                stage = status_text(rec)  # the record holds the interval's status: a second read would find it spent
                 bar.update(task, completed=step, loss=rec["loss"], ips=rec["images_per_s"],
                            description=f"train ({stage})" if stage else "train")
+            # Before the checkpoint of the same step: a run resumed from it has its evaluation logged already.
+            if evaluate is not None and step % t["eval_every"] == 0:
+                log.write_eval(step, evaluate())
             if step % t["ckpt_every"] == 0 and step != t["steps"]:
                 save(trainer, log)
             if t["sample_every"] and step % t["sample_every"] == 0 and step != t["steps"]:
-                trainer.sample_grid()
+                if trainer.sample_grid() is not None:
+                    log.image(step)
             stopped = stop_agreed(trainer, stop, step)
         bar.update(task, completed=trainer.step)
         # The final checkpoint and grid stay inside the stop handling: a signal there is a request like any other.
@@ -89,6 +100,8 @@ def status_text(status: dict) -> str:
         return f"delta {status['ect_delta']:.3g}"
     if "accuracy" in status:  # a classifier's training accuracy over the interval
         return f"accuracy {status['accuracy']:.3f}"
+    if "recon" in status:  # an autoencoder's reconstruction error (and its discriminator's loss once it is on)
+        return f"recon {status['recon']:.4g}" + (f", disc {status['disc']:.3f}" if "disc" in status else "")
     return ""
 
 
@@ -110,6 +123,7 @@ def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool
     t = trainer.tcfg
     if not stopped and trainer.step == t["steps"] and log.losses:
         log.write(trainer.step)  # resumed at the last step from a checkpoint whose interval was still open
+    log.draw_curves()  # a record a redraw passed over (a stopped run's last) is drawn now
     ckpt = save(trainer, log)
     skipped = trainer.read_nonfinite()[0]
     if skipped:
@@ -122,6 +136,8 @@ def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool
         console.print(stop.line(what, command, trainer.out.resolve()), markup=False)
         return {"step": trainer.step, "loss": log.last_loss, "stopped": True}
     grid = trainer.sample_grid()  # one request during it: the grid is finished, and so is the run
+    if grid is not None:
+        log.image(trainer.step)
     loss = f": loss {log.last_loss:.4f}" if math.isfinite(log.last_loss) else ""  # nan: no step was left to take
     console.print(f"step {trainer.step}{loss}; checkpoint {ckpt}" + (f"; samples {grid}" if grid else ""))
     return {"step": trainer.step, "loss": log.last_loss, "checkpoint": str(ckpt)}
@@ -129,7 +145,8 @@ def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool
 
 class MetricsLog:
     """metrics.jsonl (rank 0): per log interval the mean loss of the steps not skipped, lr, images/s, and how many
-    steps were skipped for a non-finite loss; stops the run (RunStopped) after trainer.max_nonfinite in a row."""
+    steps were skipped for a non-finite loss; stops the run (RunStopped) after trainer.max_nonfinite in a row.
+    Each record also goes to curves.png (redrawn from all of them) and to the logger (logger=...)."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -158,11 +175,62 @@ class MetricsLog:
                              "skipped": self.skipped_logged, "longest": int(tr.nonfinite[2])}}
 
     def __enter__(self) -> "MetricsLog":
-        self.file = open(self.path if self.trainer.dist.main else os.devnull, "a")
+        tr = self.trainer
+        self.file = open(self.path if tr.dist.main else os.devnull, "a")
+        # A resumed run's curves go on from its earlier records (resume has cut them at its step).
+        self.records = read_records(self.path) if tr.dist.main else []
+        self.curves_failed, self.curves_at, self.curves_cost, self.curves_pending = False, -math.inf, 0.0, False
+        try:
+            self.tracker = build_tracker(tr.logger_cfg, tr.out, tr.config, tr.dist.main, start=tr.step)
+        except BaseException:
+            self.file.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.file.close()
+        self.tracker.close()
+
+    def _append(self, rec: dict, force: bool = False) -> None:
+        try:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise storage_stopped(e, self.path, self.trainer) from None
+        if not self.trainer.dist.main:
+            return
+        self.records.append(rec)
+        self.curves_pending = True
+        # Redrawn at each record, except when the last redraw was less than 20 of its own durations ago: a long,
+        # fast run (thousands of records, a log step every second or two) spends at most ~5% of its time drawing.
+        if force or time.perf_counter() - self.curves_at >= 20 * self.curves_cost:
+            self.draw_curves()
+
+    def draw_curves(self) -> None:
+        if not (self.trainer.dist.main and self.curves_pending):
+            return
+        start = time.perf_counter()
+        try:
+            write_curves(self.records, self.trainer.out / "curves.png")
+        except (OSError, UserError) as e:  # a picture is not worth stopping a run for: said once, then drawn when it can be
+            if not self.curves_failed:
+                err_console.print(f"warning: curves.png not written: {e}", markup=False)
+            self.curves_failed = True
+        self.curves_at = time.perf_counter()
+        self.curves_cost, self.curves_pending = self.curves_at - start, False
+
+    def write_eval(self, step: int, result: dict) -> None:
+        """One {"step", "eval": {...}} record of the in-training evaluation; its time is not the interval's."""
+        self.t_last += result.get("seconds", 0.0)
+        self._append({"step": step, "eval": result}, force=True)
+        self.tracker.scalars(step, {f"eval/{k}": v for k, v in result.items() if k in ("fid", "nfe", "seconds")})
+        console.print(f"step {step}: FID {result['fid']:.4g} ({result['n']} EMA samples, {result['features']} features, "
+                      f"{result['seconds']:.1f} s)", markup=False)
+
+    def image(self, step: int) -> None:
+        grid = getattr(self.trainer, "last_grid", None)
+        if grid is not None:
+            self.tracker.image(step, "samples", grid)
 
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
@@ -180,16 +248,13 @@ class MetricsLog:
         rec = {"step": step, "loss": self.last_loss, "lr": tr.lr_at(step - 1), "images_per_s": ips,
                "skipped": skipped - self.skipped_logged, **tr.objective.status()}
         self.skipped_logged = skipped
-        try:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise storage_stopped(e, self.path, tr) from None
+        self._append(rec, force=step == tr.tcfg["steps"])
+        self.tracker.scalars(step, {f"train/{k}": v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))})
         limit = tr.tcfg["max_nonfinite"]
         if longest >= limit:
             raise RunStopped(nonfinite_message(tr, step, longest, limit))
         if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
-            stage = status_text(tr.objective.status())
+            stage = status_text(rec)
             console.print(f"step {step}/{tr.tcfg['steps']} loss {self.last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s"
                           + (f" {stage}" if stage else ""))
         return rec

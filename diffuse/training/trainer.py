@@ -25,6 +25,9 @@ from diffuse.nets import build_network, check_model_config
 from diffuse.pipeline.model import schedule_from_config
 from diffuse.pipeline.runtime import resolve_runtime
 from diffuse.pipeline.sampling import generate, plan_sampler
+from diffuse.training.superres import network_io
+from diffuse.training.evaluation import check_eval_config
+from diffuse.training.tracking import check_logger
 
 
 def validate_trainer(t: dict) -> None:
@@ -61,6 +64,31 @@ def validate_objective(o: dict) -> None:
         raise UserError(f"objective.mask_training={o['mask_training']!r} is not allowed: it must be true or false")
     if o["mask_training"]:
         check_mask_kinds(o["mask_kinds"])
+    if o["learn_sigma"] not in (True, False):
+        raise UserError(f"objective.learn_sigma={o['learn_sigma']!r} is not allowed: it must be true or false")
+    if o["learn_sigma"]:
+        if o["kind"] != "diffusion":
+            raise UserError(f"objective.learn_sigma=true is not allowed with objective.kind={o['kind']}: learned variances "
+                            "(Nichol & Dhariwal 2021) are for diffusion training (objective=simple, min_snr or vlb)")
+        check_number("objective.vlb_weight", o["vlb_weight"], minimum=0)
+
+
+def output_channels(o: dict, channels: int) -> Optional[int]:
+    """The network's output channels when they are not its input's: the image's C beside a mask-conditioned input
+    (2C + 1), doubled with learned variances (objective.learn_sigma)."""
+    if o.get("learn_sigma"):
+        return 2 * channels
+    return channels if o.get("mask_training") else None
+
+
+def superres_of(cfg: dict, resolution: int):
+    """condition=lowres of a training config, checked: its LowResTraining, or None."""
+    from diffuse.training.superres import LowResTraining, lowres_condition
+
+    cond = lowres_condition(cfg.get("condition"), cfg["model"], cfg["objective"], resolution)
+    if cond is not None and cfg.get("autoencoder"):
+        raise UserError("condition=lowres with autoencoder= is not supported: super-resolution models are trained on pixels")
+    return LowResTraining(cond) if cond is not None else None
 
 
 def objective_key(o) -> dict:
@@ -72,6 +100,9 @@ def objective_key(o) -> dict:
     if not o.get("mask_training"):
         o["mask_training"] = False
         o.pop("mask_kinds", None)
+    if not o.get("learn_sigma"):  # checkpoints from before learned variances lack the keys
+        o.pop("learn_sigma", None)
+        o.pop("vlb_weight", None)
     return o
 
 
@@ -84,6 +115,8 @@ def check_config(cfg: dict):
     t, o = cfg["trainer"], cfg["objective"]
     validate_trainer(t)
     validate_objective(o)
+    check_logger(cfg.get("logger"))
+    check_eval_config(t, cfg.get("metrics"))
     rt = resolve_runtime(cfg["runtime"])
     schedule = schedule_from_config(cfg["schedule"])
     model, data = cfg["model"], cfg["dataset"]
@@ -93,6 +126,10 @@ def check_config(cfg: dict):
     if data.get("name") not in DATASETS:
         raise UserError(f"dataset={data.get('name')!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
     channels, resolution, classes = dataset_shape(data)
+    if cfg.get("autoencoder"):  # latent diffusion: the network is sized for the latents
+        from diffuse.pipeline.latent import check_latent_config
+
+        channels, resolution = check_latent_config(cfg, channels, resolution)
     if t["sample_steps"] > schedule.T:
         raise UserError(f"trainer.sample_steps={t['sample_steps']} is not allowed: at most schedule.T={schedule.T}")
     plan_sampler(cfg["sampler"], t["sample_steps"], schedule, data["name"] != "gmm")
@@ -101,7 +138,11 @@ def check_config(cfg: dict):
         raise UserError(f"model.num_classes={k} does not fit dataset={data['name']!r}, which has {classes or 'no'} classes")
     net = {**model, "resolution": resolution, "in_channels": channels}
     if o["mask_training"]:
-        net.update(in_channels=2 * channels + 1, out_channels=channels)
+        net.update(in_channels=2 * channels + 1)
+    if superres_of(cfg, resolution) is not None:
+        net.update(network_io(channels))
+    if output_channels(o, channels) is not None:
+        net.update(out_channels=output_channels(o, channels))
     with torch.device("meta"):
         build_network(net)
     return rt, schedule
@@ -117,6 +158,7 @@ class Trainer:
         cfg = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
         self.out = out
         self.tcfg, self.ocfg = cfg["trainer"], cfg["objective"]
+        self.logger_cfg, self.metrics_cfg = cfg.get("logger"), cfg.get("metrics")  # training.tracking, training.evaluation
         rt, self.schedule = check_config(cfg)
         self.runtime = rt
         self.device = rt.device
@@ -127,13 +169,25 @@ class Trainer:
         self.amp = rt.autocast
         model_cfg = cfg["model"]
         self.data = build_dataset(cfg["dataset"])
+        self.latent = None  # latent diffusion: the codec whose scaled latents replace the images
+        if cfg.get("autoencoder"):
+            from diffuse.pipeline.latent import latent_training_data
+
+            report = console.print if self.dist.main else (lambda *a: None)
+            self.data, self.latent = latent_training_data(cfg, self.data, out, self.dist, self.device, report)
         self.sampler_cfg = cfg["sampler"]
         self.plan = plan_sampler(cfg["sampler"], self.tcfg["sample_steps"], self.schedule, self.data.is_8bit)
         self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
         # Mask training: the network also reads the masked image (C) and the mask (1); it still predicts C channels.
         self.mask_probs = check_mask_kinds(self.ocfg["mask_kinds"]) if self.ocfg["mask_training"] else None
         if self.mask_probs is not None:
-            self.model_cfg.update(in_channels=2 * self.data.channels + 1, out_channels=self.data.channels)
+            self.model_cfg.update(in_channels=2 * self.data.channels + 1)
+        # Super-resolution: the network also reads the upsampled low-resolution image and embeds its augmentation level.
+        self.lowres = superres_of(cfg, self.data.resolution)
+        if self.lowres is not None:
+            self.model_cfg.update(network_io(self.data.channels))
+        if output_channels(self.ocfg, self.data.channels) is not None:
+            self.model_cfg.update(out_channels=output_channels(self.ocfg, self.data.channels))
         k = model_cfg.get("num_classes")
         if k and (not self.data.num_classes or self.data.num_classes > k):
             raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
@@ -174,6 +228,10 @@ class Trainer:
             "trainer": self.tcfg,
             "data": {"is_8bit": self.data.is_8bit, "num_classes": self.data.num_classes},
         }
+        if self.latent is not None:
+            self.config["autoencoder"] = self.latent.record()
+        if self.lowres is not None:
+            self.config["condition"] = {k: v for k, v in self.lowres.cond.items() if k != "factor"}
         self.objective = (make_objective or default_objective)(self)
         self.config.update(self.objective.config())
 
@@ -205,6 +263,13 @@ class Trainer:
         same_schedule = torch.equal(schedule_from_config(ckpt.config.get("schedule")).betas, self.schedule.betas)
         if not same_schedule or objective_key(ckpt.config.get("objective")) != objective_key(self.ocfg):
             raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
+        if ckpt.config.get("condition") != self.config.get("condition"):
+            raise UserError(f"cannot resume from {path}: it was trained with condition {ckpt.config.get('condition')}, "
+                            f"this run has {self.config.get('condition')}")
+        ae_then, ae_now = (ckpt.config.get("autoencoder") or {}).get("hash"), (self.config.get("autoencoder") or {}).get("hash")
+        if ae_then != ae_now:
+            raise UserError(f"cannot resume from {path}: it was trained on the latents of autoencoder {ae_then and ae_then[:12]}, "
+                            f"this run on those of {ae_now and ae_now[:12]}")
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
         self.opt.load_state_dict(ckpt.optim)
@@ -278,6 +343,8 @@ class Trainer:
             h, w = x0.shape[-2:]
             generate_px = draw_masks(bs, h, w, self.mask_probs, self.data_gen, device=self.device)[sl]
             model = MaskConditioned(self.model, mask_context(x0, 1 - generate_px))
+        if self.lowres is not None:  # its levels and noise from the checkpointed noise stream, whole global batch
+            model = self.lowres.wrap(self.model, x0, bs, sl, self.noise_gen)
         p_uncond = self.ocfg["p_uncond"]
         gdev = self.noise_gen.device
         if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
@@ -344,23 +411,34 @@ class Trainer:
         if n == 0 or not self.dist.main:
             return None
         net = MaskConditioned(self.ema) if self.mask_probs is not None else self.ema  # nothing known: plain sampling
+        if self.lowres is not None:  # the data's first low-resolution images, the same every time
+            net = self.lowres.grid_model(self.ema, self.data.batch(torch.arange(n) % len(self.data))[0].to(self.device), self.tcfg["seed"])
         den = self.objective.denoiser(net, self.amp)
         steps = self.objective.grid_steps()
-        plan = self.plan if steps is None else plan_sampler(self.sampler_cfg, steps, self.schedule, self.data.is_8bit)
+        learned = den.variance_output if getattr(den, "learn_sigma", False) else None
+        if steps is not None or learned is not None:
+            plan = plan_sampler(self.sampler_cfg, steps if steps is not None else self.tcfg["sample_steps"], self.schedule,
+                                self.data.is_8bit, learned_variance=learned)
+        else:
+            plan = self.plan
         shape = (self.data.channels, self.data.resolution, self.data.resolution)
         labels = (torch.arange(n) % self.data.num_classes) if self.net.num_classes else None
-        x = generate(den, plan, shape=shape, seed=self.tcfg["seed"], device=self.device, batch_size=min(n, 256),
-                     indices=list(range(n)), labels=labels, progress=False).images
+        decode = self.latent.decode if self.latent is not None else None  # latent samples are shown as images
+        x = generate(den, plan, shape=shape, seed=self.tcfg["seed"], device=self.device, batch_size=n if self.lowres else min(n, 256),
+                     indices=list(range(n)), labels=labels, progress=False, decode=decode).images
         grid = make_grid(to_uint8(x))
+        self.last_grid = grid  # for the logger (training.tracking)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
-        save_png(grid, path, upscale=grid_upscale(self.data.resolution))
-        save_png(grid, self.out / "grid.png", upscale=grid_upscale(self.data.resolution))
+        save_png(grid, path, upscale=grid_upscale(x.shape[-1]))
+        save_png(grid, self.out / "grid.png", upscale=grid_upscale(x.shape[-1]))
         return path
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters())
         return (f"training {self.model_cfg['arch']} ({n_params / 1e6:.2f}M parameters) on {self.data.name} "
-                f"({len(self.data)} images, {self.data.resolution}x{self.data.resolution}) on {self.device}"
+                f"({len(self.data)} images, {self.data.resolution}x{self.data.resolution}"
+                + (f" latents of {self.data.channels} channels, scale factor {self.latent.scale_factor:.4g}" if self.latent else "")
+                + f") on {self.device}"
                 + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
 
 
