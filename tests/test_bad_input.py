@@ -110,6 +110,7 @@ CASES = [
     (["sample", f"ckpt={C}", "steps=1001"], "steps=1001", None),
     (["sample", f"ckpt={C}", "guidance.scale=nan"], "guidance.scale=nan", None),
     (["sample", *ORACLE, "sampler.eta=nan"], "sampler.eta=nan", None),
+    (["sample", *ORACLE, "sampler.eta=5"], "sampler.eta=5 is not allowed: it must be in [0, 1]", None),
     (["sample", "ckpt=nosuch.safetensors"], "'nosuch.safetensors' does not exist", None),
     (["sample", f"ckpt={C}", "model=oracle"], "ckpt= and model='oracle' cannot both be given", None),
     (["sample", f"ckpt={C}", "schedule=cosine"], "schedule= cannot be changed when sampling a checkpoint", None),

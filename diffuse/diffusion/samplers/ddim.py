@@ -33,8 +33,10 @@ def ddim(
     clip_x0: bool = False,
     hook=None,
 ) -> torch.Tensor:
-    if not (eta >= 0):  # also refuses NaN
-        raise UserError(f"sampler.eta={eta!r} is not allowed: it must be >= 0")
+    # Above 1, sigma^2 exceeds 1 - alpha_bar_s at some steps: more noise than x_s holds, so the direction term would
+    # need a negative variance (and clamping it to 0 leaves samples too noisy).
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta <= 1):  # also refuses NaN
+        raise UserError(f"sampler.eta={eta!r} is not allowed: it must be in [0, 1] (0 deterministic, 1 DDPM's posterior noise)")
     x = x_T
     for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
         eps = denoiser(x, batch_time(t, x), y)
