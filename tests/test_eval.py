@@ -127,6 +127,13 @@ def test_mismatched_resolution_or_channels_are_refused(fx, tmp_path, shape, need
         run_eval([*fx, f"samples={_npz(tmp_path / 's.npz', shape)}"], tmp_path / "out")
 
 
+def test_a_named_dataset_reference_follows_the_samples_resolution(fx, tmp_path):
+    """ref=shapes (16x16 by default) for 8x8 samples: the reference is drawn at 8x8, as a model trained with
+    dataset=shapes dataset.resolution=8 makes them."""
+    out = run_eval([*fx, "metric=[fid]", "ref=shapes", f"samples={_npz(tmp_path / 's.npz', (6, 8, 8, 3))}"], tmp_path / "out")
+    assert out["reference"]["source"] == "dataset shapes" and out["metrics"]["fid"] > 0
+
+
 def test_bad_sample_files_are_refused(fx, tmp_path):
     np.savez(tmp_path / "f.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(tmp_path / "k.npz", images=np.zeros((4, 8, 8, 3), np.uint8))

@@ -70,7 +70,15 @@ class Evaluation:
 
     @cached_property
     def reference(self) -> Reference:
-        ref = resolve_reference(self.cfg.ref, to_dict(self.cfg.dataset), dataset_config)
+        def named_dataset(name: str) -> dict:
+            # ref=NAME of a dataset drawn at any size (shapes, the padded/resized ones): at the samples' resolution,
+            # as a model trained on it at dataset.resolution=N makes them; dataset=NAME dataset.resolution=M overrides.
+            dcfg = dataset_config(name)
+            if self.shape is not None and "resolution" in dcfg:
+                dcfg["resolution"] = int(self.shape[-1])
+            return dcfg
+
+        ref = resolve_reference(self.cfg.ref, to_dict(self.cfg.dataset), named_dataset)
         if self.shape is not None and ref.shape is not None and tuple(ref.shape) != tuple(self.shape):
             raise UserError(f"the samples are {describe_shape(self.shape)}, the reference {ref.desc} is {describe_shape(ref.shape)}: "
                             "samples and reference must have the same resolution and channel count")
