@@ -266,3 +266,22 @@ def test_a_crafted_checkpoint_objective_is_refused(change, needle, trained, tmp_
     r = _cli(["sample", f"ckpt={tmp_path / 'bad.safetensors'}", "n=1", "steps=2", f"hydra.run.dir={tmp_path / 's'}"],
              tmp_path, monkeypatch)
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_edm_network_as_feature_extractor_reads_c_in_x(trained):
+    """metrics.features=checkpoint on an EDM-trained network: at t = 0 it is given c_in(sigma_0) x, the input it
+    was trained on, not x."""
+    from diffuse.metrics.features import build_extractor
+
+    run = trained["unet"]
+    m = {"features": "checkpoint", "features_ckpt": str(run)}
+    ex = build_extractor(m, torch.device("cpu"))
+    sched = make_schedule("linear", T=1000)
+    c_in = 1 / math.sqrt(float(sched.sigmas[0]) ** 2 + SD**2)
+    assert ex.input_scale == pytest.approx(c_in, rel=1e-12) and c_in > 1.9
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    got = ex(images)["pool"]
+    ex.input_scale = 1.0
+    assert not torch.allclose(ex(images)["pool"], got)
+    ex.input_scale = c_in
+    torch.testing.assert_close(ex(images)["pool"], got, rtol=0, atol=0)

@@ -54,10 +54,12 @@ class NetworkFeatures:
 
     name = "checkpoint"
 
-    def __init__(self, net: nn.Module, sha256: str, device: torch.device):
+    def __init__(self, net: nn.Module, sha256: str, device: torch.device, input_scale: float = 1.0):
         self.net = net.to(device).eval()
         self.sha256 = sha256
         self.device = device
+        # What the network was trained to read at t = 0: an EDM-preconditioned one sees c_in x, not x.
+        self.input_scale = input_scale
         layer = _middle_layer(net)
         self._out: Optional[torch.Tensor] = None
         layer.register_forward_hook(self._hook)
@@ -78,7 +80,7 @@ class NetworkFeatures:
             )
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images.to(self.device).float() / 127.5 - 1.0
+        x = (images.to(self.device).float() / 127.5 - 1.0) * self.input_scale
         t = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
         with torch.no_grad():
             try:
@@ -170,8 +172,15 @@ def build_extractor(m: dict, device: torch.device):
         if is_classifier_config(ckpt.config):
             raise UserError(f"metrics.features_ckpt={m['features_ckpt']} is a classifier (diffuse train-classifier): use "
                             "metrics.features=classifier")
-        net = network_from_checkpoint(ckpt, where=str(path)).net
-        return NetworkFeatures(net, content_hash(net.state_dict()), device)
+        tn = network_from_checkpoint(ckpt, where=str(path))
+        scale = 1.0
+        o = tn.config.get("objective") or {}
+        if o.get("kind") == "edm":
+            from diffuse.diffusion.prediction import edm_scalings
+
+            sigma0 = tn.schedule.sigmas[:1]
+            scale = float(edm_scalings(sigma0, float(o.get("sigma_data", 0.5)))[2][0])
+        return NetworkFeatures(tn.net, content_hash(tn.net.state_dict()), device, input_scale=scale)
     if name == "classifier":
         from diffuse.checkpoint import content_hash
         from diffuse.pipeline.classifier import load_classifier_checkpoint

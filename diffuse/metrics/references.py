@@ -108,6 +108,8 @@ def reference_stats(ref: Reference, extractor, m: dict, d: distributed.Dist) -> 
         return stats
     key = {**ref.key, "features": extractor.name, "weights_sha256": extractor.sha256, "kid_ref_max": m["kid_ref_max"],
            "seed": m["seed"], "version": STATS_VERSION}
+    if getattr(extractor, "input_scale", 1.0) != 1.0:  # an EDM feature network reads c_in x: other features than x
+        key["input_scale"] = extractor.input_scale
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     cache = Path(str(m["cache_dir"])).expanduser() / f"{extractor.name}-{digest}.safetensors" if m["cache"] else None
     if cache is not None and cache.is_file():
