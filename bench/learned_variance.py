@@ -6,14 +6,17 @@ the one of the EDM table), and the same with objective.learn_sigma=true (L_hybri
 
     bits/dim   `diffuse eval --metric bpd` on the first n test images, the variational bound over all T terms
                (likelihood.methods=[vlb]): fixed with beta-tilde and with beta, learned with its own variances
-    samples    50 respaced ancestral steps (sampler=ddpm steps=50): fixed beta, fixed beta-tilde, learned; scored by
-               FID / KID on a Fashion-MNIST classifier's features (metrics.features=classifier) against the 60k
-               training images
+    samples    50 (and any --sample-steps) respaced ancestral steps (sampler=ddpm): fixed beta, fixed beta-tilde,
+               learned; scored by FID / KID against the 60k training images on a Fashion-MNIST classifier's
+               features (metrics.features=classifier) and, where bench/edm_fmnist.py trained it, on its feature
+               network (metrics.features=checkpoint: a diffusion U-Net's middle layer, which sees pixel noise that
+               the classifier, trained on noised images, barely does)
 
 Stages are skipped when their outputs exist; a stopped training resumes.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python bench/learned_variance.py [--steps 1500] [--batch 32] [--n 1000]
-        [--bpd-n 100] [--out outputs/bench_edm_fmnist] [--classifier outputs/fmnist_classifier] [--markdown]
+        [--bpd-n 100] [--sample-steps 50 20] [--out outputs/bench_edm_fmnist] [--classifier outputs/fmnist_classifier]
+        [--markdown]
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--n", type=int, default=1000, help="images sampled and scored per variance")
     ap.add_argument("--bpd-n", type=int, default=100, help="test images whose bound is computed")
-    ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--sample-steps", type=int, nargs="+", default=[50])
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_edm_fmnist"))
     ap.add_argument("--classifier", type=Path, default=Path("outputs/fmnist_classifier"))
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
-    feats = ["metrics.features=classifier", f"metrics.features_ckpt={a.classifier}"]
+    extractors = {"classifier": ["metrics.features=classifier", f"metrics.features_ckpt={a.classifier}"]}
+    if (a.out / "featnet").is_dir():
+        extractors["featnet"] = ["metrics.features=checkpoint", f"metrics.features_ckpt={a.out / 'featnet'}"]
     rows = []
     for name, overrides in RUNS.items():
         run = a.out / RUN_DIR[name]
@@ -69,21 +74,32 @@ def main() -> None:
             print(f"bpd {name} {v}", flush=True)
             rows.append({"model": name, "kind": "bpd", "variance": v, "loop_s": loop, "loss": loss,
                          **bpd(run, a.out / f"bpd_{name}_{v}", v, a.bpd_n)})
-        for v in SAMPLE_VARIANCES[name]:
-            print(f"sample {name} {v}", flush=True)
-            s = sample(run, a.out / f"ddpm{a.sample_steps}_{name}_{v}", v, a.n, a.sample_steps)
-            m = score(a.out / f"ddpm{a.sample_steps}_{name}_{v}", a.out / f"eval_ddpm{a.sample_steps}_{name}_{v}", feats, None)
-            rows.append({"model": name, "kind": "sample", "variance": v, "nfe": s["nfe"], "loop_s": loop, **m})
+        for steps in a.sample_steps:
+            for v in SAMPLE_VARIANCES[name]:
+                print(f"sample {name} {v} {steps} steps", flush=True)
+                where = a.out / f"ddpm{steps}_{name}_{v}"
+                s = sample(run, where, v, a.n, steps)
+                for ex, feats in extractors.items():
+                    suffix = "" if ex == "classifier" else f"_{ex}"
+                    m = score(where, a.out / f"eval_ddpm{steps}_{name}_{v}{suffix}", feats, None)
+                    rows.append({"model": name, "kind": "sample", "steps": steps, "features": ex, "variance": v,
+                                 "nfe": s["nfe"], **m})
     (a.out / "learned_variance.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, default=str, indent=1))
-    lines = ["| model (same network, data, steps) | variance | VLB bits/dim (n test images) | "
-             f"{a.sample_steps}-step ancestral: FID / KID, classifier features (n={a.n}) |", "| --- | --- | --- | --- |"]
+
+    def cell(r):
+        return f"{r['fid']:.2f} / {r['kid']:.2f} +- {r['kid_std']:.2f}" if r else "-"
+
+    cols = [(st, ex) for st in a.sample_steps for ex in extractors]
+    head = " | ".join(f"{st}-step ancestral, {ex} features: FID / KID" for st, ex in cols)
+    lines = [f"| model (same network, data, steps) | variance | VLB bits/dim (n={a.bpd_n} test images) | {head} |",
+             "| --- | --- | --- |" + " --- |" * len(cols)]
     for name in RUNS:
         for v in dict.fromkeys(BPD_VARIANCES[name] + SAMPLE_VARIANCES[name]):
             b = next((r for r in rows if r["model"] == name and r["kind"] == "bpd" and r["variance"] == v), None)
-            s = next((r for r in rows if r["model"] == name and r["kind"] == "sample" and r["variance"] == v), None)
-            bcell = f"{b['bpd_vlb']:.3f} +- {b['bpd_vlb_sem']:.3f} (n={a.bpd_n})" if b else "-"
-            scell = f"{s['fid']:.2f} / {s['kid']:.2f} +- {s['kid_std']:.2f}" if s else "-"
-            lines.append(f"| {name} (`{' '.join(RUNS[name])}`) | {v} | {bcell} | {scell} |")
+            bcell = f"{b['bpd_vlb']:.3f} +- {b['bpd_vlb_sem']:.3f}" if b else "-"
+            cells = [cell(next((r for r in rows if r["model"] == name and r["kind"] == "sample" and r["variance"] == v
+                                and r["steps"] == st and r["features"] == ex), None)) for st, ex in cols]
+            lines.append(f"| {name} (`{' '.join(RUNS[name])}`) | {v} | {bcell} | " + " | ".join(cells) + " |")
     print("\n".join(lines) if a.markdown else json.dumps(rows, default=str, indent=1))
 
 
