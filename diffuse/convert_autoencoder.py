@@ -11,7 +11,7 @@ its activation: DownEncoderBlock2D / UpDecoderBlock2D levels, SiLU, GroupNorm ep
 the middle block (or none), the 1x1 convs around the latent (or not). Diffusers' attention keeps q, k, v as three
 linear layers, ours one matrix: they are stacked, as for the U-Net. scaling_factor, shift_factor and latents_mean /
 latents_std are recorded but not used: a latent model measures its own scale factor on its data.
-AutoencoderTiny (TAESD) is a different network (no posterior, clamped tanh outputs) and is refused.
+AutoencoderTiny (TAESD) is a different network, converted by diffuse/convert_taesd.py.
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ def is_autoencoder_config(dcfg: dict) -> bool:
 def autoencoder_config(dcfg: dict, where: str = "config.json") -> dict:
     """Our autoencoder's arguments for a diffusers AutoencoderKL config, or one line naming the first key we cannot
     reproduce exactly."""
-    if dcfg.get("_class_name") == "AutoencoderTiny":
-        raise UserError(f"{where}: _class_name='AutoencoderTiny' cannot be converted: TAESD is a different network "
-                        "(no posterior to sample, tanh-clamped latents); only AutoencoderKL converts")
     unknown = sorted(k for k in dcfg if not k.startswith("_") and k not in DEFAULTS)
     if unknown:
         raise UserError(f"{where}: key {unknown[0]!r} is not an AutoencoderKL setting this converter knows")
@@ -137,6 +134,10 @@ def convert_autoencoder(config_path: Path, weights_path: Path, dcfg: dict, src: 
 
     from diffuse.convert import header_tensors
 
+    if dcfg.get("_class_name") == "AutoencoderTiny":  # TAESD: another network (diffuse/nets/taesd.py)
+        from diffuse.convert_taesd import convert_taesd
+
+        return convert_taesd(config_path, weights_path, dcfg, src, out)
     where = str(config_path)
     model = autoencoder_config(dcfg, where)
     keys = {"resolution": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",

@@ -215,3 +215,22 @@ def test_latent_inpainting_keeps_known_pixels(latent_run, tmp_path, compose_cfg)
         keep = mask[0] == 0
         assert torch.equal(res[:, keep], img[:, keep])
         assert not torch.equal(res[:, ~keep], img[:, ~keep])  # the hole was drawn, not copied
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda m: m.update(latent_channels="four"), "latent_channels='four' is not allowed"),
+    (lambda m: m.update(ch_mult=[]), "ch_mult=[] is not allowed"),
+])
+def test_a_crafted_autoencoder_header_is_one_line(ae_run, tmp_path, change, needle):
+    """The autoencoder's header config is user input: checked before any of its keys is read."""
+    from tests.test_config_checks import rewrite
+
+    def config(cfg):
+        change(cfg["model"])
+
+    bad = rewrite(ae_run[0] / "checkpoints" / "last.safetensors", tmp_path / "bad.safetensors", config=config)
+    from diffuse.pipeline.latent import autoencoder_header
+    from diffuse.errors import UserError
+
+    with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        autoencoder_header(str(bad))

@@ -19,11 +19,17 @@ from diffuse.nets.autoencoder import AutoencoderKL
 from diffuse.nets.classifier import Classifier
 from diffuse.nets.dit import DiT
 from diffuse.nets.layers import DOWNSAMPLE_PADS, TIME_EMBEDDINGS
+from diffuse.nets.taesd import ACTIVATIONS as TAESD_ACTIVATIONS
+from diffuse.nets.taesd import UPSAMPLE_MODES, TinyAutoencoder
 from diffuse.nets.unet import UNet
 
 # "classifier" is the noise-aware classifier of classifier guidance (diffuse train-classifier), "autoencoder" the
-# image <-> latent map of latent diffusion (diffuse train-ae): neither is a denoiser.
-NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "classifier": Classifier, "autoencoder": AutoencoderKL}
+# image <-> latent map of latent diffusion (diffuse train-ae), "taesd" the tiny autoencoder (imported from diffusers'
+# AutoencoderTiny): none of them is a denoiser.
+NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "classifier": Classifier, "autoencoder": AutoencoderKL,
+                                        "taesd": TinyAutoencoder}
+# The networks a latent model may encode with (pipeline/latent.py).
+AUTOENCODERS = ("autoencoder", "taesd")
 
 # Bounds on what a config may ask for. They are far beyond what this toolkit trains (DiT-XL/2 has 675M
 # parameters, Stable Diffusion's U-Net 860M, Ho et al.'s largest 256x256 model 114M) and far below what
@@ -191,12 +197,42 @@ def _check_autoencoder(c: _Check) -> None:
                         f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}")
 
 
+def _check_taesd(c: _Check) -> None:
+    cfg = c.cfg
+    c.integer("encoder_width", 1, MAX_WIDTH)
+    c.integer("decoder_width", 1, MAX_WIDTH)
+    enc = c.int_list("encoder_blocks", 0, MAX_BLOCKS, MAX_LEVELS, nonempty=True)
+    dec = c.int_list("decoder_blocks", 0, MAX_BLOCKS, MAX_LEVELS, nonempty=True)
+    c.integer("latent_channels", 1, MAX_IO_CHANNELS)
+    if cfg["act"] not in TAESD_ACTIVATIONS:
+        raise c.fail("act", f"choose one of {', '.join(TAESD_ACTIVATIONS)}")
+    if cfg["upsample_mode"] not in UPSAMPLE_MODES:
+        raise c.fail("upsample_mode", f"choose one of {', '.join(UPSAMPLE_MODES)}")
+    up = c.integer("upsample_factor", 1, 2 ** (MAX_LEVELS - 1))
+    # encode and decode must be inverse in shape, or a decoded latent is not an image of the encoded size
+    if up ** (len(dec) - 1) != 2 ** (len(enc) - 1):
+        raise c.fail("upsample_factor", f"the decoder's {len(dec)} stages must upsample by the encoder's factor "
+                                        f"2^{len(enc) - 1} = {2 ** (len(enc) - 1)} (it gives {up}^{len(dec) - 1})")
+    c.number("scaling_factor", 0.0, 1e6, hi_open=False, lo_open=True)
+    c.number("shift_factor", -1e6, 1e6, hi_open=False)
+    if not c.data_known:
+        return
+    c.integer("in_channels", 1, MAX_IO_CHANNELS)
+    c.optional_integer("out_channels", 1, MAX_IO_CHANNELS, "as many as in_channels")
+    res = c.integer("resolution", 1, MAX_RESOLUTION)
+    factor = 2 ** (len(enc) - 1)
+    if res % factor:
+        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('encoder_blocks')}={enc}: the "
+                        f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}")
+
+
 _CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit, "classifier": _check_classifier,
-                                              "autoencoder": _check_autoencoder}
+                                              "autoencoder": _check_autoencoder, "taesd": _check_taesd}
 # What grows a network's parameter count, named when it is too large.
 _SIZE_KEYS = {"unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"), "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes"),
               "classifier": ("ch", "ch_mult", "num_res_blocks", "num_classes"),
-              "autoencoder": ("ch", "ch_mult", "num_res_blocks", "latent_channels")}
+              "autoencoder": ("ch", "ch_mult", "num_res_blocks", "latent_channels"),
+              "taesd": ("encoder_width", "decoder_width", "encoder_blocks", "decoder_blocks", "latent_channels")}
 
 
 def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = True) -> tuple[type[nn.Module], dict, _Check]:
@@ -223,6 +259,13 @@ def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = T
         if key in cfg and cfg[key] is not None:
             cfg[key] = tuple(cfg[key])
     return cls, cfg, check
+
+
+def complete_config(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> dict:
+    """A model config with every constructor argument filled in (its defaults where the config is silent), checked:
+    what code that reads the config's keys directly (a checkpoint header's, user input) may then rely on."""
+    cls, _, check = _arguments(cfg, where, keys)
+    return {"arch": cfg["arch"], **check.cfg}
 
 
 def check_model_config(cfg: dict) -> None:

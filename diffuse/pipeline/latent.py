@@ -22,6 +22,7 @@ from torch import nn
 
 from diffuse.checkpoint import HASH_KEY, atomic_write, load_checkpoint, read_metadata, resolve_ckpt_path
 from diffuse.errors import UserError
+from diffuse.nets import AUTOENCODERS
 
 ENCODE_BATCH = 256
 
@@ -53,7 +54,9 @@ class LatentCodec:
     def encode_unscaled(self, x: torch.Tensor) -> torch.Tensor:
         dev = self._device()
         with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.net.encode(x.to(dev))[0].float()
+            out = self.net.encode(x.to(dev))
+            # A KL autoencoder gives (mean, logvar), whose mean is the latent; TAESD gives its latents themselves.
+            return (out if getattr(self.net, "deterministic", False) else out[0]).float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_unscaled(x) * self.scale_factor
@@ -80,12 +83,15 @@ def autoencoder_header(value: Any, key: str = "autoencoder") -> tuple[Path, dict
     except ValueError:
         config = None
     model = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model, dict) or model.get("arch") != "autoencoder":
+    if not isinstance(model, dict) or model.get("arch") not in AUTOENCODERS:
         what = f"model.arch={model.get('arch')!r}" if isinstance(model, dict) else "no model config"
         raise UserError(f"{key}={value}: {path} is not an autoencoder checkpoint ({what}; make one with diffuse train-ae)")
     if HASH_KEY not in meta:
         raise UserError(f"{key}={value}: {path} carries no hash, and a latent model records its autoencoder by hash")
-    return path, model, meta[HASH_KEY]
+    from diffuse.nets import complete_config
+
+    # The header is user input: its config is checked and completed before any key of it is read.
+    return path, complete_config(model, where=str(path), keys={}), meta[HASH_KEY]
 
 
 def load_autoencoder(value: Any, *, expected: Optional[str] = None, scale_factor: float = 1.0, device=None,
@@ -110,7 +116,7 @@ def load_autoencoder(value: Any, *, expected: Optional[str] = None, scale_factor
 def check_latent_data(codec_model: dict, channels: int, resolution: int, where: str) -> tuple[int, int]:
     """(latent channels, latent resolution) for images of `channels` x `resolution`, or one line if they do not fit
     the autoencoder (its config `codec_model`)."""
-    factor = 2 ** (len(codec_model["ch_mult"]) - 1)
+    factor = latent_factor(codec_model)
     if channels != codec_model["in_channels"]:
         raise UserError(f"dataset.channels={channels} does not fit the autoencoder {where}, which encodes "
                         f"{codec_model['in_channels']}-channel images")
@@ -118,6 +124,12 @@ def check_latent_data(codec_model: dict, channels: int, resolution: int, where: 
         raise UserError(f"dataset.resolution={resolution} is not allowed with the autoencoder {where}: it downsamples by "
                         f"{factor}, so the resolution must be a multiple of {factor}")
     return codec_model["latent_channels"], resolution // factor
+
+
+def latent_factor(codec_model: dict) -> int:
+    """The downsampling factor of the autoencoder a (checked) config describes, from the config alone."""
+    levels = codec_model["encoder_blocks"] if codec_model["arch"] == "taesd" else codec_model["ch_mult"]
+    return 2 ** (len(levels) - 1)
 
 
 def cache_key(dataset_cfg: dict, ae_hash: str) -> str:

@@ -123,14 +123,17 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     from diffuse.nets import build_network
 
     conf = ckpt.config
-    if not isinstance(conf, dict) or "model" not in conf or "schedule" not in conf:
+    if not isinstance(conf, dict) or "model" not in conf:
         raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
     if isinstance(conf["model"], dict) and conf["model"].get("arch") == "classifier":
         raise UserError(f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
                         "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier")
-    if isinstance(conf["model"], dict) and conf["model"].get("arch") == "autoencoder":
-        raise UserError(f"{where} is an autoencoder (diffuse train-ae), not a diffusion model: diffuse in its latent space "
-                        "with diffuse train autoencoder=FILE")
+    # before the schedule check: a converted autoencoder has no schedule, and what it is says more than what it lacks
+    if isinstance(conf["model"], dict) and conf["model"].get("arch") in ("autoencoder", "taesd"):
+        raise UserError(f"{where} is an autoencoder (diffuse train-ae or convert), not a diffusion model: diffuse in its "
+                        "latent space with diffuse train autoencoder=FILE")
+    if "schedule" not in conf:
+        raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
     for part in ("objective", "data"):
         if not isinstance(conf.get(part) or {}, dict):
             raise UserError(f"{where}: its config's {part} is {type(conf[part]).__name__}, not a mapping")

@@ -1,0 +1,183 @@
+"""Import a diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd) as a diffuse `taesd` checkpoint, for
+`diffuse train autoencoder=FILE`.
+
+    diffuse convert --from diffusers PATH_OR_DIR out=FILE.safetensors
+
+The folder is found as for AutoencoderKL (config.json + diffusion_pytorch_model.safetensors; a pipeline's vae/);
+only safetensors and JSON are read. The mapping is exact for AutoencoderTiny's whole design space as diffusers runs
+it: equal widths within each half (diffusers builds other widths but cannot run them), any block counts, any of its
+activations and upsampling modes, and an upsampling factor that undoes the encoder's 2^(stages - 1). Diffusers keeps
+each half as one nn.Sequential, so its tensor names are layer indices; they are recomputed here from the config.
+scaling_factor and shift_factor are part of our network (its latents are (E(x) - shift) * scale, as in diffusers'
+pipelines); latent_magnitude and latent_shift (the 8-bit storage format) are recorded, not used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffuse import nets
+from diffuse.checkpoint import Checkpoint, save_checkpoint
+from diffuse.errors import UserError
+from diffuse.nets.taesd import ACTIVATIONS, UPSAMPLE_MODES
+
+# AutoencoderTiny's constructor defaults (diffusers 0.42), which are madebyollin/taesd's settings.
+DEFAULTS: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "encoder_block_out_channels": [64, 64, 64, 64],
+    "decoder_block_out_channels": [64, 64, 64, 64], "act_fn": "relu", "upsample_fn": "nearest", "latent_channels": 4,
+    "upsampling_scaling_factor": 2, "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1],
+    "latent_magnitude": 3, "latent_shift": 0.5, "force_upcast": False, "scaling_factor": 1.0, "shift_factor": 0.0,
+}
+# Written into config.json by AutoencoderTiny itself (a copy of decoder_block_out_channels), or read by pipelines
+# only (sample_size): neither changes the network.
+IGNORED = ("block_out_channels", "sample_size")
+RECORDED = ("latent_magnitude", "latent_shift", "force_upcast")
+# Nothing in the weights depends on the image size; this is the size the checkpoint records when config.json has no
+# sample_size (Stable Diffusion's, which madebyollin/taesd stands in for), divisible by every factor allowed.
+DEFAULT_RESOLUTION = 512
+
+
+def taesd_config(dcfg: dict, where: str = "config.json") -> dict:
+    """Our `taesd` arguments for a diffusers AutoencoderTiny config, or one line naming the first key we cannot
+    reproduce exactly."""
+    unknown = sorted(k for k in dcfg if not k.startswith("_") and k not in DEFAULTS and k not in IGNORED)
+    if unknown:
+        raise UserError(f"{where}: key {unknown[0]!r} is not an AutoencoderTiny setting this converter knows")
+    c = {**DEFAULTS, **{k: v for k, v in dcfg.items() if not k.startswith("_")}}
+
+    def refuse(key: str, allowed: str):
+        raise UserError(f"{where}: {key}={c[key]!r} cannot be converted: diffuse's taesd needs {allowed}")
+
+    act = c["act_fn"].lower() if isinstance(c["act_fn"], str) else c["act_fn"]
+    act = "silu" if act == "swish" else act  # diffusers' two names for one function
+    if act not in ACTIVATIONS:
+        refuse("act_fn", f"one of {', '.join(ACTIVATIONS)} (or swish)")
+    if c["upsample_fn"] not in UPSAMPLE_MODES:
+        refuse("upsample_fn", f"one of {', '.join(UPSAMPLE_MODES)}")
+    widths = {}
+    for half in ("encoder", "decoder"):
+        chans, blocks = f"{half}_block_out_channels", f"num_{half}_blocks"
+        if (not isinstance(c[blocks], list) or not 1 <= len(c[blocks]) <= nets.MAX_LEVELS
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= nets.MAX_BLOCKS for n in c[blocks])):
+            refuse(blocks, f"a list of 1 to {nets.MAX_LEVELS} integers, each from 0 to {nets.MAX_BLOCKS}")
+        w = c[chans]
+        if not isinstance(w, list) or len(w) != len(c[blocks]):
+            refuse(chans, f"a list as long as {blocks} ({len(c[blocks])} entries)")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in w):
+            refuse(chans, f"integers from 1 to {nets.MAX_WIDTH}")
+        if len(set(w)) != 1:
+            # Each stage's first conv reads the stage's own width, so diffusers' forward fails on unequal ones.
+            refuse(chans, "one width for every stage (AutoencoderTiny only runs with equal widths)")
+        widths[half] = w[0]
+    for key in ("scaling_factor", "shift_factor"):
+        if isinstance(c[key], bool) or not isinstance(c[key], (int, float)):
+            refuse(key, "a number")
+    model = {
+        "arch": "taesd", "in_channels": c["in_channels"], "latent_channels": c["latent_channels"],
+        "encoder_width": widths["encoder"], "decoder_width": widths["decoder"],
+        "encoder_blocks": c["num_encoder_blocks"], "decoder_blocks": c["num_decoder_blocks"], "act": act,
+        "upsample_mode": c["upsample_fn"], "upsample_factor": c["upsampling_scaling_factor"],
+        "scaling_factor": float(c["scaling_factor"]), "shift_factor": float(c["shift_factor"]),
+        "resolution": _resolution(c.get("sample_size")),
+    }
+    if c["out_channels"] != c["in_channels"]:
+        model["out_channels"] = c["out_channels"]
+    return model
+
+
+def _resolution(size) -> Any:
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return DEFAULT_RESOLUTION if size is None else size  # a bad sample_size is named by the network's check
+
+
+def tensor_names(model: dict) -> dict[str, str]:
+    """Our state-dict name -> diffusers' for the network `model` describes."""
+    names: dict[str, str] = {}
+
+    def conv(ours: str, theirs: str, bias: bool = True):
+        names[f"{ours}.weight"] = f"{theirs}.weight"
+        if bias:
+            names[f"{ours}.bias"] = f"{theirs}.bias"
+
+    def block(ours: str, theirs: str):
+        for k, idx in ((1, 0), (2, 2), (3, 4)):  # the Sequential is conv, act, conv, act, conv
+            conv(f"{ours}.conv{k}", f"{theirs}.conv.{idx}")
+
+    conv("encoder.conv_in", "encoder.layers.0")
+    i = 1
+    for s, n in enumerate(model["encoder_blocks"]):
+        if s > 0:
+            conv(f"encoder.stages.{s}.down", f"encoder.layers.{i}", bias=False)
+            i += 1
+        for j in range(n):
+            block(f"encoder.stages.{s}.blocks.{j}", f"encoder.layers.{i}")
+            i += 1
+    conv("encoder.conv_out", f"encoder.layers.{i}")
+
+    conv("decoder.conv_in", "decoder.layers.0")
+    i = 2  # after conv_in and its activation
+    stages = model["decoder_blocks"]
+    for s, n in enumerate(stages):
+        for j in range(n):
+            block(f"decoder.stages.{s}.blocks.{j}", f"decoder.layers.{i}")
+            i += 1
+        if s < len(stages) - 1:
+            conv(f"decoder.stages.{s}.conv", f"decoder.layers.{i + 1}", bias=False)  # after the Upsample
+            i += 2
+        else:
+            conv("decoder.conv_out", f"decoder.layers.{i}")
+    return names
+
+
+def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torch.Tensor]:
+    """Diffusers' AutoencoderTiny state dict renamed onto `net` (ours), checked name by name and shape by shape."""
+    names = tensor_names(model)
+    extra = sorted(set(sd) - set(names.values()))
+    if extra:
+        raise UserError(f"weights have {extra[0]} (and {len(extra) - 1} more) that their config.json does not describe")
+    want = net.state_dict()
+    out = {}
+    for ours, t in want.items():
+        theirs = names[ours]
+        if theirs not in sd:
+            raise UserError(f"weights give nothing for {theirs}: they do not fit their config.json")
+        if sd[theirs].shape != t.shape:
+            raise UserError(f"weights' tensor {theirs} has shape {tuple(sd[theirs].shape)}, the config asks for {tuple(t.shape)}")
+        out[ours] = sd[theirs]
+    return out
+
+
+KEYS = {"resolution": "sample_size", "encoder_width": "encoder_block_out_channels",
+        "decoder_width": "decoder_block_out_channels", "encoder_blocks": "num_encoder_blocks",
+        "decoder_blocks": "num_decoder_blocks", "act": "act_fn", "upsample_mode": "upsample_fn",
+        "upsample_factor": "upsampling_scaling_factor"}
+
+
+def convert_taesd(config_path: Path, weights_path: Path, dcfg: dict, src: str | Path, out: Path) -> Path:
+    """Write the diffuse checkpoint of the AutoencoderTiny described by `dcfg` (config_path) to `out`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from diffuse.convert import header_tensors
+
+    where = str(config_path)
+    model = taesd_config(dcfg, where)
+    # Shapes against the header before a tensor is read or a parameter allocated.
+    map_weights(header_tensors(weights_path), nets.meta_network(model, where=where, keys=KEYS), model)
+    try:
+        sd = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    net = nets.build_network(model, where=where, keys=KEYS)
+    weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, net, model).items()}
+    full = {**DEFAULTS, **dcfg}
+    config = {
+        "model": model, "data": {"is_8bit": True, "num_classes": None},
+        "source": {"format": "diffusers", "class": "AutoencoderTiny", "path": str(Path(src).expanduser().resolve()),
+                   **{k: full[k] for k in RECORDED}},
+    }
+    return save_checkpoint(out, Checkpoint(config=config, step=0, model=weights))
