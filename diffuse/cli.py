@@ -89,6 +89,8 @@ def check_overrides(config_name: str, args: List[str], check: Optional[Callable]
     flags = {a for a in args if a.startswith("-")}
     multirun = bool(flags & {"-m", "--multirun"})
     only_print = bool(flags & _PRINT_FLAGS)  # --cfg, --info, --help: nothing runs, nothing is written
+    if multirun and flags & {"--cfg", "-c", "--info", "-i"}:  # else Hydra's ValueError traceback
+        raise UserError("-m cannot be combined with --cfg or --info: print one job's config without -m (each job is composed the same way)")
     overrides = _overrides(args)
     parser = OverridesParser.create()
     try:
@@ -233,6 +235,17 @@ def latent_alias(arg: str) -> str:
     return "autoencoder_ckpt=" + arg[len("autoencoder="):] if arg.startswith("autoencoder=") else arg
 
 
+def _check_launcher(args: List[str]) -> None:
+    """The SLURM launcher where there is no SLURM: one line, before Hydra makes the sweep dir and submitit raises
+    (check_overrides composes such a sweep anywhere, so that it can be checked before it is submitted)."""
+    import shutil
+
+    launching = {"-m", "--multirun"} & set(args) and not _PRINT_FLAGS & set(args)
+    if "hydra/launcher=submitit_slurm" in args and launching and shutil.which("srun") is None:
+        raise UserError("hydra/launcher=submitit_slurm needs SLURM (no srun on PATH): submit from a cluster's login node, "
+                        "or leave the launcher out to run the jobs here")
+
+
 def run_hydra(command: str, job: Callable, args: List[str], check: Optional[Callable] = None) -> None:
     """Hand `args` to Hydra, which runs `job` in the run dir (each -m job in its own); everything that can refuse
     them first (check_overrides, with the task's `check` for every -m job)."""
@@ -245,6 +258,7 @@ def run_hydra(command: str, job: Callable, args: List[str], check: Optional[Call
         args = [latent_alias(a) for a in args]
     try:
         check_overrides(command, args, check)
+        _check_launcher(args)
     except UserError as e:
         runlock.exit_with(e)  # under torchrun: printed once, every rank exits 2
 
@@ -412,7 +426,7 @@ def upsample(
     run_hydra("upsample", run, [*ctx.args, f"image={_hydra_str(image)}"], check)
 
 
-@app.command(cls=ConfCommand, context_settings=CONTEXT)
+@app.command(context_settings=CONTEXT)  # no conf/convert.yaml: its keys are the docstring's key=value flags
 def convert(
     ctx: typer.Context,
     src: str = typer.Argument(..., metavar="PATH_OR_DIR", help="a diffusers model or pipeline folder, or its config.json / safetensors file; an improved/guided-diffusion .safetensors file"),
@@ -425,8 +439,8 @@ def convert(
     Maps a diffusers UNet2DModel of Ho et al.'s DDPM architecture (e.g. google/ddpm-cifar10-32: config.json and
     diffusion_pytorch_model.safetensors; pickled .bin files are refused) onto diffuse's U-Net, with its linear
     schedule and eps prediction, so that `diffuse sample ckpt=FILE.safetensors` draws from it. An AutoencoderKL
-    folder (the Stable Diffusion VAE family, or a pipeline folder holding only vae/) becomes an autoencoder
-    checkpoint for `diffuse train autoencoder=FILE.safetensors`.
+    folder (the Stable Diffusion VAE family, or a pipeline folder holding only vae/) or an AutoencoderTiny one
+    (TAESD) becomes an autoencoder checkpoint for `diffuse train autoencoder=FILE.safetensors`.
 
     diffuse convert --from improved-diffusion MODEL.safetensors out=FILE.safetensors resolution=32 schedule=cosine
     [T=4000] [heads=4 | head_channels=64] [attention_order=legacy|new] [rescale_timesteps=true|false] [prediction=eps|x0]
@@ -458,11 +472,11 @@ def convert(
         if fmt in FORMATS:
             from diffuse.convert_adm import convert_adm
 
-            path = convert_adm(src, out, options, fmt)
+            path = _until_signal(lambda: convert_adm(src, out, options, fmt), f"out={out}")
         else:
             from diffuse.convert import convert_diffusers
 
-            path = convert_diffusers(src, out)
+            path = _until_signal(lambda: convert_diffusers(src, out), f"out={out}")
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
@@ -480,7 +494,8 @@ def export(
 
     Writes a diffusers pipeline folder (model_index.json, unet/ as a UNet2DModel in safetensors, scheduler/ with
     the model's betas and prediction type) that DDPMPipeline.from_pretrained(DIR) loads. A network diffusers
-    cannot express (DiT, EDM or consistency parameterisation, learned variances, conditioning inputs) is refused.
+    cannot express (DiT, EDM or consistency parameterisation, conditioning inputs, latent models) is refused;
+    learned variances export as variance_type="learned_range".
     """
     try:
         if fmt != "diffusers":
@@ -501,7 +516,7 @@ def export(
             raise UserError(f"use_ema={args['use_ema']!r} is not allowed: true or false")
         from diffuse.export import export_diffusers
 
-        path = export_diffusers(args["ckpt"], args["out"], use_ema=use_ema == "true")
+        path = _until_signal(lambda: export_diffusers(args["ckpt"], args["out"], use_ema=use_ema == "true"), f"out={args['out']}")
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
@@ -570,6 +585,32 @@ def evaluate(
     run_hydra("eval", run, [*ctx.args, *extra], check)
 
 
+def _until_signal(write: Callable, target: str):
+    """export and convert have no safe point to stop at: a signal stops them where they are (their writes are
+    atomic and clean up after themselves), with one line and exit code 0, instead of a traceback or a process
+    killed with its temp files left beside the output. `target` is out=PATH."""
+    from diffuse.signals import Stopped, StopRequest
+
+    out = Path(target.partition("=")[2]).expanduser()
+
+    def state():  # the rename is the last write: a new inode or mtime at out says it happened
+        try:
+            st = out.stat()
+            return st.st_ino, st.st_mtime_ns
+        except OSError:
+            return None
+
+    before, stop = state(), StopRequest()
+    try:
+        with stop, stop.immediately():
+            return write()
+    except Stopped:
+        if state() not in (None, before):
+            return out
+        typer.echo(f"stopped by signal ({stop.name}): nothing written to {target}; run the command again")
+        raise SystemExit(0)
+
+
 def _hydra_str(v: str) -> str:
     """A value quoted for a Hydra override: any path or name passes through unparsed."""
     return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -579,7 +620,7 @@ def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     if len(sys.argv) > 1 and sys.argv[1] in ("train", "train-classifier", "train-ae", "sample", "inpaint", "edit", "eval", "tune-schedule", "distill",
-                                                   "upsample"):
+                                                   "upsample", "export", "convert"):
         # Before torch and Hydra load: a signal from here on is a stop request the job honours at its first safe
         # point (training: step 0, with a checkpoint), not an exit that leaves nothing to resume.
         from diffuse.signals import handle_early

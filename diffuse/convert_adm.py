@@ -250,6 +250,10 @@ def convert_adm(src: str | Path, out: str | Path, tokens: list[str], fmt: str = 
     if src.suffix.lower() in PICKLED:
         raise UserError(f"{src} is a pickle ({src.suffix}): pickles are never opened; save its state dict with "
                         "safetensors.torch.save_file where you trust the file, and convert that")
+    if src.is_dir():
+        diffusers = any((src / p).is_file() for p in ("config.json", "unet/config.json", "model_index.json"))
+        hint = " (a diffusers folder converts with --from diffusers)" if diffusers else ""
+        raise UserError(f"{src} is a folder: --from {fmt} takes the network's .safetensors file{hint}")
     if not src.is_file():
         raise UserError(f"{src} does not exist (or is not a file): give the network's .safetensors file")
     where = str(src)

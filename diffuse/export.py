@@ -216,6 +216,14 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
         if isinstance(conf, dict) and conf.get(key) not in (None, {}, False):
             raise refuse(where, f"its config has {key} (a latent or super-resolution model: the network does not make images by itself)")
     tn = network_from_checkpoint(loaded, use_ema=use_ema, where=where)
+    groups = conf["model"].get("groups", 32)
+    # our GroupNorm falls back to gcd(groups, width) on a width that `groups` does not divide; diffusers' U-Net uses
+    # norm_num_groups everywhere and would refuse to build (or normalise otherwise)
+    odd = next((g for g in tn.net.modules() if isinstance(g, torch.nn.GroupNorm) and g.num_groups != groups), None)
+    if odd is not None:
+        raise refuse(where, f"a {odd.num_channels}-channel layer (model.ch={conf['model'].get('ch')}) that {groups} norm "
+                            f"groups do not divide, normalised here in {odd.num_groups} (diffusers uses norm_num_groups={groups} "
+                            "at every layer)")
     learn_sigma = bool(objective.get("learn_sigma"))
     unet_cfg = unet2d_config(conf["model"], where, learn_sigma)
     sched_cfg = scheduler_config(conf["schedule"], tn.schedule.betas, tn.prediction, clip=tn.is_8bit, learn_sigma=learn_sigma)
@@ -223,9 +231,16 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
     meta = {"format": "pt", "diffuse.source": json.dumps({"ckpt": str(path.resolve()), "step": loaded.step, "ema": bool(use_ema and loaded.ema)})}
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    made = []  # the parents this export creates, removed again if it does not finish
+    parent = out.parent
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
+    tmp = None
     try:
+        for d in reversed(made):
+            d.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         (tmp / "unet").mkdir()
         (tmp / "scheduler").mkdir()
         (tmp / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
@@ -238,6 +253,13 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
     except OSError as e:
         raise UserError(f"out={str(out)!r} cannot be written: {e.strerror or e}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not out.is_dir():
+            for d in made:  # innermost first; a failed write or a signal leaves no empty folders behind
+                if d.is_dir():
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
     return out

@@ -224,23 +224,29 @@ def image_files(image: Path, what: str = "--image") -> list[Path]:
         imgs = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXT)
         if not imgs:
             raise UserError(f"{what} {image}: the folder holds no images")
+        seen: dict[str, Path] = {}
+        for p in imgs:  # results are written as STEM_NN.png: two inputs of one stem would overwrite each other's
+            if p.stem in seen:
+                raise UserError(f"{what} {image}: {seen[p.stem].name} and {p.name} would both write {p.stem}_00.png: rename one")
+            seen[p.stem] = p
         return imgs
     return [image]
 
 
-def load_model_image(path: Path, shape, fit: bool, key: str) -> torch.Tensor:
+def load_model_image(path: Path, shape, fit: bool, key: str, role: str = "makes") -> torch.Tensor:
     """An image for a model making `shape` (C, H, W), as uint8 C x H x W at its own size. One of another size or
     channel count is refused unless `fit` (the caller then resizes it; grey and colour convert as PIL converts
-    them); `key` names the switch that allows it."""
+    them); `key` names the switch that allows it, `role` what the model does with `shape` ("takes" for a
+    super-resolution model's input)."""
     c, h, w = shape
     raw = _decode(Path(path))
     channels = 1 if is_grey(raw.mode) else 3
     if not fit:
         if channels != c:
-            raise UserError(f"image {path} has {channels} channel{'s' if channels != 1 else ''} but the model makes {c} "
+            raise UserError(f"image {path} has {channels} channel{'s' if channels != 1 else ''} but the model {role} {c} "
                             f"({key}=true converts it)")
         if raw.size != (w, h):
-            raise UserError(f"image {path} is {raw.size[0]}x{raw.size[1]} but the model makes {w}x{h} ({key}=true resizes it)")
+            raise UserError(f"image {path} is {raw.size[0]}x{raw.size[1]} but the model {role} {w}x{h} ({key}=true resizes it)")
     return to_tensor(_convert(raw, "L" if c == 1 else "RGB", Path(path)))
 
 

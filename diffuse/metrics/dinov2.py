@@ -213,6 +213,8 @@ def find_weights(arch: str, path: Optional[str], *, download: bool = True) -> Pa
 
     if path not in (None, ""):
         p = Path(str(path)).expanduser()
+        if p.is_dir():
+            raise UserError(f"metrics.dinov2_weights={str(path)!r} is a folder: give the .safetensors file")
         if not p.is_file():
             raise UserError(f"metrics.dinov2_weights={str(path)!r} does not exist")
         if p.suffix != ".safetensors":
@@ -234,6 +236,7 @@ def find_weights(arch: str, path: Optional[str], *, download: bool = True) -> Pa
 
 def load_dinov2(path: Path, arch: str, sha256: Optional[str] = None) -> tuple[DINOv2, str]:
     """(network, the file's SHA-256); a file whose hash is not `sha256` (when given) is refused."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     digest = file_digest(path, "sha256")
@@ -243,7 +246,7 @@ def load_dinov2(path: Path, arch: str, sha256: Optional[str] = None) -> tuple[DI
     try:
         state = load_file(str(path))
         return build(state, arch), digest
-    except (KeyError, ValueError, RuntimeError, OSError) as e:
+    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as e:  # SafetensorError: truncated, not safetensors
         first = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"{path}: not DINOv2 {arch} weights in safetensors ({first})") from None
 

@@ -45,12 +45,16 @@ def check_condition(cond: Optional[dict], resolution: int, where: str = "") -> O
             "truncated": cond["truncated"], "factor": resolution // low}
 
 
+class SuperResRefusal(UserError):
+    """A super-resolution checkpoint where a model that samples from noise is needed (load_cascade rewords it)."""
+
+
 def superres_refusal(conf: dict, where: str) -> UserError:
     """The line for a super-resolution checkpoint given where a model that samples from noise is needed."""
     cond = conf.get("condition") if isinstance(conf.get("condition"), dict) else {}
     res = (conf.get("model") or {}).get("resolution") if isinstance(conf.get("model"), dict) else None
     what = f" ({cond.get('from_resolution')} -> {res})" if res else ""
-    return UserError(f"{where} is a super-resolution model{what}: it samples given a low-resolution image; use "
+    return SuperResRefusal(f"{where} is a super-resolution model{what}: it samples given a low-resolution image; use "
                      f"diffuse sample cascade=[BASE,{where}], or diffuse upsample ckpt={where} --image PATH")
 
 
@@ -59,7 +63,21 @@ def load_cascade(paths: Any, load: Callable[[Any, bool], Model]) -> list[Model]:
     if not isinstance(paths, (list, tuple)) or len(paths) < 2 or not all(isinstance(p, str) and p for p in paths):
         raise UserError(f"cascade={paths!r} is not allowed: give a list of checkpoints, the base model first and then "
                         "one super-resolution model per stage, e.g. cascade=[BASE_RUN,SR_RUN]")
-    return [load(p, i > 0) for i, p in enumerate(paths)]
+    from diffuse.checkpoint import resolve_ckpt_path
+
+    for i, p in enumerate(paths):  # a missing entry named as typed, not as the loader's ckpt=
+        resolve_ckpt_path(p, key=f"cascade[{i}]")
+    models = []
+    for i, p in enumerate(paths):
+        try:
+            models.append(load(p, i > 0))
+        except SuperResRefusal:
+            if i > 0:
+                raise
+            raise UserError(f"cascade={list(paths)!r} is not allowed: its first checkpoint {p!r} is a super-resolution model; "
+                            "the base model (one that samples from noise) comes first, then one super-resolution model "
+                            "per stage, lowest resolution first") from None
+    return models
 
 
 def stage_seed(seed: int, stage: int) -> int:

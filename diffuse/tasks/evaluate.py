@@ -328,6 +328,11 @@ def prepare(cfg: DictConfig, out: Path):
     if seeds > 1 and not (has_model and set(names) & FEATURE_METRICS):
         raise UserError(f"metrics.seeds={seeds} scores {seeds} sample sets drawn from a model: it needs ckpt= (or model=oracle) "
                         f"and a sample metric ({', '.join(sorted(FEATURE_METRICS))}), not samples= or a likelihood alone")
+    for metric, key in (("pr", "pr_k"), ("dc", "dc_k")):  # before any sampling: the sets are cut to at most n
+        k = cfg.metrics.get(key)
+        if metric in names and generating and n is not None and isinstance(k, int) and not isinstance(k, bool) and k >= n:
+            raise UserError(f"metrics.{key}={k} is not allowed with n={n}: --metric {metric}'s k-NN radii need more than k "
+                            f"images in each set (n={k + 1} or more, or a smaller metrics.{key})")
     if cfg.resume and generating:
         check_resume(cfg, out)
     return names, generating, n

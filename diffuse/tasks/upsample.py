@@ -51,7 +51,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     shape = (model.shape[0], low, low)
     images = []
     for p in files:
-        img = load_model_image(p, shape, cfg.resize, "resize")
+        img = load_model_image(p, shape, cfg.resize, "resize", role="takes")
         if tuple(img.shape) != shape:
             img = to_uint8(resize(from_uint8(img[None]), (low, low), "area"))[0]
         images.append((p, img))
@@ -84,9 +84,12 @@ def upsample(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         save_png(grid, out / "grid.png", upscale=grid_upscale(stage.model.shape[-1]))
     info = {"images": len(rows), "n": n, "sampler": stage.plan.name, "steps": stage.plan.steps, "nfe": nfe,
             "aug_level": stage.aug_level, "seed": seed, **stage.model.source}
+    if len(rows) < len(images):  # stopped: what is left, for the user to run again on
+        info["not_done"] = [str(p) for p, _ in images[len(rows):]]
     write_json(out / "upsample.json", info)
     if stop.requested and len(rows) < len(images):
-        console.print(stop.line(f"{len(rows)} of {len(images)} images upsampled into {out}"), markup=False)
+        console.print(stop.line(f"{len(rows)} of {len(images)} images upsampled into {out}; the other {len(images) - len(rows)} "
+                                "are listed in upsample.json (not_done): run again on them"), markup=False)
         return {**info, "stopped": True}
     console.print(f"upsampled {len(rows)} image(s) x {n} ({stage.plan.name}, {stage.plan.steps} steps, aug level "
                   f"{stage.aug_level:g}, NFE {nfe} each)")

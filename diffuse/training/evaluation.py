@@ -114,7 +114,9 @@ def build_eval(trainer, metrics: Optional[dict]) -> Optional[InTrainingEval]:
     try:
         extractor = build_extractor(metrics, trainer.device)
     except UserError as e:
-        if metrics["features"] in OWN_WEIGHTS:
+        # a weights file the user named (metrics.inception_weights=, metrics.dinov2_weights=) is theirs as well
+        named = metrics.get(f"{metrics['features']}_weights") not in (None, "")
+        if metrics["features"] in OWN_WEIGHTS or named:
             raise
         if trainer.dist.main:
             console.print(f"warning: trainer.eval_every={every}: no in-training evaluation in this run: {e}; or "

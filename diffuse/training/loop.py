@@ -43,6 +43,8 @@ def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
         ckpt, src = load_newest_valid(ckdir, report=lambda line: err_console.print(line, markup=False), verify=verify,
                                       asked="resume=true" if in_place else f"resume={value}")
     else:
+        if not Path(str(value)).expanduser().exists():  # a typo of a mode reads as a path: name the modes too
+            raise UserError(f"resume={str(value)!r} does not exist: give true, false, auto, or a checkpoint file or run dir")
         src = resolve_ckpt_path(value, key="resume")
         ckpt = load_checkpoint(src, verify=verify)
     trainer.load(ckpt, src)

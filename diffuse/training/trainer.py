@@ -4,6 +4,7 @@ Every piece of it goes into the checkpoint, so that a resumed run is the run it 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -85,10 +86,26 @@ def superres_of(cfg: dict, resolution: int):
     """condition=lowres of a training config, checked: its LowResTraining, or None."""
     from diffuse.training.superres import LowResTraining, lowres_condition
 
-    cond = lowres_condition(cfg.get("condition"), cfg["model"], cfg["objective"], resolution)
-    if cond is not None and cfg.get("autoencoder"):
+    # before the condition's keys: with an autoencoder, `resolution` is the latent side, which the user never typed
+    c = cfg.get("condition")
+    if isinstance(c, dict) and c.get("name") not in (None, "none") and cfg.get("autoencoder"):
         raise UserError("condition=lowres with autoencoder= is not supported: super-resolution models are trained on pixels")
+    cond = lowres_condition(cfg.get("condition"), cfg["model"], cfg["objective"], resolution)
     return LowResTraining(cond) if cond is not None else None
+
+
+def check_latent_cache(value) -> None:
+    """latent_cache=DIR: a folder, or one that can be made; checked before any work (the encoding makes it)."""
+    if value in (None, ""):
+        return
+    p = Path(str(value)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"latent_cache={str(value)!r} is not allowed: it is a file; give a folder for the encoded dataset")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"latent_cache={str(value)!r} cannot be written: {parent} is not a writable folder")
 
 
 def objective_key(o) -> dict:
@@ -130,6 +147,7 @@ def check_config(cfg: dict):
         from diffuse.pipeline.latent import check_latent_config
 
         channels, resolution = check_latent_config(cfg, channels, resolution)
+        check_latent_cache(cfg.get("latent_cache"))
     if t["sample_steps"] > schedule.T:
         raise UserError(f"trainer.sample_steps={t['sample_steps']} is not allowed: at most schedule.T={schedule.T}")
     plan_sampler(cfg["sampler"], t["sample_steps"], schedule, data["name"] != "gmm")
@@ -143,8 +161,16 @@ def check_config(cfg: dict):
         net.update(network_io(channels))
     if output_channels(o, channels) is not None:
         net.update(out_channels=output_channels(o, channels))
-    with torch.device("meta"):
-        build_network(net)
+    try:
+        with torch.device("meta"):
+            build_network(net)
+    except UserError as e:
+        if not cfg.get("autoencoder"):
+            raise
+        # the network's resolution is the latents' side, not the dataset.resolution the user typed
+        msg = str(e).replace(f"dataset.resolution={resolution} ", f"the latent side {resolution} ")
+        raise UserError(f"with autoencoder= the network sees {resolution}x{resolution} latents of dataset.resolution="
+                        f"{data.get('resolution')}: {msg}") from None
     return rt, schedule
 
 
