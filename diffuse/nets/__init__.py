@@ -186,14 +186,19 @@ def _check_autoencoder(c: _Check) -> None:
     for key in ("mid_attention", "quant_conv", "post_quant_conv"):
         if not isinstance(cfg[key], bool):
             raise c.fail(key, "true or false")
+    _check_codec_images(c, "ch_mult", mult)
+
+
+def _check_codec_images(c: _Check, levels_key: str, levels: list) -> None:
+    """An autoencoder's image side, once the data is known: channels, and a resolution its 2^(levels - 1) divides."""
     if not c.data_known:
         return
     c.integer("in_channels", 1, MAX_IO_CHANNELS)
     c.optional_integer("out_channels", 1, MAX_IO_CHANNELS, "as many as in_channels")
     res = c.integer("resolution", 1, MAX_RESOLUTION)
-    factor = 2 ** (len(mult) - 1)
+    factor = 2 ** (len(levels) - 1)
     if res % factor:
-        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('ch_mult')}={mult}: the "
+        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key(levels_key)}={levels}: the "
                         f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}")
 
 
@@ -215,15 +220,7 @@ def _check_taesd(c: _Check) -> None:
                                         f"2^{len(enc) - 1} = {2 ** (len(enc) - 1)} (it gives {up}^{len(dec) - 1})")
     c.number("scaling_factor", 0.0, 1e6, hi_open=False, lo_open=True)
     c.number("shift_factor", -1e6, 1e6, hi_open=False)
-    if not c.data_known:
-        return
-    c.integer("in_channels", 1, MAX_IO_CHANNELS)
-    c.optional_integer("out_channels", 1, MAX_IO_CHANNELS, "as many as in_channels")
-    res = c.integer("resolution", 1, MAX_RESOLUTION)
-    factor = 2 ** (len(enc) - 1)
-    if res % factor:
-        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('encoder_blocks')}={enc}: the "
-                        f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}")
+    _check_codec_images(c, "encoder_blocks", enc)
 
 
 _CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit, "classifier": _check_classifier,
