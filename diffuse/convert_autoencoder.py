@@ -10,7 +10,8 @@ The mapping is exact for what diffuse/nets/autoencoder.py expresses, which is Au
 its activation: DownEncoderBlock2D / UpDecoderBlock2D levels, SiLU, GroupNorm eps 1e-6, a single-head attention in
 the middle block (or none), the 1x1 convs around the latent (or not). Diffusers' attention keeps q, k, v as three
 linear layers, ours one matrix: they are stacked, as for the U-Net. scaling_factor, shift_factor and latents_mean /
-latents_std are recorded but not used: a latent model measures its own scale factor on its data.
+latents_std are recorded; of them only shift_factor is used (the latents are centred by it, as diffusers'
+pipelines do): a latent model measures its own scale factor on its data.
 AutoencoderTiny (TAESD) is a different network, converted by diffuse/convert_taesd.py.
 """
 

@@ -98,3 +98,16 @@ def test_refusals_name_the_key(tmp_path, change, message):
     with pytest.raises(UserError, match=message):
         convert_diffusers(d, tmp_path / "v.safetensors")
     assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_a_shift_factor_centres_the_latents_as_diffusers_pipelines_do(tmp_path):
+    """SD3 / Flux-style VAEs: the latent is E(x) - shift_factor; decoding adds it back before the decoder."""
+    theirs = write_vae(tmp_path / "vae", {**SMALL, "shift_factor": 0.3})
+    codec = load_autoencoder(convert_diffusers(tmp_path / "vae", tmp_path / "v.safetensors"))
+    assert codec.shift == 0.3
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        mean = theirs.encode(x).latent_dist.mean
+        z = codec.encode_unscaled(x)
+        torch.testing.assert_close(z, mean - 0.3, rtol=0, atol=1e-5)
+        torch.testing.assert_close(codec.decode(z), theirs.decode(mean).sample.clamp(-1, 1), rtol=0, atol=1e-5)

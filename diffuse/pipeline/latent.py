@@ -36,6 +36,9 @@ class LatentCodec:
     hash: str
     scale_factor: float = 1.0
     autocast: Optional[torch.dtype] = None
+    # A converted KL VAE's diffusers shift_factor (SD3, Flux): its latents are centred by it before they are
+    # scaled, as diffusers' pipelines do (TAESD's network applies its own).
+    shift: float = 0.0
 
     @property
     def factor(self) -> int:
@@ -56,7 +59,7 @@ class LatentCodec:
         with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.net.encode(x.to(dev))
             # A KL autoencoder gives (mean, logvar), whose mean is the latent; TAESD gives its latents themselves.
-            return (out if getattr(self.net, "deterministic", False) else out[0]).float()
+            return (out if getattr(self.net, "deterministic", False) else out[0]).float() - self.shift
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_unscaled(x) * self.scale_factor
@@ -65,7 +68,7 @@ class LatentCodec:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         dev = self._device()
         with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.net.decode(z.to(dev) / self.scale_factor).float().clamp(-1.0, 1.0)
+            return self.net.decode(z.to(dev) / self.scale_factor + self.shift).float().clamp(-1.0, 1.0)
 
     def record(self) -> dict:
         """What a latent model's checkpoint says of its autoencoder."""
@@ -105,12 +108,15 @@ def load_autoencoder(value: Any, *, expected: Optional[str] = None, scale_factor
                         f"the model records {expected[:12]}): give the one it was trained on with autoencoder=FILE")
     ckpt = load_checkpoint(path)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
+    shift = (ckpt.config.get("source") or {}).get("shift_factor") if model["arch"] == "autoencoder" else None
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not abs(shift) < 1e6):
+        raise UserError(f"{key}={value}: its source.shift_factor={shift!r} is not allowed: a finite number (or null)")
     net = build_network(model, where=str(path), keys={}, weights=weights)
     net.load_state_dict(weights)
     net = net.eval().requires_grad_(False)
     if device is not None:
         net = net.to(device)
-    return LatentCodec(net, str(path.resolve()), digest, scale_factor, autocast)
+    return LatentCodec(net, str(path.resolve()), digest, scale_factor, autocast, float(shift or 0.0))
 
 
 def check_latent_data(codec_model: dict, channels: int, resolution: int, where: str) -> tuple[int, int]:
