@@ -175,7 +175,11 @@ def encode_dataset(data, codec: LatentCodec, dataset_cfg: dict, cache_dir: Path,
     for rank, part in enumerate(gathered):
         z[rank :: dist.world] = part
     if dist.main:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a place even root cannot write (/proc): the up-front check cannot see that
+            raise UserError(f"latent_cache={cache_dir}: the encoded data cannot be kept there ({e.strerror}); give "
+                            "latent_cache=DIR on a writable disk") from None
         atomic_write(path, lambda tmp: save_file({"latents": z.contiguous()}, str(tmp), metadata=meta))
         report(f"encoded {len(data)} images to latents {c}x{h}x{w}: {path}")
     return z
