@@ -66,6 +66,8 @@ CASES = [
      "with autoencoder= the network sees 2x2 latents of dataset.resolution=8: the latent side 2 is not allowed"),
     # a FileExistsError traceback from the encoding, after .hydra/ was written
     ([*TRAIN, f"autoencoder={A}", f"latent_cache={T}"], "latent_cache='{d}/trunc.safetensors' is not allowed: it is a file"),
+    # metrics.seeds means nothing to training: it was silently ignored
+    ([*TRAIN, "metrics.seeds=3"], "metrics.seeds=3 is diffuse eval's protocol"),
     # a place even root cannot make a folder in: an OSError traceback from the cache's mkdir
     ([*TRAIN, f"autoencoder={A}", "latent_cache=/proc/diffuse-cache"], "/proc/diffuse-cache"),  # as root: from the mkdir; else the up-front check
     # the wrong order was named as a misuse of sample ckpt=, and a missing stage as ckpt='nosuch'

@@ -23,6 +23,10 @@ SAMPLES_PER_DIM = 5
 
 def check_eval_config(t: dict, metrics: Optional[dict]) -> None:
     every = check_number("trainer.eval_every", t.get("eval_every", 0), minimum=0, integer=True)
+    seeds = (metrics or {}).get("seeds", 1)
+    if seeds != 1:  # the metrics group is eval's; this one key has no meaning in training, and silence would mislead
+        raise UserError(f"metrics.seeds={seeds!r} is diffuse eval's protocol (min and mean over sample sets): the in-training "
+                        "evaluation draws one set from fixed seeds; leave it 1 here")
     if not every:
         return
     check_number("trainer.eval_n", t["eval_n"], minimum=2, integer=True)
