@@ -338,3 +338,36 @@ def write_json(path: Path, obj: Any) -> None:
     from diffuse.checkpoint import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + os.linesep))
+
+
+def train_then_measure(cfg: DictConfig, out: Path, setup: Callable[[], tuple[dict, Callable, Callable]], command: str,
+                       what: str) -> tuple[dict, Optional[dict]]:
+    """The commands that train a helper network on the Trainer (train-classifier, train-ae): setup() -> (the
+    Trainer's config, its make_objective, measure(trainer) -> report); resume, fit, then the held-out report on rank
+    0. Returns (fit's result, the report); the report is None when the run stopped (in training, or by a signal in
+    the measurement, which has no safe point: the trained network is kept and `what` is named as not measured) or on
+    other ranks."""
+    from diffuse import distributed
+    from diffuse.signals import Stopped, StopRequest
+    from diffuse.training.loop import fit, resume
+    from diffuse.training.trainer import Trainer
+
+    with StopRequest() as stop:
+        train_cfg, make_objective, measure = setup()
+        trainer = Trainer(train_cfg, out, make_objective=make_objective)
+        try:
+            resume(trainer, cfg.resume, cfg.verify)
+            if trainer.dist.main:
+                save_resolved_config(cfg, out)
+            result = fit(trainer, stop, command=command)
+            if result.get("stopped") or not trainer.dist.main:
+                return result, None
+            try:
+                with stop.immediately():
+                    return result, measure(trainer)
+            except Stopped:
+                console.print(stop.line(f"training is complete (checkpoint {result.get('checkpoint')}); {what} was not "
+                                        "measured", command, out.resolve()), markup=False)
+                return {**result, "stopped": True}, None
+        finally:
+            distributed.teardown(trainer.dist)

@@ -12,42 +12,28 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError, check_number
-from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import to_dict, train_then_measure, write_json
 from diffuse.training.autoencoder import AutoencoderObjective, check_ae_objective
-from diffuse.training.loop import fit, resume
-from diffuse.training.trainer import Trainer, check_config
+from diffuse.training.trainer import check_config
 
 KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    with StopRequest() as stop:
+    def setup():
         train_cfg, loss_cfg = prepare(cfg)
-        trainer = Trainer(train_cfg, out, make_objective=lambda tr: AutoencoderObjective(tr, loss_cfg))
-        try:
-            resume(trainer, cfg.resume, cfg.verify)
-            if trainer.dist.main:
-                save_resolved_config(cfg, out)
-            result = fit(trainer, stop, command="train-ae")
-            if result.get("stopped") or not trainer.dist.main:
-                return result
-            try:
-                with stop.immediately():  # no safe point inside: a signal stops it, the trained autoencoder is kept
-                    report = held_out_psnr(trainer, train_cfg["dataset"], cfg.eval_n, cfg.grid_n, out)
-            except Stopped:
-                console.print(stop.line(f"training is complete (checkpoint {result.get('checkpoint')}); the held-out "
-                                        "PSNR was not measured", "train-ae", out.resolve()), markup=False)
-                return {**result, "stopped": True}
-            write_json(out / "ae.json", report)
-            console.print(f"held-out reconstruction PSNR {report['psnr']:.2f} dB over {report['n']} images "
-                          f"({report['held_out']}); latents {'x'.join(map(str, report['latent_shape']))}", markup=False)
-            return {**result, "psnr": report["psnr"]}
-        finally:
-            distributed.teardown(trainer.dist)
+        return (train_cfg, lambda tr: AutoencoderObjective(tr, loss_cfg),
+                lambda tr: held_out_psnr(tr, train_cfg["dataset"], cfg.eval_n, cfg.grid_n, out))
+
+    result, report = train_then_measure(cfg, out, setup, "train-ae", "the held-out PSNR")
+    if report is None:
+        return result
+    write_json(out / "ae.json", report)
+    console.print(f"held-out reconstruction PSNR {report['psnr']:.2f} dB over {report['n']} images "
+                  f"({report['held_out']}); latents {'x'.join(map(str, report['latent_shape']))}", markup=False)
+    return {**result, "psnr": report["psnr"]}
 
 
 def prepare(cfg: DictConfig) -> tuple[dict, dict]:

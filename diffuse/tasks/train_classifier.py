@@ -12,42 +12,27 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError, check_number
-from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import to_dict, train_then_measure, write_json
 from diffuse.training.classifier import ClassifierObjective
-from diffuse.training.loop import fit, resume
-from diffuse.training.trainer import Trainer, check_config
+from diffuse.training.trainer import check_config
 
 # The classifier's constructor arguments as the user names them here; resolution and channels are the dataset's.
 KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    with StopRequest() as stop:
+    def setup():
         train_cfg, held = prepare(cfg)
-        trainer = Trainer(train_cfg, out, make_objective=ClassifierObjective)
-        try:
-            resume(trainer, cfg.resume, cfg.verify)
-            if trainer.dist.main:
-                save_resolved_config(cfg, out)
-            result = fit(trainer, stop, command="train-classifier")
-            if result.get("stopped") or not trainer.dist.main:
-                return result
-            try:
-                with stop.immediately():  # no safe point inside: a signal stops it, the trained classifier is kept
-                    report = held_out_accuracy(trainer, train_cfg["dataset"], held)
-            except Stopped:
-                console.print(stop.line(f"training is complete (checkpoint {result.get('checkpoint')}); the held-out "
-                                        "accuracy was not measured", "train-classifier", out.resolve()), markup=False)
-                return {**result, "stopped": True}
-            write_json(out / "accuracy.json", report)
-            print_accuracy(report)
-            return {**result, "accuracy": report["accuracy"]}
-        finally:
-            distributed.teardown(trainer.dist)
+        return train_cfg, ClassifierObjective, lambda tr: held_out_accuracy(tr, train_cfg["dataset"], held)
+
+    result, report = train_then_measure(cfg, out, setup, "train-classifier", "the held-out accuracy")
+    if report is None:
+        return result
+    write_json(out / "accuracy.json", report)
+    print_accuracy(report)
+    return {**result, "accuracy": report["accuracy"]}
 
 
 def prepare(cfg: DictConfig) -> tuple[dict, dict]:
