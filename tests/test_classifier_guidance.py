@@ -336,3 +336,21 @@ def test_help_of_train_classifier_lists_its_keys_and_groups():
         assert needle in r.output, needle
     r = CliRunner().invoke(app, ["sample", "--help"])
     assert "guidance.* with guidance=classifier:" in r.output and "guidance.mode=eps" in r.output
+
+
+def test_a_signal_during_the_held_out_measurement_keeps_the_trained_classifier(tmp_path, monkeypatch, capsys):
+    """The measurement after training has no safe point: a signal stops it, the checkpoint stays, and the line says
+    what was not measured (tasks.common.train_then_measure, shared with train-ae)."""
+    from tests.test_signals import raise_sigterm
+
+    def interrupted(*a, **k):
+        raise_sigterm()
+        raise AssertionError("the signal should have stopped the measurement")
+
+    monkeypatch.setattr(train_classifier, "held_out_accuracy", interrupted)
+    result = train(tmp_path / "run", "trainer.steps=4", "trainer.log_every=2")
+    assert result["stopped"] and "accuracy" not in result
+    out = capsys.readouterr().out
+    assert "training is complete" in out and "the held-out accuracy was not measured" in out
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+    assert not (tmp_path / "run" / "accuracy.json").exists()
