@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -305,11 +305,30 @@ def header_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})") from None
 
 
-def convert_diffusers(src: str | Path, out: str | Path) -> Path:
-    """Write the diffuse checkpoint of the diffusers UNet2DModel at `src` to `out`; returns `out`."""
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, or one line for a file that cannot be read as one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def mapped_weights(weights_path: Path, model: dict, mapping: Callable, *, where: str, keys: dict) -> dict[str, torch.Tensor]:
+    """The float32 state dict of the network `model` describes from a safetensors file of another layout, by
+    mapping(tensors, net) -> our names. The mapping runs first on the file's header against the network built on
+    the meta device (shapes, no storage), so that weights that do not fit, or a config describing a network too
+    large to build, are refused before a tensor is read or a parameter allocated."""
+    mapping(header_tensors(weights_path), nets.meta_network(model, where=where, keys=keys))
+    sd = read_tensors(weights_path)
+    net = nets.build_network(model, where=where, keys=keys)
+    return {k: v.to(torch.float32).contiguous() for k, v in mapping(sd, net).items()}
+
+
+def convert_diffusers(src: str | Path, out: str | Path) -> Path:
+    """Write the diffuse checkpoint of the diffusers UNet2DModel at `src` to `out`; returns `out`."""
     out = Path(out).expanduser()
     check_out(out)
     config_path, weights_path, sched_path = find_files(src)
@@ -320,19 +339,9 @@ def convert_diffusers(src: str | Path, out: str | Path) -> Path:
         return convert_autoencoder(config_path, weights_path, dcfg, src, out)
     model = unet_config(dcfg, str(config_path))
     schedule = schedule_config(sched_path)
-    # The config's network on the meta device (shapes, no storage) against the shapes in the weights' header:
-    # a config the weights do not fit, or one describing a network too large to build, is refused before a
-    # tensor is read or a parameter allocated.
-    where = str(config_path)
     keys = {"resolution": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",
             "num_res_blocks": "layers_per_block", "heads": "attention_head_dim", "groups": "norm_num_groups"}
-    map_weights(header_tensors(weights_path), nets.meta_network(model, where=where, keys=keys), model)
-    try:
-        sd = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    net = nets.build_network(model, where=where, keys=keys)
-    weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, net, model).items()}
+    weights = mapped_weights(weights_path, model, lambda sd, net: map_weights(sd, net, model), where=str(config_path), keys=keys)
     config = {
         "model": model, "schedule": schedule, "objective": dict(OBJECTIVE),
         "data": {"is_8bit": True, "num_classes": None},

@@ -239,10 +239,7 @@ def map_weights(sd: dict[str, torch.Tensor], model: dict, order: str, where: str
 
 def convert_adm(src: str | Path, out: str | Path, tokens: list[str], fmt: str = "improved-diffusion") -> Path:
     """Write the diffuse checkpoint of the ADM U-Net in safetensors file `src` to `out`; returns `out`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from diffuse.convert import PICKLED, check_out, header_tensors
+    from diffuse.convert import PICKLED, check_out, header_tensors, read_tensors
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
     check_out(out)
@@ -261,10 +258,7 @@ def convert_adm(src: str | Path, out: str | Path, tokens: list[str], fmt: str = 
     model = infer_model(header, o, where)
     shapes = nets.network_shapes(model, where=where, keys={})
     nets.check_weights(shapes, map_weights(header, model, o["attention_order"], where), where)
-    try:
-        sd = load_file(str(src))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{src}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    sd = read_tensors(src)
     weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, model, o["attention_order"], where).items()}
     schedule = ({"kind": "cosine", "T": o["T"], "cosine_s": 0.008, "max_beta": 0.999} if o["schedule"] == "cosine"
                 else {"kind": "linear", "T": o["T"], "beta_start": 1e-4, "beta_end": 0.02, "scale_with_T": True})

@@ -130,10 +130,7 @@ def map_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tensor]:
 
 def convert_autoencoder(config_path: Path, weights_path: Path, dcfg: dict, src: str | Path, out: Path) -> Path:
     """Write the diffuse checkpoint of the AutoencoderKL described by `dcfg` (config_path) to `out`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from diffuse.convert import header_tensors
+    from diffuse.convert import mapped_weights
 
     if dcfg.get("_class_name") == "AutoencoderTiny":  # TAESD: another network (diffuse/nets/taesd.py)
         from diffuse.convert_taesd import convert_taesd
@@ -143,14 +140,7 @@ def convert_autoencoder(config_path: Path, weights_path: Path, dcfg: dict, src: 
     model = autoencoder_config(dcfg, where)
     keys = {"resolution": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",
             "num_res_blocks": "layers_per_block", "groups": "norm_num_groups"}
-    # Shapes against the header before a tensor is read or a parameter allocated (as for the U-Net).
-    map_weights(header_tensors(weights_path), nets.meta_network(model, where=where, keys=keys))
-    try:
-        sd = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    net = nets.build_network(model, where=where, keys=keys)
-    weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, net).items()}
+    weights = mapped_weights(weights_path, model, map_weights, where=where, keys=keys)
     full = {**DEFAULTS, **dcfg}
     config = {
         "model": model, "data": {"is_8bit": True, "num_classes": None},

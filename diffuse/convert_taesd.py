@@ -159,21 +159,11 @@ KEYS = {"resolution": "sample_size", "encoder_width": "encoder_block_out_channel
 
 def convert_taesd(config_path: Path, weights_path: Path, dcfg: dict, src: str | Path, out: Path) -> Path:
     """Write the diffuse checkpoint of the AutoencoderTiny described by `dcfg` (config_path) to `out`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from diffuse.convert import header_tensors
+    from diffuse.convert import mapped_weights
 
     where = str(config_path)
     model = taesd_config(dcfg, where)
-    # Shapes against the header before a tensor is read or a parameter allocated.
-    map_weights(header_tensors(weights_path), nets.meta_network(model, where=where, keys=KEYS), model)
-    try:
-        sd = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    net = nets.build_network(model, where=where, keys=KEYS)
-    weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, net, model).items()}
+    weights = mapped_weights(weights_path, model, lambda sd, net: map_weights(sd, net, model), where=where, keys=KEYS)
     full = {**DEFAULTS, **dcfg}
     config = {
         "model": model, "data": {"is_8bit": True, "num_classes": None},

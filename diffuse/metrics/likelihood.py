@@ -27,8 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from diffuse.diffusion.bound import (discretized_log_likelihood, gaussian_kl, interpolate_log_variance, log_normal_interval,  # noqa: F401
-                                     log_variance_bounds)
+from diffuse.diffusion.bound import discretized_log_likelihood, gaussian_kl, interpolate_log_variance, log_variance_bounds
 from diffuse.diffusion.noise import Generator, randn
 from diffuse.diffusion.schedule import Schedule, coefficients, posterior, q_sample
 from diffuse.errors import UserError

@@ -117,7 +117,7 @@ def mixture_interval_nll(mixture: GaussianMixture, lo: torch.Tensor, hi: torch.T
     """The exact -log P(lo <= x < hi) of a box per sample (lo, hi: N x C x H x W, +-inf allowed), nats per
     dimension: sum_k pi_k prod_i [Phi((hi_i - mu_ki)/s_k) - Phi((lo_i - mu_ki)/s_k)], since each component's
     covariance is isotropic. With the 8-bit bins it is the exact discrete nll of quantized mixture data."""
-    from diffuse.metrics.likelihood import log_normal_interval
+    from diffuse.diffusion.bound import log_normal_interval
 
     lo = lo.to(torch.float64).cpu().flatten(1)[:, None, :]
     hi = hi.to(torch.float64).cpu().flatten(1)[:, None, :]

@@ -16,7 +16,7 @@ from diffuse.console import console
 from diffuse.errors import UserError, check_number
 from diffuse.tasks.common import to_dict, train_then_measure, write_json
 from diffuse.training.classifier import ClassifierObjective
-from diffuse.training.trainer import check_config
+from diffuse.training.trainer import Trainer, check_config
 
 # The classifier's constructor arguments as the user names them here; resolution and channels are the dataset's.
 KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
