@@ -31,8 +31,13 @@ def guided_samples(mixture, schedule, scale, labels, seed, mode="eps"):
     """One image per entry of `labels`, all labels in one batch (the sampler's loop costs the same for any batch)."""
     timesteps = torch.arange(schedule.T - 1, -1, -1)
     factors = mean_shift_factors(timesteps, schedule, "beta") if mode == "mean" else None
-    den = classifier_guided(cfg_denoiser(GMMDenoiser(mixture, schedule), 0.0, mixture.K), GMMClassifier(mixture, schedule).grad,
-                            scale, schedule, factors=factors)
+    den = classifier_guided(
+        cfg_denoiser(GMMDenoiser(mixture, schedule), 0.0, mixture.K),
+        GMMClassifier(mixture, schedule).grad,
+        scale,
+        schedule,
+        factors=factors,
+    )
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(labels), *mixture.shape), generator=g, dtype=torch.float64)
     return ddpm(den, x_T, timesteps, schedule, variance="beta", generator=g, y=labels)
@@ -54,13 +59,20 @@ def main() -> None:
     mixture, schedule = default_mixture(), make_schedule("linear")
     g = torch.Generator().manual_seed(99)
     labels = torch.arange(mixture.K).repeat_interleave(n)
-    exact = mixture.means[labels] + mixture.stds[labels].view(-1, 1, 1, 1) * torch.randn((len(labels), *mixture.shape), generator=g,
-                                                                                         dtype=torch.float64)
+    exact = mixture.means[labels] + mixture.stds[labels].view(-1, 1, 1, 1) * torch.randn(
+        (len(labels), *mixture.shape), generator=g, dtype=torch.float64
+    )
     rows = [("floor: exact draws of the component", "", row(mixture, exact, labels))]
     for mode in ("eps", "mean"):
         for s in SCALES:
             t0 = time.perf_counter()
-            rows.append((f"scale {s:g}", mode, row(mixture, guided_samples(mixture, schedule, s, labels, seed=1, mode=mode), labels)))
+            rows.append(
+                (
+                    f"scale {s:g}",
+                    mode,
+                    row(mixture, guided_samples(mixture, schedule, s, labels, seed=1, mode=mode), labels),
+                )
+            )
             print(f"# mode {mode} scale {s:g}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     head = "| classifier scale | mode | freq of chosen (worst / mean) | worst mean err | std ratio |"
     print(head)

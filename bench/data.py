@@ -47,8 +47,16 @@ def train_rate(model: str, batch: int, device: str, resolution: int) -> float:
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="diffuse.conf", version_base=None):
-        cfg = compose("train", [f"model={model}", f"trainer.batch_size={batch}", f"runtime.device={device}",
-                                "dataset.size=512", f"dataset.resolution={resolution}"])
+        cfg = compose(
+            "train",
+            [
+                f"model={model}",
+                f"trainer.batch_size={batch}",
+                f"runtime.device={device}",
+                "dataset.size=512",
+                f"dataset.resolution={resolution}",
+            ],
+        )
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, Path(d))
         return rate(tr.train_step, batch, tr.device, min_time=3.0)
@@ -69,10 +77,17 @@ def main() -> None:
     images, labels = render_shapes(20000, resolution=16)
     shapes = ImageDataset(images, labels, 4, "shapes", flip=True)
     g = torch.Generator().manual_seed(0)
-    cifar = ImageDataset(torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=g),
-                         torch.randint(0, 10, (50000,), generator=g), 10, "cifar-sized", flip=True)
-    rows = [("loader: shapes 20000x3x16x16 (flip)", loader_rate(shapes, args.batch, device)),
-            ("loader: cifar-sized 50000x3x32x32 (flip)", loader_rate(cifar, args.batch, device))]
+    cifar = ImageDataset(
+        torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (50000,), generator=g),
+        10,
+        "cifar-sized",
+        flip=True,
+    )
+    rows = [
+        ("loader: shapes 20000x3x16x16 (flip)", loader_rate(shapes, args.batch, device)),
+        ("loader: cifar-sized 50000x3x32x32 (flip)", loader_rate(cifar, args.batch, device)),
+    ]
     step = train_rate(args.model, args.batch, args.device, args.resolution)
     rows.append((f"train step: model={args.model} at {args.resolution}x{args.resolution}", step))
     for name, r in rows:

@@ -19,15 +19,27 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.distill_table import compose  # noqa: E402
-from diffuse.checkpoint import load_checkpoint  # noqa: E402
-from diffuse.checkpoint import resolve_ckpt_path  # noqa: E402
+from diffuse.checkpoint import (
+    load_checkpoint,  # noqa: E402
+    resolve_ckpt_path,  # noqa: E402
+)
 
 
-def panel(ckpt: Path, steps: int | None, n: int, grid_n: int, work: Path, sampler: str = "ddim") -> tuple[Image.Image, dict, np.ndarray]:
+def panel(
+    ckpt: Path, steps: int | None, n: int, grid_n: int, work: Path, sampler: str = "ddim"
+) -> tuple[Image.Image, dict, np.ndarray]:
     from diffuse.tasks import sample
 
-    over = [f"ckpt={ckpt}", f"n={n}", f"grid_n={grid_n}", "seed=0", f"sampler={sampler}", "runtime.device=cpu", "save_images=false",
-            "save_npz=true"]
+    over = [
+        f"ckpt={ckpt}",
+        f"n={n}",
+        f"grid_n={grid_n}",
+        "seed=0",
+        f"sampler={sampler}",
+        "runtime.device=cpu",
+        "save_images=false",
+        "save_npz=true",
+    ]
     info = sample.run(compose("sample", [*over, *([f"steps={steps}"] if steps else [])]), work)
     return Image.open(work / "grid.png").convert("RGB"), info, np.load(work / "samples.npz")["arr_0"].astype(np.float64)
 
@@ -39,15 +51,27 @@ def main() -> None:
     ap.add_argument("--out", default="docs/distill_shapes.png")
     ap.add_argument("--n", type=int, default=16, help="images in each grid")
     ap.add_argument("--steps", type=int, default=None, help="the student's steps (default: those it records)")
-    ap.add_argument("--n-rms", type=int, default=256, help="images over which each panel's RMS distance to the 50-step one is taken")
+    ap.add_argument(
+        "--n-rms", type=int, default=256, help="images over which each panel's RMS distance to the 50-step one is taken"
+    )
     args = ap.parse_args()
-    made = load_checkpoint(resolve_ckpt_path(args.student)).config["sampling"]  # a progressive student: ddim; CD/ECT: consistency
+    made = load_checkpoint(resolve_ckpt_path(args.student)).config[
+        "sampling"
+    ]  # a progressive student: ddim; CD/ECT: consistency
     student_steps = args.steps or made["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         n = max(args.n, args.n_rms)
-        shots = [(f"teacher, DDIM {50} steps", *panel(Path(args.teacher), 50, n, args.n, Path(tmp) / "a")),
-                 (f"teacher, DDIM {student_steps} steps", *panel(Path(args.teacher), student_steps, n, args.n, Path(tmp) / "b")),
-                 (f"student ({made['sampler']}), {student_steps} steps", *panel(Path(args.student), args.steps, n, args.n, Path(tmp) / "c", made["sampler"]))]
+        shots = [
+            (f"teacher, DDIM {50} steps", *panel(Path(args.teacher), 50, n, args.n, Path(tmp) / "a")),
+            (
+                f"teacher, DDIM {student_steps} steps",
+                *panel(Path(args.teacher), student_steps, n, args.n, Path(tmp) / "b"),
+            ),
+            (
+                f"student ({made['sampler']}), {student_steps} steps",
+                *panel(Path(args.student), args.steps, n, args.n, Path(tmp) / "c", made["sampler"]),
+            ),
+        ]
     w, h = shots[0][1].size
     label_h, gap = 18, 8
     sheet = Image.new("RGB", (len(shots) * w + (len(shots) - 1) * gap, h + label_h), "white")
@@ -59,7 +83,9 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out, optimize=True)
     ref = shots[0][3]
-    print(f"wrote {args.out}; RMS distance (0-255) to the teacher's 50-step images from the same x_T, over {len(ref)} images:")
+    print(
+        f"wrote {args.out}; RMS distance (0-255) to the teacher's 50-step images from the same x_T, over {len(ref)} images:"
+    )
     for label, _, info, x in shots[1:]:
         print(f"  {label}: NFE {info['nfe']}, RMS {np.sqrt(((x - ref) ** 2).mean()):.2f}")
 

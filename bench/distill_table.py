@@ -30,9 +30,21 @@ from diffuse.diffusion.timesteps import sampler_timesteps  # noqa: E402
 from diffuse.pipeline.model import load_model  # noqa: E402
 from diffuse.pipeline.runtime import resolve_runtime  # noqa: E402
 
-STUDENT = ["model=tiny", "model.attn_resolutions=[]", "dataset=gmm", "dataset.channels=1", "dataset.size=20000",
-           "trainer.batch_size=128", "trainer.lr=1e-3", "trainer.warmup=100", "trainer.log_every=100", "trainer.sample_n=0",
-           "trainer.ckpt_every=100000", "trainer.ema_decay=0.999", "runtime.device=cpu"]
+STUDENT = [
+    "model=tiny",
+    "model.attn_resolutions=[]",
+    "dataset=gmm",
+    "dataset.channels=1",
+    "dataset.size=20000",
+    "trainer.batch_size=128",
+    "trainer.lr=1e-3",
+    "trainer.warmup=100",
+    "trainer.log_every=100",
+    "trainer.sample_n=0",
+    "trainer.ckpt_every=100000",
+    "trainer.ema_decay=0.999",
+    "runtime.device=cpu",
+]
 
 
 def compose(name: str, overrides: list[str]):
@@ -64,9 +76,12 @@ def sample_student(path: Path, x_T: torch.Tensor, sampler: str, steps: int) -> t
     from diffuse.tasks.common import to_dict
 
     cfg = compose("sample", [f"ckpt={path}", f"sampler={sampler}", "runtime.device=cpu"])
-    model = load_model(ckpt=path, model=None, dataset=None, schedule=None, use_ema=True, runtime=resolve_runtime(to_dict(cfg.runtime)))
-    job = prepare_sampling(model, sampler=to_dict(cfg.sampler), steps=steps, guidance=None, label=None, labels=None,
-                           n=len(x_T), seed=1)
+    model = load_model(
+        ckpt=path, model=None, dataset=None, schedule=None, use_ema=True, runtime=resolve_runtime(to_dict(cfg.runtime))
+    )
+    job = prepare_sampling(
+        model, sampler=to_dict(cfg.sampler), steps=steps, guidance=None, label=None, labels=None, n=len(x_T), seed=1
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         return torch.cat([job.plan(model.denoiser, xb.float(), generator=g).double() for xb in x_T.split(1000)])
@@ -89,14 +104,26 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     times = {
-        "progressive": distil(out / "progressive", ["method=progressive", f"distill.start_steps={args.start}", "distill.target_steps=2",
-                                                     f"trainer.steps={args.steps}"]),
+        "progressive": distil(
+            out / "progressive",
+            [
+                "method=progressive",
+                f"distill.start_steps={args.start}",
+                "distill.target_steps=2",
+                f"trainer.steps={args.steps}",
+            ],
+        ),
         "consistency": distil(out / "consistency", ["method=consistency", f"trainer.steps={args.cd_steps}"]),
     }
     mixture, schedule = default_mixture(channels=1, resolution=8), make_schedule("linear")
     den = GMMDenoiser(mixture, schedule)
     x_T = torch.randn((args.n, *mixture.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    rows = [("floor: exact samples", {0: summary(mixture, mixture.sample(args.n, generator=torch.Generator().manual_seed(7))[0])})]
+    rows = [
+        (
+            "floor: exact samples",
+            {0: summary(mixture, mixture.sample(args.n, generator=torch.Generator().manual_seed(7))[0])},
+        )
+    ]
     for name, spacing in (("ddim", "trailing"), ("ddim", "logsnr"), ("dpm_solver", "logsnr"), ("ipndm", "logsnr")):
         r = {}
         for nfe in (1, 2, 4):
@@ -104,13 +131,26 @@ def main() -> None:
             r[nfe] = summary(mixture, x)
         rows.append((f"teacher (oracle), {name}, {spacing}", r))
     students = out / "progressive" / "checkpoints"
-    rows.append(("progressive student, DDIM", {n: summary(mixture, sample_student(students / f"student_{n}steps.safetensors", x_T, "ddim", n))
-                                              for n in (4, 2)}))
+    rows.append(
+        (
+            "progressive student, DDIM",
+            {
+                n: summary(mixture, sample_student(students / f"student_{n}steps.safetensors", x_T, "ddim", n))
+                for n in (4, 2)
+            },
+        )
+    )
     cd = out / "consistency" / "checkpoints" / "last.safetensors"
-    rows.append(("consistency distillation, consistency sampler", {n: summary(mixture, sample_student(cd, x_T, "consistency", n))
-                                                                   for n in (1, 2)}))
-    print(f"n = {args.n}; CPU seconds to distil: progressive {times['progressive']:.0f} ({args.steps} steps, "
-          f"{args.start} -> 2), consistency {times['consistency']:.0f} ({args.cd_steps} steps)")
+    rows.append(
+        (
+            "consistency distillation, consistency sampler",
+            {n: summary(mixture, sample_student(cd, x_T, "consistency", n)) for n in (1, 2)},
+        )
+    )
+    print(
+        f"n = {args.n}; CPU seconds to distil: progressive {times['progressive']:.0f} ({args.steps} steps, "
+        f"{args.start} -> 2), consistency {times['consistency']:.0f} ({args.cd_steps} steps)"
+    )
     print("\n| sampler | NFE 1 | NFE 2 | NFE 4 |\n| --- | --- | --- | --- |")
     for label, r in rows:
         cells = [cell(r[k]) if k in r else "" for k in (1, 2, 4)]

@@ -59,8 +59,17 @@ def main(n: int, markdown: bool) -> None:
         out.append((strength, t0, weights, f"floor: {n:,} exact draws", "", summary(floor)))
         for name, fn, steps, options in SAMPLERS:
             counter = CountingDenoiser(den)
-            x = sdedit(fn, counter, image[None], make_timesteps(schedule.T, steps), schedule, strength=strength,
-                       noise=eps.expand(n, -1, -1, -1).clone(), generator=torch.Generator().manual_seed(5), **options)
+            x = sdedit(
+                fn,
+                counter,
+                image[None],
+                make_timesteps(schedule.T, steps),
+                schedule,
+                strength=strength,
+                noise=eps.expand(n, -1, -1, -1).clone(),
+                generator=torch.Generator().manual_seed(5),
+                **options,
+            )
             out.append((strength, t0, weights, name, str(counter.calls), summary(posterior_fit(w, m, v, x))))
     if markdown:
         print("| strength (t0) | exact weights | sampler | NFE | weights TV | mean err | std ratio |")
@@ -68,9 +77,13 @@ def main(n: int, markdown: bool) -> None:
         for strength, t0, weights, name, nfe, (tv, me, lo, hi) in out:
             print(f"| {strength:g} ({t0}) | {weights} | {name} | {nfe} | {tv:.3f} | {me:.3f} | {lo:.3f} - {hi:.3f} |")
     else:
-        print(f"{'strength':>8} {'t0':>4} {'exact weights':>18}  {'sampler':<30} {'NFE':>5} {'TV':>6} {'mean err':>8} {'std ratio':>13}")
+        print(
+            f"{'strength':>8} {'t0':>4} {'exact weights':>18}  {'sampler':<30} {'NFE':>5} {'TV':>6} {'mean err':>8} {'std ratio':>13}"
+        )
         for strength, t0, weights, name, nfe, (tv, me, lo, hi) in out:
-            print(f"{strength:>8g} {t0:>4} {weights:>18}  {name:<30} {nfe:>5} {tv:>6.3f} {me:>8.3f} {lo:>6.3f}-{hi:.3f}")
+            print(
+                f"{strength:>8g} {t0:>4} {weights:>18}  {name:<30} {nfe:>5} {tv:>6.3f} {me:>8.3f} {lo:>6.3f}-{hi:.3f}"
+            )
     print(f"# n = {n}, {time.time() - t_start:.0f} s", file=sys.stderr)
 
 

@@ -45,9 +45,20 @@ FEATNET = ["objective=simple", "objective.prediction=x0", "trainer.seed=1"]
 
 def trainer_args(steps: int, batch: int) -> list[str]:
     # A short run: a higher lr and shorter EMA than the experiment's 30k-step recipe, the same for every objective.
-    return ["experiment=fashion_mnist", "model=tiny", *DATA, f"trainer.steps={steps}", f"trainer.batch_size={batch}",
-            "trainer.lr=1e-3", "trainer.warmup=100", "trainer.ema_decay=0.999", "trainer.log_every=50",
-            f"trainer.ckpt_every={max(steps // 6, 1)}", "trainer.sample_every=0", "runtime.device=cpu"]
+    return [
+        "experiment=fashion_mnist",
+        "model=tiny",
+        *DATA,
+        f"trainer.steps={steps}",
+        f"trainer.batch_size={batch}",
+        "trainer.lr=1e-3",
+        "trainer.warmup=100",
+        "trainer.ema_decay=0.999",
+        "trainer.log_every=50",
+        f"trainer.ckpt_every={max(steps // 6, 1)}",
+        "trainer.sample_every=0",
+        "runtime.device=cpu",
+    ]
 
 
 def diffuse(args: list[str], log: Path) -> float:
@@ -75,7 +86,9 @@ def train(run: Path, overrides: list[str], steps: int, batch: int) -> None:
     done = last_step(run)
     if done >= steps:
         return
-    args = ["train", *trainer_args(steps, batch), *overrides, f"hydra.run.dir={run}"] + (["resume=true"] if done else [])
+    args = ["train", *trainer_args(steps, batch), *overrides, f"hydra.run.dir={run}"] + (
+        ["resume=true"] if done else []
+    )
     seconds = diffuse(args, run.parent / f"{run.name}.log")
     wall = run / "bench_wall.json"  # summed over resumed invocations
     before = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
@@ -94,9 +107,22 @@ def loop_seconds(run: Path, batch: int) -> tuple[float, float]:
 
 def sample(run: Path, out: Path, n: int, sampler: str, steps: int) -> dict:
     if not (out / "samples.npz").is_file():
-        seconds = diffuse(["sample", f"ckpt={run}", f"sampler={sampler}", f"steps={steps}", f"n={n}", "batch_size=250",
-                           "save_npz=true", "save_images=false", "seed=0", "runtime.device=cpu", f"hydra.run.dir={out}"],
-                          out.parent / f"{out.name}.log")
+        seconds = diffuse(
+            [
+                "sample",
+                f"ckpt={run}",
+                f"sampler={sampler}",
+                f"steps={steps}",
+                f"n={n}",
+                "batch_size=250",
+                "save_npz=true",
+                "save_images=false",
+                "seed=0",
+                "runtime.device=cpu",
+                f"hydra.run.dir={out}",
+            ],
+            out.parent / f"{out.name}.log",
+        )
         (out / "bench_wall.json").write_text(json.dumps({"seconds": seconds}))
     info = json.loads((out / "sample.json").read_text())
     return {"nfe": info.get("nfe"), "seconds": json.loads((out / "bench_wall.json").read_text())["seconds"]}
@@ -110,8 +136,9 @@ def real_images(out: Path, n: int) -> Path:
 
     path = out / "test_split.npz"
     if not path.is_file():
-        from diffuse.data import build_dataset
         from hydra import compose, initialize_config_module
+
+        from diffuse.data import build_dataset
 
         with initialize_config_module(config_module="diffuse.conf", version_base=None):
             cfg = compose(config_name="train", overrides=[*DATA, "dataset.split=test"])
@@ -125,8 +152,22 @@ def real_images(out: Path, n: int) -> Path:
 
 def score(samples: Path, out: Path, features: list[str], ref: str | None) -> dict:
     if not (out / "metrics.json").is_file():
-        diffuse(["eval", "--metric", "fid", "--metric", "kid", f"samples={samples}", *DATA, *features,
-                 *([f"ref={ref}"] if ref else []), "runtime.device=cpu", f"hydra.run.dir={out}"], out.parent / f"{out.name}.log")
+        diffuse(
+            [
+                "eval",
+                "--metric",
+                "fid",
+                "--metric",
+                "kid",
+                f"samples={samples}",
+                *DATA,
+                *features,
+                *([f"ref={ref}"] if ref else []),
+                "runtime.device=cpu",
+                f"hydra.run.dir={out}",
+            ],
+            out.parent / f"{out.name}.log",
+        )
     return json.loads((out / "metrics.json").read_text())["metrics"]
 
 
@@ -169,7 +210,11 @@ def main() -> None:
         print(f"sample {name}", flush=True)
         s = sample(run, out / f"sample_{name}", a.n, a.sampler, a.sample_steps)
         loop, loss = loop_seconds(run, a.batch)
-        wall = json.loads((run / "bench_wall.json").read_text())["seconds"] if (run / "bench_wall.json").is_file() else float("nan")
+        wall = (
+            json.loads((run / "bench_wall.json").read_text())["seconds"]
+            if (run / "bench_wall.json").is_file()
+            else float("nan")
+        )
         row = {"name": name, "args": RUNS[name], "loop_s": loop, "wall_s": wall, "loss": loss, **s, "scores": {}}
         for ex, feats in extractors.items():
             try:
@@ -184,13 +229,17 @@ def main() -> None:
         return f"{m['fid']:.2f} / {m['kid']:.2f} +- {m['kid_std']:.2f}" if m else "-"
 
     cols = ["classifier", "featnet"]
-    head = ("| objective | steps x batch | train loop s (wall s) | sampling: NFE, s | FID / KID, classifier features "
-            "| FID / KID, featnet (fallback) |")
+    head = (
+        "| objective | steps x batch | train loop s (wall s) | sampling: NFE, s | FID / KID, classifier features "
+        "| FID / KID, featnet (fallback) |"
+    )
     lines = [head, "| --- | --- | --- | --- | --- | --- |"]
     lines.append(f"| {floor['name']} (n={a.n}) | | | | " + " | ".join(cell(floor["scores"], c) for c in cols) + " |")
     for r in rows:
-        lines.append(f"| {r['name']} (`{' '.join(r['args'])}`) | {a.steps} x {a.batch} | {r['loop_s']:.0f} ({r['wall_s']:.0f}) "
-                     f"| {r['nfe']}, {r['seconds']:.0f} | " + " | ".join(cell(r["scores"], c) for c in cols) + " |")
+        lines.append(
+            f"| {r['name']} (`{' '.join(r['args'])}`) | {a.steps} x {a.batch} | {r['loop_s']:.0f} ({r['wall_s']:.0f}) "
+            f"| {r['nfe']}, {r['seconds']:.0f} | " + " | ".join(cell(r["scores"], c) for c in cols) + " |"
+        )
     print("\n".join(lines) if a.markdown else json.dumps(rows, default=str, indent=1))
 
 

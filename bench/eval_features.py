@@ -46,8 +46,12 @@ def main() -> None:
         resize_bilinear_tf1(x.float(), 299)
     sync()
     rs = (time.perf_counter() - t2) / (5 * batch)
-    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), batch {batch}, {args.resolution}x{args.resolution} inputs")
-    print(f"inception: {done / dt:.1f} images/s ({dt / done * 1e3:.2f} ms/image); 50k images: {50000 * dt / done / 60:.1f} min")
+    print(
+        f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}), batch {batch}, {args.resolution}x{args.resolution} inputs"
+    )
+    print(
+        f"inception: {done / dt:.1f} images/s ({dt / done * 1e3:.2f} ms/image); 50k images: {50000 * dt / done / 60:.1f} min"
+    )
     print(f"TF1 resize to 299: {rs * 1e6:.1f} us/image ({100 * rs / (dt / done):.1f}% of the extractor)")
 
 

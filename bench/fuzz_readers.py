@@ -35,8 +35,13 @@ def main() -> None:
     err_console.quiet = True  # and the mask reader on every grey one
 
     @seed(args.seed)
-    @settings(max_examples=args.n, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=args.n,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(image_files())
     def fuzz(case):
         nonlocal tried

@@ -41,7 +41,9 @@ METHODS = [  # (name, steps, RePaint options or None for replace)
 def high_noise_only(steps, jump_length, resamples):
     """Jump points only in the first, noisiest half of the walk: the schedule jump_last cannot express, kept
     here to show what resampling at high noise buys."""
-    return inp.walk(steps, jump_length, {r: resamples - 1 for r in inp.jump_points(steps, jump_length) if r >= steps // 2})
+    return inp.walk(
+        steps, jump_length, {r: resamples - 1 for r in inp.jump_points(steps, jump_length) if r >= steps // 2}
+    )
 
 
 def run(problem_fn, n: int, seed: int = 0):
@@ -58,12 +60,21 @@ def run(problem_fn, n: int, seed: int = 0):
             x = ddpm(den, x_T, ts, sched, variance="beta", generator=g, hook=replace_hook(known, keep, sched, g))
             nfe = steps
         elif opts.get("first_half"):
-
             saved = inp.jump_schedule
             inp.jump_schedule = lambda s, j, r, _last=1.0: high_noise_only(s, j, r)
             try:
-                x = repaint(den, x_T, ts, sched, known, keep, jump_length=opts["jump_length"], resamples=opts["resamples"],
-                            variance="beta", generator=g)
+                x = repaint(
+                    den,
+                    x_T,
+                    ts,
+                    sched,
+                    known,
+                    keep,
+                    jump_length=opts["jump_length"],
+                    resamples=opts["resamples"],
+                    variance="beta",
+                    generator=g,
+                )
                 levels = high_noise_only(steps, opts["jump_length"], opts["resamples"])
             finally:
                 inp.jump_schedule = saved
@@ -82,7 +93,9 @@ if __name__ == "__main__":
     for label, fn in (("rare", rare_component), ("ambiguous", problem)):
         t0 = time.time()
         rows = run(fn, n)
-        print(f"\n{label}: n={n} completions per method, oracle denoiser, linear schedule T=1000 ({time.time() - t0:.1f} s)")
+        print(
+            f"\n{label}: n={n} completions per method, oracle denoiser, linear schedule T=1000 ({time.time() - t0:.1f} s)"
+        )
         print(f"{'method':<48} {'NFE':>5} {'freq TV':>8} {'mean err':>9} {'std ratio':>10} {'known exact':>12}")
         for name, nfe, tv, me, sr, exact in rows:
             print(f"{name:<48} {nfe:>5d} {tv:>8.3f} {me:>9.3f} {sr:>10.3f} {str(exact):>12}")

@@ -23,7 +23,16 @@ from bench.distill_table import compose  # noqa: E402
 def samples(ckpt: Path, n: int, work: Path) -> tuple[Image.Image, dict]:
     from diffuse.tasks import sample
 
-    over = [f"ckpt={ckpt}", f"n={n}", f"grid_n={n}", "seed=0", "sampler=ddim", "steps=50", "runtime.device=cpu", "save_images=false"]
+    over = [
+        f"ckpt={ckpt}",
+        f"n={n}",
+        f"grid_n={n}",
+        "seed=0",
+        "sampler=ddim",
+        "steps=50",
+        "runtime.device=cpu",
+        "save_images=false",
+    ]
     info = sample.run(compose("sample", over), work)
     return Image.open(work / "grid.png").convert("RGB"), info
 
@@ -45,11 +54,17 @@ def main() -> None:
     h = latent.size[1]
     pixel = pixel.resize((pixel.size[0] * h // pixel.size[1], h), Image.NEAREST)
     recon = recon.resize((recon.size[0] * h // (2 * recon.size[1]), h // 2), Image.LANCZOS)
-    shots = [("pixel space (quickstart), DDIM 50", pixel),
-             (f"autoencoder: held-out | reconstructed, {ae['psnr']:.1f} dB", recon),
-             (f"latent model, DDIM 50, decoded", latent)]
+    shots = [
+        ("pixel space (quickstart), DDIM 50", pixel),
+        (f"autoencoder: held-out | reconstructed, {ae['psnr']:.1f} dB", recon),
+        ("latent model, DDIM 50, decoded", latent),
+    ]
     label_h, gap = 18, 8
-    sheet = Image.new("RGB", (sum(im.size[0] for _, im in shots) + gap * (len(shots) - 1), max(im.size[1] for _, im in shots) + label_h), "white")
+    sheet = Image.new(
+        "RGB",
+        (sum(im.size[0] for _, im in shots) + gap * (len(shots) - 1), max(im.size[1] for _, im in shots) + label_h),
+        "white",
+    )
     draw = ImageDraw.Draw(sheet)
     x = 0
     for label, im in shots:
@@ -58,7 +73,9 @@ def main() -> None:
         x += im.size[0] + gap
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     sheet.quantize(256).save(args.out, optimize=True)  # a palette keeps the picture small (under 100 KB)
-    print(f"wrote {args.out}; autoencoder PSNR {ae['psnr']:.2f} dB over {ae['n']} held-out images; latent NFE {info['nfe']}")
+    print(
+        f"wrote {args.out}; autoencoder PSNR {ae['psnr']:.2f} dB over {ae['n']} held-out images; latent NFE {info['nfe']}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from pathlib import Path
 
 from bench.edm_fmnist import DATA, diffuse, loop_seconds, score, train
 
-RUNS = {"fixed": ["objective=simple", "objective.prediction=v"],
-        "learned": ["objective=simple", "objective.prediction=v", "objective.learn_sigma=true"]}
+RUNS = {
+    "fixed": ["objective=simple", "objective.prediction=v"],
+    "learned": ["objective=simple", "objective.prediction=v", "objective.learn_sigma=true"],
+}
 RUN_DIR = {"fixed": "train_v", "learned": "train_v_learned"}
 BPD_VARIANCES = {"fixed": ["beta_tilde", "beta"], "learned": ["learned"]}
 SAMPLE_VARIANCES = {"fixed": ["beta", "beta_tilde"], "learned": ["learned"]}
@@ -36,17 +38,44 @@ SAMPLE_VARIANCES = {"fixed": ["beta", "beta_tilde"], "learned": ["learned"]}
 
 def bpd(run: Path, out: Path, variance: str, n: int) -> dict:
     if not (out / "metrics.json").is_file():
-        diffuse(["eval", "--metric", "bpd", f"ckpt={run}", *DATA, "dataset.split=test", f"likelihood.n={n}",
-                 "likelihood.methods=[vlb]", f"likelihood.variance={variance}", "runtime.device=cpu",
-                 f"hydra.run.dir={out}"], out.parent / f"{out.name}.log")
+        diffuse(
+            [
+                "eval",
+                "--metric",
+                "bpd",
+                f"ckpt={run}",
+                *DATA,
+                "dataset.split=test",
+                f"likelihood.n={n}",
+                "likelihood.methods=[vlb]",
+                f"likelihood.variance={variance}",
+                "runtime.device=cpu",
+                f"hydra.run.dir={out}",
+            ],
+            out.parent / f"{out.name}.log",
+        )
     return json.loads((out / "metrics.json").read_text())["metrics"]
 
 
 def sample(run: Path, out: Path, variance: str, n: int, steps: int) -> dict:
     if not (out / "samples.npz").is_file():
-        diffuse(["sample", f"ckpt={run}", "sampler=ddpm", f"sampler.variance={variance}", f"steps={steps}", f"n={n}",
-                 "batch_size=250", "save_npz=true", "save_images=false", "seed=0", "runtime.device=cpu",
-                 f"hydra.run.dir={out}"], out.parent / f"{out.name}.log")
+        diffuse(
+            [
+                "sample",
+                f"ckpt={run}",
+                "sampler=ddpm",
+                f"sampler.variance={variance}",
+                f"steps={steps}",
+                f"n={n}",
+                "batch_size=250",
+                "save_npz=true",
+                "save_images=false",
+                "seed=0",
+                "runtime.device=cpu",
+                f"hydra.run.dir={out}",
+            ],
+            out.parent / f"{out.name}.log",
+        )
     return json.loads((out / "sample.json").read_text())
 
 
@@ -72,8 +101,16 @@ def main() -> None:
         loop, loss = loop_seconds(run, a.batch)
         for v in BPD_VARIANCES[name]:
             print(f"bpd {name} {v}", flush=True)
-            rows.append({"model": name, "kind": "bpd", "variance": v, "loop_s": loop, "loss": loss,
-                         **bpd(run, a.out / f"bpd_{name}_{v}", v, a.bpd_n)})
+            rows.append(
+                {
+                    "model": name,
+                    "kind": "bpd",
+                    "variance": v,
+                    "loop_s": loop,
+                    "loss": loss,
+                    **bpd(run, a.out / f"bpd_{name}_{v}", v, a.bpd_n),
+                }
+            )
         for steps in a.sample_steps:
             for v in SAMPLE_VARIANCES[name]:
                 print(f"sample {name} {v} {steps} steps", flush=True)
@@ -82,8 +119,17 @@ def main() -> None:
                 for ex, feats in extractors.items():
                     suffix = "" if ex == "classifier" else f"_{ex}"
                     m = score(where, a.out / f"eval_ddpm{steps}_{name}_{v}{suffix}", feats, None)
-                    rows.append({"model": name, "kind": "sample", "steps": steps, "features": ex, "variance": v,
-                                 "nfe": s["nfe"], **m})
+                    rows.append(
+                        {
+                            "model": name,
+                            "kind": "sample",
+                            "steps": steps,
+                            "features": ex,
+                            "variance": v,
+                            "nfe": s["nfe"],
+                            **m,
+                        }
+                    )
     (a.out / "learned_variance.json").write_text(json.dumps({"rows": rows, "args": vars(a)}, default=str, indent=1))
 
     def cell(r):
@@ -91,14 +137,31 @@ def main() -> None:
 
     cols = [(st, ex) for st in a.sample_steps for ex in extractors]
     head = " | ".join(f"{st}-step ancestral, {ex} features: FID / KID" for st, ex in cols)
-    lines = [f"| model (same network, data, steps) | variance | VLB bits/dim (n={a.bpd_n} test images) | {head} |",
-             "| --- | --- | --- |" + " --- |" * len(cols)]
+    lines = [
+        f"| model (same network, data, steps) | variance | VLB bits/dim (n={a.bpd_n} test images) | {head} |",
+        "| --- | --- | --- |" + " --- |" * len(cols),
+    ]
     for name in RUNS:
         for v in dict.fromkeys(BPD_VARIANCES[name] + SAMPLE_VARIANCES[name]):
             b = next((r for r in rows if r["model"] == name and r["kind"] == "bpd" and r["variance"] == v), None)
             bcell = f"{b['bpd_vlb']:.3f} +- {b['bpd_vlb_sem']:.3f}" if b else "-"
-            cells = [cell(next((r for r in rows if r["model"] == name and r["kind"] == "sample" and r["variance"] == v
-                                and r["steps"] == st and r["features"] == ex), None)) for st, ex in cols]
+            cells = [
+                cell(
+                    next(
+                        (
+                            r
+                            for r in rows
+                            if r["model"] == name
+                            and r["kind"] == "sample"
+                            and r["variance"] == v
+                            and r["steps"] == st
+                            and r["features"] == ex
+                        ),
+                        None,
+                    )
+                )
+                for st, ex in cols
+            ]
             lines.append(f"| {name} (`{' '.join(RUNS[name])}`) | {v} | {bcell} | " + " | ".join(cells) + " |")
     print("\n".join(lines) if a.markdown else json.dumps(rows, default=str, indent=1))
 

@@ -49,8 +49,10 @@ def main(n: int, channels: int, res: int):
     d = mix.dim
     exact = mixture_nll(mix, x)
     head = f"{'estimate':<34} {'mean':>9} {'- exact':>9} {'s.e.':>8} {'NFE':>6} {'cpu s':>7}"
-    print(f"oracle mixture K={mix.K}, {channels}x{res}x{res} (D={d}), stds {mix.stds.tolist()}, linear schedule "
-          f"T={sched.T}, N={n}, float64, 1 thread")
+    print(
+        f"oracle mixture K={mix.K}, {channels}x{res}x{res} (D={d}), stds {mix.stds.tolist()}, linear schedule "
+        f"T={sched.T}, N={n}, float64, 1 thread"
+    )
     print("\ncontinuous data, nats/dim\n" + head)
     print(f"{'exact mixture nll':<34} {float(exact.mean()):>9.4f}")
     for steps in (8, 16, 32, 64):
@@ -80,10 +82,16 @@ def main(n: int, channels: int, res: int):
     k = ((x + 1) * 127.5).round().clamp(0, 255)
     xq = k / 127.5 - 1
     deq = mixture_interval_nll(mix, k / 128 - 1, (k + 1) / 128 - 1) / LN2
-    cent = mixture_interval_nll(mix, torch.where(k == 0, -math.inf, xq - 1 / 255),
-                                torch.where(k == 255, math.inf, xq + 1 / 255)) / LN2
-    print("\n8-bit data (samples quantized), bits/dim; ode rows against the dequantization bins, vlb rows against"
-          "\nthe decoder's centred bins\n" + head)
+    cent = (
+        mixture_interval_nll(
+            mix, torch.where(k == 0, -math.inf, xq - 1 / 255), torch.where(k == 255, math.inf, xq + 1 / 255)
+        )
+        / LN2
+    )
+    print(
+        "\n8-bit data (samples quantized), bits/dim; ode rows against the dequantization bins, vlb rows against"
+        "\nthe decoder's centred bins\n" + head
+    )
     print(f"{'exact, bins [k, k+1)/128 - 1':<34} {float(deq.mean()):>9.4f}")
     print(f"{'exact, bins 2k/255 - 1 +- 1/255':<34} {float(cent.mean()):>9.4f}")
     v, s = timed(lambda: ode_bpd(den, xq, sched, hutchinson=0, steps=64, generator=gen(3)))
@@ -97,4 +105,4 @@ def main(n: int, channels: int, res: int):
 
 if __name__ == "__main__":
     args = [int(a) for a in sys.argv[1:]]
-    main(*(args + [500, 1, 4][len(args):]))
+    main(*(args + [500, 1, 4][len(args) :]))

@@ -42,7 +42,11 @@ TUNED = ("dpm_solver", "dpm_solver_3m", "unipc", "ipndm", "deis")
 
 def summary(mixture, x: torch.Tensor) -> tuple[float, float, float]:
     rows = mixture_fit(mixture, x)
-    return (max(abs(r["freq_z"]) for r in rows), max(r["mean_err"] for r in rows), max(abs(r["std_ratio"] - 1) for r in rows))
+    return (
+        max(abs(r["freq_z"]) for r in rows),
+        max(r["mean_err"] for r in rows),
+        max(abs(r["std_ratio"] - 1) for r in rows),
+    )
 
 
 def steps_for(name: str, nfe: int, afs: bool) -> int:
@@ -94,15 +98,29 @@ def diffusers_rows(schedule):
     rows = []
     for order in (2, 3):
         for lam, kw in (("karras", {"use_karras_sigmas": True}), ("lu lambdas", {"use_lu_lambdas": True})):
-            rows.append((f"diffusers DPMSolver++({order}M), {lam}",
-                         lambda o=order, k=kw: DPMSolverMultistepScheduler(**common, solver_order=o, **k), None))
+            rows.append(
+                (
+                    f"diffusers DPMSolver++({order}M), {lam}",
+                    lambda o=order, k=kw: DPMSolverMultistepScheduler(**common, solver_order=o, **k),
+                    None,
+                )
+            )
     for order in (2, 3):
-        rows.append((f"diffusers UniPC-{order} (bh2)", lambda o=order: UniPCMultistepScheduler(**common, solver_order=o), None))
-        rows.append((f"diffusers UniPC-{order} (bh2), karras",
-                     lambda o=order: UniPCMultistepScheduler(**common, solver_order=o, use_karras_sigmas=True), None))
+        rows.append(
+            (f"diffusers UniPC-{order} (bh2)", lambda o=order: UniPCMultistepScheduler(**common, solver_order=o), None)
+        )
+        rows.append(
+            (
+                f"diffusers UniPC-{order} (bh2), karras",
+                lambda o=order: UniPCMultistepScheduler(**common, solver_order=o, use_karras_sigmas=True),
+                None,
+            )
+        )
 
     def trig_to_ours(t):  # IPNDM's process: alpha = cos(t pi / 2), sigma = sin(t pi / 2)
-        sigma = torch.tan(torch.as_tensor(float(t), dtype=torch.float64) * math.pi / 2).clamp(max=float(schedule.sigmas[-1]))
+        sigma = torch.tan(torch.as_tensor(float(t), dtype=torch.float64) * math.pi / 2).clamp(
+            max=float(schedule.sigmas[-1])
+        )
         return float(schedule.t_from_sigma(sigma.reshape(1)).clamp(0, schedule.T - 1)[0])
 
     rows.append(("diffusers IPNDM", lambda: IPNDMScheduler(num_train_timesteps=1000), trig_to_ours))
@@ -114,7 +132,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 15, 20, 50])
-    ap.add_argument("--samplers", nargs="+", default=None, help="ours to run (default: every deterministic and stochastic one)")
+    ap.add_argument(
+        "--samplers", nargs="+", default=None, help="ours to run (default: every deterministic and stochastic one)"
+    )
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-tuned", action="store_true")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -135,26 +155,41 @@ def main() -> None:
     t0 = time.time()
     for name in names:
         defaults = config_options(name)
-        for afs in ((False, True) if "afs" in defaults else (False,)):
+        for afs in (False, True) if "afs" in defaults else (False,):
             for spacing, rho in SPACINGS.items():
                 label = f"{name}{' +afs' if afs else ''}, {spacing}"
                 for nfe in args.nfe:
                     steps = steps_for(name, nfe, afs)
                     if steps < 1 or (name == "ddpm" and spacing != "trailing"):
                         continue
-                    ts = sampler_timesteps(schedule, steps, spacing, rho) if rho else sampler_timesteps(schedule, steps, spacing)
-                    x, calls = ours(den, x_T, schedule, name, ts, **{**defaults, "afs": afs} if "afs" in defaults else defaults)
+                    ts = (
+                        sampler_timesteps(schedule, steps, spacing, rho)
+                        if rho
+                        else sampler_timesteps(schedule, steps, spacing)
+                    )
+                    x, calls = ours(
+                        den, x_T, schedule, name, ts, **{**defaults, "afs": afs} if "afs" in defaults else defaults
+                    )
                     record(label, calls, x)
     if "adaptive" in SAMPLERS and args.samplers is None:
         for order in (2, 3):
             for rtol in (0.1, 0.05, 0.02):
                 ts = sampler_timesteps(schedule, 2, "logsnr")
-                x, calls = ours(den, x_T, schedule, "adaptive", ts, **{**config_options("adaptive"), "order": order, "rtol": rtol})
+                x, calls = ours(
+                    den, x_T, schedule, "adaptive", ts, **{**config_options("adaptive"), "order": order, "rtol": rtol}
+                )
                 record(f"adaptive order {order}, rtol {rtol}", calls, x)
     if not args.no_tuned:
-        x_tune = torch.randn((512, *mixture.shape), generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
-        ref = ours(den, x_tune, schedule, "dpm_solver_3m" if "dpm_solver_3m" in SAMPLERS else "dpm_solver",
-                   sampler_timesteps(schedule, 500, "logsnr"))[0]
+        x_tune = torch.randn(
+            (512, *mixture.shape), generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64
+        )
+        ref = ours(
+            den,
+            x_tune,
+            schedule,
+            "dpm_solver_3m" if "dpm_solver_3m" in SAMPLERS else "dpm_solver",
+            sampler_timesteps(schedule, 500, "logsnr"),
+        )[0]
         for name in [n for n in TUNED if n in SAMPLERS and n not in STOCHASTIC]:
             defaults = config_options(name)
             for nfe in [v for v in args.nfe if v <= 20]:
@@ -166,7 +201,9 @@ def main() -> None:
                     return ours(den, x, schedule, name, sigma_timesteps(schedule, sigmas), **opts)[0]
 
                 state = tune_levels(solve, ref, schedule, start_sigmas, delta=0.5, min_delta=0.01, iterations=40)
-                x, calls = ours(den, x_T, schedule, name, sigma_timesteps(schedule, sigmas_of(state.params, schedule)), **defaults)
+                x, calls = ours(
+                    den, x_T, schedule, name, sigma_timesteps(schedule, sigmas_of(state.params, schedule)), **defaults
+                )
                 record(f"{name}, tuned", calls, x)
     if not args.no_diffusers:
         for label, make, to_ours in diffusers_rows(schedule):
@@ -178,7 +215,11 @@ def main() -> None:
         nfes = sorted(args.nfe)
         print("\n| solver, levels | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
         print("| --- |" + " --- |" * len(nfes))
-        print(f"| floor: {args.n} exact samples | " + " | ".join(["{:.2f} / {:.3f} / {:.3f}".format(*results['floor: exact samples'][0])] * len(nfes)) + " |")
+        print(
+            f"| floor: {args.n} exact samples | "
+            + " | ".join(["{:.2f} / {:.3f} / {:.3f}".format(*results["floor: exact samples"][0])] * len(nfes))
+            + " |"
+        )
         for label, r in results.items():
             if label.startswith("floor"):
                 continue

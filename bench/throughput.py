@@ -39,11 +39,23 @@ from diffuse.convert import convert_diffusers  # noqa: E402
 from diffuse.nets.flops import forward_flops  # noqa: E402
 
 REFERENCE = {  # google/ddpm-cifar10-32's unet/config.json
-    "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
-    "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
-    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
@@ -86,12 +98,23 @@ def compose(name: str, overrides: list[str]):
 def ours_train(args, device, amp_flag: str, tmp: Path):
     from diffuse.training.trainer import Trainer
 
-    cfg = compose("train", [
-        "model=ddpm_cifar10", "dataset=shapes", "dataset.resolution=32", "dataset.size=2048",
-        f"trainer.batch_size={args.batch}", f"runtime.device={device}", f"runtime.precision={amp_flag}",
-        f"runtime.compile={args.compile}", "trainer.sample_n=0", "trainer.warmup=0",
-        f"runtime.channels_last={args.channels_last}", f"runtime.attention={args.attention}",
-    ])
+    cfg = compose(
+        "train",
+        [
+            "model=ddpm_cifar10",
+            "dataset=shapes",
+            "dataset.resolution=32",
+            "dataset.size=2048",
+            f"trainer.batch_size={args.batch}",
+            f"runtime.device={device}",
+            f"runtime.precision={amp_flag}",
+            f"runtime.compile={args.compile}",
+            "trainer.sample_n=0",
+            "trainer.warmup=0",
+            f"runtime.channels_last={args.channels_last}",
+            f"runtime.attention={args.attention}",
+        ],
+    )
     trainer = Trainer(cfg, tmp / "train")
     first, per = measure(trainer.train_step, warmup=args.warmup, reps=args.steps, device=device)
     compiled = trainer.model is not trainer.net
@@ -137,17 +160,38 @@ def ours_sample(args, device, amp_flag: str, ckpt: Path):
     from diffuse.pipeline.model import load_model
     from diffuse.pipeline.runtime import resolve_runtime
 
-    cfg = OmegaConf.to_container(compose("sample", [
-        "sampler=ddim", f"runtime.device={device}", f"runtime.precision={amp_flag}", f"runtime.compile={args.compile}",
-        f"runtime.cuda_graphs={args.cuda_graphs}", f"runtime.channels_last={args.channels_last}", f"runtime.attention={args.attention}",
-    ]), resolve=True)
+    cfg = OmegaConf.to_container(
+        compose(
+            "sample",
+            [
+                "sampler=ddim",
+                f"runtime.device={device}",
+                f"runtime.precision={amp_flag}",
+                f"runtime.compile={args.compile}",
+                f"runtime.cuda_graphs={args.cuda_graphs}",
+                f"runtime.channels_last={args.channels_last}",
+                f"runtime.attention={args.attention}",
+            ],
+        ),
+        resolve=True,
+    )
     rt = resolve_runtime(cfg["runtime"], images=args.batch)
     model = load_model(ckpt=ckpt, model=None, dataset=None, schedule=None, use_ema=True, runtime=rt)
-    job = prepare_sampling(model, sampler=cfg["sampler"], steps=args.sample_steps, guidance=cfg["guidance"], label=None,
-                           labels=None, n=args.batch, seed=0)
+    job = prepare_sampling(
+        model,
+        sampler=cfg["sampler"],
+        steps=args.sample_steps,
+        guidance=cfg["guidance"],
+        label=None,
+        labels=None,
+        n=args.batch,
+        seed=0,
+    )
 
     def run():
-        job.generate(list(range(args.batch)), device=device, batch_size=args.batch, progress=False, fixed_shape=rt.compile)
+        job.generate(
+            list(range(args.batch)), device=device, batch_size=args.batch, progress=False, fixed_shape=rt.compile
+        )
 
     return run
 
@@ -177,14 +221,27 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 256 on CUDA, 8 on the CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 on CUDA, 3 on the CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5 on CUDA, 1 on the CPU)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps after the first (default 5 on CUDA, 1 on the CPU)"
+    )
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per image")
-    p.add_argument("--sample-reps", type=int, default=None, help="timed sampling batches (default 3 on CUDA, 1 on the CPU)")
-    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                   help="torch.compile ours (auto: on CUDA; sampling then replays CUDA graphs)")
+    p.add_argument(
+        "--sample-reps", type=int, default=None, help="timed sampling batches (default 3 on CUDA, 1 on the CPU)"
+    )
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="torch.compile ours (auto: on CUDA; sampling then replays CUDA graphs)",
+    )
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"], help="ours (auto: on CUDA)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "math"], help="ours")
-    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"], help="ours, sampling (auto: when compiled on CUDA)")
+    p.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="ours, sampling (auto: when compiled on CUDA)",
+    )
     p.add_argument("--diffusers-compile", action="store_true", help="also torch.compile diffusers' UNet2DModel")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA")
     args = p.parse_args()
@@ -204,7 +261,11 @@ def main() -> None:
     if args.compile == "auto":
         args.compile = "true" if cuda else "false"
     amp = autocast_dtype(args.precision, device)
-    name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()) + f" ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else (platform.processor() or platform.machine()) + f" ({torch.get_num_threads()} threads)"
+    )
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -246,28 +307,57 @@ def main() -> None:
         "sample": (b / s_ours, b / s_theirs, args.sample_steps * flops),
     }
     prec = {None: "fp32", torch.bfloat16: "bf16"}[amp]
-    print(f"device: {name} [{device.type}], torch {torch.__version__}, batch {b}, precision {prec}, "
-          f"ours compiled: {'yes' if compiled else 'no'} (channels_last {args.channels_last}, attention {args.attention}, "
-          f"cuda_graphs {args.cuda_graphs}), diffusers compiled: {'yes' if args.diffusers_compile else 'no'}")
-    print(f"network: ddpm_cifar10 = google/ddpm-cifar10-32, {params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per image "
-          f"forward (analytic), outputs equal to {diff:.1e}")
-    print(f"warm-up (first call, excluded): train ours {tr_first:.1f} s, diffusers {d_first:.1f} s; "
-          f"sample ours {s_first:.1f} s, diffusers {ds_first:.1f} s")
-    print(f"{'':28s}{'ours img/s':>12s}{'diffusers img/s':>17s}{'ratio':>8s}{'ours TFLOP/s':>14s}{'diffusers TFLOP/s':>19s}")
+    print(
+        f"device: {name} [{device.type}], torch {torch.__version__}, batch {b}, precision {prec}, "
+        f"ours compiled: {'yes' if compiled else 'no'} (channels_last {args.channels_last}, attention {args.attention}, "
+        f"cuda_graphs {args.cuda_graphs}), diffusers compiled: {'yes' if args.diffusers_compile else 'no'}"
+    )
+    print(
+        f"network: ddpm_cifar10 = google/ddpm-cifar10-32, {params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP per image "
+        f"forward (analytic), outputs equal to {diff:.1e}"
+    )
+    print(
+        f"warm-up (first call, excluded): train ours {tr_first:.1f} s, diffusers {d_first:.1f} s; "
+        f"sample ours {s_first:.1f} s, diffusers {ds_first:.1f} s"
+    )
+    print(
+        f"{'':28s}{'ours img/s':>12s}{'diffusers img/s':>17s}{'ratio':>8s}{'ours TFLOP/s':>14s}{'diffusers TFLOP/s':>19s}"
+    )
     labels = {"train": "train (fwd+bwd+AdamW+EMA)", "sample": f"sample (DDIM, {args.sample_steps} steps)"}
     for key, (o, d, f) in rows.items():
         print(f"{labels[key]:28s}{o:12.2f}{d:17.2f}{o / d:8.2f}{o * f / 1e12:14.3f}{d * f / 1e12:19.3f}")
-    print(json.dumps({
-        "device": name, "device_type": device.type, "batch": b, "precision": prec, "compiled": compiled,
-        "train_images_per_s": {"ours": round(rows["train"][0], 3), "diffusers": round(rows["train"][1], 3)},
-        "sample_images_per_s": {"ours": round(rows["sample"][0], 3), "diffusers": round(rows["sample"][1], 3)},
-        "train_ratio": round(rows["train"][0] / rows["train"][1], 3),
-        "sample_ratio": round(rows["sample"][0] / rows["sample"][1], 3),
-        "train_tflops": {"ours": round(rows["train"][0] * rows["train"][2] / 1e12, 4), "diffusers": round(rows["train"][1] * rows["train"][2] / 1e12, 4)},
-        "sample_tflops": {"ours": round(rows["sample"][0] * rows["sample"][2] / 1e12, 4), "diffusers": round(rows["sample"][1] * rows["sample"][2] / 1e12, 4)},
-        "warmup_s": {"train_ours": round(tr_first, 2), "train_diffusers": round(d_first, 2), "sample_ours": round(s_first, 2), "sample_diffusers": round(ds_first, 2)},
-        "max_output_diff": diff, "gflop_per_image_forward": round(flops / 1e9, 3), "sample_steps": args.sample_steps,
-    }))
+    print(
+        json.dumps(
+            {
+                "device": name,
+                "device_type": device.type,
+                "batch": b,
+                "precision": prec,
+                "compiled": compiled,
+                "train_images_per_s": {"ours": round(rows["train"][0], 3), "diffusers": round(rows["train"][1], 3)},
+                "sample_images_per_s": {"ours": round(rows["sample"][0], 3), "diffusers": round(rows["sample"][1], 3)},
+                "train_ratio": round(rows["train"][0] / rows["train"][1], 3),
+                "sample_ratio": round(rows["sample"][0] / rows["sample"][1], 3),
+                "train_tflops": {
+                    "ours": round(rows["train"][0] * rows["train"][2] / 1e12, 4),
+                    "diffusers": round(rows["train"][1] * rows["train"][2] / 1e12, 4),
+                },
+                "sample_tflops": {
+                    "ours": round(rows["sample"][0] * rows["sample"][2] / 1e12, 4),
+                    "diffusers": round(rows["sample"][1] * rows["sample"][2] / 1e12, 4),
+                },
+                "warmup_s": {
+                    "train_ours": round(tr_first, 2),
+                    "train_diffusers": round(d_first, 2),
+                    "sample_ours": round(s_first, 2),
+                    "sample_diffusers": round(ds_first, 2),
+                },
+                "max_output_diff": diff,
+                "gflop_per_image_forward": round(flops / 1e9, 3),
+                "sample_steps": args.sample_steps,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -47,11 +48,13 @@ class Checkpoint:
     step: int = 0
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
-    optim: Optional[dict] = None
+    optim: dict | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     tuned: dict = field(default_factory=dict)
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # a training objective's own networks (teacher., target.)
+    aux: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # a training objective's own networks (teacher., target.)
     # What the stored hash vouched for when it was loaded: "all" (format 2: metadata and tensors), "tensors"
     # (format 1: the metadata is unverified) or "none" (no hash, loaded with verify=False).
     verified: str = "all"
@@ -216,7 +219,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path}: not a readable safetensors file ({_short(e)})") from None
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True, report: Optional[Callable[[str], None]] = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, *, verify: bool = True, report: Callable[[str], None] | None = None
+) -> Checkpoint:
     """The checkpoint at `path`, its hash checked: a file whose hash does not match is refused whatever `verify`
     says; verify=False only lets a file that carries no hash load (said in one line through `report`, as is a
     format-1 file whose hash covers its tensors only)."""
@@ -241,8 +246,12 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, report: Optional[C
         step = int(meta.get("diffuse.step", "0"))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: checkpoint metadata is not valid JSON ({_short(e)})") from None
-    for name, val, kind in (("diffuse.config", config, dict), ("diffuse.optim", groups, list), ("diffuse.extra", extra, dict),
-                            ("diffuse.tuned", tuned, dict)):
+    for name, val, kind in (
+        ("diffuse.config", config, dict),
+        ("diffuse.optim", groups, list),
+        ("diffuse.extra", extra, dict),
+        ("diffuse.tuned", tuned, dict),
+    ):
         if not isinstance(val, kind):
             raise UserError(f"{path}: checkpoint metadata {name} is not a JSON {'object' if kind is dict else 'list'}")
     parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "rng": {}, "optim": {}, "aux": {}}
@@ -251,19 +260,36 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, report: Optional[C
         if prefix in parts:
             parts[prefix][rest if prefix != "optim" else name] = t
     optim = _unflatten_optim(parts["optim"], groups) if groups else None
-    return Checkpoint(config=config, step=step, model=parts["model"], ema=parts["ema"], optim=optim, rng=parts["rng"], extra=extra,
-                      tuned=tuned, aux=parts["aux"], verified=verified)
+    return Checkpoint(
+        config=config,
+        step=step,
+        model=parts["model"],
+        ema=parts["ema"],
+        optim=optim,
+        rng=parts["rng"],
+        extra=extra,
+        tuned=tuned,
+        aux=parts["aux"],
+        verified=verified,
+    )
 
 
-def check_hash(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], verify: bool,
-               report: Optional[Callable[[str], None]]) -> str:
+def check_hash(
+    path: Path,
+    meta: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+    verify: bool,
+    report: Callable[[str], None] | None,
+) -> str:
     """What the stored hash vouches for ("all", "tensors" or "none"), or a UserError for a file it does not fit."""
     say = report or _warn
     stored = meta.get(HASH_KEY)
     if not stored:
         if verify:
-            raise UserError(f"{path} carries no content hash ({HASH_KEY}), so it cannot be verified: pass verify=false "
-                            "to load it anyway if you trust where it came from")
+            raise UserError(
+                f"{path} carries no content hash ({HASH_KEY}), so it cannot be verified: pass verify=false "
+                "to load it anyway if you trust where it came from"
+            )
         say(f"warning: {path} carries no content hash: loaded unverified (verify=false)")
         return "none"
     if checkpoint_hash(tensors, meta) == stored:
@@ -271,11 +297,15 @@ def check_hash(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor
     # Format 1 hashed the tensors alone. Only a file that says it is format 1 is held to that weaker rule: one
     # that says 2 and fits only the old hash has been altered (its metadata, or the hash itself).
     if meta.get("diffuse.format", "1") == "1" and content_hash(tensors) == stored:
-        say(f"warning: {path} was written by an older diffuse (checkpoint format 1): its hash covers the tensors only, "
-            "so its metadata (config, step) is unverified")
+        say(
+            f"warning: {path} was written by an older diffuse (checkpoint format 1): its hash covers the tensors only, "
+            "so its metadata (config, step) is unverified"
+        )
         return "tensors"
-    raise UserError(f"{path}: checkpoint is corrupted (content hash mismatch: its metadata or tensors were changed "
-                    "after it was written)")
+    raise UserError(
+        f"{path}: checkpoint is corrupted (content hash mismatch: its metadata or tensors were changed "
+        "after it was written)"
+    )
 
 
 def _warn(line: str) -> None:
@@ -284,7 +314,7 @@ def _warn(line: str) -> None:
     err_console.print(line, markup=False, soft_wrap=True)
 
 
-def numbered_step(path: Path) -> Optional[int]:
+def numbered_step(path: Path) -> int | None:
     """The step of a numbered checkpoint (step_NNNNNNN.safetensors, any number of digits), else None."""
     m = re.fullmatch(r"step_(\d+)\.safetensors", Path(path).name)
     return int(m.group(1)) if m else None
@@ -296,7 +326,9 @@ def numbered_checkpoints(ckdir: Path) -> list[Path]:
     return sorted(found, key=numbered_step)
 
 
-def load_newest_valid(ckdir: Path, report=None, *, verify: bool = True, asked: str = "resume=true") -> tuple[Checkpoint, Path]:
+def load_newest_valid(
+    ckdir: Path, report=None, *, verify: bool = True, asked: str = "resume=true"
+) -> tuple[Checkpoint, Path]:
     """The checkpoint of the highest step in `ckdir` that loads and verifies: last.safetensors, or a numbered
     one when last.safetensors is damaged (or older, after a kill between the two writes). Each damaged file
     passed over is reported in one line through `report`; if none is valid, one UserError lists them. `asked`
@@ -309,15 +341,22 @@ def load_newest_valid(ckdir: Path, report=None, *, verify: bool = True, asked: s
         try:
             meta = read_metadata(last)
             if "diffuse.config" not in meta:  # somebody else's file: passed over in a warning line, like a damaged one
-                raise UserError(f"{last} is a safetensors file but not a diffuse checkpoint (no diffuse.config metadata)")
+                raise UserError(
+                    f"{last} is a safetensors file but not a diffuse checkpoint (no diffuse.config metadata)"
+                )
             candidates.append((int(meta.get("diffuse.step", "-1")), 1, last))
         except (UserError, ValueError) as e:
             bad.append(str(e))
     candidates += [(numbered_step(p), 0, p) for p in numbered_checkpoints(ckdir)]
     if not candidates and not bad:
-        hint = "give hydra.run.dir=THE_RUN_DIR or resume=PATH" if asked == "resume=true" else \
-            "give a checkpoint file, or a run dir with checkpoints/"
-        raise UserError(f"{asked} but {ckdir} holds no checkpoint (no last.safetensors, no step_NNNNNNN.safetensors): {hint}")
+        hint = (
+            "give hydra.run.dir=THE_RUN_DIR or resume=PATH"
+            if asked == "resume=true"
+            else "give a checkpoint file, or a run dir with checkpoints/"
+        )
+        raise UserError(
+            f"{asked} but {ckdir} holds no checkpoint (no last.safetensors, no step_NNNNNNN.safetensors): {hint}"
+        )
     for _, _, path in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
         try:
             ckpt = load_checkpoint(path, verify=verify, report=report)

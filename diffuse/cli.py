@@ -12,13 +12,13 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from diffuse.errors import UserError
-from typer.core import TyperCommand
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
 
@@ -33,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 class ConfCommand(TyperCommand):
     """A command whose --help adds, after its docstring, its keys and config groups read from conf/."""
 
@@ -46,14 +47,37 @@ class ConfCommand(TyperCommand):
 
 
 # Keys that moved into the runtime group (the same keys for every command): a stale one gets a pointer there.
-RUNTIME_KEYS = ("device", "precision", "channels_last", "attention", "compile", "compile_mode", "cuda_graphs", "ema_foreach", "data_on_device")
+RUNTIME_KEYS = (
+    "device",
+    "precision",
+    "channels_last",
+    "attention",
+    "compile",
+    "compile_mode",
+    "cuda_graphs",
+    "ema_foreach",
+    "data_on_device",
+)
 MOVED = {**{k: f"runtime.{k}" for k in RUNTIME_KEYS}, **{f"trainer.{k}": f"runtime.{k}" for k in RUNTIME_KEYS}}
 
 # Hydra flags that take a value: the value is not an override.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 
 
-def _overrides(args: List[str]) -> List[str]:
+def _overrides(args: list[str]) -> list[str]:
     out, skip = [], False
     for a in args:
         if skip:
@@ -68,7 +92,7 @@ def _overrides(args: List[str]) -> List[str]:
     return out
 
 
-def check_overrides(config_name: str, args: List[str], check: Optional[Callable] = None) -> None:
+def check_overrides(config_name: str, args: list[str], check: Callable | None = None) -> None:
     """Everything that can refuse the command before Hydra starts (so that a refused command writes nothing):
     the overrides parsed, every job's config composed (under -m each job of the sweep's product, as Hydra will
     run it) and resolved (a broken interpolation is one line), its run dir usable, and under -m each job's output
@@ -90,7 +114,9 @@ def check_overrides(config_name: str, args: List[str], check: Optional[Callable]
     multirun = bool(flags & {"-m", "--multirun"})
     only_print = bool(flags & _PRINT_FLAGS)  # --cfg, --info, --help: nothing runs, nothing is written
     if multirun and flags & {"--cfg", "-c", "--info", "-i"}:  # else Hydra's ValueError traceback
-        raise UserError("-m cannot be combined with --cfg or --info: print one job's config without -m (each job is composed the same way)")
+        raise UserError(
+            "-m cannot be combined with --cfg or --info: print one job's config without -m (each job is composed the same way)"
+        )
     overrides = _overrides(args)
     parser = OverridesParser.create()
     try:
@@ -100,11 +126,17 @@ def check_overrides(config_name: str, args: List[str], check: Optional[Callable]
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
         if key in MOVED:
-            raise UserError(f"{key}= is now {MOVED[key]}= (the runtime group: device, precision and fast paths for every command)")
+            raise UserError(
+                f"{key}= is now {MOVED[key]}= (the runtime group: device, precision and fast paths for every command)"
+            )
         if key == "hydra.output_subdir":
-            raise UserError("hydra.output_subdir= cannot be changed: diffuse writes Hydra's record into the run dir's .hydra/ itself, once it holds the run dir")
+            raise UserError(
+                "hydra.output_subdir= cannot be changed: diffuse writes Hydra's record into the run dir's .hydra/ itself, once it holds the run dir"
+            )
         if o.is_sweep_override() and not multirun:
-            raise UserError(f"{o.input_line} is a sweep: add -m to run one job per value (a list is key=[a,b], a string with a comma key='a,b')")
+            raise UserError(
+                f"{o.input_line} is a sweep: add -m to run one job per value (a list is key=[a,b], a string with a comma key='a,b')"
+            )
     hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
     task = [o for o in parsed if not o.is_hydra_override()]
     try:
@@ -124,7 +156,9 @@ def check_overrides(config_name: str, args: List[str], check: Optional[Callable]
                     where = f"-m job #{num}" + (f" ({' '.join(shown)})" if shown else "") + ": "
                 try:
                     try:
-                        cfg = compose(config_name=config_name, overrides=[*hydra_overrides, *job], return_hydra_config=True)
+                        cfg = compose(
+                            config_name=config_name, overrides=[*hydra_overrides, *job], return_hydra_config=True
+                        )
                     except (HydraException, OmegaConfBaseException) as e:
                         raise UserError(_one_line(e)) from None
                     with open_dict(cfg):
@@ -143,11 +177,15 @@ def check_overrides(config_name: str, args: List[str], check: Optional[Callable]
                         run = os.path.join(sweep_dir, _resolve(cfg, lambda: str(cfg.hydra.sweep.subdir)))
                         check_dir_target(Path(run), f"its run dir {run}")
                         if os.path.abspath(run) == os.path.abspath(sweep_dir):  # the sweep itself holds that dir
-                            raise UserError(f"it would run in the sweep dir {sweep_dir} itself: hydra.sweep.subdir must name a subdir")
+                            raise UserError(
+                                f"it would run in the sweep dir {sweep_dir} itself: hydra.sweep.subdir must name a subdir"
+                            )
                         other = dirs.setdefault(os.path.abspath(run), num)
                         if other != num:  # the later job would write over the earlier one's outputs
-                            raise UserError(f"it would run in {run}, as job #{other} does: hydra.sweep.subdir must differ "
-                                            "from job to job (the default is ${hydra.job.num})")
+                            raise UserError(
+                                f"it would run in {run}, as job #{other} does: hydra.sweep.subdir must differ "
+                                "from job to job (the default is ${hydra.job.num})"
+                            )
                     else:
                         run = _resolve(cfg, lambda: str(cfg.hydra.run.dir))
                         check_dir_target(Path(run), f"hydra.run.dir={run}")
@@ -196,11 +234,16 @@ def _resolve(cfg, get):
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         reason = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
-        for prefix in ("KeyError raised while resolving interpolation: ", "MissingMandatoryValue while resolving interpolation: "):
+        for prefix in (
+            "KeyError raised while resolving interpolation: ",
+            "MissingMandatoryValue while resolving interpolation: ",
+        ):
             reason = reason.removeprefix(prefix)
         raw = None
         try:
-            raw = OmegaConf.to_container(OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg, resolve=False)
+            raw = OmegaConf.to_container(
+                OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg, resolve=False
+            )
             raw = raw.get(key.rpartition(".")[2]) if isinstance(raw, dict) else None
         except Exception:
             raw = None
@@ -232,21 +275,23 @@ LATENT_COMMANDS = ("train", "sample", "inpaint", "eval")
 
 
 def latent_alias(arg: str) -> str:
-    return "autoencoder_ckpt=" + arg[len("autoencoder="):] if arg.startswith("autoencoder=") else arg
+    return "autoencoder_ckpt=" + arg[len("autoencoder=") :] if arg.startswith("autoencoder=") else arg
 
 
-def _check_launcher(args: List[str]) -> None:
+def _check_launcher(args: list[str]) -> None:
     """The SLURM launcher where there is no SLURM: one line, before Hydra makes the sweep dir and submitit raises
     (check_overrides composes such a sweep anywhere, so that it can be checked before it is submitted)."""
     import shutil
 
     launching = {"-m", "--multirun"} & set(args) and not _PRINT_FLAGS & set(args)
     if "hydra/launcher=submitit_slurm" in args and launching and shutil.which("srun") is None:
-        raise UserError("hydra/launcher=submitit_slurm needs SLURM (no srun on PATH): submit from a cluster's login node, "
-                        "or leave the launcher out to run the jobs here")
+        raise UserError(
+            "hydra/launcher=submitit_slurm needs SLURM (no srun on PATH): submit from a cluster's login node, "
+            "or leave the launcher out to run the jobs here"
+        )
 
 
-def run_hydra(command: str, job: Callable, args: List[str], check: Optional[Callable] = None) -> None:
+def run_hydra(command: str, job: Callable, args: list[str], check: Callable | None = None) -> None:
     """Hand `args` to Hydra, which runs `job` in the run dir (each -m job in its own); everything that can refuse
     them first (check_overrides, with the task's `check` for every -m job)."""
     import hydra
@@ -357,7 +402,9 @@ def sample(ctx: typer.Context) -> None:
 def inpaint(
     ctx: typer.Context,
     image: str = typer.Option(..., "--image", help="an image file, or a folder of images"),
-    mask: str = typer.Option(..., "--mask", help="a mask (white = generate, black = keep), or a folder of masks with matching names"),
+    mask: str = typer.Option(
+        ..., "--mask", help="a mask (white = generate, black = keep), or a folder of masks with matching names"
+    ),
 ) -> None:
     """Fill the masked region of images with a trained model (or the exact mixture oracle).
 
@@ -382,7 +429,11 @@ def inpaint(
 def edit(
     ctx: typer.Context,
     image: str = typer.Option(..., "--image", help="an image file, or a folder of images"),
-    mask: Optional[str] = typer.Option(None, "--mask", help="optional: the region to edit (white = edit, black = keep), or a folder of masks with matching names"),
+    mask: str | None = typer.Option(
+        None,
+        "--mask",
+        help="optional: the region to edit (white = edit, black = keep), or a folder of masks with matching names",
+    ),
 ) -> None:
     """Edit images with a trained model (or the exact mixture oracle): SDEdit, or DDIM inversion and regeneration.
 
@@ -409,7 +460,9 @@ def edit(
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
 def upsample(
     ctx: typer.Context,
-    image: str = typer.Option(..., "--image", help="an image file, or a folder of images, at the model's low resolution"),
+    image: str = typer.Option(
+        ..., "--image", help="an image file, or a folder of images, at the model's low resolution"
+    ),
 ) -> None:
     """Super-resolve images with a model trained with condition=lowres (a cascade's super-resolution stage).
 
@@ -429,8 +482,14 @@ def upsample(
 @app.command(context_settings=CONTEXT)  # no conf/convert.yaml: its keys are the docstring's key=value flags
 def convert(
     ctx: typer.Context,
-    src: str = typer.Argument(..., metavar="PATH_OR_DIR", help="a diffusers model or pipeline folder, or its config.json / safetensors file; an improved/guided-diffusion .safetensors file"),
-    fmt: str = typer.Option(..., "--from", help="the format of PATH_OR_DIR: diffusers | improved-diffusion | guided-diffusion"),
+    src: str = typer.Argument(
+        ...,
+        metavar="PATH_OR_DIR",
+        help="a diffusers model or pipeline folder, or its config.json / safetensors file; an improved/guided-diffusion .safetensors file",
+    ),
+    fmt: str = typer.Option(
+        ..., "--from", help="the format of PATH_OR_DIR: diffusers | improved-diffusion | guided-diffusion"
+    ),
 ) -> None:
     """Import pretrained weights as a diffuse checkpoint.
 
@@ -467,7 +526,9 @@ def convert(
         if not paths:
             raise UserError("PATH_OR_DIR is required: a diffusers model folder or its safetensors file")
         if len(paths) != 1:
-            raise UserError(f"{paths[-1]!r} is not an argument of convert: give one PATH_OR_DIR and out=FILE.safetensors")
+            raise UserError(
+                f"{paths[-1]!r} is not an argument of convert: give one PATH_OR_DIR and out=FILE.safetensors"
+            )
         src, out = paths[0], outs[0]
         if fmt in FORMATS:
             from diffuse.convert_adm import convert_adm
@@ -504,7 +565,9 @@ def export(
         for a in ctx.args:
             key, eq, value = a.partition("=")
             if not eq or key not in ("ckpt", "out", "use_ema"):
-                raise UserError(f"{a!r} is not an argument of export: give ckpt=FILE|RUN_DIR out=DIR [use_ema=true|false]")
+                raise UserError(
+                    f"{a!r} is not an argument of export: give ckpt=FILE|RUN_DIR out=DIR [use_ema=true|false]"
+                )
             if key in args:
                 raise UserError(f"{key}= is given twice")
             args[key] = value
@@ -516,11 +579,15 @@ def export(
             raise UserError(f"use_ema={args['use_ema']!r} is not allowed: true or false")
         from diffuse.export import export_diffusers
 
-        path = _until_signal(lambda: export_diffusers(args["ckpt"], args["out"], use_ema=use_ema == "true"), f"out={args['out']}")
+        path = _until_signal(
+            lambda: export_diffusers(args["ckpt"], args["out"], use_ema=use_ema == "true"), f"out={args['out']}"
+        )
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2)
     typer.echo(f"wrote {path}")
+
+
 @app.command(cls=ConfCommand, context_settings=CONTEXT)
 def distill(ctx: typer.Context) -> None:
     """Distil a teacher into a few-step student: progressive distillation, consistency distillation or tuning.
@@ -562,8 +629,12 @@ def tune_schedule(ctx: typer.Context) -> None:
 @app.command(name="eval", cls=ConfCommand, context_settings=CONTEXT)
 def evaluate(
     ctx: typer.Context,
-    metric: List[str] = typer.Option([], "--metric", metavar="NAME", help="fid, kid, is, fd, pr, dc, bpd or nll; repeat for several (default: fid)"),
-    save_ref: str = typer.Option(None, "--save-ref", metavar="PATH", help="write the reference statistics to this .safetensors file"),
+    metric: list[str] = typer.Option(
+        [], "--metric", metavar="NAME", help="fid, kid, is, fd, pr, dc, bpd or nll; repeat for several (default: fid)"
+    ),
+    save_ref: str = typer.Option(
+        None, "--save-ref", metavar="PATH", help="write the reference statistics to this .safetensors file"
+    ),
 ) -> None:
     """Score samples with FID, KID and the Inception Score against reference data, or a model's likelihood.
 
@@ -619,8 +690,20 @@ def _hydra_str(v: str) -> str:
 def main() -> None:
     # Hydra reads HYDRA_FULL_ERROR; keep tracebacks of internal errors readable.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if len(sys.argv) > 1 and sys.argv[1] in ("train", "train-classifier", "train-ae", "sample", "inpaint", "edit", "eval", "tune-schedule", "distill",
-                                                   "upsample", "export", "convert"):
+    if len(sys.argv) > 1 and sys.argv[1] in (
+        "train",
+        "train-classifier",
+        "train-ae",
+        "sample",
+        "inpaint",
+        "edit",
+        "eval",
+        "tune-schedule",
+        "distill",
+        "upsample",
+        "export",
+        "convert",
+    ):
         # Before torch and Hydra load: a signal from here on is a stop request the job honours at its first safe
         # point (training: step 0, with a checkpoint), not an exit that leaves nothing to resume.
         from diffuse.signals import handle_early

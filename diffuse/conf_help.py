@@ -68,7 +68,10 @@ def help_text(command: str) -> str:
     for group in singles:
         lines += ["", f"{group}.* (group {group}):"]
         lines += _rows([(f"{group}.{k}={v}", c) for k, v, c in keys(conf_root() / group / "default.yaml")])
-    for group, _ in groups:  # groups of a few options (inpaint, edit, schedule, method -> distill.*): each option's keys
+    for (
+        group,
+        _,
+    ) in groups:  # groups of a few options (inpaint, edit, schedule, method -> distill.*): each option's keys
         if "@" in group:  # sampler@tune.reference: another key's choice, listed under its own group
             continue
         opts = options(group)
@@ -115,4 +118,6 @@ def _package(path) -> str | None:
 
 def _rows(rows: list[tuple[str, str]]) -> list[str]:
     width = min(max((len(a) for a, _ in rows), default=0), 40)
-    return [f"  {a:<{width}}  {b}".rstrip() if len(a) <= width else f"  {a}\n  {'':<{width}}  {b}".rstrip() for a, b in rows]
+    return [
+        f"  {a:<{width}}  {b}".rstrip() if len(a) <= width else f"  {a}\n  {'':<{width}}  {b}".rstrip() for a, b in rows
+    ]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -33,24 +34,54 @@ PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # UNet2DModel's constructor defaults (diffusers 0.42): what a key absent from config.json means.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2D", "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu",
-    "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896],
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
     "num_train_timesteps": None,
 }
 
 # Settings our U-Net has exactly one way of doing: the value google/ddpm-cifar10-32 has, and nothing else.
 REQUIRED: dict[str, Any] = {
-    "center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 1,
-    "flip_sin_to_cos": False, "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1,
-    "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu", "norm_eps": 1e-6,
-    "attn_norm_num_groups": None, "resnet_time_scale_shift": "default", "add_attention": True,
-    "class_embed_type": None, "num_class_embeds": None,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "mid_block_type": "UNetMidBlock2D",
+    "mid_block_scale_factor": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "act_fn": "silu",
+    "norm_eps": 1e-6,
+    "attn_norm_num_groups": None,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
 }
 
 # The schedule and objective google/ddpm-cifar10-32 was trained with (Ho et al.): what its checkpoint records
@@ -60,7 +91,7 @@ DEFAULT_SCHEDULE = {"kind": "linear", "T": 1000, "beta_start": 1.0e-4, "beta_end
 OBJECTIVE = {"prediction": "eps", "weighting": "simple", "min_snr_gamma": 5.0, "p_uncond": 0.1}
 
 
-def find_files(src: str | Path) -> tuple[Path, Path, Optional[Path]]:
+def find_files(src: str | Path) -> tuple[Path, Path, Path | None]:
     """(config.json, weights, scheduler_config.json or None) for a model dir, a pipeline dir or one of the files."""
     p = Path(src).expanduser()
     if not p.exists():
@@ -68,7 +99,9 @@ def find_files(src: str | Path) -> tuple[Path, Path, Optional[Path]]:
     given = None  # a weights file named on the command line (e.g. a .fp16.safetensors variant)
     if p.is_file():
         if p.suffix in PICKLED:
-            raise UserError(f"{p}: pickled weights are refused (loading them can run code): give the {WEIGHTS} file or its folder")
+            raise UserError(
+                f"{p}: pickled weights are refused (loading them can run code): give the {WEIGHTS} file or its folder"
+            )
         if p.name == "config.json" or p.suffix == ".safetensors":
             given = p if p.suffix == ".safetensors" else None
             p = p.parent
@@ -83,11 +116,22 @@ def find_files(src: str | Path) -> tuple[Path, Path, Optional[Path]]:
     if not weights.is_file():
         pickled = sorted(q.name for q in model_dir.iterdir() if q.suffix in PICKLED)
         if pickled:
-            raise UserError(f"{model_dir}: only pickled weights ({pickled[0]}) are there and they are refused (loading them can run code): "
-                            f"save the model with safe_serialization to get {WEIGHTS}")
+            raise UserError(
+                f"{model_dir}: only pickled weights ({pickled[0]}) are there and they are refused (loading them can run code): "
+                f"save the model with safe_serialization to get {WEIGHTS}"
+            )
         raise UserError(f"{model_dir}: no {WEIGHTS}")
-    sched = next((c for c in (model_dir / "scheduler" / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json")
-                  if c.is_file()), None)
+    sched = next(
+        (
+            c
+            for c in (
+                model_dir / "scheduler" / "scheduler_config.json",
+                model_dir.parent / "scheduler" / "scheduler_config.json",
+            )
+            if c.is_file()
+        ),
+        None,
+    )
     return model_dir / "config.json", weights, sched
 
 
@@ -118,8 +162,11 @@ def unet_config(dcfg: dict, where: str = "config.json") -> dict:
         if c[key] != want:
             refuse(key, json.dumps(want))
     chans = c["block_out_channels"]
-    if (not isinstance(chans, list) or not 1 <= len(chans) <= nets.MAX_LEVELS
-            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in chans)):
+    if (
+        not isinstance(chans, list)
+        or not 1 <= len(chans) <= nets.MAX_LEVELS
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in chans)
+    ):
         refuse("block_out_channels", f"a list of 1 to {nets.MAX_LEVELS} integers, each from 1 to {nets.MAX_WIDTH}")
     ch = chans[0]
     if any(x % ch for x in chans):
@@ -136,9 +183,21 @@ def unet_config(dcfg: dict, where: str = "config.json") -> dict:
         size = size[0]
     # The weights do not fix the resolution (convolutions run at any size); the levels do (each halves it), and
     # the sampler allocates it: an absurd one would hang or exhaust memory at the first image.
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= nets.MAX_RESOLUTION or size % 2 ** (n - 1):
-        refuse("sample_size", f"a square size up to {nets.MAX_RESOLUTION} divisible by {2 ** (n - 1)} (each of its {n - 1} downsamplings halves it)")
-    if isinstance(c["layers_per_block"], bool) or not isinstance(c["layers_per_block"], int) or not 1 <= c["layers_per_block"] <= nets.MAX_BLOCKS:
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, int)
+        or not 0 < size <= nets.MAX_RESOLUTION
+        or size % 2 ** (n - 1)
+    ):
+        refuse(
+            "sample_size",
+            f"a square size up to {nets.MAX_RESOLUTION} divisible by {2 ** (n - 1)} (each of its {n - 1} downsamplings halves it)",
+        )
+    if (
+        isinstance(c["layers_per_block"], bool)
+        or not isinstance(c["layers_per_block"], int)
+        or not 1 <= c["layers_per_block"] <= nets.MAX_BLOCKS
+    ):
         refuse("layers_per_block", f"an integer from 1 to {nets.MAX_BLOCKS}")
     if c["downsample_padding"] not in (0, 1):
         refuse("downsample_padding", "0 (pad after, as Ho et al.) or 1")
@@ -154,18 +213,31 @@ def unet_config(dcfg: dict, where: str = "config.json") -> dict:
     if head_dim is None:
         heads = 1
     else:
-        if not isinstance(head_dim, int) or any(x % head_dim for x in attn_chans) or len({x // head_dim for x in attn_chans}) != 1:
-            refuse("attention_head_dim", f"null, or a width giving the same number of heads at every attention layer (channels {attn_chans})")
+        if (
+            not isinstance(head_dim, int)
+            or any(x % head_dim for x in attn_chans)
+            or len({x // head_dim for x in attn_chans}) != 1
+        ):
+            refuse(
+                "attention_head_dim",
+                f"null, or a width giving the same number of heads at every attention layer (channels {attn_chans})",
+            )
         heads = attn_chans[0] // head_dim
     dropout = c["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         refuse("dropout", "a number in [0, 1)")
     model = {
-        "arch": "unet", "ch": ch, "ch_mult": [x // ch for x in chans], "num_res_blocks": c["layers_per_block"],
+        "arch": "unet",
+        "ch": ch,
+        "ch_mult": [x // ch for x in chans],
+        "num_res_blocks": c["layers_per_block"],
         "attn_resolutions": [size // 2**i for i, b in enumerate(down) if b.startswith("Attn")],
-        "dropout": float(dropout), "heads": heads, "num_classes": None,
+        "dropout": float(dropout),
+        "heads": heads,
+        "num_classes": None,
         "downsample_pad": "end" if c["downsample_padding"] == 0 else "both",
-        "resolution": size, "in_channels": c["in_channels"],
+        "resolution": size,
+        "in_channels": c["in_channels"],
     }
     if c["out_channels"] != c["in_channels"]:
         model["out_channels"] = c["out_channels"]
@@ -174,7 +246,7 @@ def unet_config(dcfg: dict, where: str = "config.json") -> dict:
     return model
 
 
-def schedule_config(path: Optional[Path]) -> dict:
+def schedule_config(path: Path | None) -> dict:
     """The linear schedule of a DDPM/DDIM scheduler_config.json (eps prediction only), or Ho et al.'s."""
     if path is None:
         return dict(DEFAULT_SCHEDULE)
@@ -186,11 +258,18 @@ def schedule_config(path: Optional[Path]) -> dict:
         raise UserError(f"{where}: trained_betas cannot be converted: only a linear schedule is")
     if s.get("prediction_type", "epsilon") != "epsilon":
         raise UserError(f"{where}: prediction_type={s['prediction_type']!r} cannot be converted: only epsilon is")
-    out = {"kind": "linear", "T": s.get("num_train_timesteps", 1000), "beta_start": s.get("beta_start", 1e-4),
-           "beta_end": s.get("beta_end", 0.02), "scale_with_T": False}
+    out = {
+        "kind": "linear",
+        "T": s.get("num_train_timesteps", 1000),
+        "beta_start": s.get("beta_start", 1e-4),
+        "beta_end": s.get("beta_end", 0.02),
+        "scale_with_T": False,
+    }
     # The weights do not fix T either (the time embedding is sinusoidal in t); the schedule's tables do cost it.
     if isinstance(out["T"], bool) or not isinstance(out["T"], int) or not 2 <= out["T"] <= MAX_T:
-        raise UserError(f"{where}: num_train_timesteps={out['T']!r} cannot be converted: it must be an integer from 2 to {MAX_T:,}")
+        raise UserError(
+            f"{where}: num_train_timesteps={out['T']!r} cannot be converted: it must be an integer from 2 to {MAX_T:,}"
+        )
     for key in ("beta_start", "beta_end"):
         if isinstance(out[key], bool) or not isinstance(out[key], (int, float)) or not 0 < out[key] < 1:
             raise UserError(f"{where}: {key}={out[key]!r} is not a number in (0, 1)")
@@ -200,14 +279,21 @@ def schedule_config(path: Optional[Path]) -> dict:
 def _attn_weights(sd: dict, pre: str) -> dict[str, torch.Tensor]:
     """Diffusers' attention layer at `pre` as our AttnBlock's tensors; reads the current names (to_q, ...) and
     the ones of checkpoints saved before diffusers 0.15 (query, key, value, proj_attn)."""
+
     def take(new: str, old: str, part: str) -> torch.Tensor:
         for name in (f"{pre}.{new}.{part}", f"{pre}.{old}.{part}"):
             if name in sd:
                 return sd.pop(name)
         raise UserError(f"weights lack {pre}.{new}.{part}: they do not fit their config.json")
 
-    out = {"norm.weight": take("group_norm", "group_norm", "weight"), "norm.bias": take("group_norm", "group_norm", "bias")}
-    qkv = [(take(f"to_{x}", old, "weight"), take(f"to_{x}", old, "bias")) for x, old in (("q", "query"), ("k", "key"), ("v", "value"))]
+    out = {
+        "norm.weight": take("group_norm", "group_norm", "weight"),
+        "norm.bias": take("group_norm", "group_norm", "bias"),
+    }
+    qkv = [
+        (take(f"to_{x}", old, "weight"), take(f"to_{x}", old, "bias"))
+        for x, old in (("q", "query"), ("k", "key"), ("v", "value"))
+    ]
     out["qkv.weight"] = torch.cat([w for w, _ in qkv])[:, :, None, None]
     out["qkv.bias"] = torch.cat([b for _, b in qkv])
     out["proj.weight"] = take("to_out.0", "proj_attn", "weight")[:, :, None, None]
@@ -215,7 +301,14 @@ def _attn_weights(sd: dict, pre: str) -> dict[str, torch.Tensor]:
     return out
 
 
-_RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2", "skip": "conv_shortcut"}
+_RES = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "temb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "skip": "conv_shortcut",
+}
 
 
 def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torch.Tensor]:
@@ -242,8 +335,13 @@ def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torc
                     raise UserError(f"weights lack {key}: they do not fit their config.json")
                 out[f"{ours}.conv.{part}"] = sd.pop(key)
 
-    for ours, theirs in (("temb.0", "time_embedding.linear_1"), ("temb.2", "time_embedding.linear_2"), ("conv_in", "conv_in"),
-                         ("norm_out", "conv_norm_out"), ("conv_out", "conv_out")):
+    for ours, theirs in (
+        ("temb.0", "time_embedding.linear_1"),
+        ("temb.2", "time_embedding.linear_2"),
+        ("conv_in", "conv_in"),
+        ("norm_out", "conv_norm_out"),
+        ("conv_out", "conv_out"),
+    ):
         for part in ("weight", "bias"):
             if f"{theirs}.{part}" not in sd:
                 raise UserError(f"weights lack {theirs}.{part}: they do not fit their config.json")
@@ -252,7 +350,10 @@ def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torc
     # Our down/up lists are flat: per level, its resnets (each with its attention, if any), then the resampler
     # (none after the last level), in diffusers' order.
     levels, n_res = len(model["ch_mult"]), model["num_res_blocks"]
-    for path, blocks, per_level, resampler in (("down", net.down, n_res, "downsamplers"), ("up", net.up, n_res + 1, "upsamplers")):
+    for path, blocks, per_level, resampler in (
+        ("down", net.down, n_res, "downsamplers"),
+        ("up", net.up, n_res + 1, "upsamplers"),
+    ):
         k = 0
         for level in range(levels):
             for layer in range(per_level):
@@ -268,13 +369,17 @@ def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torc
     module("mid.1", net.mid[1], "mid_block.attentions.0")
     module("mid.2", net.mid[2], "mid_block.resnets.1")
     if sd:
-        raise UserError(f"weights have {sorted(sd)[0]} (and {len(sd) - 1} more) that their config.json does not describe")
+        raise UserError(
+            f"weights have {sorted(sd)[0]} (and {len(sd) - 1} more) that their config.json does not describe"
+        )
     want = net.state_dict()
     for name, t in want.items():
         if name not in out:
             raise UserError(f"weights give nothing for {name}")
         if out[name].shape != t.shape:
-            raise UserError(f"weights' tensor for {name} has shape {tuple(out[name].shape)}, the config asks for {tuple(t.shape)}")
+            raise UserError(
+                f"weights' tensor for {name} has shape {tuple(out[name].shape)}, the config asks for {tuple(t.shape)}"
+            )
     return out
 
 
@@ -284,7 +389,9 @@ def check_out(out: Path) -> None:
     if out.suffix != ".safetensors":
         raise UserError(f"out={str(out)!r} is not allowed: the checkpoint is a .safetensors file")
     if out.is_dir():
-        raise UserError(f"out={str(out)!r} is a directory: give the checkpoint's file name, e.g. out={out / 'model.safetensors'}")
+        raise UserError(
+            f"out={str(out)!r} is a directory: give the checkpoint's file name, e.g. out={out / 'model.safetensors'}"
+        )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -302,7 +409,9 @@ def header_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except Exception as e:  # safetensors raises several types for a malformed header
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})") from None
+        raise UserError(
+            f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+        ) from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -316,7 +425,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
-def mapped_weights(weights_path: Path, model: dict, mapping: Callable, *, where: str, keys: dict) -> dict[str, torch.Tensor]:
+def mapped_weights(
+    weights_path: Path, model: dict, mapping: Callable, *, where: str, keys: dict
+) -> dict[str, torch.Tensor]:
     """The float32 state dict of the network `model` describes from a safetensors file of another layout, by
     mapping(tensors, net) -> our names. The mapping runs first on the file's header against the network built on
     the meta device (shapes, no storage), so that weights that do not fit, or a config describing a network too
@@ -339,11 +450,21 @@ def convert_diffusers(src: str | Path, out: str | Path) -> Path:
         return convert_autoencoder(config_path, weights_path, dcfg, src, out)
     model = unet_config(dcfg, str(config_path))
     schedule = schedule_config(sched_path)
-    keys = {"resolution": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",
-            "num_res_blocks": "layers_per_block", "heads": "attention_head_dim", "groups": "norm_num_groups"}
-    weights = mapped_weights(weights_path, model, lambda sd, net: map_weights(sd, net, model), where=str(config_path), keys=keys)
+    keys = {
+        "resolution": "sample_size",
+        "ch": "block_out_channels",
+        "ch_mult": "block_out_channels",
+        "num_res_blocks": "layers_per_block",
+        "heads": "attention_head_dim",
+        "groups": "norm_num_groups",
+    }
+    weights = mapped_weights(
+        weights_path, model, lambda sd, net: map_weights(sd, net, model), where=str(config_path), keys=keys
+    )
     config = {
-        "model": model, "schedule": schedule, "objective": dict(OBJECTIVE),
+        "model": model,
+        "schedule": schedule,
+        "objective": dict(OBJECTIVE),
         "data": {"is_8bit": True, "num_classes": None},
         "source": {"format": "diffusers", "path": str(Path(src).expanduser().resolve())},
     }

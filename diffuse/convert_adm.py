@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
 import torch
 
 from diffuse import nets
@@ -35,7 +36,16 @@ from diffuse.checkpoint import Checkpoint, save_checkpoint
 from diffuse.errors import UserError
 
 FORMATS = ("improved-diffusion", "guided-diffusion")
-OPTIONS = ("resolution", "schedule", "T", "heads", "head_channels", "attention_order", "rescale_timesteps", "prediction")
+OPTIONS = (
+    "resolution",
+    "schedule",
+    "T",
+    "heads",
+    "head_channels",
+    "attention_order",
+    "rescale_timesteps",
+    "prediction",
+)
 ORDERS = ("legacy", "new")
 
 
@@ -45,7 +55,9 @@ def parse_options(tokens: list[str], fmt: str) -> dict:
     for tok in tokens:
         key, eq, val = tok.partition("=")
         if not eq or key not in OPTIONS:
-            raise UserError(f"{tok!r} is not an argument of convert --from {fmt}: give {', '.join(k + '=' for k in OPTIONS)}")
+            raise UserError(
+                f"{tok!r} is not an argument of convert --from {fmt}: give {', '.join(k + '=' for k in OPTIONS)}"
+            )
         if key in opts:
             raise UserError(f"{key}= is given twice")
         opts[key] = val
@@ -69,19 +81,24 @@ def parse_options(tokens: list[str], fmt: str) -> dict:
     if "resolution" not in opts:
         raise UserError("resolution= is required: the image_size the network was trained at (its weights do not say)")
     if opts.get("schedule") not in ("linear", "cosine"):
-        raise UserError(f"schedule={opts.get('schedule')!r} is not allowed: give the noise_schedule it was trained with, "
-                        "linear or cosine")
+        raise UserError(
+            f"schedule={opts.get('schedule')!r} is not allowed: give the noise_schedule it was trained with, "
+            "linear or cosine"
+        )
     if "heads" in opts and "head_channels" in opts:
         raise UserError("heads= and head_channels= cannot both be given: num_heads or num_head_channels")
     from diffuse.pipeline.model import MAX_T
 
-    out = {"resolution": integer("resolution", 1, nets.MAX_RESOLUTION), "schedule": opts["schedule"],
-           "T": integer("T", 2, MAX_T) if "T" in opts else 1000,
-           "heads": integer("heads", 1, nets.MAX_HEADS) if "heads" in opts else (None if "head_channels" in opts else 4),
-           "head_channels": integer("head_channels", 1, nets.MAX_WIDTH) if "head_channels" in opts else None,
-           "attention_order": opts.get("attention_order", "legacy"),
-           "rescale_timesteps": flag("rescale_timesteps", fmt == "improved-diffusion"),
-           "prediction": opts.get("prediction", "eps")}
+    out = {
+        "resolution": integer("resolution", 1, nets.MAX_RESOLUTION),
+        "schedule": opts["schedule"],
+        "T": integer("T", 2, MAX_T) if "T" in opts else 1000,
+        "heads": integer("heads", 1, nets.MAX_HEADS) if "heads" in opts else (None if "head_channels" in opts else 4),
+        "head_channels": integer("head_channels", 1, nets.MAX_WIDTH) if "head_channels" in opts else None,
+        "attention_order": opts.get("attention_order", "legacy"),
+        "rescale_timesteps": flag("rescale_timesteps", fmt == "improved-diffusion"),
+        "prediction": opts.get("prediction", "eps"),
+    }
     if out["attention_order"] not in ORDERS:
         raise UserError(f"attention_order={out['attention_order']!r} is not allowed: choose one of {', '.join(ORDERS)}")
     if out["prediction"] not in ("eps", "x0"):
@@ -98,7 +115,9 @@ def _blocks(sd: dict, part: str) -> list[dict[str, torch.Tensor]]:
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = v
     if sorted(found) != list(range(len(found))):
-        raise UserError(f"the weights' {part} are not numbered 0..{len(found) - 1}: not an improved/guided-diffusion U-Net")
+        raise UserError(
+            f"the weights' {part} are not numbered 0..{len(found) - 1}: not an improved/guided-diffusion U-Net"
+        )
     return [found[i] for i in range(len(found))]
 
 
@@ -108,11 +127,15 @@ def infer_model(sd: dict[str, torch.Tensor], o: dict, where: str) -> dict:
         if key not in sd:
             raise UserError(f"{where}: no tensor {key}: not an improved-diffusion / guided-diffusion U-Net state dict")
     if sd["input_blocks.0.0.weight"].dim() != 4:
-        raise UserError(f"{where}: input_blocks.0.0.weight is {sd['input_blocks.0.0.weight'].dim() - 2}-D: only 2-D image networks convert")
+        raise UserError(
+            f"{where}: input_blocks.0.0.weight is {sd['input_blocks.0.0.weight'].dim() - 2}-D: only 2-D image networks convert"
+        )
     ch, cin = sd["input_blocks.0.0.weight"].shape[:2]
     cout = sd["out.2.weight"].shape[0]
     if cout not in (cin, 2 * cin):
-        raise UserError(f"{where}: {cout} output channels for {cin} input channels: neither the image (eps) nor image and variances (learn_sigma)")
+        raise UserError(
+            f"{where}: {cout} output channels for {cin} input channels: neither the image (eps) nor image and variances (learn_sigma)"
+        )
     blocks = _blocks(sd, "input_blocks")[1:]
     levels: list[list[int]] = [[]]  # per level, the output channels of its residual blocks
     attn_levels = set()
@@ -124,36 +147,58 @@ def infer_model(sd: dict[str, torch.Tensor], o: dict, where: str) -> dict:
             if "1.qkv.weight" in b:
                 attn_levels.add(len(levels) - 1)
         else:
-            raise UserError(f"{where}: an input block holds {sorted(b)[0]}: neither a residual block nor a conv downsample "
-                            "(resblock_updown and conv_resample=False have no counterpart in our U-Net)")
+            raise UserError(
+                f"{where}: an input block holds {sorted(b)[0]}: neither a residual block nor a conv downsample "
+                "(resblock_updown and conv_resample=False have no counterpart in our U-Net)"
+            )
     nrb = len(levels[0])
     if nrb == 0 or any(len(lv) != nrb for lv in levels):
-        raise UserError(f"{where}: its levels have {[len(lv) for lv in levels]} residual blocks: our U-Net has the same number at every level")
+        raise UserError(
+            f"{where}: its levels have {[len(lv) for lv in levels]} residual blocks: our U-Net has the same number at every level"
+        )
     if any(len(set(lv)) != 1 or lv[0] % ch for lv in levels):
         raise UserError(f"{where}: a level's residual blocks change width mid-level: not expressible")
     mult = [lv[0] // ch for lv in levels]
     res = o["resolution"]
     if res % 2 ** (len(mult) - 1):
-        raise UserError(f"resolution={res} is not allowed: its {len(mult)} levels halve the image {len(mult) - 1} times")
+        raise UserError(
+            f"resolution={res} is not allowed: its {len(mult)} levels halve the image {len(mult) - 1} times"
+        )
     first = next(b for b in blocks if "0.emb_layers.1.weight" in b)
     scale_shift = first["0.emb_layers.1.weight"].shape[0] == 2 * first["0.out_layers.3.weight"].shape[0]
     widths = sorted({ch * mult[lv] for lv in attn_levels} | {ch * mult[-1]})  # the middle block always attends
     if o["head_channels"] is not None:
         heads = {w // o["head_channels"] for w in widths}
         if len(heads) != 1 or any(w % o["head_channels"] for w in widths):
-            raise UserError(f"head_channels={o['head_channels']}: the attention layers of {widths} channels would have "
-                            "different head counts, and our U-Net has one per network")
+            raise UserError(
+                f"head_channels={o['head_channels']}: the attention layers of {widths} channels would have "
+                "different head counts, and our U-Net has one per network"
+            )
         heads = heads.pop()
     else:
         heads = o["heads"]
     if any(w % heads for w in widths):
         raise UserError(f"heads={heads}: an attention layer of {widths} channels does not split into {heads} heads")
     num_classes = int(sd["label_emb.weight"].shape[0]) if "label_emb.weight" in sd else None
-    return {"arch": "unet", "resolution": res, "in_channels": int(cin), "out_channels": int(cout), "ch": int(ch),
-            "ch_mult": mult, "num_res_blocks": nrb, "attn_resolutions": sorted(res // 2**lv for lv in attn_levels),
-            "dropout": 0.0, "num_classes": num_classes, "heads": heads, "groups": 32, "downsample_pad": "both",
-            "norm_eps": 1e-5, "scale_shift": bool(scale_shift), "time_embedding": "adm",
-            "time_scale": 1000.0 / o["T"] if o["rescale_timesteps"] else 1.0}
+    return {
+        "arch": "unet",
+        "resolution": res,
+        "in_channels": int(cin),
+        "out_channels": int(cout),
+        "ch": int(ch),
+        "ch_mult": mult,
+        "num_res_blocks": nrb,
+        "attn_resolutions": sorted(res // 2**lv for lv in attn_levels),
+        "dropout": 0.0,
+        "num_classes": num_classes,
+        "heads": heads,
+        "groups": 32,
+        "downsample_pad": "both",
+        "norm_eps": 1e-5,
+        "scale_shift": bool(scale_shift),
+        "time_embedding": "adm",
+        "time_scale": 1000.0 / o["T"] if o["rescale_timesteps"] else 1.0,
+    }
 
 
 def _qkv(w: torch.Tensor, heads: int, order: str) -> torch.Tensor:
@@ -181,8 +226,13 @@ def map_weights(sd: dict[str, torch.Tensor], model: dict, order: str, where: str
         return w.reshape(*w.shape, 1) if w.dim() == 3 else w
 
     def resblock(dst: str, src: str):
-        for a, b in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("temb_proj", "emb_layers.1"),
-                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3")):
+        for a, b in (
+            ("norm1", "in_layers.0"),
+            ("conv1", "in_layers.2"),
+            ("temb_proj", "emb_layers.1"),
+            ("norm2", "out_layers.0"),
+            ("conv2", "out_layers.3"),
+        ):
             take(f"{dst}.{a}.weight", f"{src}.{b}.weight")
             take(f"{dst}.{a}.bias", f"{src}.{b}.bias")
         if f"{src}.skip_connection.weight" in sd:
@@ -197,8 +247,13 @@ def map_weights(sd: dict[str, torch.Tensor], model: dict, order: str, where: str
         take(f"{dst}.proj.weight", f"{src}.proj_out.weight", conv1d_as_2d)
         take(f"{dst}.proj.bias", f"{src}.proj_out.bias")
 
-    for a, b in (("temb.0", "time_embed.0"), ("temb.2", "time_embed.2"), ("conv_in", "input_blocks.0.0"),
-                 ("norm_out", "out.0"), ("conv_out", "out.2")):
+    for a, b in (
+        ("temb.0", "time_embed.0"),
+        ("temb.2", "time_embed.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ):
         take(f"{a}.weight", f"{b}.weight")
         take(f"{a}.bias", f"{b}.bias")
     if model["num_classes"]:
@@ -233,7 +288,9 @@ def map_weights(sd: dict[str, torch.Tensor], model: dict, order: str, where: str
     left = sorted(set(sd) - used)
     if left:
         more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
-        raise UserError(f"{where}: {left[0]}{more} has no place in our U-Net: the network uses a setting it cannot express")
+        raise UserError(
+            f"{where}: {left[0]}{more} has no place in our U-Net: the network uses a setting it cannot express"
+        )
     return ours
 
 
@@ -245,8 +302,10 @@ def convert_adm(src: str | Path, out: str | Path, tokens: list[str], fmt: str = 
     check_out(out)
     o = parse_options(tokens, fmt)
     if src.suffix.lower() in PICKLED:
-        raise UserError(f"{src} is a pickle ({src.suffix}): pickles are never opened; save its state dict with "
-                        "safetensors.torch.save_file where you trust the file, and convert that")
+        raise UserError(
+            f"{src} is a pickle ({src.suffix}): pickles are never opened; save its state dict with "
+            "safetensors.torch.save_file where you trust the file, and convert that"
+        )
     if src.is_dir():
         diffusers = any((src / p).is_file() for p in ("config.json", "unet/config.json", "model_index.json"))
         hint = " (a diffusers folder converts with --from diffusers)" if diffusers else ""
@@ -259,15 +318,28 @@ def convert_adm(src: str | Path, out: str | Path, tokens: list[str], fmt: str = 
     shapes = nets.network_shapes(model, where=where, keys={})
     nets.check_weights(shapes, map_weights(header, model, o["attention_order"], where), where)
     sd = read_tensors(src)
-    weights = {k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, model, o["attention_order"], where).items()}
-    schedule = ({"kind": "cosine", "T": o["T"], "cosine_s": 0.008, "max_beta": 0.999} if o["schedule"] == "cosine"
-                else {"kind": "linear", "T": o["T"], "beta_start": 1e-4, "beta_end": 0.02, "scale_with_T": True})
+    weights = {
+        k: v.to(torch.float32).contiguous() for k, v in map_weights(sd, model, o["attention_order"], where).items()
+    }
+    schedule = (
+        {"kind": "cosine", "T": o["T"], "cosine_s": 0.008, "max_beta": 0.999}
+        if o["schedule"] == "cosine"
+        else {"kind": "linear", "T": o["T"], "beta_start": 1e-4, "beta_end": 0.02, "scale_with_T": True}
+    )
     learn_sigma = model["out_channels"] == 2 * model["in_channels"]
-    objective = {"prediction": o["prediction"], "weighting": "simple", "min_snr_gamma": 5.0, "p_uncond": 0.1,
-                 "learn_sigma": learn_sigma, "vlb_weight": 0.001}
-    config = {"model": model, "schedule": schedule, "objective": objective,
-              "data": {"is_8bit": True, "num_classes": model["num_classes"]},
-              "source": {"format": fmt, "path": str(src.resolve()), "options": o}}
+    objective = {
+        "prediction": o["prediction"],
+        "weighting": "simple",
+        "min_snr_gamma": 5.0,
+        "p_uncond": 0.1,
+        "learn_sigma": learn_sigma,
+        "vlb_weight": 0.001,
+    }
+    config = {
+        "model": model,
+        "schedule": schedule,
+        "objective": objective,
+        "data": {"is_8bit": True, "num_classes": model["num_classes"]},
+        "source": {"format": fmt, "path": str(src.resolve()), "options": o},
+    }
     return save_checkpoint(out, Checkpoint(config=config, step=0, model=weights))
-
-

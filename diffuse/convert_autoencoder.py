@@ -29,10 +29,24 @@ from diffuse.errors import UserError
 
 # AutoencoderKL's constructor defaults (diffusers 0.42): what a key absent from config.json means.
 DEFAULTS: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32,
-    "sample_size": 32, "scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None,
-    "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
 }
 # Recorded in the checkpoint's source, not part of the network.
 RECORDED = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
@@ -56,8 +70,11 @@ def autoencoder_config(dcfg: dict, where: str = "config.json") -> dict:
     if c["act_fn"] != "silu":
         refuse("act_fn", '"silu"')
     chans = c["block_out_channels"]
-    if (not isinstance(chans, list) or not 1 <= len(chans) <= nets.MAX_LEVELS
-            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in chans)):
+    if (
+        not isinstance(chans, list)
+        or not 1 <= len(chans) <= nets.MAX_LEVELS
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in chans)
+    ):
         refuse("block_out_channels", f"a list of 1 to {nets.MAX_LEVELS} integers, each from 1 to {nets.MAX_WIDTH}")
     ch, n = chans[0], len(chans)
     if any(x % ch for x in chans):
@@ -79,10 +96,18 @@ def autoencoder_config(dcfg: dict, where: str = "config.json") -> dict:
         if not isinstance(c[key], bool):
             refuse(key, "true or false")
     model = {
-        "arch": "autoencoder", "latent_channels": c["latent_channels"], "ch": ch, "ch_mult": [x // ch for x in chans],
-        "num_res_blocks": c["layers_per_block"], "groups": groups, "mid_attention": c["mid_block_add_attention"],
-        "quant_conv": c["use_quant_conv"], "post_quant_conv": c["use_post_quant_conv"], "dropout": 0.0,
-        "resolution": size, "in_channels": c["in_channels"],
+        "arch": "autoencoder",
+        "latent_channels": c["latent_channels"],
+        "ch": ch,
+        "ch_mult": [x // ch for x in chans],
+        "num_res_blocks": c["layers_per_block"],
+        "groups": groups,
+        "mid_attention": c["mid_block_add_attention"],
+        "quant_conv": c["use_quant_conv"],
+        "post_quant_conv": c["use_post_quant_conv"],
+        "dropout": 0.0,
+        "resolution": size,
+        "in_channels": c["in_channels"],
     }
     if c["out_channels"] != c["in_channels"]:
         model["out_channels"] = c["out_channels"]
@@ -110,7 +135,9 @@ def map_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for part in ("encoder", "decoder"):
         if any(k.startswith(f"{part}.mid_block.attentions.0.") for k in sd):
-            out.update({f"{part}.mid.attn.{k}": v for k, v in _attn_weights(sd, f"{part}.mid_block.attentions.0").items()})
+            out.update(
+                {f"{part}.mid.attn.{k}": v for k, v in _attn_weights(sd, f"{part}.mid_block.attentions.0").items()}
+            )
     for name, t in sd.items():
         ours = name
         for pattern, repl in _RENAMES:
@@ -124,7 +151,9 @@ def map_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tensor]:
         if name not in out:
             raise UserError(f"weights give nothing for {name}: they do not fit their config.json")
         if out[name].shape != t.shape:
-            raise UserError(f"weights' tensor for {name} has shape {tuple(out[name].shape)}, the config asks for {tuple(t.shape)}")
+            raise UserError(
+                f"weights' tensor for {name} has shape {tuple(out[name].shape)}, the config asks for {tuple(t.shape)}"
+            )
     return out
 
 
@@ -138,13 +167,23 @@ def convert_autoencoder(config_path: Path, weights_path: Path, dcfg: dict, src: 
         return convert_taesd(config_path, weights_path, dcfg, src, out)
     where = str(config_path)
     model = autoencoder_config(dcfg, where)
-    keys = {"resolution": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",
-            "num_res_blocks": "layers_per_block", "groups": "norm_num_groups"}
+    keys = {
+        "resolution": "sample_size",
+        "ch": "block_out_channels",
+        "ch_mult": "block_out_channels",
+        "num_res_blocks": "layers_per_block",
+        "groups": "norm_num_groups",
+    }
     weights = mapped_weights(weights_path, model, map_weights, where=where, keys=keys)
     full = {**DEFAULTS, **dcfg}
     config = {
-        "model": model, "data": {"is_8bit": True, "num_classes": None},
-        "source": {"format": "diffusers", "class": "AutoencoderKL", "path": str(Path(src).expanduser().resolve()),
-                   **{k: full[k] for k in RECORDED}},
+        "model": model,
+        "data": {"is_8bit": True, "num_classes": None},
+        "source": {
+            "format": "diffusers",
+            "class": "AutoencoderKL",
+            "path": str(Path(src).expanduser().resolve()),
+            **{k: full[k] for k in RECORDED},
+        },
     }
     return save_checkpoint(out, Checkpoint(config=config, step=0, model=weights))

@@ -26,10 +26,21 @@ from diffuse.nets.taesd import ACTIVATIONS, UPSAMPLE_MODES
 
 # AutoencoderTiny's constructor defaults (diffusers 0.42), which are madebyollin/taesd's settings.
 DEFAULTS: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "encoder_block_out_channels": [64, 64, 64, 64],
-    "decoder_block_out_channels": [64, 64, 64, 64], "act_fn": "relu", "upsample_fn": "nearest", "latent_channels": 4,
-    "upsampling_scaling_factor": 2, "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1],
-    "latent_magnitude": 3, "latent_shift": 0.5, "force_upcast": False, "scaling_factor": 1.0, "shift_factor": 0.0,
+    "in_channels": 3,
+    "out_channels": 3,
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "act_fn": "relu",
+    "upsample_fn": "nearest",
+    "latent_channels": 4,
+    "upsampling_scaling_factor": 2,
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "force_upcast": False,
+    "scaling_factor": 1.0,
+    "shift_factor": 0.0,
 }
 # Written into config.json by AutoencoderTiny itself (a copy of decoder_block_out_channels), or read by pipelines
 # only (sample_size): neither changes the network.
@@ -60,8 +71,11 @@ def taesd_config(dcfg: dict, where: str = "config.json") -> dict:
     widths = {}
     for half in ("encoder", "decoder"):
         chans, blocks = f"{half}_block_out_channels", f"num_{half}_blocks"
-        if (not isinstance(c[blocks], list) or not 1 <= len(c[blocks]) <= nets.MAX_LEVELS
-                or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= nets.MAX_BLOCKS for n in c[blocks])):
+        if (
+            not isinstance(c[blocks], list)
+            or not 1 <= len(c[blocks]) <= nets.MAX_LEVELS
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= nets.MAX_BLOCKS for n in c[blocks])
+        ):
             refuse(blocks, f"a list of 1 to {nets.MAX_LEVELS} integers, each from 0 to {nets.MAX_BLOCKS}")
         w = c[chans]
         if not isinstance(w, list) or len(w) != len(c[blocks]):
@@ -76,11 +90,18 @@ def taesd_config(dcfg: dict, where: str = "config.json") -> dict:
         if isinstance(c[key], bool) or not isinstance(c[key], (int, float)):
             refuse(key, "a number")
     model = {
-        "arch": "taesd", "in_channels": c["in_channels"], "latent_channels": c["latent_channels"],
-        "encoder_width": widths["encoder"], "decoder_width": widths["decoder"],
-        "encoder_blocks": c["num_encoder_blocks"], "decoder_blocks": c["num_decoder_blocks"], "act": act,
-        "upsample_mode": c["upsample_fn"], "upsample_factor": c["upsampling_scaling_factor"],
-        "scaling_factor": float(c["scaling_factor"]), "shift_factor": float(c["shift_factor"]),
+        "arch": "taesd",
+        "in_channels": c["in_channels"],
+        "latent_channels": c["latent_channels"],
+        "encoder_width": widths["encoder"],
+        "decoder_width": widths["decoder"],
+        "encoder_blocks": c["num_encoder_blocks"],
+        "decoder_blocks": c["num_decoder_blocks"],
+        "act": act,
+        "upsample_mode": c["upsample_fn"],
+        "upsample_factor": c["upsampling_scaling_factor"],
+        "scaling_factor": float(c["scaling_factor"]),
+        "shift_factor": float(c["shift_factor"]),
         "resolution": _resolution(c.get("sample_size")),
     }
     if c["out_channels"] != c["in_channels"]:
@@ -146,15 +167,23 @@ def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torc
         if theirs not in sd:
             raise UserError(f"weights give nothing for {theirs}: they do not fit their config.json")
         if sd[theirs].shape != t.shape:
-            raise UserError(f"weights' tensor {theirs} has shape {tuple(sd[theirs].shape)}, the config asks for {tuple(t.shape)}")
+            raise UserError(
+                f"weights' tensor {theirs} has shape {tuple(sd[theirs].shape)}, the config asks for {tuple(t.shape)}"
+            )
         out[ours] = sd[theirs]
     return out
 
 
-KEYS = {"resolution": "sample_size", "encoder_width": "encoder_block_out_channels",
-        "decoder_width": "decoder_block_out_channels", "encoder_blocks": "num_encoder_blocks",
-        "decoder_blocks": "num_decoder_blocks", "act": "act_fn", "upsample_mode": "upsample_fn",
-        "upsample_factor": "upsampling_scaling_factor"}
+KEYS = {
+    "resolution": "sample_size",
+    "encoder_width": "encoder_block_out_channels",
+    "decoder_width": "decoder_block_out_channels",
+    "encoder_blocks": "num_encoder_blocks",
+    "decoder_blocks": "num_decoder_blocks",
+    "act": "act_fn",
+    "upsample_mode": "upsample_fn",
+    "upsample_factor": "upsampling_scaling_factor",
+}
 
 
 def convert_taesd(config_path: Path, weights_path: Path, dcfg: dict, src: str | Path, out: Path) -> Path:
@@ -166,8 +195,13 @@ def convert_taesd(config_path: Path, weights_path: Path, dcfg: dict, src: str | 
     weights = mapped_weights(weights_path, model, lambda sd, net: map_weights(sd, net, model), where=where, keys=KEYS)
     full = {**DEFAULTS, **dcfg}
     config = {
-        "model": model, "data": {"is_8bit": True, "num_classes": None},
-        "source": {"format": "diffusers", "class": "AutoencoderTiny", "path": str(Path(src).expanduser().resolve()),
-                   **{k: full[k] for k in RECORDED}},
+        "model": model,
+        "data": {"is_8bit": True, "num_classes": None},
+        "source": {
+            "format": "diffusers",
+            "class": "AutoencoderTiny",
+            "path": str(Path(src).expanduser().resolve()),
+            **{k: full[k] for k in RECORDED},
+        },
     }
     return save_checkpoint(out, Checkpoint(config=config, step=0, model=weights))

@@ -15,23 +15,3 @@ class RunStopped(UserError):
 
     exit_code = 3
     keep_outputs = True
-
-
-def check_number(name: str, value, *, minimum=None, maximum=None, integer: bool = False, exclusive_min: bool = False):
-    """`value` itself, or one clear line for a value of the wrong type or out of range."""
-    import math
-
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)) or (not integer and not math.isfinite(value)):
-        raise UserError(f"{name}={value!r} is not allowed: it must be {kind}")
-    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
-        raise UserError(f"{name}={value!r} is not allowed: it must be {'>' if exclusive_min else '>='} {minimum}")
-    if maximum is not None and value > maximum:
-        raise UserError(f"{name}={value!r} is not allowed: it must be <= {maximum}")
-    return value
-
-
-def check_choice(name: str, value, allowed):
-    if value not in allowed:
-        raise UserError(f"{name}={value!r} is not allowed: choose one of {', '.join(map(str, allowed))}")
-    return value

@@ -38,8 +38,20 @@ DIFFUSERS_VERSION = "0.42.1"
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The U-Net options UNet2DModel has a setting for.
-MAPPED = {"resolution", "in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-          "num_classes", "heads", "groups", "downsample_pad"}
+MAPPED = {
+    "resolution",
+    "in_channels",
+    "out_channels",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "dropout",
+    "num_classes",
+    "heads",
+    "groups",
+    "downsample_pad",
+}
 # diffusers' squaredcos_cap_v2 is Nichol & Dhariwal's cosine with s fixed at 0.008 and betas capped at 0.999.
 DIFFUSERS_COSINE_S, DIFFUSERS_MAX_BETA = 0.008, 0.999
 
@@ -56,7 +68,9 @@ def unet2d_config(model: dict, where: str, learn_sigma: bool = False) -> dict:
     from diffuse.nets.unet import UNet
 
     if model.get("arch") != "unet":
-        raise refuse(where, f"model.arch={model.get('arch')!r} (only the U-Net, model.arch=unet, has a diffusers counterpart)")
+        raise refuse(
+            where, f"model.arch={model.get('arch')!r} (only the U-Net, model.arch=unet, has a diffusers counterpart)"
+        )
     defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
     m = {**defaults, **{k: v for k, v in model.items() if k != "arch"}}
     unknown = sorted(set(m) - set(defaults))
@@ -80,42 +94,81 @@ def unet2d_config(model: dict, where: str, learn_sigma: bool = False) -> dict:
     elif len({w // heads for w in attn_widths}) == 1 and all(w % heads == 0 for w in attn_widths):
         head_dim = attn_widths[0] // heads
     else:
-        raise refuse(where, f"model.heads={heads} gives heads of different widths at attention layers of {attn_widths} channels")
+        raise refuse(
+            where, f"model.heads={heads} gives heads of different widths at attention layers of {attn_widths} channels"
+        )
     down = ["AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(mult))]
     return {
-        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": res, "in_channels": in_ch, "out_channels": out_ch, "center_input_sample": False,
-        "time_embedding_type": "positional", "freq_shift": 1, "flip_sin_to_cos": False,
-        "down_block_types": down, "mid_block_type": "UNetMidBlock2D",
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": res,
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "freq_shift": 1,
+        "flip_sin_to_cos": False,
+        "down_block_types": down,
+        "mid_block_type": "UNetMidBlock2D",
         "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
-        "block_out_channels": chans, "layers_per_block": m["num_res_blocks"], "mid_block_scale_factor": 1,
-        "downsample_padding": 0 if m["downsample_pad"] == "end" else 1, "downsample_type": "conv", "upsample_type": "conv",
-        "dropout": float(m["dropout"]), "act_fn": "silu", "attention_head_dim": head_dim, "norm_num_groups": m["groups"],
-        "attn_norm_num_groups": None, "norm_eps": 1e-6, "resnet_time_scale_shift": "default", "add_attention": True,
-        "class_embed_type": None, "num_class_embeds": m["num_classes"] + 1 if m["num_classes"] else None,
+        "block_out_channels": chans,
+        "layers_per_block": m["num_res_blocks"],
+        "mid_block_scale_factor": 1,
+        "downsample_padding": 0 if m["downsample_pad"] == "end" else 1,
+        "downsample_type": "conv",
+        "upsample_type": "conv",
+        "dropout": float(m["dropout"]),
+        "act_fn": "silu",
+        "attention_head_dim": head_dim,
+        "norm_num_groups": m["groups"],
+        "attn_norm_num_groups": None,
+        "norm_eps": 1e-6,
+        "resnet_time_scale_shift": "default",
+        "add_attention": True,
+        "class_embed_type": None,
+        "num_class_embeds": m["num_classes"] + 1 if m["num_classes"] else None,
     }
 
 
-def scheduler_config(schedule: dict, betas: torch.Tensor, prediction: str, clip: bool, learn_sigma: bool = False) -> dict:
+def scheduler_config(
+    schedule: dict, betas: torch.Tensor, prediction: str, clip: bool, learn_sigma: bool = False
+) -> dict:
     """A DDPMScheduler config whose betas are ours: by name where diffusers' formula is ours, else listed.
     Learned variances are diffusers' learned_range: the same interpolation of log beta and log beta-tilde
     (Nichol & Dhariwal eq. 15) on the respaced process; the two differ only in the clipping of beta-tilde at
     t = 0, a step that adds no noise in either."""
     cfg: dict[str, Any] = {
-        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": int(betas.shape[0]),
-        "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "trained_betas": None,
-        "variance_type": "learned_range" if learn_sigma else "fixed_small", "clip_sample": bool(clip), "clip_sample_range": 1.0,
-        "prediction_type": PREDICTION_TYPES[prediction], "thresholding": False, "timestep_spacing": "leading",
-        "steps_offset": 0, "rescale_betas_zero_snr": False,
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": int(betas.shape[0]),
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "trained_betas": None,
+        "variance_type": "learned_range" if learn_sigma else "fixed_small",
+        "clip_sample": bool(clip),
+        "clip_sample_range": 1.0,
+        "prediction_type": PREDICTION_TYPES[prediction],
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
         # DDIMScheduler reads this from the same file: its last step goes to alpha_bar = 1, as our samplers' does.
         "set_alpha_to_one": True,
     }
     kind, T = schedule.get("kind", "linear"), int(betas.shape[0])
     scaled = schedule.get("scale_with_T", True) and T != 1000
-    if kind == "linear" and not scaled and max(schedule.get("beta_start", 1e-4), schedule.get("beta_end", 0.02)) <= schedule.get("max_beta", 0.999):
+    if (
+        kind == "linear"
+        and not scaled
+        and max(schedule.get("beta_start", 1e-4), schedule.get("beta_end", 0.02)) <= schedule.get("max_beta", 0.999)
+    ):
         cfg.update(beta_start=float(schedule.get("beta_start", 1e-4)), beta_end=float(schedule.get("beta_end", 0.02)))
-    elif (kind == "cosine" and math.isclose(schedule.get("cosine_s", 0.008), DIFFUSERS_COSINE_S, rel_tol=0, abs_tol=1e-12)
-          and math.isclose(schedule.get("max_beta", 0.999), DIFFUSERS_MAX_BETA, rel_tol=0, abs_tol=1e-12)):
+    elif (
+        kind == "cosine"
+        and math.isclose(schedule.get("cosine_s", 0.008), DIFFUSERS_COSINE_S, rel_tol=0, abs_tol=1e-12)
+        and math.isclose(schedule.get("max_beta", 0.999), DIFFUSERS_MAX_BETA, rel_tol=0, abs_tol=1e-12)
+    ):
         cfg["beta_schedule"] = "squaredcos_cap_v2"
     else:
         # diffusers keeps trained_betas as float32, as it keeps its own; the float64 values are what we list.
@@ -123,7 +176,14 @@ def scheduler_config(schedule: dict, betas: torch.Tensor, prediction: str, clip:
     return cfg
 
 
-_RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2", "skip": "conv_shortcut"}
+_RES = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "temb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "skip": "conv_shortcut",
+}
 
 
 def diffusers_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tensor]:
@@ -141,7 +201,10 @@ def diffusers_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tenso
                 sub, _, part = name.partition(".")
                 out[f"{theirs}.{_RES[sub]}.{part}"] = take(f"{ours}.{name}")
         elif isinstance(mod, AttnBlock):
-            out[f"{theirs}.group_norm.weight"], out[f"{theirs}.group_norm.bias"] = take(f"{ours}.norm.weight"), take(f"{ours}.norm.bias")
+            out[f"{theirs}.group_norm.weight"], out[f"{theirs}.group_norm.bias"] = (
+                take(f"{ours}.norm.weight"),
+                take(f"{ours}.norm.bias"),
+            )
             w, b = take(f"{ours}.qkv.weight")[:, :, 0, 0], take(f"{ours}.qkv.bias")
             for x, wx, bx in zip("qkv", w.chunk(3), b.chunk(3)):
                 out[f"{theirs}.to_{x}.weight"], out[f"{theirs}.to_{x}.bias"] = wx.contiguous(), bx.contiguous()
@@ -151,8 +214,13 @@ def diffusers_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tenso
             for part in ("weight", "bias"):
                 out[f"{theirs}.conv.{part}"] = take(f"{ours}.conv.{part}")
 
-    for ours, theirs in (("temb.0", "time_embedding.linear_1"), ("temb.2", "time_embedding.linear_2"), ("conv_in", "conv_in"),
-                         ("norm_out", "conv_norm_out"), ("conv_out", "conv_out")):
+    for ours, theirs in (
+        ("temb.0", "time_embedding.linear_1"),
+        ("temb.2", "time_embedding.linear_2"),
+        ("conv_in", "conv_in"),
+        ("norm_out", "conv_norm_out"),
+        ("conv_out", "conv_out"),
+    ):
         for part in ("weight", "bias"):
             out[f"{theirs}.{part}"] = take(f"{ours}.{part}")
     if net.label_emb is not None:
@@ -180,7 +248,9 @@ def diffusers_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tenso
 def check_out_dir(out: Path) -> None:
     """out=DIR: a folder that does not exist yet or is empty, in a writable place; checked before any work."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"out={str(out)!r} is not allowed: it exists and is not an empty folder (give a new folder for the pipeline)")
+        raise UserError(
+            f"out={str(out)!r} is not allowed: it exists and is not an empty folder (give a new folder for the pipeline)"
+        )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -214,23 +284,40 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
         raise refuse(where, "objective.mask_training=true (the network also takes the known pixels and the mask)")
     for key in ("autoencoder", "condition"):
         if isinstance(conf, dict) and conf.get(key) not in (None, {}, False):
-            raise refuse(where, f"its config has {key} (a latent or super-resolution model: the network does not make images by itself)")
+            raise refuse(
+                where,
+                f"its config has {key} (a latent or super-resolution model: the network does not make images by itself)",
+            )
     tn = network_from_checkpoint(loaded, use_ema=use_ema, where=where)
     groups = conf["model"].get("groups", 32)
     # our GroupNorm falls back to gcd(groups, width) on a width that `groups` does not divide; diffusers' U-Net uses
     # norm_num_groups everywhere and would refuse to build (or normalise otherwise)
     odd = next((g for g in tn.net.modules() if isinstance(g, torch.nn.GroupNorm) and g.num_groups != groups), None)
     if odd is not None:
-        raise refuse(where, f"a {odd.num_channels}-channel layer (model.ch={conf['model'].get('ch')}) that {groups} norm "
-                            f"groups do not divide, normalised here in {odd.num_groups} (diffusers uses norm_num_groups={groups} "
-                            "at every layer)")
+        raise refuse(
+            where,
+            f"a {odd.num_channels}-channel layer (model.ch={conf['model'].get('ch')}) that {groups} norm "
+            f"groups do not divide, normalised here in {odd.num_groups} (diffusers uses norm_num_groups={groups} "
+            "at every layer)",
+        )
     learn_sigma = bool(objective.get("learn_sigma"))
     unet_cfg = unet2d_config(conf["model"], where, learn_sigma)
-    sched_cfg = scheduler_config(conf["schedule"], tn.schedule.betas, tn.prediction, clip=tn.is_8bit, learn_sigma=learn_sigma)
+    sched_cfg = scheduler_config(
+        conf["schedule"], tn.schedule.betas, tn.prediction, clip=tn.is_8bit, learn_sigma=learn_sigma
+    )
     weights = diffusers_weights(tn.net.state_dict(), tn.net)
-    meta = {"format": "pt", "diffuse.source": json.dumps({"ckpt": str(path.resolve()), "step": loaded.step, "ema": bool(use_ema and loaded.ema)})}
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    meta = {
+        "format": "pt",
+        "diffuse.source": json.dumps(
+            {"ckpt": str(path.resolve()), "step": loaded.step, "ema": bool(use_ema and loaded.ema)}
+        ),
+    }
+    index = {
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
     made = []  # the parents this export creates, removed again if it does not finish
     parent = out.parent
     while not parent.exists():

@@ -15,7 +15,8 @@ with everything at auto the code path is the reference one that the bit-identica
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,7 +39,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> to
     grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[i]
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            images[i]
+        )
     return grid
 
 
@@ -135,14 +136,18 @@ def _convert(im: Image.Image, mode: str, path: Path) -> Image.Image:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path} is not a readable image: mode {im.mode} does not convert ({type(e).__name__})") from None
+        raise UserError(
+            f"{path} is not a readable image: mode {im.mode} does not convert ({type(e).__name__})"
+        ) from None
 
 
 def _check_mask(im: Image.Image, path: Path) -> None:
     if "A" in im.mode or "a" in im.mode or (im.mode == "P" and "transparency" in im.info):
         alpha = np.asarray(im.convert("RGBA"))[..., 3]
         if (alpha < 255).any():
-            raise UserError(f"mask {path} has transparent pixels: draw it in black (keep) and white (generate), without alpha")
+            raise UserError(
+                f"mask {path} has transparent pixels: draw it in black (keep) and white (generate), without alpha"
+            )
     if not is_grey(im.mode) and im.mode != "F":
         rgb = np.asarray(im.convert("RGB"))
         if (rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any():
@@ -169,6 +174,7 @@ def resize(x: torch.Tensor, hw, mode: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- inpainting masks
+
 
 def image_mask_pairs(image: Path, mask: Path) -> list[tuple[Path, Path]]:
     """(image, mask) files: one of each, a folder of images with one mask, or two folders matched by name."""
@@ -197,7 +203,9 @@ def load_image_and_mask(img_path: Path, mask_path: Path, shape, resize: bool, in
     im = open_image(img_path, "L" if c == 1 else "RGB")
     keep = load_keep_mask(mask_path, img_path, im.size, invert)
     if im.size != (w, h) and not resize:
-        raise UserError(f"image {img_path} is {im.size[0]}x{im.size[1]} but the model makes {w}x{h} (inpaint.resize=true resizes it)")
+        raise UserError(
+            f"image {img_path} is {im.size[0]}x{im.size[1]} but the model makes {w}x{h} (inpaint.resize=true resizes it)"
+        )
     return to_tensor(im), keep
 
 
@@ -227,7 +235,9 @@ def image_files(image: Path, what: str = "--image") -> list[Path]:
         seen: dict[str, Path] = {}
         for p in imgs:  # results are written as STEM_NN.png: two inputs of one stem would overwrite each other's
             if p.stem in seen:
-                raise UserError(f"{what} {image}: {seen[p.stem].name} and {p.name} would both write {p.stem}_00.png: rename one")
+                raise UserError(
+                    f"{what} {image}: {seen[p.stem].name} and {p.name} would both write {p.stem}_00.png: rename one"
+                )
             seen[p.stem] = p
         return imgs
     return [image]
@@ -243,14 +253,19 @@ def load_model_image(path: Path, shape, fit: bool, key: str, role: str = "makes"
     channels = 1 if is_grey(raw.mode) else 3
     if not fit:
         if channels != c:
-            raise UserError(f"image {path} has {channels} channel{'s' if channels != 1 else ''} but the model {role} {c} "
-                            f"({key}=true converts it)")
+            raise UserError(
+                f"image {path} has {channels} channel{'s' if channels != 1 else ''} but the model {role} {c} "
+                f"({key}=true converts it)"
+            )
         if raw.size != (w, h):
-            raise UserError(f"image {path} is {raw.size[0]}x{raw.size[1]} but the model {role} {w}x{h} ({key}=true resizes it)")
+            raise UserError(
+                f"image {path} is {raw.size[0]}x{raw.size[1]} but the model {role} {w}x{h} ({key}=true resizes it)"
+            )
     return to_tensor(_convert(raw, "L" if c == 1 else "RGB", Path(path)))
 
 
 # ---------------------------------------------------------------------------------- images to score (diffuse eval)
+
 
 @dataclass
 class ImageSource:
@@ -259,8 +274,8 @@ class ImageSource:
     desc: str
     n: int
     shape: tuple[int, int, int]
-    array: Optional[torch.Tensor] = None  # N x C x H x W uint8
-    files: Optional[list[Path]] = None
+    array: torch.Tensor | None = None  # N x C x H x W uint8
+    files: list[Path] | None = None
 
     def batch(self, idx: list[int]) -> torch.Tensor:
         if self.array is not None:
@@ -294,7 +309,9 @@ def sample_info(p: Path) -> dict:
                 info = json.loads(cand.read_text())
             except ValueError:
                 return {}
-            return {k: info[k] for k in ("sampler", "steps", "nfe", "seed", "ckpt", "model", "guidance_scale") if k in info}
+            return {
+                k: info[k] for k in ("sampler", "steps", "nfe", "seed", "ckpt", "model", "guidance_scale") if k in info
+            }
     return {}
 
 
@@ -307,9 +324,13 @@ def read_npz(path: Path) -> ImageSource:
                 raise UserError(f"{path}: no arr_0 in the npz (ADM-style images: arr_0 uint8 N x H x W x C)")
             a = z["arr_0"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npz file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+        raise UserError(
+            f"{path}: not a readable .npz file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+        ) from None
     if a.dtype != np.uint8:
-        raise UserError(f"{path}: arr_0 is {a.dtype}; images must be uint8 N x H x W x C (as diffuse sample save_npz=true writes)")
+        raise UserError(
+            f"{path}: arr_0 is {a.dtype}; images must be uint8 N x H x W x C (as diffuse sample save_npz=true writes)"
+        )
     if a.ndim == 3:  # N x H x W: grayscale without a channel axis
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3) or a.shape[0] < 1:
@@ -339,7 +360,9 @@ def read_png_folder(folder: Path, what: str) -> ImageSource:
         if shape is None:
             shape, first = s, f
         elif s != shape:
-            raise UserError(f"{f} is {describe_shape(s)} but {first.name} is {describe_shape(shape)}: all images of {what}= must have one size and channel count")
+            raise UserError(
+                f"{f} is {describe_shape(s)} but {first.name} is {describe_shape(shape)}: all images of {what}= must have one size and channel count"
+            )
     return ImageSource(f"{folder}", len(files), shape, files=files)
 
 

@@ -7,20 +7,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
 from diffuse.checkpoint import atomic_write
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 
 
 @dataclass
 class Series:
     points: list[tuple[float, float]]
-    label: Optional[str] = None  # None: not in the legend
-    color: Optional[tuple[int, int, int]] = None  # None: the next palette colour
+    label: str | None = None  # None: not in the legend
+    color: tuple[int, int, int] | None = None  # None: the next palette colour
     style: str = "line+markers"  # line | dots | line+markers
 
 
@@ -50,7 +58,7 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     """Ticks inside [lo, hi] (both > 0): decades, or 1-2-5 (then every digit) when fewer than three decades fit."""
     a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
     for mults in ((1,), (1, 2, 5), tuple(range(1, 10))):
-        ticks = [m * 10.0 ** e for e in range(a, b + 1) for m in mults if lo <= m * 10.0 ** e <= hi]
+        ticks = [m * 10.0**e for e in range(a, b + 1) for m in mults if lo <= m * 10.0**e <= hi]
         if len(ticks) >= 3:
             return ticks
     # Less than a factor of ~3 from end to end: round numbers on a linear scale, placed on the log axis.
@@ -69,11 +77,14 @@ class _Axis:
         f = self.f
         lo, hi = min(map(f, values)), max(map(f, values))
         if hi == lo:
-            lo, hi = lo - (0.5 if self.log else max(abs(lo), 1.0) * 0.5), hi + (0.5 if self.log else max(abs(hi), 1.0) * 0.5)
+            lo, hi = (
+                lo - (0.5 if self.log else max(abs(lo), 1.0) * 0.5),
+                hi + (0.5 if self.log else max(abs(hi), 1.0) * 0.5),
+            )
         if self.log:
             pad = 0.04 * (hi - lo)
             self.lo, self.hi = lo - pad, hi + pad
-            self.ticks = _log_ticks(10 ** self.lo, 10 ** self.hi)
+            self.ticks = _log_ticks(10**self.lo, 10**self.hi)
         elif round_ends:  # the axis ends on round ticks
             self.ticks = _ticks(lo, hi)
             self.lo, self.hi = self.ticks[0], self.ticks[-1]
@@ -89,8 +100,15 @@ class _Axis:
         return (self.f(v) - self.lo) / (self.hi - self.lo)
 
 
-def _draw_panel(dr: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel: Panel, font, *, legend_outside: bool = False,
-                round_y: bool = True) -> None:
+def _draw_panel(
+    dr: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    panel: Panel,
+    font,
+    *,
+    legend_outside: bool = False,
+    round_y: bool = True,
+) -> None:
     """The panel inside box (left, top, right, bottom of the whole panel, labels included)."""
     x_left, y_top, x_right, y_bottom = box
     left, top = x_left + 70, y_top + 36
@@ -120,13 +138,21 @@ def _draw_panel(dr: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel: 
         dr.text((xx, bottom + 6), _label(xv), fill=(0, 0, 0), font=font, anchor="mt")
     dr.rectangle([left, top, right, bottom], outline=(0, 0, 0))  # over the grid lines that meet it
     if panel.xlabel:
-        dr.text(((left + right) / 2, y_bottom - 18), panel.xlabel + (" (log scale)" if ax.log else ""), fill=(0, 0, 0), font=font, anchor="mm")
+        dr.text(
+            ((left + right) / 2, y_bottom - 18),
+            panel.xlabel + (" (log scale)" if ax.log else ""),
+            fill=(0, 0, 0),
+            font=font,
+            anchor="mm",
+        )
     if panel.ylabel or ay.log:
         dr.text((x_left + 8, top - 20), panel.ylabel + (" (log scale)" if ay.log else ""), fill=(0, 0, 0), font=font)
     shown = 0
     for i, s in enumerate(panel.series):
         color = s.color or COLORS[i % len(COLORS)]
-        line = [px(x, y) for x, y in sorted(s.points) if math.isfinite(x) and math.isfinite(y) and (not ay.log or y > 0)]
+        line = [
+            px(x, y) for x, y in sorted(s.points) if math.isfinite(x) and math.isfinite(y) and (not ay.log or y > 0)
+        ]
         if "line" in s.style and len(line) > 1:
             dr.line(line, fill=color, width=2)
         r = 1.5 if s.style == "dots" else 3
@@ -155,13 +181,28 @@ def panels_plot(panels: list[Panel], path: Path, *, columns: int = 2, panel_size
     atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str, ylabel: str,
-              log_x: bool = False, size: tuple[int, int] = (640, 420)) -> None:
+def line_plot(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_x: bool = False,
+    size: tuple[int, int] = (640, 420),
+) -> None:
     """One line with markers per series name (points sorted by x), a tick at each x value, a legend on the right;
     written as PNG."""
     if not any(series.values()):
         raise ValueError("nothing to plot")
-    panel = Panel(title, [Series(list(s), name) for name, s in series.items()], xlabel=xlabel, ylabel=ylabel, log_x=log_x, data_ticks=True)
+    panel = Panel(
+        title,
+        [Series(list(s), name) for name, s in series.items()],
+        xlabel=xlabel,
+        ylabel=ylabel,
+        log_x=log_x,
+        data_ticks=True,
+    )
     img = Image.new("RGB", size, "white")
     _draw_panel(ImageDraw.Draw(img), (0, 0, *size), panel, ImageFont.load_default(), legend_outside=True)
     atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 ENV = "DIFFUSE_RUN_STAMP"
 
@@ -25,7 +25,7 @@ def stamp(pattern: str) -> str:
     return agree(pattern, os.environ, run_store, time.time)
 
 
-def agree(pattern: str, env: Mapping[str, str], store: Callable[[], Optional[object]], clock: Callable[[], float]) -> str:
+def agree(pattern: str, env: Mapping[str, str], store: Callable[[], object | None], clock: Callable[[], float]) -> str:
     """This job's time as `pattern` (strftime): DIFFUSE_RUN_STAMP, else alone this process's clock, else the
     value the first rank to get here put in the job's store (compare_set: it is set once, whoever comes first)."""
     fixed = env.get(ENV)
@@ -37,8 +37,10 @@ def agree(pattern: str, env: Mapping[str, str], store: Callable[[], Optional[obj
         return mine
     shared = store()
     if shared is None:
-        raise ValueError(f"WORLD_SIZE={world} without torchrun's store: the ranks cannot agree on a timestamped run dir; "
-                         f"give hydra.run.dir=PATH (on storage every node sees) or set {ENV} for every rank")
+        raise ValueError(
+            f"WORLD_SIZE={world} without torchrun's store: the ranks cannot agree on a timestamped run dir; "
+            f"give hydra.run.dir=PATH (on storage every node sees) or set {ENV} for every rank"
+        )
     return shared.compare_set(f"stamp/{pattern}", "", mine).decode()
 
 
@@ -51,7 +53,9 @@ def run_store():
     from torch.distributed import PrefixStore, TCPStore
 
     try:
-        tcp = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(minutes=5))
+        tcp = TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(minutes=5)
+        )
     except (KeyError, ValueError, RuntimeError):
         return None
     return PrefixStore(f"diffuse/{os.environ.get('TORCHELASTIC_RUN_ID', '')}", tcp)

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 from hydra.experimental.callback import Callback
 
@@ -44,7 +44,7 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.
 @dataclass
 class RunLock:
     run_dir: Path
-    fd: Optional[int] = None  # None: a torchrun rank > 0, which shares rank 0's claim without holding the file
+    fd: int | None = None  # None: a torchrun rank > 0, which shares rank 0's claim without holding the file
 
     def release(self) -> None:
         if self.fd is None:
@@ -88,7 +88,9 @@ def acquire(run_dir: Path, command: str) -> RunLock:
                 previous = _read(fd)
                 got = created or not _alive_elsewhere(previous)
             if not got:
-                raise UserError(f"run dir {run_dir} is in use by {_describe(_read(fd))}: wait for it to end, or choose another run dir")
+                raise UserError(
+                    f"run dir {run_dir} is in use by {_describe(_read(fd))}: wait for it to end, or choose another run dir"
+                )
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -100,7 +102,9 @@ def acquire(run_dir: Path, command: str) -> RunLock:
             if previous:  # a holder that ends removes the file: this one was killed, or its machine went down
                 from diffuse.console import warn
 
-                warn(f"run dir {run_dir} was locked by {_describe(previous)}, which holds it no more (killed?): taking it over")
+                warn(
+                    f"run dir {run_dir} was locked by {_describe(previous)}, which holds it no more (killed?): taking it over"
+                )
             _write(fd, command)
         except BaseException:
             os.close(fd)
@@ -124,7 +128,9 @@ def check_free(run_dir: Path) -> None:
         elif got:
             fcntl.flock(fd, fcntl.LOCK_UN)
         if not got:
-            raise UserError(f"run dir {run_dir} is in use by {_describe(_read(fd))}: wait for it to end, or choose another run dir")
+            raise UserError(
+                f"run dir {run_dir} is in use by {_describe(_read(fd))}: wait for it to end, or choose another run dir"
+            )
     finally:
         os.close(fd)
 
@@ -217,8 +223,12 @@ def job_store():
             try:
                 from torch.distributed import PrefixStore, TCPStore
 
-                tcp = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=timedelta(minutes=30))
+                tcp = TCPStore(
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    is_master=False,
+                    timeout=timedelta(minutes=30),
+                )
                 # A restarted job (torchrun --max-restarts) reuses the store: its keys are apart from the last try's.
                 prefix = f"diffuse/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
                 _store = PrefixStore(prefix, tcp)
@@ -243,7 +253,7 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1") or 1), int(os.environ.get("RANK", "0") or 0)
 
 
-def _try_flock(fd: int) -> Optional[bool]:
+def _try_flock(fd: int) -> bool | None:
     if fcntl is None:
         return None
     try:
@@ -281,8 +291,13 @@ def _read(fd: int) -> dict:
 
 
 def _write(fd: int, command: str) -> None:
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torchrun": os.environ.get("TORCHELASTIC_RUN_ID")}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torchrun": os.environ.get("TORCHELASTIC_RUN_ID"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
 
@@ -297,7 +312,9 @@ def _unusable(path: Path, e: OSError) -> UserError:
     if e.errno in (errno.EISDIR, errno.ELOOP) or (e.errno == errno.EEXIST and path.is_symlink()):
         why = "a directory" if e.errno == errno.EISDIR else "a symlink"
         return UserError(f"{path} is {why}, where diffuse keeps the run dir's lock: remove it")
-    return UserError(f"run dir {path.parent} is not writable: cannot make its lock {path.name} ({e.strerror or os.strerror(e.errno)})")
+    return UserError(
+        f"run dir {path.parent} is not writable: cannot make its lock {path.name} ({e.strerror or os.strerror(e.errno)})"
+    )
 
 
 class SweepLock(Callback):

@@ -9,13 +9,13 @@ cluster's SIGTERM is never swallowed by a long loop that cannot look."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # The process-wide request of the CLI (handle_early), between and before the commands' own.
-_early: Optional["StopRequest"] = None
+_early: StopRequest | None = None
 
 
 class Stopped(Exception):
@@ -30,11 +30,11 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._old: dict = {}
         self._modes: list[bool] = []  # innermost last: True raises Stopped from the handler
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if _early is not None and _early is not self and _early.requested:  # made before this job started
             self.requested, self.signum = True, _early.signum
         for sig in SIGNALS:
@@ -64,11 +64,13 @@ class StopRequest:
         if first and self._modes and self._modes[-1]:
             raise Stopped(f"stopped by {self.name}")
 
-    def line(self, what: str, command: Optional[str] = None, out=None) -> str:
+    def line(self, what: str, command: str | None = None, out=None) -> str:
         """The one line a stopped command prints: what it kept, and the command line that continues it."""
         line = f"stopped by signal ({self.name}): {what}"
         if command:
-            line += f"; continue with: diffuse {command} resume=true hydra.run.dir={out} (and this run's other overrides)"
+            line += (
+                f"; continue with: diffuse {command} resume=true hydra.run.dir={out} (and this run's other overrides)"
+            )
         return line
 
     @contextmanager

@@ -72,9 +72,11 @@ class GaussianFlow:
         from diffuse.diffusion.oracle import GMMDenoiser
 
         g = torch.Generator().manual_seed(seed)
-        self.mu = (torch.rand(shape, generator=g, dtype=torch.float64) * 1.2 - 0.6)
+        self.mu = torch.rand(shape, generator=g, dtype=torch.float64) * 1.2 - 0.6
         self.s, self.schedule = s, schedule
-        mixture = GaussianMixture(self.mu[None], torch.tensor([s], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        mixture = GaussianMixture(
+            self.mu[None], torch.tensor([s], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        )
         self.denoiser = GMMDenoiser(mixture, schedule)
 
     def _ab(self, t) -> float:

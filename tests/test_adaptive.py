@@ -141,7 +141,9 @@ def test_per_sample_control_makes_each_image_independent_of_its_batch(oracle_set
         alone = torch.cat([adaptive(den, x_T[i : i + 1], ts, schedule, order=order) for i in range(8)])
         assert torch.allclose(whole, alone, atol=1e-10, rtol=0)
         batched = adaptive(den, x_T, ts, schedule, order=order, per_sample=False)
-        alone_b = torch.cat([adaptive(den, x_T[i : i + 1], ts, schedule, order=order, per_sample=False) for i in range(8)])
+        alone_b = torch.cat(
+            [adaptive(den, x_T[i : i + 1], ts, schedule, order=order, per_sample=False) for i in range(8)]
+        )
         assert torch.equal(alone, alone_b)  # a batch of one is the same either way
         assert (batched - alone_b).abs().max() > 1e-6
 
@@ -149,11 +151,21 @@ def test_per_sample_control_makes_each_image_independent_of_its_batch(oracle_set
 def test_pipeline_images_do_not_depend_on_the_batch_size(compose_cfg, oracle_setup):
     """Through plan_sampler and generate (float32 noise from (seed, i)): batches of 6 and of 4 + 2 agree."""
     mixture, schedule, den = oracle_setup
-    plan = plan_sampler(to_dict(compose_cfg("sample", ["sampler=adaptive"]).sampler), None, schedule, clip_default=False)
+    plan = plan_sampler(
+        to_dict(compose_cfg("sample", ["sampler=adaptive"]).sampler), None, schedule, clip_default=False
+    )
 
     def draw(batch_size):
-        return generate(den, plan, shape=mixture.shape, seed=0, device=torch.device("cpu"), batch_size=batch_size,
-                        indices=list(range(6)), progress=False)
+        return generate(
+            den,
+            plan,
+            shape=mixture.shape,
+            seed=0,
+            device=torch.device("cpu"),
+            batch_size=batch_size,
+            indices=list(range(6)),
+            progress=False,
+        )
 
     a, b = draw(6), draw(4)
     assert a.images.dtype == torch.float32 and a.nfe > 0
@@ -204,12 +216,22 @@ def test_one_timestep_is_x0_hat_there(flow):
 
 
 BAD = [
-    ("order", 1, "order=1"), ("order", 4, "order=4"), ("order", True, "order=True"),
-    ("rtol", -0.1, "rtol=-0.1"), ("rtol", float("nan"), "rtol=nan"), ("rtol", "0.05", "rtol='0.05'"),
-    ("atol", 0, "atol=0"), ("atol", -1e-3, "atol=-0.001"), ("atol", float("inf"), "atol=inf"),
-    ("h_init", 0.0, "h_init=0.0"), ("h_init", None, "h_init=None"),
-    ("max_nfe", 3, "max_nfe=3"), ("max_nfe", 50.0, "max_nfe=50.0"), ("max_nfe", True, "max_nfe=True"),
-    ("per_sample", "yes", "per_sample='yes'"), ("dynamic_percentile", 1.5, "dynamic_percentile=1.5"),
+    ("order", 1, "order=1"),
+    ("order", 4, "order=4"),
+    ("order", True, "order=True"),
+    ("rtol", -0.1, "rtol=-0.1"),
+    ("rtol", float("nan"), "rtol=nan"),
+    ("rtol", "0.05", "rtol='0.05'"),
+    ("atol", 0, "atol=0"),
+    ("atol", -1e-3, "atol=-0.001"),
+    ("atol", float("inf"), "atol=inf"),
+    ("h_init", 0.0, "h_init=0.0"),
+    ("h_init", None, "h_init=None"),
+    ("max_nfe", 3, "max_nfe=3"),
+    ("max_nfe", 50.0, "max_nfe=50.0"),
+    ("max_nfe", True, "max_nfe=True"),
+    ("per_sample", "yes", "per_sample='yes'"),
+    ("dynamic_percentile", 1.5, "dynamic_percentile=1.5"),
 ]
 
 

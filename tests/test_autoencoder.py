@@ -25,8 +25,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # scores 7.4 dB against them.
 MIN_PSNR = 14.0
 
-AE = ["autoencoder.ch=16", "autoencoder.groups=8", "dataset.size=1024", "loss.recon=l2", "trainer.lr=4e-3",
-      "trainer.warmup=10", "trainer.batch_size=16", "trainer.ema_decay=0.5", "trainer.log_every=50", "trainer.ckpt_every=1000", "eval_n=256", "grid_n=8"]
+AE = [
+    "autoencoder.ch=16",
+    "autoencoder.groups=8",
+    "dataset.size=1024",
+    "loss.recon=l2",
+    "trainer.lr=4e-3",
+    "trainer.warmup=10",
+    "trainer.batch_size=16",
+    "trainer.ema_decay=0.5",
+    "trainer.log_every=50",
+    "trainer.ckpt_every=1000",
+    "eval_n=256",
+    "grid_n=8",
+]
 
 
 def _train_ae(compose_cfg, out, extra):
@@ -95,14 +107,20 @@ def _same_run(a, b):
 
 
 def test_discriminator_before_its_start_or_at_weight_zero_changes_nothing(tmp_path, compose_cfg):
-    runs = {"none": [], "later": DISC + ["loss.disc_start=3"], "zero": DISC[1:] + ["loss.disc_weight=0", "loss.disc_start=0"]}
+    runs = {
+        "none": [],
+        "later": DISC + ["loss.disc_start=3"],
+        "zero": DISC[1:] + ["loss.disc_weight=0", "loss.disc_start=0"],
+    }
     ck = {}
     for name, extra in runs.items():
         _train_ae(compose_cfg, tmp_path / name, SMALL + ["trainer.steps=3"] + extra)
         ck[name] = load_checkpoint(tmp_path / name / "checkpoints" / "last.safetensors")
     _same_run(ck["none"], ck["later"])
     _same_run(ck["none"], ck["zero"])
-    assert any(k.startswith("disc.") for k in ck["later"].aux) and not any(k.startswith("disc.") for k in ck["zero"].aux)
+    assert any(k.startswith("disc.") for k in ck["later"].aux) and not any(
+        k.startswith("disc.") for k in ck["zero"].aux
+    )
     # A checkpoint without a discriminator is not resumed as if it had one.
     with pytest.raises(UserError, match="holds no discriminator"):
         _train_ae(compose_cfg, tmp_path / "none", SMALL + ["trainer.steps=4", "resume=true"] + DISC)
@@ -115,8 +133,20 @@ def test_discriminator_learns_to_tell_reconstructions_apart(tmp_path, compose_cf
     from diffuse.training.autoencoder import hinge_d_loss
 
     out = tmp_path / "gan"
-    _train_ae(compose_cfg, out, SMALL + DISC + ["loss.disc_start=0", "loss.disc_weight=0.05", "trainer.steps=24",
-                                                "trainer.lr=2e-3", "trainer.log_every=6", "trainer.warmup=2"])
+    _train_ae(
+        compose_cfg,
+        out,
+        SMALL
+        + DISC
+        + [
+            "loss.disc_start=0",
+            "loss.disc_weight=0.05",
+            "trainer.steps=24",
+            "trainer.lr=2e-3",
+            "trainer.log_every=6",
+            "trainer.warmup=2",
+        ],
+    )
     ck = load_checkpoint(out / "checkpoints" / "last.safetensors")
     codec = load_autoencoder(out)
     held = build_dataset({"name": "shapes", "resolution": 8, "channels": 3, "num_classes": 4, "size": 64, "seed": 1})
@@ -128,7 +158,7 @@ def test_discriminator_learns_to_tell_reconstructions_apart(tmp_path, compose_cf
             torch.manual_seed(0 + 3)  # trainer.seed + 3: the discriminator's initial weights
             d = PatchDiscriminator(3, 8, 1)
             if name == "trained":
-                d.load_state_dict({k[len("disc."):]: v for k, v in ck.aux.items() if k.startswith("disc.")})
+                d.load_state_dict({k[len("disc.") :]: v for k, v in ck.aux.items() if k.startswith("disc.")})
             real, fake = d(x), d(xr)
             scores[name] = (float(hinge_d_loss(real, fake)), float(real.mean() - fake.mean()))
     assert scores["trained"][0] < scores["initial"][0] - 0.05, scores
@@ -137,13 +167,20 @@ def test_discriminator_learns_to_tell_reconstructions_apart(tmp_path, compose_cf
     assert all("disc" in r and "adv" in r for r in logs) and logs[-1]["disc"] < logs[0]["disc"], logs
 
 
-LATENT = ["dataset.size=512", "trainer.steps=4", "trainer.batch_size=16", "trainer.sample_n=4", "trainer.sample_steps=3",
-          "trainer.ckpt_every=1000"]
+LATENT = [
+    "dataset.size=512",
+    "trainer.steps=4",
+    "trainer.batch_size=16",
+    "trainer.sample_n=4",
+    "trainer.sample_steps=3",
+    "trainer.ckpt_every=1000",
+]
 
 
 @pytest.fixture(scope="module")
 def latent_run(ae_run, tmp_path_factory):
     from conftest import compose
+
     from diffuse.tasks import train as train_task
 
     ae_dir, _ = ae_run
@@ -189,12 +226,19 @@ def test_latent_checkpoint_samples_images_and_refuses_another_autoencoder(latent
     ck.extra = {**ck.extra, "note": "retrained"}
     save_checkpoint(other, ck)
     with pytest.raises(UserError, match="not the autoencoder this model was trained with"):
-        sample_task.run(compose_cfg("sample", [f"ckpt={out}", f"autoencoder_ckpt={other}", "n=1", "steps=2"]), tmp_path / "t")
+        sample_task.run(
+            compose_cfg("sample", [f"ckpt={out}", f"autoencoder_ckpt={other}", "n=1", "steps=2"]), tmp_path / "t"
+        )
     # Through the command line, where autoencoder= is the key's name: exit 2, one line, nothing written.
-    r = CliRunner().invoke(app, ["sample", f"ckpt={out}", f"autoencoder={other}", "n=1", f"hydra.run.dir={tmp_path / 'u'}"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        app,
+        ["sample", f"ckpt={out}", f"autoencoder={other}", "n=1", f"hydra.run.dir={tmp_path / 'u'}"],
+        catch_exceptions=False,
+    )
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert r.exit_code == 2 and len(lines) == 1 and "not the autoencoder this model was trained with" in lines[0], r.output
+    assert r.exit_code == 2 and len(lines) == 1 and "not the autoencoder this model was trained with" in lines[0], (
+        r.output
+    )
     assert not (tmp_path / "u" / "images").exists()
 
 
@@ -205,8 +249,17 @@ def test_latent_inpainting_keeps_known_pixels(latent_run, tmp_path, compose_cfg)
     mask[:, 4:10, 6:13] = 255  # white: generate; not aligned to the 4-pixel latent cells
     save_png(img, tmp_path / "img.png")
     save_png(mask, tmp_path / "mask.png")
-    cfg = compose_cfg("inpaint", [f"ckpt={out}", f"image={tmp_path / 'img.png'}", f"mask={tmp_path / 'mask.png'}", "n=2",
-                                  "steps=3", "inpaint=replace"])
+    cfg = compose_cfg(
+        "inpaint",
+        [
+            f"ckpt={out}",
+            f"image={tmp_path / 'img.png'}",
+            f"mask={tmp_path / 'mask.png'}",
+            "n=2",
+            "steps=3",
+            "inpaint=replace",
+        ],
+    )
     inpaint_task.run(cfg, tmp_path / "r")
     from diffuse.images import read_png
 
@@ -217,10 +270,13 @@ def test_latent_inpainting_keeps_known_pixels(latent_run, tmp_path, compose_cfg)
         assert not torch.equal(res[:, ~keep], img[:, ~keep])  # the hole was drawn, not copied
 
 
-@pytest.mark.parametrize("change,needle", [
-    (lambda m: m.update(latent_channels="four"), "latent_channels='four' is not allowed"),
-    (lambda m: m.update(ch_mult=[]), "ch_mult=[] is not allowed"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda m: m.update(latent_channels="four"), "latent_channels='four' is not allowed"),
+        (lambda m: m.update(ch_mult=[]), "ch_mult=[] is not allowed"),
+    ],
+)
 def test_a_crafted_autoencoder_header_is_one_line(ae_run, tmp_path, change, needle):
     """The autoencoder's header config is user input: checked before any of its keys is read."""
     from tests.test_config_checks import rewrite
@@ -229,8 +285,8 @@ def test_a_crafted_autoencoder_header_is_one_line(ae_run, tmp_path, change, need
         change(cfg["model"])
 
     bad = rewrite(ae_run[0] / "checkpoints" / "last.safetensors", tmp_path / "bad.safetensors", config=config)
-    from diffuse.pipeline.latent import autoencoder_header
     from diffuse.errors import UserError
+    from diffuse.pipeline.latent import autoencoder_header
 
     with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         autoencoder_header(str(bad))

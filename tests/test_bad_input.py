@@ -15,8 +15,14 @@ from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.cli import app
 
 TINY = [
-    "dataset.size=32", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=4", "trainer.sample_n=0", "trainer.steps=1",
+    "dataset.size=32",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=4",
+    "trainer.sample_n=0",
+    "trainer.steps=1",
 ]
 ORACLE = ["model=oracle", "dataset=gmm", "steps=3"]
 INPAINT = ["--image", "img.png", "--mask", "mask.png", *ORACLE, "inpaint.method=replace"]
@@ -44,7 +50,7 @@ def files(tmp_path_factory):
     Image.fromarray(half).save(d / "mask.png")
     Image.fromarray(np.zeros((6, 6), "uint8")).save(d / "small.png")
     Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(d / "palette.png")
-    Image.fromarray((rgb[..., 0].astype("uint16") * 257)).save(d / "sixteen.png")
+    Image.fromarray(rgb[..., 0].astype("uint16") * 257).save(d / "sixteen.png")
     Image.fromarray(np.dstack([rgb, np.full((8, 8), 255, "uint8")])).save(d / "rgba.png")
     Image.fromarray(rgb[..., 0]).save(d / "grey.png")
     Image.fromarray(np.dstack([half] * 3)).save(d / "mask_rgb.png")
@@ -145,7 +151,12 @@ CASES = [
 @pytest.mark.parametrize("args,needle,patch", CASES, ids=[" ".join(c[0][:3]) + f" [{i}]" for i, c in enumerate(CASES)])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(args, needle, patch, files, tmp_path, monkeypatch):
     d, ckpt = files
-    args = [a.format(junk=d / "junk.safetensors", foreign=d / "foreign.safetensors", renamed=d / "renamed.safetensors", ckpt=ckpt) for a in args]
+    args = [
+        a.format(
+            junk=d / "junk.safetensors", foreign=d / "foreign.safetensors", renamed=d / "renamed.safetensors", ckpt=ckpt
+        )
+        for a in args
+    ]
     if args[0] == "--image":
         args = ["inpaint", *args]
     if args[0] == "train":
@@ -163,21 +174,43 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(args, needle, patch, f
     assert [p.name for p in tmp_path.iterdir()] in ([], ["run"])
 
 
-@pytest.mark.parametrize("image,mask", [
-    ("palette.png", "mask.png"), ("sixteen.png", "mask.png"), ("rgba.png", "mask.png"), ("grey.png", "mask.png"),
-    ("img.png", "mask_rgb.png"), ("img.png", "mask16.png"),
-])
+@pytest.mark.parametrize(
+    "image,mask",
+    [
+        ("palette.png", "mask.png"),
+        ("sixteen.png", "mask.png"),
+        ("rgba.png", "mask.png"),
+        ("grey.png", "mask.png"),
+        ("img.png", "mask_rgb.png"),
+        ("img.png", "mask16.png"),
+    ],
+)
 def test_odd_modes_that_convert_plainly_are_accepted(image, mask, files, tmp_path, monkeypatch):
     """Palette, 16-bit (scaled, not clipped), alpha (dropped), grey for an RGB model; RGB or 16-bit masks in
     black and white. The kept half of every result is the converted input, exactly."""
     d, _ = files
-    r = _invoke(["inpaint", "--image", str(d / image), "--mask", str(d / mask), *ORACLE, "inpaint.method=replace",
-                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        [
+            "inpaint",
+            "--image",
+            str(d / image),
+            "--mask",
+            str(d / mask),
+            *ORACLE,
+            "inpaint.method=replace",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     res = np.asarray(Image.open(tmp_path / "run" / f"{image.split('.')[0]}_00.png"))
     src = np.asarray(Image.open(d / "img.png"))
-    expect = {"palette.png": np.asarray(Image.open(d / "palette.png").convert("RGB")),
-              "sixteen.png": np.dstack([src[..., 0]] * 3), "grey.png": np.dstack([src[..., 0]] * 3)}.get(image, src)
+    expect = {
+        "palette.png": np.asarray(Image.open(d / "palette.png").convert("RGB")),
+        "sixteen.png": np.dstack([src[..., 0]] * 3),
+        "grey.png": np.dstack([src[..., 0]] * 3),
+    }.get(image, src)
     assert np.array_equal(res[:, :4], expect[:, :4])
 
 
@@ -193,8 +226,19 @@ def test_nonfinite_stop_exits_3_and_keeps_the_checkpoints(files, tmp_path, monke
 
     monkeypatch.setattr(objectives_module, "diffusion_loss", loss)
     run = tmp_path / "run"
-    r = _invoke(["train", *TINY, "trainer.steps=50", "trainer.ckpt_every=2", "trainer.log_every=1",
-                 "trainer.max_nonfinite=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    r = _invoke(
+        [
+            "train",
+            *TINY,
+            "trainer.steps=50",
+            "trainer.ckpt_every=2",
+            "trainer.log_every=1",
+            "trainer.max_nonfinite=2",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 3, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "2 steps in a row had a non-finite loss" in lines[0], r.stderr

@@ -18,8 +18,15 @@ from diffuse.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["dataset.size=32", "model.ch=16", "model.ch_mult=[1]", "model.attn_resolutions=[]", "trainer.batch_size=4",
-         "trainer.sample_n=0", "trainer.steps=1"]
+SMALL = [
+    "dataset.size=32",
+    "model.ch=16",
+    "model.ch_mult=[1]",
+    "model.attn_resolutions=[]",
+    "trainer.batch_size=4",
+    "trainer.sample_n=0",
+    "trainer.steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +40,17 @@ def runs(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("new")
     train_task.run(compose("train", SMALL + ["dataset.resolution=4"]), d / "base")
-    train_task.run(compose("train", SMALL + ["condition=lowres", "condition.from_resolution=4", "dataset.resolution=8"]), d / "sr")
+    train_task.run(
+        compose("train", SMALL + ["condition=lowres", "condition.from_resolution=4", "dataset.resolution=8"]), d / "sr"
+    )
     train_task.run(compose("train", SMALL + ["dataset.resolution=4", "model.ch=32"]), d / "base32")
-    train_ae_task.run(compose("train_ae", ["autoencoder.ch=8", "dataset.resolution=8", "dataset.size=32", "trainer.batch_size=4",
-                                           "trainer.steps=1"]), d / "ae")
+    train_ae_task.run(
+        compose(
+            "train_ae",
+            ["autoencoder.ch=8", "dataset.resolution=8", "dataset.size=32", "trainer.batch_size=4", "trainer.steps=1"],
+        ),
+        d / "ae",
+    )
     whole = (d / "base" / "checkpoints" / "last.safetensors").read_bytes()
     (d / "trunc.safetensors").write_bytes(whole[: len(whole) // 2])
     rng = np.random.RandomState(0)
@@ -59,17 +73,27 @@ TRAIN = ["train", *SMALL, "dataset.resolution=8"]
 EVAL = ["eval", f"ckpt={B}", "n=8", "steps=2", "ref=shapes"]
 CASES = [
     # with an autoencoder the condition's keys were checked against the latent side: "below dataset.resolution=2"
-    ([*TRAIN, f"autoencoder={A}", "condition=lowres", "condition.from_resolution=4"],
-     "condition=lowres with autoencoder= is not supported"),
+    (
+        [*TRAIN, f"autoencoder={A}", "condition=lowres", "condition.from_resolution=4"],
+        "condition=lowres with autoencoder= is not supported",
+    ),
     # the latents' side was named as the dataset.resolution the user typed: "dataset.resolution=2 is not allowed"
-    ([*TRAIN, f"autoencoder={A}", "model.ch_mult=[1,2,2]"],
-     "with autoencoder= the network sees 2x2 latents of dataset.resolution=8: the latent side 2 is not allowed"),
+    (
+        [*TRAIN, f"autoencoder={A}", "model.ch_mult=[1,2,2]"],
+        "with autoencoder= the network sees 2x2 latents of dataset.resolution=8: the latent side 2 is not allowed",
+    ),
     # a FileExistsError traceback from the encoding, after .hydra/ was written
-    ([*TRAIN, f"autoencoder={A}", f"latent_cache={T}"], "latent_cache='{d}/trunc.safetensors' is not allowed: it is a file"),
+    (
+        [*TRAIN, f"autoencoder={A}", f"latent_cache={T}"],
+        "latent_cache='{d}/trunc.safetensors' is not allowed: it is a file",
+    ),
     # metrics.seeds means nothing to training: it was silently ignored
     ([*TRAIN, "metrics.seeds=3"], "metrics.seeds=3 is diffuse eval's protocol"),
     # a place even root cannot make a folder in: an OSError traceback from the cache's mkdir
-    ([*TRAIN, f"autoencoder={A}", "latent_cache=/proc/diffuse-cache"], "/proc/diffuse-cache"),  # as root: from the mkdir; else the up-front check
+    (
+        [*TRAIN, f"autoencoder={A}", "latent_cache=/proc/diffuse-cache"],
+        "/proc/diffuse-cache",
+    ),  # as root: from the mkdir; else the up-front check
     # the wrong order was named as a misuse of sample ckpt=, and a missing stage as ckpt='nosuch'
     (["sample", f"cascade=[{S},{B}]", "n=2", "steps=2"], "its first checkpoint '{d}/sr' is a super-resolution model"),
     (["sample", f"cascade=[{B},{{d}}/nosuch]", "n=2", "steps=2"], "cascade[1]='{d}/nosuch' does not exist"),
@@ -78,19 +102,37 @@ CASES = [
     # a.png and a.jpg both wrote a_00.png
     (["upsample", "--image", "{d}/twins", f"ckpt={S}", "steps=2"], "a.jpg and a.png would both write a_00.png"),
     # exported, then diffusers could not build it (GroupNorm(32, 16))
-    (["export", "--to", "diffusers", f"ckpt={B}", "out={tmp}/pipe"], "a 16-channel layer (model.ch=16) that 32 norm groups"),
+    (
+        ["export", "--to", "diffusers", f"ckpt={B}", "out={tmp}/pipe"],
+        "a 16-channel layer (model.ch=16) that 32 norm groups",
+    ),
     # "does not exist (or is not a file)" for a folder that exists
-    (["convert", "--from", "improved-diffusion", "{d}/base", "out={tmp}/x.safetensors", "resolution=4", "schedule=cosine"],
-     "{d}/base is a folder: --from improved-diffusion takes the network's .safetensors file"),
+    (
+        [
+            "convert",
+            "--from",
+            "improved-diffusion",
+            "{d}/base",
+            "out={tmp}/x.safetensors",
+            "resolution=4",
+            "schedule=cosine",
+        ],
+        "{d}/base is a folder: --from improved-diffusion takes the network's .safetensors file",
+    ),
     # a traceback (SafetensorError), with .hydra/ left in the run dir
     ([*EVAL, "--metric", "fd", "metrics.features=dinov2", f"metrics.dinov2_weights={T}"], "not DINOv2 vitb14 weights"),
-    ([*EVAL, "--metric", "fd", "metrics.features=dinov2", "metrics.dinov2_weights={d}"], "is a folder: give the .safetensors file"),
+    (
+        [*EVAL, "--metric", "fd", "metrics.features=dinov2", "metrics.dinov2_weights={d}"],
+        "is a folder: give the .safetensors file",
+    ),
     # refused only after every sample was drawn, without naming the key
     ([*EVAL, "--metric", "pr", "metrics.pr_k=50"], "metrics.pr_k=50 is not allowed with n=8"),
     ([*EVAL, "--metric", "dc", "metrics.dc_k=8"], "metrics.dc_k=8 is not allowed with n=8"),
     # a weights file the user named was skipped with a warning, the run training on without its evaluations
-    ([*TRAIN, "trainer.eval_every=1", "trainer.eval_n=4", "metrics.features=dinov2", f"metrics.dinov2_weights={T}"],
-     "not DINOv2 vitb14 weights"),
+    (
+        [*TRAIN, "trainer.eval_every=1", "trainer.eval_n=4", "metrics.features=dinov2", f"metrics.dinov2_weights={T}"],
+        "not DINOv2 vitb14 weights",
+    ),
     # Hydra's ValueError traceback ("Only one of --run, --multirun, --cfg ...")
     (["train", "-m", "--cfg", "job"], "-m cannot be combined with --cfg or --info"),
     # resume=maybe read as a path, with no word of the modes
@@ -119,27 +161,47 @@ def test_export_to_an_unwritable_place_is_one_line(runs, tmp_path, monkeypatch):
     traceback from mkdtemp, and a parent made by the export stayed behind."""
     for out in ("/proc/pipe", "/proc/a/b/pipe"):
         r = _invoke(["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={out}"], tmp_path, monkeypatch)
-        assert r.exit_code == 2 and r.stderr.strip() == f"error: out={out!r} cannot be written: No such file or directory", r.stderr
+        assert (
+            r.exit_code == 2 and r.stderr.strip() == f"error: out={out!r} cannot be written: No such file or directory"
+        ), r.stderr
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="a SLURM cluster: the launcher can run here")
 def test_slurm_launcher_without_slurm_is_one_line(tmp_path, monkeypatch):
     """Was submitit's RuntimeError traceback, with the sweep dir and its multirun.yaml left behind."""
-    r = _invoke(["train", *SMALL, "dataset.resolution=4", "hydra/launcher=submitit_slurm", "-m", f"hydra.sweep.dir={tmp_path / 'sw'}"],
-                tmp_path, monkeypatch)
-    assert r.exit_code == 2 and r.stderr.strip().startswith("error: hydra/launcher=submitit_slurm needs SLURM"), r.stderr
+    r = _invoke(
+        [
+            "train",
+            *SMALL,
+            "dataset.resolution=4",
+            "hydra/launcher=submitit_slurm",
+            "-m",
+            f"hydra.sweep.dir={tmp_path / 'sw'}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
+    assert r.exit_code == 2 and r.stderr.strip().startswith("error: hydra/launcher=submitit_slurm needs SLURM"), (
+        r.stderr
+    )
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command,keys", [
-    ("convert", ["resolution=", "schedule=", "head_channels=", "out=FILE.safetensors"]),  # was a FileNotFoundError traceback
-    ("export", ["ckpt=", "out=DIR", "use_ema="]),
-    ("train-ae", ["loss.kl_weight=", "loss.disc_weight=", "autoencoder.* with autoencoder=kl_f4", "resume="]),
-    ("upsample", ["ckpt=", "n=", "resize=", "condition.aug_level="]),
-    ("train", ["trainer.eval_every=", "logger.mode=", "condition.aug_max=", "autoencoder=", "resume="]),
-    ("sample", ["cascade=", "condition.truncated="]),
-    ("eval", ["metrics.seeds=", "metrics.pr_k=", "metrics.dinov2_arch=", "fd, pr, dc"]),
-])
+@pytest.mark.parametrize(
+    "command,keys",
+    [
+        (
+            "convert",
+            ["resolution=", "schedule=", "head_channels=", "out=FILE.safetensors"],
+        ),  # was a FileNotFoundError traceback
+        ("export", ["ckpt=", "out=DIR", "use_ema="]),
+        ("train-ae", ["loss.kl_weight=", "loss.disc_weight=", "autoencoder.* with autoencoder=kl_f4", "resume="]),
+        ("upsample", ["ckpt=", "n=", "resize=", "condition.aug_level="]),
+        ("train", ["trainer.eval_every=", "logger.mode=", "condition.aug_max=", "autoencoder=", "resume="]),
+        ("sample", ["cascade=", "condition.truncated="]),
+        ("eval", ["metrics.seeds=", "metrics.pr_k=", "metrics.dinov2_arch=", "fd, pr, dc"]),
+    ],
+)
 def test_help_of_every_new_command_lists_its_keys(command, keys):
     r = CliRunner().invoke(app, [command, "--help"])
     assert r.exit_code == 0, r.output
@@ -165,12 +227,23 @@ def test_export_and_convert_stopped_by_sigterm_leave_nothing(runs, tmp_path, mon
     import safetensors.torch
 
     pipe = tmp_path.parent / f"{tmp_path.name}_pipe"  # a whole export, to convert back
-    assert _invoke(["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={pipe}"], tmp_path, monkeypatch).exit_code == 0
+    assert (
+        _invoke(
+            ["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={pipe}"], tmp_path, monkeypatch
+        ).exit_code
+        == 0
+    )
     _signal_during(monkeypatch, safetensors.torch, "save_file")
-    r = _invoke(["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={tmp_path / 'a' / 'pipe'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={tmp_path / 'a' / 'pipe'}"],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0 and "stopped by signal (SIGTERM): nothing written" in r.stdout, (r.stdout, r.stderr)
     assert list(tmp_path.iterdir()) == []
-    r = _invoke(["convert", "--from", "diffusers", str(pipe), f"out={tmp_path / 'x.safetensors'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["convert", "--from", "diffusers", str(pipe), f"out={tmp_path / 'x.safetensors'}"], tmp_path, monkeypatch
+    )
     assert r.exit_code == 0 and "stopped by signal (SIGTERM): nothing written" in r.stdout, (r.stdout, r.stderr)
     assert list(tmp_path.iterdir()) == []
 
@@ -192,8 +265,11 @@ def test_upsample_stopped_lists_what_is_not_done(runs, tmp_path, monkeypatch):
     for name in ("p.png", "q.png"):
         Image.open(runs / "imgs" / "low.png").save(tmp_path / "in" / name)
     run = tmp_path / "run"
-    r = _invoke(["upsample", "--image", str(tmp_path / "in"), f"ckpt={runs / 'sr'}", "steps=2", f"hydra.run.dir={run}"],
-                tmp_path, monkeypatch)
+    r = _invoke(
+        ["upsample", "--image", str(tmp_path / "in"), f"ckpt={runs / 'sr'}", "steps=2", f"hydra.run.dir={run}"],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0 and "1 of 2 images upsampled" in r.stdout and "not_done" in r.stdout, (r.stdout, r.stderr)
     info = json.loads((run / "upsample.json").read_text())
     assert info["images"] == 1 and info["not_done"] == [str(tmp_path / "in" / "q.png")]

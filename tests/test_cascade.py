@@ -13,8 +13,18 @@ from diffuse.tasks import upsample as upsample_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["dataset.size=64", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[]", "trainer.batch_size=8",
-         "trainer.log_every=2", "trainer.sample_n=4", "trainer.sample_steps=2", "trainer.warmup=2", "trainer.lr=2e-3"]
+SMALL = [
+    "dataset.size=64",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[]",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "trainer.sample_n=4",
+    "trainer.sample_steps=2",
+    "trainer.warmup=2",
+    "trainer.lr=2e-3",
+]
 SR = ["condition=lowres", "condition.from_resolution=4", "dataset.resolution=8", "dataset.flip=true"]
 
 
@@ -35,8 +45,18 @@ def runs(tmp_path_factory):
 def test_superres_checkpoint_records_its_condition(runs):
     _, sr = runs
     ck = load_checkpoint(sr / "checkpoints" / "last.safetensors")
-    assert ck.config["condition"] == {"name": "lowres", "from_resolution": 4, "aug_max": 0.5, "aug_level": 0.1, "truncated": False}
-    assert ck.config["model"]["in_channels"] == 6 and ck.config["model"]["out_channels"] == 3 and ck.config["model"]["aug_embedding"]
+    assert ck.config["condition"] == {
+        "name": "lowres",
+        "from_resolution": 4,
+        "aug_max": 0.5,
+        "aug_level": 0.1,
+        "truncated": False,
+    }
+    assert (
+        ck.config["model"]["in_channels"] == 6
+        and ck.config["model"]["out_channels"] == 3
+        and ck.config["model"]["aug_embedding"]
+    )
     assert (sr / "grid.png").is_file()
 
 
@@ -70,7 +90,10 @@ def test_cascade_sample_and_upsample(runs, tmp_path, compose_cfg):
     assert '"cascade"' in info and '"aug_level": 0.1' in info and '"nfe": 6' in info
     # the aug level is a sampling choice: another one, other images; truncation stops the base early
     sample_task.run(compose_cfg("sample", args + ["condition.aug_level=0.6"]), tmp_path / "c")
-    sample_task.run(compose_cfg("sample", args + ["condition.aug_level=0.6", "condition.truncated=true", "sampler=ddpm"]), tmp_path / "d")
+    sample_task.run(
+        compose_cfg("sample", args + ["condition.aug_level=0.6", "condition.truncated=true", "sampler=ddpm"]),
+        tmp_path / "d",
+    )
     assert not np.array_equal(a, np.load(tmp_path / "c" / "samples.npz")["arr_0"])
     assert np.load(tmp_path / "d" / "samples.npz")["arr_0"].shape == (5, 8, 8, 3)
 
@@ -80,8 +103,15 @@ def test_cascade_sample_and_upsample(runs, tmp_path, compose_cfg):
     (tmp_path / "in").mkdir()
     for i in range(2):
         save_png(low[i], tmp_path / "in" / f"x{i}.png")
-    upsample_task.run(compose_cfg("upsample", [f"ckpt={sr}", f"image={tmp_path / 'in'}", "n=2", "steps=2"]), tmp_path / "up")
-    assert sorted(p.name for p in (tmp_path / "up").glob("x*.png")) == ["x0_00.png", "x0_01.png", "x1_00.png", "x1_01.png"]
+    upsample_task.run(
+        compose_cfg("upsample", [f"ckpt={sr}", f"image={tmp_path / 'in'}", "n=2", "steps=2"]), tmp_path / "up"
+    )
+    assert sorted(p.name for p in (tmp_path / "up").glob("x*.png")) == [
+        "x0_00.png",
+        "x0_01.png",
+        "x1_00.png",
+        "x1_01.png",
+    ]
     assert (tmp_path / "up" / "grid.png").is_file()
 
 
@@ -120,18 +150,42 @@ def test_eval_scores_the_whole_cascade(runs, tmp_path, compose_cfg):
 
     base, sr = runs
     torch.manual_seed(0)
-    net_cfg = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-               "attn_resolutions": [], "groups": 8}
+    net_cfg = {
+        "arch": "unet",
+        "resolution": 8,
+        "in_channels": 3,
+        "ch": 16,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "groups": 8,
+    }
     fx_path = tmp_path / "features.safetensors"
     net = build_network(net_cfg)
-    save_checkpoint(fx_path, Checkpoint(config={"model": net_cfg, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}},
-                                        model=net.state_dict(), ema=net.state_dict()))
-    fx = ["metrics.features=checkpoint", f"metrics.features_ckpt={fx_path}", f"metrics.cache_dir={tmp_path / 'cache'}",
-          "dataset=shapes", "dataset.resolution=8", "dataset.size=24", "metrics.kid_subset_size=8", "metrics.kid_subsets=4"]
+    save_checkpoint(
+        fx_path,
+        Checkpoint(
+            config={"model": net_cfg, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}},
+            model=net.state_dict(),
+            ema=net.state_dict(),
+        ),
+    )
+    fx = [
+        "metrics.features=checkpoint",
+        f"metrics.features_ckpt={fx_path}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        "dataset=shapes",
+        "dataset.resolution=8",
+        "dataset.size=24",
+        "metrics.kid_subset_size=8",
+        "metrics.kid_subsets=4",
+    ]
     cascade = [f"cascade=[{base},{sr}]", "steps=2", "seed=1"]
     sample_task.run(compose_cfg("sample", cascade + ["n=12", "save_npz=true"]), tmp_path / "s")
     gen = evaluate.run(compose_cfg("eval", fx + cascade + ["metric=[fid]", "n=12", "batch_size=5"]), tmp_path / "gen")
-    saved = evaluate.run(compose_cfg("eval", fx + ["metric=[fid]", f"samples={tmp_path / 's' / 'samples.npz'}"]), tmp_path / "npz")
+    saved = evaluate.run(
+        compose_cfg("eval", fx + ["metric=[fid]", f"samples={tmp_path / 's' / 'samples.npz'}"]), tmp_path / "npz"
+    )
     assert gen["metrics"]["fid"] == pytest.approx(saved["metrics"]["fid"], rel=1e-5) and gen["metrics"]["fid"] > 0
     assert gen["nfe"] == 4 and len(gen["cascade"]) == 2
 
@@ -145,13 +199,38 @@ def test_latent_base_is_decoded_before_super_resolution(runs, tmp_path, compose_
 
     _, sr = runs
     ae, base = tmp_path / "ae", tmp_path / "latent"
-    train_ae.run(compose_cfg("train_ae", ["dataset.resolution=4", "dataset.size=64", "autoencoder.ch=8", "autoencoder.ch_mult=[1,2]",
-                                          "trainer.steps=2", "trainer.batch_size=8", "eval_n=8", "grid_n=0"]), ae)
-    _train(compose_cfg, base, [f"autoencoder_ckpt={ae}", "dataset.resolution=4", "model.ch_mult=[1]", "trainer.steps=2",
-                               "trainer.sample_n=0"])
+    train_ae.run(
+        compose_cfg(
+            "train_ae",
+            [
+                "dataset.resolution=4",
+                "dataset.size=64",
+                "autoencoder.ch=8",
+                "autoencoder.ch_mult=[1,2]",
+                "trainer.steps=2",
+                "trainer.batch_size=8",
+                "eval_n=8",
+                "grid_n=0",
+            ],
+        ),
+        ae,
+    )
+    _train(
+        compose_cfg,
+        base,
+        [
+            f"autoencoder_ckpt={ae}",
+            "dataset.resolution=4",
+            "model.ch_mult=[1]",
+            "trainer.steps=2",
+            "trainer.sample_n=0",
+        ],
+    )
     seen = []
     real = cascade.conditioned
-    monkeypatch.setattr(cascade, "conditioned", lambda st, x, level, gen: (seen.append(x.clone()), real(st, x, level, gen))[1])
+    monkeypatch.setattr(
+        cascade, "conditioned", lambda st, x, level, gen: (seen.append(x.clone()), real(st, x, level, gen))[1]
+    )
     args = ["steps=3", "n=3", "save_npz=true"]
     sample_task.run(compose_cfg("sample", [f"cascade=[{base},{sr}]"] + args), tmp_path / "c")
     assert np.load(tmp_path / "c" / "samples.npz")["arr_0"].shape == (3, 8, 8, 3)
@@ -161,5 +240,10 @@ def test_latent_base_is_decoded_before_super_resolution(runs, tmp_path, compose_
     alone = np.load(tmp_path / "b" / "samples.npz")["arr_0"]
     assert np.array_equal(to_uint8(given).permute(0, 2, 3, 1).numpy(), alone)
     with pytest.raises(UserError, match="truncated=true is not allowed after a latent base"):
-        sample_task.prepare(compose_cfg("sample", [f"cascade=[{base},{sr}]", "condition.aug_level=0.6", "condition.truncated=true",
-                                                   "sampler=ddpm"]), tmp_path / "t")
+        sample_task.prepare(
+            compose_cfg(
+                "sample",
+                [f"cascade=[{base},{sr}]", "condition.aug_level=0.6", "condition.truncated=true", "sampler=ddpm"],
+            ),
+            tmp_path / "t",
+        )

@@ -19,7 +19,15 @@ def _ckpt():
     opt.step()
     cfg = {"model": {"arch": "unet", "ch": 16}, "schedule": {"kind": "linear", "T": 1000}}
     rng = {"data": torch.Generator().manual_seed(3).get_state()}
-    return Checkpoint(config=cfg, step=7, model=net.state_dict(), ema=net.state_dict(), optim=opt.state_dict(), rng=rng, extra={"skipped": 2})
+    return Checkpoint(
+        config=cfg,
+        step=7,
+        model=net.state_dict(),
+        ema=net.state_dict(),
+        optim=opt.state_dict(),
+        rng=rng,
+        extra={"skipped": 2},
+    )
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -77,7 +85,9 @@ def _raw(path):
         return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
 
 
-@pytest.mark.parametrize("key", ["diffuse.config", "diffuse.step", "diffuse.optim", "diffuse.extra", "diffuse.tuned", "diffuse.format"])
+@pytest.mark.parametrize(
+    "key", ["diffuse.config", "diffuse.step", "diffuse.optim", "diffuse.extra", "diffuse.tuned", "diffuse.format"]
+)
 def test_the_hash_covers_every_metadata_entry(tmp_path, key):
     """Editing any metadata entry (prediction type, schedule, step...), adding one or deleting one breaks the hash."""
     path = save_checkpoint(tmp_path / "c.safetensors", _ckpt())
@@ -88,7 +98,9 @@ def test_the_hash_covers_every_metadata_entry(tmp_path, key):
     }
     for what, m in edits.items():
         save_file(tensors, str(tmp_path / f"{what}.safetensors"), metadata=m)
-        refusal = "not a diffuse checkpoint" if (what, key) == ("deleted", "diffuse.config") else "content hash mismatch"
+        refusal = (
+            "not a diffuse checkpoint" if (what, key) == ("deleted", "diffuse.config") else "content hash mismatch"
+        )
         with pytest.raises(UserError, match=refusal):
             load_checkpoint(tmp_path / f"{what}.safetensors")
         with pytest.raises(UserError, match=refusal):  # verify=False never lets a damaged file in
@@ -156,14 +168,27 @@ def test_weights_that_do_not_fit_are_refused_before_the_network_is_allocated(tmp
     from diffuse.pipeline.model import network_from_checkpoint
 
     ck = _ckpt()
-    ck.config = {"model": {"arch": "unet", "resolution": 8, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-                           "attn_resolutions": [4], "groups": 8}, "schedule": {"kind": "linear", "T": 1000}}
+    ck.config = {
+        "model": {
+            "arch": "unet",
+            "resolution": 8,
+            "ch": 16,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [4],
+            "groups": 8,
+        },
+        "schedule": {"kind": "linear", "T": 1000},
+    }
     assert network_from_checkpoint(ck, where="c.safetensors").net.ch == 16
     built = []
     real = nets._construct
     monkeypatch.setattr(nets, "_construct", lambda *a: built.append(torch.empty(()).device.type) or real(*a))
     ck.config["model"]["ch"] = 32
-    with pytest.raises(UserError, match=r"c.safetensors: the weights do not fit .* conv_in.bias is \(16,\) where the config asks for \(32,\)"):
+    with pytest.raises(
+        UserError,
+        match=r"c.safetensors: the weights do not fit .* conv_in.bias is \(16,\) where the config asks for \(32,\)",
+    ):
         network_from_checkpoint(ck, where="c.safetensors")
     assert built == ["meta"]
 
@@ -180,15 +205,35 @@ def test_files_follow_the_umask(umask, tmp_path, monkeypatch, one_thread):
 
     from diffuse.cli import app
 
-    tiny = ["dataset.size=16", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-            "trainer.batch_size=4", "trainer.sample_n=4", "trainer.sample_steps=2", "trainer.steps=2", "trainer.log_every=1"]
+    tiny = [
+        "dataset.size=16",
+        "dataset.resolution=8",
+        "model.ch=16",
+        "model.ch_mult=[1,2]",
+        "model.attn_resolutions=[4]",
+        "trainer.batch_size=4",
+        "trainer.sample_n=4",
+        "trainer.sample_steps=2",
+        "trainer.steps=2",
+        "trainer.log_every=1",
+    ]
     monkeypatch.chdir(tmp_path)
     old = os.umask(umask)
     try:
         r = CliRunner().invoke(app, ["train", *tiny, f"hydra.run.dir={tmp_path / 'train'}"], catch_exceptions=False)
         assert r.exit_code == 0, (r.stdout, r.stderr)
-        r = CliRunner().invoke(app, ["sample", f"ckpt={tmp_path / 'train'}", "n=2", "steps=2", "save_npz=true",
-                                     f"hydra.run.dir={tmp_path / 'sample'}"], catch_exceptions=False)
+        r = CliRunner().invoke(
+            app,
+            [
+                "sample",
+                f"ckpt={tmp_path / 'train'}",
+                "n=2",
+                "steps=2",
+                "save_npz=true",
+                f"hydra.run.dir={tmp_path / 'sample'}",
+            ],
+            catch_exceptions=False,
+        )
         assert r.exit_code == 0, (r.stdout, r.stderr)
     finally:
         os.umask(old)

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small_mixture() -> GaussianMixture:
     """Three components over 1 x 4 x 4: the two closest overlap a little once noised, so guidance has work to do."""
     g = torch.Generator().manual_seed(3)
-    means = (torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64) * 1.6 - 0.8)
-    return GaussianMixture(means, torch.tensor([0.1, 0.15, 0.2], dtype=torch.float64), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+    means = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    return GaussianMixture(
+        means, torch.tensor([0.1, 0.15, 0.2], dtype=torch.float64), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    )
 
 
 def brute_force_log_probs(mixture, x_t, t, schedule):
@@ -67,7 +69,10 @@ def test_scale_one_turns_the_unconditional_oracle_into_the_conditional_one(oracl
     guided = classifier_guided(uncond, clf.grad, 1.0, schedule)
     x = torch.randn(6, *mixture.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 2, 1])
-    for t in (torch.tensor([0, 5, 100, 400, 700, 999]), torch.tensor([0.5, 17.25, 250.5, 500.75, 998.5, 3.0], dtype=torch.float64)):
+    for t in (
+        torch.tensor([0, 5, 100, 400, 700, 999]),
+        torch.tensor([0.5, 17.25, 250.5, 500.75, 998.5, 3.0], dtype=torch.float64),
+    ):
         assert torch.allclose(guided(x, t, y), den(x, t, y), atol=1e-9)
 
 
@@ -129,8 +134,12 @@ def test_classifier_guidance_around_classifier_free_guidance(oracle_setup):
 
 
 def guided_ddpm(mixture, schedule, scale, labels, seed):
-    den = classifier_guided(cfg_denoiser(GMMDenoiser(mixture, schedule), 0.0, mixture.K), GMMClassifier(mixture, schedule).grad,
-                            scale, schedule)
+    den = classifier_guided(
+        cfg_denoiser(GMMDenoiser(mixture, schedule), 0.0, mixture.K),
+        GMMClassifier(mixture, schedule).grad,
+        scale,
+        schedule,
+    )
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((len(labels), *mixture.shape), generator=g, dtype=torch.float64)
     return ddpm(den, x_T, torch.arange(schedule.T - 1, -1, -1), schedule, variance="beta", generator=g, y=labels)
@@ -149,7 +158,9 @@ def test_scale_one_draws_exactly_the_chosen_component():
     g = torch.Generator().manual_seed(11)
     p, se = [], []
     for k in range(mixture.K):
-        exact = mixture.means[k] + mixture.stds[k] * torch.randn((50000, *mixture.shape), generator=g, dtype=torch.float64)
+        exact = mixture.means[k] + mixture.stds[k] * torch.randn(
+            (50000, *mixture.shape), generator=g, dtype=torch.float64
+        )
         p.append(float((mixture.classify(exact) == k).double().mean()))
         se.append(math.sqrt(max(p[k] * (1 - p[k]), 1 / n) / n))
     guided = {s: guided_ddpm(mixture, schedule, s, labels, seed=1) for s in (1.0, 0.5)}
@@ -164,8 +175,16 @@ def test_scale_one_draws_exactly_the_chosen_component():
 
 # ----------------------------------------------------------------------------------------------- train-classifier
 
-TINY = ["dataset=gmm", "dataset.size=512", "classifier.ch=16", "trainer.batch_size=32", "trainer.warmup=5", "trainer.lr=2e-3",
-        "accuracy_n=400", "accuracy_t=[0,500]"]
+TINY = [
+    "dataset=gmm",
+    "dataset.size=512",
+    "classifier.ch=16",
+    "trainer.batch_size=32",
+    "trainer.warmup=5",
+    "trainer.lr=2e-3",
+    "accuracy_n=400",
+    "accuracy_t=[0,500]",
+]
 
 
 def train(out, *extra):
@@ -185,11 +204,17 @@ def test_train_classifier_learns_and_logs_accuracy(classifier):
     assert report["accuracy"] == result["accuracy"] and report["n"] == 400 and report["num_classes"] == 4
     assert report["accuracy"]["0"] > 0.6 > report["chance"], report  # chance: the most frequent class, ~0.3
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [10, 20, 30, 40] and all(0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in recs)
+    assert [r["step"] for r in recs] == [10, 20, 30, 40] and all(
+        0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in recs
+    )
     assert recs[-1]["loss"] < recs[0]["loss"]
     ck = load_checkpoint(out / "checkpoints" / "last.safetensors")
     assert ck.config["model"]["arch"] == "classifier" and ck.config["model"]["num_classes"] == 4 and ck.step == 40
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.safetensors", "step_0000020.safetensors", "step_0000040.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "last.safetensors",
+        "step_0000020.safetensors",
+        "step_0000040.safetensors",
+    ]
 
 
 def test_train_classifier_resume_is_bit_identical_with_the_straight_records(tmp_path, monkeypatch):
@@ -215,23 +240,33 @@ def test_train_classifier_resume_is_bit_identical_with_the_straight_records(tmp_
     train(tmp_path / "run", *args, "resume=true")
 
     def records(out):
-        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert records(tmp_path / "run") == records(tmp_path / "straight")
     a, b = (load_checkpoint(p / "checkpoints" / "last.safetensors") for p in (tmp_path / "straight", tmp_path / "run"))
     for part in ("model", "ema", "rng"):
         assert all(torch.equal(v, getattr(b, part)[k]) for k, v in getattr(a, part).items()), part
-    assert all(torch.equal(v, b.optim["state"][i][key]) for i in a.optim["state"] for key, v in a.optim["state"][i].items())
-    assert json.loads((tmp_path / "run" / "accuracy.json").read_text()) == json.loads((tmp_path / "straight" / "accuracy.json").read_text())
+    assert all(
+        torch.equal(v, b.optim["state"][i][key]) for i in a.optim["state"] for key, v in a.optim["state"][i].items()
+    )
+    assert json.loads((tmp_path / "run" / "accuracy.json").read_text()) == json.loads(
+        (tmp_path / "straight" / "accuracy.json").read_text()
+    )
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["classifier.num_classes=3"], "classifier.num_classes=3 does not fit dataset=gmm"),
-    (["dataset.resolution=6"], "dataset.resolution=6 is not allowed with classifier.ch_mult"),
-    (["classifier.ch=2"], "classifier.ch=2 is not allowed"),
-    (["accuracy_t=[0,1000]"], "accuracy_t=[0, 1000] is not allowed"),
-    (["classifier.arch=unet"], "classifier.arch='unet' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["classifier.num_classes=3"], "classifier.num_classes=3 does not fit dataset=gmm"),
+        (["dataset.resolution=6"], "dataset.resolution=6 is not allowed with classifier.ch_mult"),
+        (["classifier.ch=2"], "classifier.ch=2 is not allowed"),
+        (["accuracy_t=[0,1000]"], "accuracy_t=[0, 1000] is not allowed"),
+        (["classifier.arch=unet"], "classifier.arch='unet' is not allowed"),
+    ],
+)
 def test_train_classifier_refuses_bad_configs(extra, needle, tmp_path):
     with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         train_classifier.check(compose("train_classifier", [*TINY, *extra]), tmp_path)
@@ -239,12 +274,27 @@ def test_train_classifier_refuses_bad_configs(extra, needle, tmp_path):
 
 # ---------------------------------------------------------------------------------------- guidance from the CLI path
 
+
 def unet_checkpoint(path, **model):
     torch.manual_seed(0)
-    net_cfg = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-               "attn_resolutions": [], "groups": 8, **model}
+    net_cfg = {
+        "arch": "unet",
+        "resolution": 8,
+        "in_channels": 3,
+        "ch": 16,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "groups": 8,
+        **model,
+    }
     net = build_network(net_cfg)
-    config = {"model": net_cfg, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}, "data": {"is_8bit": False}}
+    config = {
+        "model": net_cfg,
+        "schedule": {"kind": "linear", "T": 1000},
+        "objective": {"prediction": "eps"},
+        "data": {"is_8bit": False},
+    }
     save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
     return path
 
@@ -254,8 +304,16 @@ def draw(out, *overrides):
 
 
 def test_oracle_with_its_exact_classifier_through_sample_with_an_ode_solver(tmp_path):
-    info = draw(tmp_path / "a", "model=oracle", "guidance=classifier", "guidance.classifier=oracle", "guidance.cfg_scale=0",
-                "labels=[2,0]", "sampler=dpm_solver", "steps=15")
+    info = draw(
+        tmp_path / "a",
+        "model=oracle",
+        "guidance=classifier",
+        "guidance.classifier=oracle",
+        "guidance.cfg_scale=0",
+        "labels=[2,0]",
+        "sampler=dpm_solver",
+        "steps=15",
+    )
     arr = np.load(tmp_path / "a" / "samples.npz")
     from diffuse.data.gmm import default_mixture
 
@@ -270,7 +328,11 @@ def test_a_trained_classifier_steers_an_unconditional_model_and_its_refusals(cla
     uncond = unet_checkpoint(tmp_path / "uncond.safetensors")
     base = [f"ckpt={uncond}", "guidance=classifier", f"guidance.classifier={clf}", "steps=4"]
     info = draw(tmp_path / "a", *base, "guidance.scale=3", "label=1")
-    assert info["classifier"].endswith("last.safetensors") and info["classifier_step"] == 40 and "guidance_scale" not in info
+    assert (
+        info["classifier"].endswith("last.safetensors")
+        and info["classifier_step"] == 40
+        and "guidance_scale" not in info
+    )
     assert np.load(tmp_path / "a" / "samples.npz")["arr_1"].tolist() == [1] * 6
     plain = draw(tmp_path / "b", *base, "guidance.scale=0", "label=1")
     assert plain["nfe"] == info["nfe"] == 4
@@ -281,12 +343,27 @@ def test_a_trained_classifier_steers_an_unconditional_model_and_its_refusals(cla
     res16 = unet_checkpoint(tmp_path / "res16.safetensors", resolution=16)
     for overrides, needle in [
         ([f"ckpt={uncond}", "guidance=classifier"], "guidance=classifier needs guidance.classifier="),
-        ([f"ckpt={cond3}", "guidance=classifier", f"guidance.classifier={clf}"], "it has 4 classes, the class-conditional model 3"),
-        ([f"ckpt={res16}", "guidance=classifier", f"guidance.classifier={clf}"], "it classifies images of 3x8x8, the model makes 3x16x16"),
-        ([f"ckpt={uncond}", "guidance=classifier", f"guidance.classifier={uncond}"], "is not a classifier checkpoint (it holds a unet denoiser)"),
-        ([f"ckpt={uncond}", "guidance=classifier", "guidance.classifier=oracle"], "guidance.classifier=oracle is the exact classifier"),
+        (
+            [f"ckpt={cond3}", "guidance=classifier", f"guidance.classifier={clf}"],
+            "it has 4 classes, the class-conditional model 3",
+        ),
+        (
+            [f"ckpt={res16}", "guidance=classifier", f"guidance.classifier={clf}"],
+            "it classifies images of 3x8x8, the model makes 3x16x16",
+        ),
+        (
+            [f"ckpt={uncond}", "guidance=classifier", f"guidance.classifier={uncond}"],
+            "is not a classifier checkpoint (it holds a unet denoiser)",
+        ),
+        (
+            [f"ckpt={uncond}", "guidance=classifier", "guidance.classifier=oracle"],
+            "guidance.classifier=oracle is the exact classifier",
+        ),
         ([*base, "guidance.cfg_scale=2"], "guidance.cfg_scale=2 needs a class-conditional model"),
-        ([*base, "guidance.mode=mean"], "guidance.mode=mean moves the mean of the ancestral DDPM step: it needs sampler=ddpm"),
+        (
+            [*base, "guidance.mode=mean"],
+            "guidance.mode=mean moves the mean of the ancestral DDPM step: it needs sampler=ddpm",
+        ),
         ([*base, "guidance.mode=both"], "guidance.mode='both' is not allowed"),
         ([*base, "label=4"], "label 4 is not allowed: classes are 0..3"),
         ([f"ckpt={clf}"], "is a classifier (diffuse train-classifier), not a diffusion model"),
@@ -299,18 +376,34 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
     from tests.test_cli import diffuse
 
     r = diffuse("sample", "model=oracle", "guidance=classifier", "guidance.classifier=/no/such/run", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: guidance.classifier='/no/such/run' does not exist"], r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: guidance.classifier='/no/such/run' does not exist"
+    ], r.stderr
     r = diffuse("train-classifier", "dataset=gmm", "classifier.num_classes=7", cwd=tmp_path)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "classifier.num_classes=7" in r.stderr, r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "classifier.num_classes=7" in r.stderr, (
+        r.stderr
+    )
     assert not (tmp_path / "outputs").exists()
 
 
 # ------------------------------------------------------------------------------------------------- FID features
 
+
 def test_eval_with_the_classifier_as_feature_extractor(classifier, tmp_path, capsys):
     clf = classifier[0]
-    fx = ["metrics.features=classifier", f"metrics.features_ckpt={clf}", f"metrics.cache_dir={tmp_path / 'cache'}", "dataset=gmm",
-          "dataset.size=48", "metrics.kid_subset_size=8", "metrics.kid_subsets=4", "model=oracle", "n=40", "steps=4", "metric=[fid,kid]"]
+    fx = [
+        "metrics.features=classifier",
+        f"metrics.features_ckpt={clf}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        "dataset=gmm",
+        "dataset.size=48",
+        "metrics.kid_subset_size=8",
+        "metrics.kid_subsets=4",
+        "model=oracle",
+        "n=40",
+        "steps=4",
+        "metric=[fid,kid]",
+    ]
     first = evaluate.run(compose("eval", fx), tmp_path / "a")
     assert first["features"] == "classifier" and len(first["weights_sha256"]) == 64 and first["metrics"]["fid"] >= 0
     cached = list((tmp_path / "cache").glob("classifier-*.safetensors"))
@@ -332,7 +425,12 @@ def test_help_of_train_classifier_lists_its_keys_and_groups():
 
     r = CliRunner().invoke(app, ["train-classifier", "--help"])
     assert r.exit_code == 0, r.output
-    for needle in ("accuracy_t=[0, 250, 500, 750]", "classifier  default*", "classifier.ch_mult=[1, 2, 2]", "trainer.steps=2000"):
+    for needle in (
+        "accuracy_t=[0, 250, 500, 750]",
+        "classifier  default*",
+        "classifier.ch_mult=[1, 2, 2]",
+        "trainer.steps=2000",
+    ):
         assert needle in r.output, needle
     r = CliRunner().invoke(app, ["sample", "--help"])
     assert "guidance.* with guidance=classifier:" in r.output and "guidance.mode=eps" in r.output

@@ -14,14 +14,23 @@ from diffuse.conf_help import FEW, conf_root, groups_of, options
 from tests.conftest import compose
 
 TINY = [
-    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=8", "trainer.log_every=2", "trainer.sample_n=4", "trainer.sample_steps=2",
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "trainer.sample_n=4",
+    "trainer.sample_steps=2",
 ]
 
 
 def diffuse(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def run_dir(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("run dir: ")
-    out = Path(last[len("run dir: "):])
+    out = Path(last[len("run dir: ") :])
     assert out.parent == (cwd / "outputs" / "train").resolve()  # the documented default location
     return out
 
@@ -39,7 +48,16 @@ def run_dir(tmp_path_factory):
 def test_train_then_sample_end_to_end(run_dir, tmp_path):
     assert (run_dir / "checkpoints" / "last.safetensors").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
-    r = diffuse("sample", f"ckpt={run_dir}", "n=5", "batch_size=2", "steps=3", "save_npz=true", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    r = diffuse(
+        "sample",
+        f"ckpt={run_dir}",
+        "n=5",
+        "batch_size=2",
+        "steps=3",
+        "save_npz=true",
+        f"hydra.run.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"run dir: {(tmp_path / 's').resolve()}"
     assert len(list((tmp_path / "s" / "images").glob("*.png"))) == 5
@@ -47,7 +65,16 @@ def test_train_then_sample_end_to_end(run_dir, tmp_path):
 
 
 def test_multirun_sweep_and_cfg_job(run_dir, tmp_path):
-    r = diffuse("sample", "-m", f"ckpt={run_dir}", "n=2", "sampler=ddim,ddpm", "steps=2", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    r = diffuse(
+        "sample",
+        "-m",
+        f"ckpt={run_dir}",
+        "n=2",
+        "sampler=ddim,ddpm",
+        "steps=2",
+        f"hydra.sweep.dir={tmp_path / 'sw'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "sw" / "0" / "grid.png").is_file() and (tmp_path / "sw" / "1" / "grid.png").is_file()
     r = diffuse("train", "--cfg", "job", "model=small", "schedule=cosine", cwd=tmp_path)
@@ -92,7 +119,9 @@ def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_p
     composes. A group or option added to conf/ shows up without touching the help."""
     r = CliRunner().invoke(app, [command.replace("_", "-"), "--help"])
     assert r.exit_code == 0, r.output
-    rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines() if line.startswith("    ") and line.split()}
+    rows = {
+        line.split()[0]: line.split()[1:] for line in r.output.splitlines() if line.startswith("    ") and line.split()
+    }
     groups = groups_of(command)
     assert groups and {g for g, _ in groups} >= {"runtime", "sampler"} | ({"trainer"} if command == "train" else set())
     for group, default in groups:
@@ -111,17 +140,31 @@ def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_p
         assert f"runtime.{key}=" in r.output
     for group, _ in groups:  # a group of a few options: each option's keys (inherited ones too) under a heading
         package = {"method": "distill"}.get(group, group)
-        if "@" in group or len(options(group)) > FEW or options(group) == ["default"] or group in ("experiment", "hydra"):
+        if (
+            "@" in group
+            or len(options(group)) > FEW
+            or options(group) == ["default"]
+            or group in ("experiment", "hydra")
+        ):
             continue
         for opt in options(group):
             section = r.output.split(f"{package}.* with {group}={opt}:")[1].split("\n\n")[0]
-            listed = sorted(line.split("=")[0].strip() for line in section.strip().splitlines() if "=" in line.split()[0])
-            assert listed == sorted(f"{package}.{k}" for k in compose(command, [f"{group}={opt}"])[package]), (group, opt)
+            listed = sorted(
+                line.split("=")[0].strip() for line in section.strip().splitlines() if "=" in line.split()[0]
+            )
+            assert listed == sorted(f"{package}.{k}" for k in compose(command, [f"{group}={opt}"])[package]), (
+                group,
+                opt,
+            )
 
 
 def test_moved_keys_point_to_their_new_place(tmp_path):
     r = diffuse("sample", "model=oracle", "device=cpu", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == "error: device= is now runtime.device= (the runtime group: device, precision and fast paths for every command)"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip()
+        == "error: device= is now runtime.device= (the runtime group: device, precision and fast paths for every command)"
+    )
     r = diffuse("train", "trainer.compile=true", cwd=tmp_path)
     assert r.returncode == 2 and "trainer.compile= is now runtime.compile=" in r.stderr
     assert not (tmp_path / "outputs").exists()
@@ -137,8 +180,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffuse", "train", *TINY, "trainer.steps=100000", "trainer.ckpt_every=100000", f"hydra.run.dir={out}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "diffuse",
+            "train",
+            *TINY,
+            "trainer.steps=100000",
+            "trainer.ckpt_every=100000",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120

@@ -61,7 +61,10 @@ def test_ranks_started_in_different_seconds_resolve_one_run_dir(agent_store, mon
 def test_one_process_keeps_its_clock_and_an_exported_stamp_wins(monkeypatch):
     t0 = time.mktime((2026, 3, 4, 5, 6, 7, 0, 0, -1))
     env = {"WORLD_SIZE": "1"}
-    assert rundir.agree("%Y-%m-%d_%H-%M-%S", env, lambda: pytest.fail("no store alone"), lambda: t0) == "2026-03-04_05-06-07"
+    assert (
+        rundir.agree("%Y-%m-%d_%H-%M-%S", env, lambda: pytest.fail("no store alone"), lambda: t0)
+        == "2026-03-04_05-06-07"
+    )
     env = {"WORLD_SIZE": "8", "RANK": "3", rundir.ENV: "job-42"}
     assert rundir.agree("%H", env, lambda: None, lambda: t0) == "job-42"
 
@@ -81,8 +84,18 @@ def test_ranks_without_a_store_are_refused_in_one_line_naming_the_ways_out(monke
 
 
 def test_resume_auto_starts_a_new_run_and_continues_a_restarted_one(tmp_path):
-    tiny = ["dataset=gmm", "dataset.size=32", "model.ch=16", "model.ch_mult=[1]", "model.attn_resolutions=[]", "trainer.batch_size=4",
-            "trainer.log_every=1", "trainer.ckpt_every=2", "trainer.sample_n=0", "resume=auto"]
+    tiny = [
+        "dataset=gmm",
+        "dataset.size=32",
+        "model.ch=16",
+        "model.ch_mult=[1]",
+        "model.attn_resolutions=[]",
+        "trainer.batch_size=4",
+        "trainer.log_every=1",
+        "trainer.ckpt_every=2",
+        "trainer.sample_n=0",
+        "resume=auto",
+    ]
     train.run(compose("train", [*tiny, "trainer.steps=2"]), tmp_path)
     out = train.run(compose("train", [*tiny, "trainer.steps=4"]), tmp_path)  # the same job, started again
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -93,12 +106,23 @@ def test_the_slurm_launcher_composes_with_the_train_config():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'diffuse[slurm]'")
     from diffuse.cli import check_overrides
 
-    overrides = ["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=1", "hydra.launcher.gpus_per_node=1",
-                 "hydra.launcher.tasks_per_node=1", "hydra.launcher.timeout_min=600", "hydra.launcher.partition=gpu"]
+    overrides = [
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.nodes=1",
+        "hydra.launcher.gpus_per_node=1",
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.timeout_min=600",
+        "hydra.launcher.partition=gpu",
+    ]
     cfg = compose_hydra("train", [*overrides, "hydra.sweep.dir=/shared/sweep"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["timeout_min"], launcher["partition"]) == (1, 1, 600, "gpu")
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["timeout_min"], launcher["partition"]) == (
+        1,
+        1,
+        600,
+        "gpu",
+    )
     assert launcher["submitit_folder"] == "/shared/sweep/.submitit/%j"  # the job logs sit in the sweep dir
     # The checks diffuse runs before a sweep starts pass it: every job of the product is composed and checked.
     check_overrides("train", ["-m", *overrides, "trainer.seed=0,1", "trainer.steps=10"], train.check)

@@ -16,8 +16,14 @@ from diffuse.checkpoint import checkpoint_hash, content_hash
 from diffuse.cli import app
 
 TINY = [
-    "dataset.size=32", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=4", "trainer.sample_n=0", "trainer.steps=1",
+    "dataset.size=32",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=4",
+    "trainer.sample_n=0",
+    "trainer.steps=1",
 ]
 ORACLE = ["model=oracle", "dataset=gmm", "steps=3"]
 
@@ -91,7 +97,11 @@ CASES = [
     (["train", "model.ch=0"], ["model.ch=0"], []),
     (["train", "model.num_classes=2.5"], ["model.num_classes=2.5", "integer"], ["does not fit"]),
     (["train", "model.num_classes=-1"], ["model.num_classes=-1", "integer"], ["does not fit"]),
-    (["train", "dataset.resolution=12", "model.ch_mult=[1,2,2,2]"], ["dataset.resolution=12", "model.ch_mult=[1, 2, 2, 2]", "multiple of 8"], []),
+    (
+        ["train", "dataset.resolution=12", "model.ch_mult=[1,2,2,2]"],
+        ["dataset.resolution=12", "model.ch_mult=[1, 2, 2, 2]", "multiple of 8"],
+        [],
+    ),
     (["train", "model=dit_s", "model.patch_size=3"], ["model.patch_size=3", "dataset.resolution=8"], []),
     (["train", "schedule.T=1"], ["schedule.T=1 "], ["steps="]),
     (["train", "dataset.size=1000000000"], ["dataset.size=1000000000"], []),
@@ -116,7 +126,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args,needles,absent", CASES, ids=[" ".join(c[0][:4])[:60] + f" [{i}]" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "args,needles,absent", CASES, ids=[" ".join(c[0][:4])[:60] + f" [{i}]" for i, c in enumerate(CASES)]
+)
 def test_bad_value_is_one_line_naming_the_key(args, needles, absent, files, tmp_path, monkeypatch):
     d, ckpt = files
     raw, args = args, _fmt(args, d, ckpt)
@@ -149,13 +161,24 @@ def test_bad_value_is_one_line_naming_the_key(args, needles, absent, files, tmp_
 def test_verify_false_loads_a_file_without_hash_and_says_so(files, tmp_path, monkeypatch):
     d, _ = files
     run = tmp_path / "run"
-    r = _invoke(["sample", f"ckpt={d / 'nohash.safetensors'}", "verify=false", "n=2", "steps=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["sample", f"ckpt={d / 'nohash.safetensors'}", "verify=false", "n=2", "steps=2", f"hydra.run.dir={run}"],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
-    assert len(warnings) == 1 and "nohash.safetensors" in warnings[0] and "unverified" in warnings[0] and "verify=false" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "nohash.safetensors" in warnings[0]
+        and "unverified" in warnings[0]
+        and "verify=false" in warnings[0]
+    )
     assert json.loads((run / "sample.json").read_text())["ckpt_verified"] == "none"
     # A verified file says nothing and records nothing of the kind.
-    r = _invoke(["sample", f"ckpt={files[1]}", "n=2", "steps=2", f"hydra.run.dir={tmp_path / 'ok'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["sample", f"ckpt={files[1]}", "n=2", "steps=2", f"hydra.run.dir={tmp_path / 'ok'}"], tmp_path, monkeypatch
+    )
     assert r.exit_code == 0 and "warning" not in r.stderr
     assert "ckpt_verified" not in json.loads((tmp_path / "ok" / "sample.json").read_text())
 
@@ -163,8 +186,18 @@ def test_verify_false_loads_a_file_without_hash_and_says_so(files, tmp_path, mon
 def test_resume_from_a_file_without_hash_needs_verify_false(files, tmp_path, monkeypatch):
     d, _ = files
     run = tmp_path / "run"
-    r = _invoke(["train", *TINY, "trainer.steps=2", f"resume={d / 'nohash.safetensors'}", "verify=false",
-                 f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    r = _invoke(
+        [
+            "train",
+            *TINY,
+            "trainer.steps=2",
+            f"resume={d / 'nohash.safetensors'}",
+            "verify=false",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
     assert len(warnings) == 1 and "nohash.safetensors" in warnings[0] and "unverified" in warnings[0]
@@ -174,15 +207,29 @@ def test_resume_from_a_file_without_hash_needs_verify_false(files, tmp_path, mon
 def test_a_format_1_checkpoint_loads_with_one_warning(files, tmp_path, monkeypatch):
     d, _ = files
     run = tmp_path / "run"
-    r = _invoke(["sample", f"ckpt={d / 'old.safetensors'}", "n=2", "steps=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["sample", f"ckpt={d / 'old.safetensors'}", "n=2", "steps=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
-    assert len(warnings) == 1 and "old.safetensors" in warnings[0] and "older" in warnings[0] and "metadata" in warnings[0]
+    assert (
+        len(warnings) == 1 and "old.safetensors" in warnings[0] and "older" in warnings[0] and "metadata" in warnings[0]
+    )
     assert json.loads((run / "sample.json").read_text())["ckpt_verified"] == "tensors"
 
 
-UNET = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "attn_resolutions": [4],
-        "num_res_blocks": 1, "heads": 1, "dropout": 0.0, "num_classes": None}
+UNET = {
+    "arch": "unet",
+    "resolution": 8,
+    "in_channels": 3,
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "attn_resolutions": [4],
+    "num_res_blocks": 1,
+    "heads": 1,
+    "dropout": 0.0,
+    "num_classes": None,
+}
 DIT = {"arch": "dit", "resolution": 8, "in_channels": 3, "patch_size": 2, "hidden_size": 32, "depth": 1, "heads": 2}
 SHAPES = {"name": "shapes", "resolution": 8, "channels": 3, "num_classes": 4, "size": 8, "seed": 0, "flip": False}
 GMM = {"name": "gmm", "path": None, "resolution": 4, "channels": 1, "size": 8, "seed": 0}

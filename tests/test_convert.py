@@ -18,18 +18,37 @@ from diffuse.tasks.common import to_dict
 
 # google/ddpm-cifar10-32's unet/config.json, as published (keys absent there take UNet2DModel's defaults).
 REFERENCE = {
-    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu", "attention_head_dim": None,
-    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
-    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "_class_name": "UNet2DModel",
+    "_diffusers_version": "0.0.4",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
     "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
 # A small relative of it: attention at the last level with four heads, symmetric downsampling, 8 groups.
 SMALL = {
-    **REFERENCE, "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "sample_size": 8,
-    "downsample_padding": 1, "attention_head_dim": 8, "norm_num_groups": 8,
+    **REFERENCE,
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "downsample_padding": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
 }
 
 
@@ -73,10 +92,18 @@ def test_reference_network_matches_diffusers(tmp_path, compose_cfg):
     assert (a - b).abs().max() < 1e-5, (a - b).abs().max()
     assert b.abs().max() > 0.1  # not a trivially zero network
     # The converted network is model=ddpm_cifar10 at 32x32 (dropout is a training setting: diffusers' is 0.0).
-    ours = {**to_dict(compose_cfg("train", ["model=ddpm_cifar10"]).model), "resolution": 32, "in_channels": 3, "dropout": 0.0}
+    ours = {
+        **to_dict(compose_cfg("train", ["model=ddpm_cifar10"]).model),
+        "resolution": 32,
+        "in_channels": 3,
+        "dropout": 0.0,
+    }
     assert ckpt.config["model"] == ours
     # schedule=linear, in diffusers' exact-linspace form (the same betas at T = 1000).
-    assert ckpt.config["schedule"] == {**to_dict(compose_cfg("train", ["schedule=linear"]).schedule), "scale_with_T": False}
+    assert ckpt.config["schedule"] == {
+        **to_dict(compose_cfg("train", ["schedule=linear"]).schedule),
+        "scale_with_T": False,
+    }
     assert prediction == "eps" and schedule.T == 1000
     assert abs(float(schedule.betas[0]) - 1e-4) < 1e-12 and abs(float(schedule.betas[-1]) - 0.02) < 1e-12
 
@@ -92,7 +119,9 @@ def test_small_relative_and_old_attention_names(tmp_path, old_names):
 
 def test_a_named_weights_file_converts(tmp_path):
     theirs = write_model(tmp_path / "m", SMALL)
-    f = tmp_path / "m" / "diffusion_pytorch_model.fp32.safetensors"  # a variant's name: the folder alone does not find it
+    f = (
+        tmp_path / "m" / "diffusion_pytorch_model.fp32.safetensors"
+    )  # a variant's name: the folder alone does not find it
     (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(f)
     with pytest.raises(UserError, match="no diffusion_pytorch_model.safetensors"):
         convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
@@ -104,10 +133,22 @@ def test_a_named_weights_file_converts(tmp_path):
 def test_pipeline_folder_and_its_scheduler(tmp_path):
     write_model(tmp_path / "pipe" / "unet", SMALL)
     (tmp_path / "pipe" / "scheduler").mkdir()
-    sched = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}
+    sched = {
+        "_class_name": "DDPMScheduler",
+        "beta_schedule": "linear",
+        "beta_start": 2e-4,
+        "beta_end": 0.03,
+        "num_train_timesteps": 500,
+    }
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     ckpt = load_checkpoint(convert_diffusers(tmp_path / "pipe", tmp_path / "o.safetensors"))
-    assert ckpt.config["schedule"] == {"kind": "linear", "T": 500, "beta_start": 2e-4, "beta_end": 0.03, "scale_with_T": False}
+    assert ckpt.config["schedule"] == {
+        "kind": "linear",
+        "T": 500,
+        "beta_start": 2e-4,
+        "beta_end": 0.03,
+        "scale_with_T": False,
+    }
     sched["beta_schedule"] = "squaredcos_cap_v2"
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     with pytest.raises(UserError, match="beta_schedule='squaredcos_cap_v2'"):
@@ -134,7 +175,13 @@ def test_linear_betas_are_diffusers_linear_betas(T):
 
 
 def test_scheduler_config_at_500_steps_gives_diffusers_betas(tmp_path):
-    sched = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}
+    sched = {
+        "_class_name": "DDPMScheduler",
+        "beta_schedule": "linear",
+        "beta_start": 2e-4,
+        "beta_end": 0.03,
+        "num_train_timesteps": 500,
+    }
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps(sched))
     cfg = schedule_config(path)
@@ -199,7 +246,9 @@ def test_pickled_weights_are_refused_unopened(tmp_path):
 
 def _cli(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg):
@@ -211,12 +260,17 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
     r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'c.safetensors'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'c.safetensors'}"
-    sample_task.run(compose_cfg("sample", [f"ckpt={tmp_path / 'c.safetensors'}", "n=2", "steps=2", "save_npz=true"]), tmp_path / "s")
+    sample_task.run(
+        compose_cfg("sample", [f"ckpt={tmp_path / 'c.safetensors'}", "n=2", "steps=2", "save_npz=true"]), tmp_path / "s"
+    )
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
     from diffuse.tasks import train as train_task
 
     with pytest.raises(UserError, match="holds weights only .* cannot be continued exactly"):  # not a KeyError
-        train_task.run(compose_cfg("train", [f"resume={tmp_path / 'c.safetensors'}", "dataset.size=8", "trainer.steps=1"]), tmp_path / "t")
+        train_task.run(
+            compose_cfg("train", [f"resume={tmp_path / 'c.safetensors'}", "dataset.size=8", "trainer.steps=1"]),
+            tmp_path / "t",
+        )
 
     (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "m" / "diffusion_pytorch_model.bin")
     r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'd.safetensors'}", cwd=tmp_path)
@@ -237,23 +291,40 @@ def _no_tensor_read(monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "load_file", forbidden)
     real = nets._construct
-    monkeypatch.setattr(nets, "_construct", lambda *a: real(*a) if torch.empty(()).device.type == "meta" else forbidden())
+    monkeypatch.setattr(
+        nets, "_construct", lambda *a: real(*a) if torch.empty(()).device.type == "meta" else forbidden()
+    )
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"sample_size": 10**6}, "sample_size=1000000"),
-    ({"sample_size": 9}, "sample_size=9"),
-    ({"block_out_channels": [16, 10**6]}, "block_out_channels=[16, 1000000]"),
-    ({"layers_per_block": 10**4}, "layers_per_block=10000"),
-    ({"in_channels": 10**4, "out_channels": 10**4}, "in_channels=10000"),
-    # within every bound, but not what the weights hold: refused from the header's shapes
-    ({"block_out_channels": [32, 64], "attention_head_dim": 16}, "temb.0.weight has shape (64, 16), the config asks for (128, 32)"),
-    ({"down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"], "attention_head_dim": None},
-     "weights lack down_blocks.0.attentions.0"),
-    ({"down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}, "that their config.json does not describe"),
-    # within the per-key bounds, but a network far beyond the parameter bound
-    ({"block_out_channels": [16384, 16384], "norm_num_groups": 32, "attention_head_dim": None}, "parameters"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"sample_size": 10**6}, "sample_size=1000000"),
+        ({"sample_size": 9}, "sample_size=9"),
+        ({"block_out_channels": [16, 10**6]}, "block_out_channels=[16, 1000000]"),
+        ({"layers_per_block": 10**4}, "layers_per_block=10000"),
+        ({"in_channels": 10**4, "out_channels": 10**4}, "in_channels=10000"),
+        # within every bound, but not what the weights hold: refused from the header's shapes
+        (
+            {"block_out_channels": [32, 64], "attention_head_dim": 16},
+            "temb.0.weight has shape (64, 16), the config asks for (128, 32)",
+        ),
+        (
+            {
+                "down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"],
+                "attention_head_dim": None,
+            },
+            "weights lack down_blocks.0.attentions.0",
+        ),
+        (
+            {"down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]},
+            "that their config.json does not describe",
+        ),
+        # within the per-key bounds, but a network far beyond the parameter bound
+        ({"block_out_channels": [16384, 16384], "norm_num_groups": 32, "attention_head_dim": None}, "parameters"),
+    ],
+)
 def test_a_lying_config_is_refused_from_the_header(tmp_path, monkeypatch, change, needle):
     write_model(tmp_path / "m", SMALL)
     (tmp_path / "m" / "config.json").write_text(json.dumps({**SMALL, **change}))
@@ -295,6 +366,8 @@ def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeyp
 
     from diffuse.cli import app
 
-    r = CliRunner().invoke(app, ["convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'dir.safetensors'}"])
+    r = CliRunner().invoke(
+        app, ["convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'dir.safetensors'}"]
+    )
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "is a directory" in lines[0], r.stderr

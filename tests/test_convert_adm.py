@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from diffuse.cli import app
 from diffuse.checkpoint import load_checkpoint
+from diffuse.cli import app
 from diffuse.pipeline.model import network_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,8 +99,20 @@ class Seq(nn.ModuleList):
 
 
 class ADM(nn.Module):
-    def __init__(self, cin=3, ch=32, cout=6, nrb=1, attn_ds=(2,), mult=(1, 2), heads=2, classes=None, ss=True,
-                 legacy=True, time_scale=1.0):
+    def __init__(
+        self,
+        cin=3,
+        ch=32,
+        cout=6,
+        nrb=1,
+        attn_ds=(2,),
+        mult=(1, 2),
+        heads=2,
+        classes=None,
+        ss=True,
+        legacy=True,
+        time_scale=1.0,
+    ):
         super().__init__()
         emb, self.ch, self.time_scale = 4 * ch, ch, time_scale
         self.time_embed = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -168,11 +180,17 @@ def convert(tmp_path, net, monkeypatch, *opts, fmt="improved-diffusion"):
 
 CASES = {
     # improved-diffusion's CIFAR-10 flags in small: learned sigma, scale-shift, legacy heads, T = 4000 rescaled
-    "improved": (dict(classes=None, ss=True, legacy=True, heads=2, time_scale=1000 / 4000, mult=(1, 2), attn_ds=(2,)),
-                 ["resolution=8", "schedule=cosine", "T=4000", "heads=2"], "improved-diffusion"),
+    "improved": (
+        dict(classes=None, ss=True, legacy=True, heads=2, time_scale=1000 / 4000, mult=(1, 2), attn_ds=(2,)),
+        ["resolution=8", "schedule=cosine", "T=4000", "heads=2"],
+        "improved-diffusion",
+    ),
     # guided-diffusion's: class-conditional, new attention order, num_head_channels, no rescale
-    "guided": (dict(classes=5, ss=True, legacy=False, heads=lambda c: c // 16, cout=3, mult=(1, 2, 2), attn_ds=(2, 4)),
-               ["resolution=8", "schedule=linear", "head_channels=16", "attention_order=new"], "guided-diffusion"),
+    "guided": (
+        dict(classes=5, ss=True, legacy=False, heads=lambda c: c // 16, cout=3, mult=(1, 2, 2), attn_ds=(2, 4)),
+        ["resolution=8", "schedule=linear", "head_channels=16", "attention_order=new"],
+        "guided-diffusion",
+    ),
 }
 
 
@@ -199,19 +217,25 @@ def test_converted_learned_sigma_model_samples_ancestrally(tmp_path, monkeypatch
     kw, opts, fmt = CASES["improved"]
     r, out = convert(tmp_path, randomised(ADM(**kw)), monkeypatch, *opts)
     assert r.exit_code == 0, r.stdout + r.stderr
-    r = CliRunner().invoke(app, ["sample", f"ckpt={out}", "n=2", "steps=4", "sampler=ddpm", f"hydra.run.dir={tmp_path / 's'}"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        app,
+        ["sample", f"ckpt={out}", "n=2", "steps=4", "sampler=ddpm", f"hydra.run.dir={tmp_path / 's'}"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.stdout + r.stderr
     assert (tmp_path / "s" / "grid.png").is_file()
 
 
-@pytest.mark.parametrize("mutate,opts,needle", [
-    (None, ["schedule=cosine"], "resolution= is required"),
-    (None, ["resolution=8"], "schedule=None is not allowed"),
-    (None, ["resolution=8", "schedule=cosine", "heads=3"], "does not split into 3 heads"),
-    (None, ["resolution=8", "schedule=cosine", "num_heads=2"], "'num_heads=2' is not an argument"),
-    ("extra", ["resolution=8", "schedule=cosine", "heads=2"], "has no place in our U-Net"),
-])
+@pytest.mark.parametrize(
+    "mutate,opts,needle",
+    [
+        (None, ["schedule=cosine"], "resolution= is required"),
+        (None, ["resolution=8"], "schedule=None is not allowed"),
+        (None, ["resolution=8", "schedule=cosine", "heads=3"], "does not split into 3 heads"),
+        (None, ["resolution=8", "schedule=cosine", "num_heads=2"], "'num_heads=2' is not an argument"),
+        ("extra", ["resolution=8", "schedule=cosine", "heads=2"], "has no place in our U-Net"),
+    ],
+)
 def test_refusals_are_one_line(mutate, opts, needle, tmp_path, monkeypatch):
     ref = randomised(ADM(**CASES["improved"][0]))
     sd = ref.state_dict()
@@ -220,8 +244,11 @@ def test_refusals_are_one_line(mutate, opts, needle, tmp_path, monkeypatch):
     src = tmp_path / "adm.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(src))
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["convert", "--from", "improved-diffusion", str(src), f"out={tmp_path / 'o.safetensors'}", *opts],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        app,
+        ["convert", "--from", "improved-diffusion", str(src), f"out={tmp_path / 'o.safetensors'}", *opts],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -230,6 +257,17 @@ def test_pickles_are_refused_unopened(tmp_path, monkeypatch):
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not opened")
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["convert", "--from", "improved-diffusion", str(bad), f"out={tmp_path / 'o.safetensors'}",
-                                 "resolution=8", "schedule=cosine"], catch_exceptions=False)
+    r = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "--from",
+            "improved-diffusion",
+            str(bad),
+            f"out={tmp_path / 'o.safetensors'}",
+            "resolution=8",
+            "schedule=cosine",
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 2 and "pickle" in r.stderr

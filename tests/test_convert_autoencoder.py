@@ -16,9 +16,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # stabilityai/sd-vae-ft-mse's config.json (the Stable Diffusion v1 VAE), as published.
 SD_VAE = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
-    "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.4.2",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 256,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
@@ -30,7 +38,9 @@ def write_vae(d, config, seed=0):
     model = AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "diffusion_pytorch_model.safetensors")
+    )
     return model
 
 
@@ -54,9 +64,18 @@ def test_sd_vae_matches_diffusers(tmp_path):
     assert (a - b).abs().max() < 1e-5 * b.abs().max()
 
 
-SMALL = {**SD_VAE, "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-         "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4, "layers_per_block": 1, "sample_size": 8,
-         "use_quant_conv": False, "mid_block_add_attention": False, "latent_channels": 16}
+SMALL = {
+    **SD_VAE,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 4,
+    "layers_per_block": 1,
+    "sample_size": 8,
+    "use_quant_conv": False,
+    "mid_block_add_attention": False,
+    "latent_channels": 16,
+}
 
 
 def test_small_variant_without_quant_conv_or_attention(tmp_path):
@@ -83,13 +102,16 @@ def test_attention_and_quant_convs_are_exact_in_float64(tmp_path):
     assert (xr - b).abs().max() < 1e-12 and b.abs().max() > 0.1
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"act_fn": "relu"}, "act_fn='relu' cannot be converted"),
-    ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]}, "up_block_types"),
-    ({"norm_num_groups": 3}, "norm_num_groups=3"),
-    ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
-    ({"sample_size": 7}, "sample_size=7"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"act_fn": "relu"}, "act_fn='relu' cannot be converted"),
+        ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]}, "up_block_types"),
+        ({"norm_num_groups": 3}, "norm_num_groups=3"),
+        ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
+        ({"sample_size": 7}, "sample_size=7"),
+    ],
+)
 def test_refusals_name_the_key(tmp_path, change, message):
     d = tmp_path / "vae"
     d.mkdir()

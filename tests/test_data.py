@@ -47,7 +47,10 @@ def test_gmm_dataset_from_file(tmp_path, compose_cfg):
 
 def test_bad_mixture_files(tmp_path):
     p = tmp_path / "bad.safetensors"
-    save_file({"means": torch.zeros(2, 1, 2, 2), "stds": torch.tensor([0.1, -0.2]), "weights": torch.tensor([0.5, 0.5])}, str(p))
+    save_file(
+        {"means": torch.zeros(2, 1, 2, 2), "stds": torch.tensor([0.1, -0.2]), "weights": torch.tensor([0.5, 0.5])},
+        str(p),
+    )
     with pytest.raises(UserError, match="stds"):
         load_mixture(p)
     with pytest.raises(UserError, match="no such file"):

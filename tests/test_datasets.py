@@ -27,6 +27,7 @@ def make_cifar(path, n=6, seed=0):
         labels = rng.integers(0, 10, n).tolist()
         batches[name] = (data, labels)
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name, obj):
             raw = pickle.dumps(obj, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -36,9 +37,11 @@ def make_cifar(path, n=6, seed=0):
         for name, (data, labels) in batches.items():
             add(name, {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n})
         add("batches.meta", {b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": n})
+
     def stack(names):
         x = np.concatenate([batches[k][0] for k in names]).reshape(-1, 3, 32, 32)
         return torch.from_numpy(x), torch.tensor(sum((batches[k][1] for k in names), []))
+
     return stack([f"data_batch_{i}" for i in range(1, 6)]), stack(["test_batch"])
 
 
@@ -48,7 +51,12 @@ def md5(path):
 
 def test_cifar10_archive_read_back_exactly(tmp_path, compose_cfg):
     (train_x, train_y), (test_x, test_y) = make_cifar(tmp_path / "cifar-10-python.tar.gz")
-    base = ["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false", f"dataset.md5={md5(tmp_path / 'cifar-10-python.tar.gz')}"]
+    base = [
+        "dataset=cifar10",
+        f"dataset.root={tmp_path}",
+        "dataset.download=false",
+        f"dataset.md5={md5(tmp_path / 'cifar-10-python.tar.gz')}",
+    ]
     ds = build_dataset(compose_cfg("train", base).dataset)
     assert ds.images.dtype == torch.uint8 and ds.labels.dtype == torch.int64 and ds.num_classes == 10
     assert ds.images.shape == (30, 3, 32, 32) and ds.flip
@@ -73,13 +81,16 @@ def test_cifar10_truncated_archive_refused(tmp_path, compose_cfg):
     p = tmp_path / "cifar-10-python.tar.gz"
     make_cifar(p)
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    cfg = compose_cfg("train", ["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.md5=null"])
+    cfg = compose_cfg(
+        "train", ["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.md5=null"]
+    )
     with pytest.raises(UserError, match="corrupted or truncated"):
         build_dataset(cfg.dataset)
 
 
 def test_cifar10_batch_with_foreign_globals_is_not_unpickled(tmp_path, compose_cfg):
     """A batch that would call anything beyond numpy's array reconstruction is refused, not executed."""
+
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
@@ -90,7 +101,9 @@ def test_cifar10_batch_with_foreign_globals_is_not_unpickled(tmp_path, compose_c
         info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
         info.size = len(raw)
         tar.addfile(info, io.BytesIO(raw))
-    cfg = compose_cfg("train", ["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.md5=null"])
+    cfg = compose_cfg(
+        "train", ["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.md5=null"]
+    )
     with pytest.raises(UserError, match=r"not a valid CIFAR-10 batch: (__builtin__|builtins)\.print is not allowed"):
         build_dataset(cfg.dataset)
 
@@ -127,7 +140,9 @@ def make_idx(root, split="train", n=7, gz=True, seed=0, constant=False):
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_read_back_exactly_padded(tmp_path, compose_cfg, gz):
     x, y = make_idx(tmp_path, gz=gz)
-    cfg = compose_cfg("train", ["dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.verify=false"])
+    cfg = compose_cfg(
+        "train", ["dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.verify=false"]
+    )
     ds = build_dataset(cfg.dataset)
     assert ds.images.shape == (7, 1, 32, 32) and ds.images.dtype == torch.uint8 and ds.labels.dtype == torch.int64
     assert torch.equal(ds.images[:, 0, 2:30, 2:30], x) and torch.equal(ds.labels, y)
@@ -139,18 +154,31 @@ def test_idx_read_back_exactly_padded(tmp_path, compose_cfg, gz):
 def test_idx_resize_and_test_split(tmp_path, compose_cfg):
     make_idx(tmp_path, split="train", seed=1)
     x, y = make_idx(tmp_path, split="test", n=5, seed=2, constant=True)
-    cfg = compose_cfg("train", ["dataset=fashion_mnist", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.verify=false",
-                                "dataset.split=test", "dataset.fit=resize", "dataset.resolution=14"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "dataset=fashion_mnist",
+            f"dataset.root={tmp_path}",
+            "dataset.download=false",
+            "dataset.verify=false",
+            "dataset.split=test",
+            "dataset.fit=resize",
+            "dataset.resolution=14",
+        ],
+    )
     ds = build_dataset(cfg.dataset)
     assert ds.images.shape == (5, 1, 14, 14) and torch.equal(ds.labels, y)
     # Each test image is one grey level: resizing keeps it (and the images are not the train split's).
     assert torch.equal(ds.images[:, 0], x[:, :14, :14]) and len(x[:, 0, 0].unique()) > 1
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda raw: raw[:-10], "truncated or corrupted"),
-    (lambda raw: b"\x00\x00\x09\x03" + raw[4:], "magic is 00000903"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda raw: raw[:-10], "truncated or corrupted"),
+        (lambda raw: b"\x00\x00\x09\x03" + raw[4:], "magic is 00000903"),
+    ],
+)
 def test_idx_bad_magic_or_size_refused(tmp_path, compose_cfg, damage, match):
     make_idx(tmp_path, gz=False)
     p = tmp_path / "train-images-idx3-ubyte"
@@ -168,7 +196,9 @@ def test_idx_truncated_gzip_and_checksum_refused(tmp_path, compose_cfg):
         build_dataset(cfg.dataset)  # our own files are not the official ones
     p = tmp_path / "train-images-idx3-ubyte.gz"
     p.write_bytes(p.read_bytes()[:40])
-    cfg = compose_cfg("train", ["dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.verify=false"])
+    cfg = compose_cfg(
+        "train", ["dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=false", "dataset.verify=false"]
+    )
     with pytest.raises(UserError, match="corrupted or truncated"):
         build_dataset(cfg.dataset)
 
@@ -205,7 +235,11 @@ def test_folder_with_classes_read_back_exactly(tmp_path, compose_cfg, capsys):
         t = torch.from_numpy(a).permute(2, 0, 1)
         hits = [k for k in range(len(ds)) if torch.equal(ds.images[k], t)]
         assert len(hits) == 1 and ds.labels[hits[0]] == (cls == "b_dogs")
-    gray = [k for k in range(len(ds)) if torch.equal(ds.images[k, 0], ds.images[k, 1]) and torch.equal(ds.images[k, 1], ds.images[k, 2])]
+    gray = [
+        k
+        for k in range(len(ds))
+        if torch.equal(ds.images[k, 0], ds.images[k, 1]) and torch.equal(ds.images[k, 1], ds.images[k, 2])
+    ]
     assert len(gray) == 1  # the grayscale file became RGB
 
 
@@ -213,7 +247,9 @@ def test_folder_center_crop_and_resize(tmp_path, compose_cfg):
     a = np.zeros((20, 40, 3), np.uint8)
     a[:, 10:30] = 200  # the central 20x20 square is bright, the sides dark
     Image.fromarray(a).save(tmp_path / "wide.png")
-    ds = build_dataset(compose_cfg("train", ["dataset=folder", f"dataset.path={tmp_path}", "dataset.resolution=10"]).dataset)
+    ds = build_dataset(
+        compose_cfg("train", ["dataset=folder", f"dataset.path={tmp_path}", "dataset.resolution=10"]).dataset
+    )
     assert ds.images.shape == (1, 3, 10, 10) and ds.num_classes == 1
     assert (ds.images == 200).all()
 
@@ -262,4 +298,10 @@ def test_experiment_recipes_compose(compose_cfg):
     assert (c.schedule.kind, c.schedule.T, c.trainer.lr, c.trainer.batch_size) == ("linear", 1000, 2e-4, 128)
     assert (c.trainer.warmup, c.trainer.ema_decay, c.trainer.steps) == (5000, 0.9999, 800000)
     f = compose_cfg("train", ["experiment=fashion_mnist"])
-    assert (f.dataset.name, f.dataset.resolution, f.dataset.fit, f.dataset.channels, f.model.ch) == ("fashion_mnist", 32, "pad", 1, 64)
+    assert (f.dataset.name, f.dataset.resolution, f.dataset.fit, f.dataset.channels, f.model.ch) == (
+        "fashion_mnist",
+        32,
+        "pad",
+        1,
+        64,
+    )

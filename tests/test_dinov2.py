@@ -12,15 +12,26 @@ from diffuse.metrics.dinov2 import DINOv2Features, build, find_weights, load_din
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The hub file's names for transformers 5's (checkpoints on the hub predate the q/k/v_proj renaming).
-HUB_NAMES = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
-             "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense"}
+HUB_NAMES = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+}
 
 
 def hf_model(layers=2, image_size=70):
     transformers = pytest.importorskip("transformers")
     # ViT-S/14's width and heads (the arch is read from them), two blocks, a 5 x 5 position grid.
-    config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=layers, num_attention_heads=6, image_size=image_size,
-                                       patch_size=14, layerscale_value=0.7, attn_implementation="eager")
+    config = transformers.Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        image_size=image_size,
+        patch_size=14,
+        layerscale_value=0.7,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = transformers.Dinov2Model(config).eval()
     with torch.no_grad():  # random layer scales and biases too: every tensor's mapping is exercised
@@ -72,11 +83,16 @@ def test_weight_files_load_from_hub_or_official_names_and_are_checked(tmp_path, 
         find_weights("vits14", str(tmp_path / "w.pth"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setenv("DIFFUSE_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"not available offline: download https://huggingface.co/facebook/dinov2-small/resolve/main/model.safetensors "
-                                        r"and put it at .*dinov2_vits14.safetensors"):
+    with pytest.raises(
+        UserError,
+        match=r"not available offline: download https://huggingface.co/facebook/dinov2-small/resolve/main/model.safetensors "
+        r"and put it at .*dinov2_vits14.safetensors",
+    ):
         find_weights("vits14", None)
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "hub" / "checkpoints" / "dinov2_vits14.safetensors").write_bytes((tmp_path / "hub.safetensors").read_bytes())
+    (tmp_path / "hub" / "checkpoints" / "dinov2_vits14.safetensors").write_bytes(
+        (tmp_path / "hub.safetensors").read_bytes()
+    )
     assert find_weights("vits14", None) == tmp_path / "hub" / "checkpoints" / "dinov2_vits14.safetensors"
 
 
@@ -109,12 +125,24 @@ def test_eval_scores_in_dinov2_space_with_a_pinned_file(tmp_path):
             p.normal_(0, 0.2)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
     sha = hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
-    base = ["metric=[fd,pr]", "model=oracle", "dataset=gmm", "dataset.size=20", "n=12", "steps=2", "metrics.features=dinov2",
-            "metrics.dinov2_arch=vits14", f"metrics.dinov2_weights={tmp_path / 'w.safetensors'}", f"metrics.cache_dir={tmp_path / 'c'}"]
+    base = [
+        "metric=[fd,pr]",
+        "model=oracle",
+        "dataset=gmm",
+        "dataset.size=20",
+        "n=12",
+        "steps=2",
+        "metrics.features=dinov2",
+        "metrics.dinov2_arch=vits14",
+        f"metrics.dinov2_weights={tmp_path / 'w.safetensors'}",
+        f"metrics.cache_dir={tmp_path / 'c'}",
+    ]
     res = evaluate.run(compose("eval", [*base, f"metrics.dinov2_sha256={sha}"]), Path(tmp_path / "run"))
     assert res["features"] == "dinov2" and res["weights_sha256"] == sha
     assert res["metrics"]["fd_dinov2"] > 0 and 0 <= res["metrics"]["precision"] <= 1
     with pytest.raises(UserError, match="is not metrics.dinov2_sha256"):
         evaluate.run(compose("eval", [*base, f"metrics.dinov2_sha256={'ab' * 32}"]), Path(tmp_path / "run2"))
-    with pytest.raises(UserError, match="metrics.dinov2_arch='vitg14' is not allowed: choose one of vits14, vitb14, vitl14"):
+    with pytest.raises(
+        UserError, match="metrics.dinov2_arch='vitg14' is not allowed: choose one of vits14, vitb14, vitl14"
+    ):
         evaluate.run(compose("eval", [*base, "metrics.dinov2_arch=vitg14"]), Path(tmp_path / "run3"))

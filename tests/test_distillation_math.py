@@ -60,11 +60,15 @@ def test_progressive_loss_is_zero_for_the_exact_student_and_weighted_by_snr():
 
     for i in (0, 1):  # one level per call so that the exact student knows its level
         sel = index == i
-        loss = pd.progressive_loss(exact_student, "eps", flow.denoiser, x0[sel], s, fine, 2, index[sel], noise[sel], weighting="truncated_snr")
+        loss = pd.progressive_loss(
+            exact_student, "eps", flow.denoiser, x0[sel], s, fine, 2, index[sel], noise[sel], weighting="truncated_snr"
+        )
         assert loss.abs().max() < 1e-8  # weights up to SNR(t_1) ~ 1e3 on float64 rounding
     t = torch.tensor([10, 999])
     snr = s.alpha_bar[t] / (1 - s.alpha_bar[t])
-    assert torch.allclose(pd.weight(s, t, "truncated_snr"), snr.clamp(min=1)) and pd.weight(s, t, "truncated_snr")[1] == 1
+    assert (
+        torch.allclose(pd.weight(s, t, "truncated_snr"), snr.clamp(min=1)) and pd.weight(s, t, "truncated_snr")[1] == 1
+    )
     assert torch.allclose(pd.weight(s, t, "snr_plus_one"), snr + 1)
     with pytest.raises(UserError, match="distill.weighting='x'"):
         pd.weight(s, t, "x")
@@ -138,7 +142,11 @@ def test_consistency_of_an_exact_flow_map_samples_the_gaussian_in_one_step():
 def test_curricula_and_discretisation():
     s = make_schedule("linear")
     lv = cm.karras_levels(s, 18)
-    assert lv[0] == pytest.approx(float(s.sigmas[0])) and lv[-1] == pytest.approx(float(s.sigmas[-1])) and (lv[1:] > lv[:-1]).all()
+    assert (
+        lv[0] == pytest.approx(float(s.sigmas[0]))
+        and lv[-1] == pytest.approx(float(s.sigmas[-1]))
+        and (lv[1:] > lv[:-1]).all()
+    )
     assert cm.ict_levels(0, 1000) == 11 and cm.ict_levels(999, 1000) == 1281
     assert [cm.ict_levels(k, 800) for k in (0, 99, 100, 700)] == [11, 11, 21, 1281]
     assert cm.cd_levels(0, 100) == 2 and cm.cd_levels(100, 100) == 151

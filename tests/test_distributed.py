@@ -10,16 +10,30 @@ import torch
 from diffuse.checkpoint import load_checkpoint
 
 TINY = [
-    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=8", "trainer.log_every=2", "trainer.sample_n=0", "trainer.lr=2e-3", "trainer.warmup=1",
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "trainer.sample_n=0",
+    "trainer.lr=2e-3",
+    "trainer.warmup=1",
     "dataset.flip=true",
 ]
 
 
 def _run(args, cwd, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    r = subprocess.run([*launcher, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    r = subprocess.run(
+        [*launcher, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
@@ -59,7 +73,9 @@ def test_distributed_sampling_is_byte_identical(tmp_path):
     b = np.load(tmp_path / "single" / "samples.npz")["arr_0"]
     assert a.shape == (7, 8, 8, 3) and np.array_equal(a, b)
     for i in range(7):
-        assert (tmp_path / "dist" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "single" / "images" / f"{i:06d}.png").read_bytes()
+        assert (tmp_path / "dist" / "images" / f"{i:06d}.png").read_bytes() == (
+            tmp_path / "single" / "images" / f"{i:06d}.png"
+        ).read_bytes()
 
 
 def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
@@ -84,13 +100,31 @@ def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
 def test_distillation_under_torchrun_matches_one_process(tmp_path):
     """diffuse distill shards the batch like training: each rank draws the whole batch's levels and noise and keeps
     its slice, so two processes take the gradient one process takes (Adam's first moment to float tolerance)."""
-    common = ["distill", "teacher=oracle", "model=tiny", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[]",
-              "dataset=gmm", "dataset.size=64", "dataset.resolution=4", "dataset.channels=1", "trainer.batch_size=8",
-              "trainer.log_every=1", "trainer.sample_n=0", "trainer.warmup=0", "trainer.steps=2"]
+    common = [
+        "distill",
+        "teacher=oracle",
+        "model=tiny",
+        "model.ch=16",
+        "model.ch_mult=[1,2]",
+        "model.attn_resolutions=[]",
+        "dataset=gmm",
+        "dataset.size=64",
+        "dataset.resolution=4",
+        "dataset.channels=1",
+        "trainer.batch_size=8",
+        "trainer.log_every=1",
+        "trainer.sample_n=0",
+        "trainer.warmup=0",
+        "trainer.steps=2",
+    ]
     for method in ("progressive", "consistency"):
         extra = ["distill.start_steps=4", "distill.target_steps=2"] if method == "progressive" else []
         for name, nproc in (("one", 1), ("two", 2)):
-            _run([*common, f"method={method}", *extra, f"hydra.run.dir={tmp_path / method / name}"], tmp_path, nproc=nproc)
+            _run(
+                [*common, f"method={method}", *extra, f"hydra.run.dir={tmp_path / method / name}"],
+                tmp_path,
+                nproc=nproc,
+            )
         ref, ck = _state(tmp_path / method / "one"), _state(tmp_path / method / "two")
         assert ck.step == ref.step == 2 and set(ck.aux) == set(ref.aux)
         for idx, st in ref.optim["state"].items():

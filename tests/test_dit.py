@@ -53,8 +53,18 @@ def test_sincos_2d_values_by_hand():
     sin, cos = np.sin, np.cos
     expected = []
     for row, col in [(0, 0), (0, 1), (1, 0), (1, 1)]:
-        expected.append([sin(row * 1.0), sin(row * 0.01), cos(row * 1.0), cos(row * 0.01),
-                         sin(col * 1.0), sin(col * 0.01), cos(col * 1.0), cos(col * 0.01)])
+        expected.append(
+            [
+                sin(row * 1.0),
+                sin(row * 0.01),
+                cos(row * 1.0),
+                cos(row * 0.01),
+                sin(col * 1.0),
+                sin(col * 0.01),
+                cos(col * 1.0),
+                cos(col * 0.01),
+            ]
+        )
     got = sincos_2d(8, 2)
     assert got.dtype == torch.float32 and got.shape == (4, 8)
     assert np.allclose(got.numpy(), np.array(expected), rtol=0, atol=1e-7)
@@ -95,9 +105,21 @@ def test_configs_have_the_paper_sizes(compose_cfg):
 
 def test_tiny_conditional_dit_trains_on_shapes_and_samples(tmp_path, compose_cfg):
     over = [
-        "model=dit_s", "model.hidden_size=32", "model.depth=2", "model.heads=2", "model.num_classes=4",
-        "dataset.size=64", "dataset.resolution=8", "trainer.batch_size=16", "trainer.steps=12", "trainer.lr=3e-3",
-        "trainer.warmup=1", "trainer.log_every=10", "trainer.ckpt_every=100", "trainer.sample_n=0", "objective.p_uncond=0.2",
+        "model=dit_s",
+        "model.hidden_size=32",
+        "model.depth=2",
+        "model.heads=2",
+        "model.num_classes=4",
+        "dataset.size=64",
+        "dataset.resolution=8",
+        "trainer.batch_size=16",
+        "trainer.steps=12",
+        "trainer.lr=3e-3",
+        "trainer.warmup=1",
+        "trainer.log_every=10",
+        "trainer.ckpt_every=100",
+        "trainer.sample_n=0",
+        "objective.p_uncond=0.2",
     ]
     train_task.run(compose_cfg("train", over), tmp_path / "run")
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
@@ -119,5 +141,11 @@ def test_tiny_conditional_dit_trains_on_shapes_and_samples(tmp_path, compose_cfg
     assert before == pytest.approx(1.0, abs=0.05)  # the zero-initialised output predicts eps = 0
     assert after < 0.7 * before, (before, after)
     # the checkpoint rebuilds a class-conditional sampler: labels in samples.npz, guidance works
-    info = sample_task.run(compose_cfg("sample", [f"ckpt={tmp_path / 'run'}", "n=4", "steps=3", "save_npz=true", "guidance.scale=2", "sampler=dpm_solver"]), tmp_path / "s")
+    info = sample_task.run(
+        compose_cfg(
+            "sample",
+            [f"ckpt={tmp_path / 'run'}", "n=4", "steps=3", "save_npz=true", "guidance.scale=2", "sampler=dpm_solver"],
+        ),
+        tmp_path / "s",
+    )
     assert np.load(tmp_path / "s" / "samples.npz")["arr_1"].tolist() == [0, 1, 2, 3] and info["nfe"] == 3

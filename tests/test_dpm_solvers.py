@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from diffuse.diffusion.noise import PerSample, randn
-from diffuse.diffusion.samplers import (SAMPLERS, ddim, dpm_solver, dpm_solver_2m_sde, dpm_solver_3m,
-                                        dpm_solver_3m_sde, euler, euler_ancestral)
+from diffuse.diffusion.samplers import (
+    SAMPLERS,
+    ddim,
+    dpm_solver,
+    dpm_solver_2m_sde,
+    dpm_solver_3m,
+    dpm_solver_3m_sde,
+    euler,
+    euler_ancestral,
+)
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import make_timesteps, sampler_timesteps
 from diffuse.errors import UserError
@@ -18,10 +26,17 @@ from tests.conftest import GaussianFlow, gaussian_x_T, observed_orders
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MULTISTEP = {"dpm_solver": dpm_solver, "dpm_solver_3m": dpm_solver_3m, "dpm_solver_2m_sde": dpm_solver_2m_sde,
-             "dpm_solver_3m_sde": dpm_solver_3m_sde}
-STOCHASTIC = {"dpm_solver_2m_sde": dpm_solver_2m_sde, "dpm_solver_3m_sde": dpm_solver_3m_sde,
-              "euler_ancestral": euler_ancestral}
+MULTISTEP = {
+    "dpm_solver": dpm_solver,
+    "dpm_solver_3m": dpm_solver_3m,
+    "dpm_solver_2m_sde": dpm_solver_2m_sde,
+    "dpm_solver_3m_sde": dpm_solver_3m_sde,
+}
+STOCHASTIC = {
+    "dpm_solver_2m_sde": dpm_solver_2m_sde,
+    "dpm_solver_3m_sde": dpm_solver_3m_sde,
+    "euler_ancestral": euler_ancestral,
+}
 MINE = {**MULTISTEP, "euler_ancestral": euler_ancestral}
 
 
@@ -58,7 +73,9 @@ def test_3m_is_third_order_on_the_gaussian_flow(flow):
     karras = _errors(dpm_solver_3m, flow, "karras", lower_order_final=False)
     polyexp = _errors(dpm_solver_3m, flow, "polyexp", 2.0, lower_order_final=False)
     two_m = _errors(dpm_solver, flow, "logsnr", lower_order_final=False)
-    orders = {k: observed_orders(v) for k, v in [("logsnr", logsnr), ("karras", karras), ("polyexp", polyexp), ("2m", two_m)]}
+    orders = {
+        k: observed_orders(v) for k, v in [("logsnr", logsnr), ("karras", karras), ("polyexp", polyexp), ("2m", two_m)]
+    }
     print(orders)
     assert min(orders["logsnr"][1:]) > 2.7, orders
     assert orders["karras"][-1] > 2.7 and orders["polyexp"][-1] > 2.7, orders
@@ -71,7 +88,11 @@ def test_3m_sde_and_2m_sde_at_eta_0_are_the_ode_solvers(flow):
     written independently, on integer and fractional levels, with and without the lower-order finish and AFS."""
     schedule, g = flow
     x_T = g.x_T(8)
-    for ts in (sampler_timesteps(schedule, 6, "karras"), sampler_timesteps(schedule, 20, "logsnr"), make_timesteps(1000, 9)):
+    for ts in (
+        sampler_timesteps(schedule, 6, "karras"),
+        sampler_timesteps(schedule, 20, "logsnr"),
+        make_timesteps(1000, 9),
+    ):
         for kw in ({}, {"lower_order_final": False}, {"afs": True}, {"dynamic_percentile": 0.9}):
             a = dpm_solver_2m_sde(g.denoiser, x_T, ts, schedule, eta=0.0, generator=_gen(), **kw)
             assert (a - dpm_solver(g.denoiser, x_T, ts, schedule, **kw)).abs().max() < 1e-10, kw
@@ -79,7 +100,10 @@ def test_3m_sde_and_2m_sde_at_eta_0_are_the_ode_solvers(flow):
             assert (b - dpm_solver_3m(g.denoiser, x_T, ts, schedule, **kw)).abs().max() < 1e-10, kw
     # and eta > 0 does inject noise
     ts = sampler_timesteps(schedule, 10, "logsnr")
-    assert (dpm_solver_2m_sde(g.denoiser, x_T, ts, schedule, eta=1.0, generator=_gen()) - dpm_solver(g.denoiser, x_T, ts, schedule)).abs().max() > 0.1
+    assert (
+        dpm_solver_2m_sde(g.denoiser, x_T, ts, schedule, eta=1.0, generator=_gen())
+        - dpm_solver(g.denoiser, x_T, ts, schedule)
+    ).abs().max() > 0.1
 
 
 def test_3m_with_few_steps_is_2m(flow):
@@ -89,7 +113,9 @@ def test_3m_with_few_steps_is_2m(flow):
     x_T = g.x_T(8)
     for n in (1, 2, 3, 4, 5):
         ts = sampler_timesteps(schedule, n, "karras")
-        assert (dpm_solver_3m(g.denoiser, x_T, ts, schedule) - dpm_solver(g.denoiser, x_T, ts, schedule)).abs().max() < 1e-12, n
+        assert (
+            dpm_solver_3m(g.denoiser, x_T, ts, schedule) - dpm_solver(g.denoiser, x_T, ts, schedule)
+        ).abs().max() < 1e-12, n
     ts = sampler_timesteps(schedule, 6, "karras")
     assert (dpm_solver_3m(g.denoiser, x_T, ts, schedule) - dpm_solver(g.denoiser, x_T, ts, schedule)).abs().max() > 1e-4
     # without it, the third step (4 timesteps) already uses three predictions
@@ -147,7 +173,10 @@ def test_afs_is_the_solver_with_eps_equal_to_x_T_first(flow, name):
     schedule, g = flow
     fn = MULTISTEP[name]
     x_T = g.x_T(8)
-    for ts, kw in ((sampler_timesteps(schedule, 8, "karras"), {}), (make_timesteps(1000, 5), {"dynamic_percentile": 0.8})):
+    for ts, kw in (
+        (sampler_timesteps(schedule, 8, "karras"), {}),
+        (make_timesteps(1000, 5), {"dynamic_percentile": 0.8}),
+    ):
         a = fn(g.denoiser, x_T, ts, schedule, afs=True, generator=_gen(4), **kw)
         b = fn(FirstCallIsInput(g.denoiser), x_T, ts, schedule, generator=_gen(4), **kw)
         assert torch.equal(a, b)
@@ -171,10 +200,19 @@ def test_options_checked_without_a_denoiser_call(flow, name):
     assert fn(None, x, empty, schedule) is x
     bad = [("dynamic_percentile", 1.5, "dynamic_percentile=1.5")]
     if name in MULTISTEP:
-        bad += [("afs", "true", "afs='true'"), ("afs", 1, "afs=1"), ("lower_order_final", "yes", "lower_order_final='yes'")]
+        bad += [
+            ("afs", "true", "afs='true'"),
+            ("afs", 1, "afs=1"),
+            ("lower_order_final", "yes", "lower_order_final='yes'"),
+        ]
     if name in STOCHASTIC:
-        bad += [("eta", -0.5, "eta=-0.5"), ("eta", float("nan"), "eta=nan"), ("eta", "1", "eta='1'"), ("eta", True, "eta=True"),
-                ("eta", float("inf"), "eta=inf")]
+        bad += [
+            ("eta", -0.5, "eta=-0.5"),
+            ("eta", float("nan"), "eta=nan"),
+            ("eta", "1", "eta='1'"),
+            ("eta", True, "eta=True"),
+            ("eta", float("inf"), "eta=inf"),
+        ]
     for key, value, needle in bad:
         with pytest.raises(UserError, match=needle.replace(".", r"\.")):
             fn(None, x, empty, schedule, **{key: value})
@@ -229,7 +267,9 @@ def test_euler_ancestral_samples_the_gaussian_at_first_order(flow):
     x_T = g.x_T(4000, seed=5)
     deficits = []
     for n in (50, 100, 200):
-        x = euler_ancestral(g.denoiser, x_T, sampler_timesteps(schedule, n, "polyexp", 2.0), schedule, generator=_gen(5))
+        x = euler_ancestral(
+            g.denoiser, x_T, sampler_timesteps(schedule, n, "polyexp", 2.0), schedule, generator=_gen(5)
+        )
         mean_err, std_ratio = _moments(x, g)
         assert mean_err < 4, (n, mean_err)
         deficits.append(1 - std_ratio)
@@ -257,14 +297,20 @@ def test_stochastic_samplers_are_seeded_per_sample(oracle_setup, name):
     assert not torch.allclose(a, fn(den, x_T, ts, schedule, generator=_gen(8)))
 
 
-@pytest.mark.parametrize("name,steps,bounds", [("dpm_solver_3m", 20, 0.03), ("dpm_solver_2m_sde", 30, 0.05),
-                                               ("dpm_solver_3m_sde", 30, 0.05)])
+@pytest.mark.parametrize(
+    "name,steps,bounds", [("dpm_solver_3m", 20, 0.03), ("dpm_solver_2m_sde", 30, 0.05), ("dpm_solver_3m_sde", 30, 0.05)]
+)
 def test_defaults_match_the_mixture(oracle_setup, name, steps, bounds):
     """At their default spacing and steps (logsnr; measured at n=4000: worst |std ratio - 1| 0.005, 0.015 and
     0.009): 2000 samples, |freq z| < 3, mean error < 0.08 std, std ratios within `bounds` of 1."""
     mixture, schedule, den = oracle_setup
-    x = SAMPLERS[name](den, gaussian_x_T(2000, mixture.shape), sampler_timesteps(schedule, steps, "logsnr"), schedule,
-                       generator=_gen(1))
+    x = SAMPLERS[name](
+        den,
+        gaussian_x_T(2000, mixture.shape),
+        sampler_timesteps(schedule, steps, "logsnr"),
+        schedule,
+        generator=_gen(1),
+    )
     rows = mixture_fit(mixture, x)
     print(f"\n{name}, logsnr, {steps} NFE, n=2000\n" + format_fit(rows))
     for r in rows:
@@ -278,7 +324,9 @@ def test_configs_compose_and_record_nfe(tmp_path, compose_cfg, sampler):
     cfg = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=2", f"sampler={sampler}", "steps=4"])
     assert sample_task.run(cfg, tmp_path / "a")["nfe"] == 4
     if sampler in MULTISTEP:
-        cfg = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=2", f"sampler={sampler}", "steps=4", "sampler.afs=true"])
+        cfg = compose_cfg(
+            "sample", ["model=oracle", "dataset=gmm", "n=2", f"sampler={sampler}", "steps=4", "sampler.afs=true"]
+        )
         assert sample_task.run(cfg, tmp_path / "b")["nfe"] == 3
     if sampler in STOCHASTIC:
         bad = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=2", f"sampler={sampler}", "sampler.eta=-1"])

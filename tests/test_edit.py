@@ -28,13 +28,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------ the math, against closed forms
 
+
 def problem():
     """Three components over 1 x 2 x 2, close enough that a noised image keeps several of them in play; the image
     is the midpoint of components 0 and 1 and its noise is fixed (seed 2): at strength 0.1 the exact posterior
     weights are about 0.35 / 0.62 / 0.02, at 0.3 about 0.27 / 0.31 / 0.43 (the prior: 0.3 / 0.3 / 0.4)."""
     means = torch.tensor([[-0.6, -0.6, 0.2, 0.4], [0.5, 0.3, -0.4, 0.6], [0.0, 0.7, 0.6, -0.5]], dtype=torch.float64)
-    mixture = GaussianMixture(means.reshape(3, 1, 2, 2), torch.tensor([0.1, 0.15, 0.2], dtype=torch.float64),
-                              torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64))
+    mixture = GaussianMixture(
+        means.reshape(3, 1, 2, 2),
+        torch.tensor([0.1, 0.15, 0.2], dtype=torch.float64),
+        torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64),
+    )
     image = 0.5 * (mixture.means[0] + mixture.means[1])
     eps = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     return mixture, image, eps
@@ -47,8 +51,17 @@ def sdedit_exact(mixture, schedule, image, eps, strength, n, seed=5):
     """n SDEdits of `image` from the one x_t0 its noise `eps` gives, by ancestral DDPM over every level below t0
     (the exact reverse process up to its small-step discretisation) driven by the exact denoiser."""
     den = GMMDenoiser(mixture, schedule)
-    return sdedit(ddpm, den, image[None], make_timesteps(schedule.T, schedule.T), schedule, strength=strength,
-                  noise=eps.expand(n, -1, -1, -1).clone(), generator=torch.Generator().manual_seed(seed), variance="beta")
+    return sdedit(
+        ddpm,
+        den,
+        image[None],
+        make_timesteps(schedule.T, schedule.T),
+        schedule,
+        strength=strength,
+        noise=eps.expand(n, -1, -1, -1).clone(),
+        generator=torch.Generator().manual_seed(seed),
+        variance="beta",
+    )
 
 
 def assert_fits(rows, d, slack=0.0):
@@ -74,10 +87,18 @@ def test_sdedit_with_the_exact_denoiser_draws_the_closed_form_posterior(strength
     n, d = 20000, mixture.dim
     edits = sdedit_exact(mixture, schedule, image, eps, strength, n)
     rows = posterior_fit(w, m, v, edits)
-    print(f"\nstrength {strength}: " + "; ".join(f"k={r['component']} w {r['exact_weight']:.3f} est {r['weight']:.3f} "
-                                                  f"mean err {r['mean_err']:.3f} std ratio {r['std_ratio']:.3f}" for r in rows))
+    print(
+        f"\nstrength {strength}: "
+        + "; ".join(
+            f"k={r['component']} w {r['exact_weight']:.3f} est {r['weight']:.3f} "
+            f"mean err {r['mean_err']:.3f} std ratio {r['std_ratio']:.3f}"
+            for r in rows
+        )
+    )
     assert_fits(rows, d, slack=0.02)
-    assert_fits(posterior_fit(w, m, v, sample_posterior(w, m, v, n, torch.Generator().manual_seed(1))), d)  # the estimator
+    assert_fits(
+        posterior_fit(w, m, v, sample_posterior(w, m, v, n, torch.Generator().manual_seed(1))), d
+    )  # the estimator
     # Power: edits that ignored the image (the prior's weights) would be far outside these tolerances.
     assert max(abs(float(w[k] - mixture.weights[k])) - 4 * rows[k]["weight_se"] for k in range(3)) > 0.02
 
@@ -110,8 +131,12 @@ def test_strength_0_returns_the_image_and_strength_1_ignores_it():
     noise = torch.randn((4, *mixture.shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     same = sdedit(ddim, den, x[:1], ts, schedule, strength=0.0, noise=noise, generator=None)
     assert torch.equal(same, x[:1].expand(4, -1, -1, -1)) and den.calls == 0
-    outs = [sdedit(ddpm, den, img[None], ts, schedule, strength=1.0, noise=noise, generator=torch.Generator().manual_seed(3))
-            for img in x]
+    outs = [
+        sdedit(
+            ddpm, den, img[None], ts, schedule, strength=1.0, noise=noise, generator=torch.Generator().manual_seed(3)
+        )
+        for img in x
+    ]
     plain = ddpm(den, noise, ts, schedule, generator=torch.Generator().manual_seed(3))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], plain)  # exactly sampling from that noise
 
@@ -123,7 +148,12 @@ def test_start_level_and_truncation():
     assert ts.dtype == torch.long and ts[:3].tolist() == [499, 479, 459] and ts[-1] == 19 and len(ts) == 25
     fractional = sampler_timesteps(schedule, 10, "karras")
     cut = truncate(fractional, 300)
-    assert cut.dtype == torch.float64 and cut[0] == 300 and (cut[1:] < 300).all() and (cut[1:] == fractional[fractional < 300]).all()
+    assert (
+        cut.dtype == torch.float64
+        and cut[0] == 300
+        and (cut[1:] < 300).all()
+        and (cut[1:] == fractional[fractional < 300]).all()
+    )
 
 
 def test_inversion_round_trip_is_close_on_the_oracle_and_closer_with_fixed_point_iterations():
@@ -169,10 +199,22 @@ def files(tmp_path):
 
 
 def test_sdedit_of_a_folder_with_a_mask_through_the_cli(files, monkeypatch):
-    r = _invoke(["edit", "--image", "imgs", "--mask", "mask.png", *ORACLE, "n=3", "save_npz=true", "hydra.run.dir=r"], files, monkeypatch)
+    r = _invoke(
+        ["edit", "--image", "imgs", "--mask", "mask.png", *ORACLE, "n=3", "save_npz=true", "hydra.run.dir=r"],
+        files,
+        monkeypatch,
+    )
     assert r.exit_code == 0, r.stderr
     out = files / "r"
-    assert sorted(p.name for p in out.glob("*.png")) == ["a_00.png", "a_01.png", "a_02.png", "b_00.png", "b_01.png", "b_02.png", "grid.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "a_00.png",
+        "a_01.png",
+        "a_02.png",
+        "b_00.png",
+        "b_01.png",
+        "b_02.png",
+        "grid.png",
+    ]
     info = json.loads((out / "edit.json").read_text())
     # ddim's 50 trailing levels (999, 979, ..., 19) below t0 = 499 are 24, after t0 itself: 25 NFE per image
     assert (info["method"], info["t0"], info["levels"], info["nfe"], info["mask"]) == ("sdedit", 499, 25, 25, True)
@@ -194,10 +236,25 @@ def test_strength_0_through_the_cli_writes_the_input_and_strength_1_is_diffuse_s
     assert all(np.array_equal(np.asarray(Image.open(files / "zero" / f"a_{j:02d}.png")), src) for j in range(4))
     assert json.loads((files / "zero" / "edit.json").read_text())["nfe"] == 0
     for name in ("a", "b"):  # same seed, sampler and streams: the very images diffuse sample draws, whatever the input
-        r = _invoke(["edit", "--image", f"imgs/{name}.png", *ORACLE, "edit.strength=1", "sampler=ddpm", "steps=20",
-                     "save_npz=true", f"hydra.run.dir=one_{name}"], files, monkeypatch)
+        r = _invoke(
+            [
+                "edit",
+                "--image",
+                f"imgs/{name}.png",
+                *ORACLE,
+                "edit.strength=1",
+                "sampler=ddpm",
+                "steps=20",
+                "save_npz=true",
+                f"hydra.run.dir=one_{name}",
+            ],
+            files,
+            monkeypatch,
+        )
         assert r.exit_code == 0, r.stderr
-    r = _invoke(["sample", *ORACLE, "n=4", "sampler=ddpm", "steps=20", "save_npz=true", "hydra.run.dir=s"], files, monkeypatch)
+    r = _invoke(
+        ["sample", *ORACLE, "n=4", "sampler=ddpm", "steps=20", "save_npz=true", "hydra.run.dir=s"], files, monkeypatch
+    )
     assert r.exit_code == 0, r.stderr
     sampled = np.load(files / "s" / "samples.npz")["arr_0"]
     for name in ("a", "b"):
@@ -205,8 +262,21 @@ def test_strength_0_through_the_cli_writes_the_input_and_strength_1_is_diffuse_s
 
 
 def test_inversion_editing_reports_the_round_trip_and_changes_the_class(files, monkeypatch):
-    r = _invoke(["edit", "--image", "imgs/a.png", *ORACLE, "edit=invert", "edit.fixed_point_iters=2", "labels=[0,1,2,3]",
-                 "save_npz=true", "hydra.run.dir=inv"], files, monkeypatch)
+    r = _invoke(
+        [
+            "edit",
+            "--image",
+            "imgs/a.png",
+            *ORACLE,
+            "edit=invert",
+            "edit.fixed_point_iters=2",
+            "labels=[0,1,2,3]",
+            "save_npz=true",
+            "hydra.run.dir=inv",
+        ],
+        files,
+        monkeypatch,
+    )
     assert r.exit_code == 0, r.stderr
     info = json.loads((files / "inv" / "edit.json").read_text())
     assert info["method"] == "invert" and info["labels"] == [0, 1, 2, 3] and info["source_label"] == 4
@@ -224,9 +294,16 @@ def test_a_real_process_edits_and_refuses_as_users_see_it(files):
 
     r = diffuse("edit", "--image", "imgs/a.png", *ORACLE, "n=1", "edit.strength=0.2", "hydra.run.dir=p", cwd=files)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == f"run dir: {(files / 'p').resolve()}" and (files / "p" / "a_00.png").is_file()
+    assert (
+        r.stdout.strip().splitlines()[-1] == f"run dir: {(files / 'p').resolve()}"
+        and (files / "p" / "a_00.png").is_file()
+    )
     r = diffuse("edit", "--image", "imgs/a.png", *ORACLE, "edit=invert", "sampler=ddpm", "hydra.run.dir=q", cwd=files)
-    assert r.returncode == 2 and r.stderr.startswith("error: edit.method=invert needs a deterministic sampler") and len(r.stderr.splitlines()) == 1
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("error: edit.method=invert needs a deterministic sampler")
+        and len(r.stderr.splitlines()) == 1
+    )
     assert not (files / "q").exists()
 
 
@@ -243,20 +320,38 @@ def test_a_stop_request_finishes_the_current_image_and_lists_the_rest(files, mon
     monkeypatch.setattr(edit_task, "edit_image", first_then_stop)
     cfg = compose("edit", [f"image={files / 'imgs'}", *ORACLE, "n=2", "sampler.default_steps=4"])
     info = edit_task.run(cfg, files / "out")
-    assert info["stopped"] and info["images"] == [str(files / "imgs" / "a.png")] and info["not_done"] == [str(files / "imgs" / "b.png")]
+    assert (
+        info["stopped"]
+        and info["images"] == [str(files / "imgs" / "a.png")]
+        and info["not_done"] == [str(files / "imgs" / "b.png")]
+    )
     assert sorted(p.name for p in (files / "out").glob("*.png")) == ["a_00.png", "a_01.png", "grid.png"]
     assert "stopped by signal (SIGTERM): 1 of 2 image(s) edited" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ checkpoints: U-Net, DiT, masks
 
-TINY = ["dataset.size=32", "dataset.resolution=8", "trainer.batch_size=4", "trainer.sample_n=0", "trainer.steps=2",
-        "trainer.log_every=1"]
+TINY = [
+    "dataset.size=32",
+    "dataset.resolution=8",
+    "trainer.batch_size=4",
+    "trainer.sample_n=0",
+    "trainer.steps=2",
+    "trainer.log_every=1",
+]
 NETS = {
     "unet": ["model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]"],
     # adaLN-Zero starts at eps = 0, which every inversion undoes exactly: a few steps at a high rate move it off.
-    "dit": ["model=dit_s", "model.hidden_size=32", "model.depth=1", "model.heads=2", "model.num_classes=4",
-            "trainer.steps=8", "trainer.lr=3e-3", "trainer.warmup=1"],
+    "dit": [
+        "model=dit_s",
+        "model.hidden_size=32",
+        "model.depth=1",
+        "model.heads=2",
+        "model.num_classes=4",
+        "trainer.steps=8",
+        "trainer.lr=3e-3",
+        "trainer.warmup=1",
+    ],
     "masked": ["model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[]", "objective.mask_training=true"],
 }
 
@@ -279,19 +374,39 @@ def checkpoints(tmp_path_factory, one_thread):
     return d
 
 
-@pytest.mark.parametrize("net,args,expect", [
-    ("unet", ["edit.strength=0.3", "steps=10"], {"nfe": 3, "conditioned": False}),
-    ("unet", ["edit=invert", "edit.strength=0.5", "steps=10", "sampler=dpm_solver"], {"nfe": 7 * 3, "levels": 7}),  # logsnr: 6 of 10 below t0
-    ("dit", ["edit=invert", "steps=4", "label=2", "guidance.scale=2", "edit.source_label=0"],
-     {"nfe": 12, "labels": [2, 2], "guidance_scale": 2.0, "source_label": 0}),
-    ("dit", ["edit.strength=0.6", "steps=5", "sampler=ddpm"], {"nfe": 3, "labels": [0, 1]}),
-    ("masked", ["--mask", "{d}/mask.png", "edit.strength=0.5", "steps=6"], {"nfe": 3, "conditioned": True, "mask": True}),
-    ("masked", ["--mask", "{d}/mask.png", "edit=invert", "steps=4", "edit.conditioned=false"], {"nfe": 12, "conditioned": False}),
-])
+@pytest.mark.parametrize(
+    "net,args,expect",
+    [
+        ("unet", ["edit.strength=0.3", "steps=10"], {"nfe": 3, "conditioned": False}),
+        (
+            "unet",
+            ["edit=invert", "edit.strength=0.5", "steps=10", "sampler=dpm_solver"],
+            {"nfe": 7 * 3, "levels": 7},
+        ),  # logsnr: 6 of 10 below t0
+        (
+            "dit",
+            ["edit=invert", "steps=4", "label=2", "guidance.scale=2", "edit.source_label=0"],
+            {"nfe": 12, "labels": [2, 2], "guidance_scale": 2.0, "source_label": 0},
+        ),
+        ("dit", ["edit.strength=0.6", "steps=5", "sampler=ddpm"], {"nfe": 3, "labels": [0, 1]}),
+        (
+            "masked",
+            ["--mask", "{d}/mask.png", "edit.strength=0.5", "steps=6"],
+            {"nfe": 3, "conditioned": True, "mask": True},
+        ),
+        (
+            "masked",
+            ["--mask", "{d}/mask.png", "edit=invert", "steps=4", "edit.conditioned=false"],
+            {"nfe": 12, "conditioned": False},
+        ),
+    ],
+)
 def test_every_kind_of_checkpoint_edits_through_the_cli(net, args, expect, checkpoints, tmp_path, monkeypatch):
     d = checkpoints
     args = [a.format(d=d) for a in args]
-    r = _invoke(["edit", "--image", d / "img.png", f"ckpt={d / net}", "n=2", *args, "hydra.run.dir=r"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["edit", "--image", d / "img.png", f"ckpt={d / net}", "n=2", *args, "hydra.run.dir=r"], tmp_path, monkeypatch
+    )
     assert r.exit_code == 0, r.stderr
     info = json.loads((tmp_path / "r" / "edit.json").read_text())
     assert {k: info[k] for k in expect} == expect
@@ -305,7 +420,11 @@ def test_every_kind_of_checkpoint_edits_through_the_cli(net, args, expect, check
 
 def test_an_image_of_another_size_is_resized_and_back(checkpoints, tmp_path, monkeypatch):
     d = checkpoints
-    r = _invoke(["edit", "--image", d / "big.png", f"ckpt={d / 'unet'}", "n=1", "steps=4", "hydra.run.dir=r"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["edit", "--image", d / "big.png", f"ckpt={d / 'unet'}", "n=1", "steps=4", "hydra.run.dir=r"],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, r.stderr
     assert np.asarray(Image.open(tmp_path / "r" / "big_00.png")).shape == (12, 10, 3)
 
@@ -317,8 +436,14 @@ BAD = [
     (["edit.strength=-0.1"], "edit.strength=-0.1 is not allowed"),
     (["edit.strength=nan"], "edit.strength=nan is not allowed"),
     (["edit.strength=abc"], "edit.strength='abc' is not allowed"),
-    (["--image", "{d}/big.png", "edit.resize=false"], "big.png is 10x12 but the model makes 8x8 (edit.resize=true resizes it)"),
-    (["--image", "{d}/grey.png", "edit.resize=false"], "grey.png has 1 channel but the model makes 3 (edit.resize=true converts it)"),
+    (
+        ["--image", "{d}/big.png", "edit.resize=false"],
+        "big.png is 10x12 but the model makes 8x8 (edit.resize=true resizes it)",
+    ),
+    (
+        ["--image", "{d}/grey.png", "edit.resize=false"],
+        "grey.png has 1 channel but the model makes 3 (edit.resize=true converts it)",
+    ),
     (["edit=invert", "sampler=ddpm"], "edit.method=invert needs a deterministic sampler: sampler=ddpm is stochastic"),
     (["edit=invert", "sampler.eta=0.5"], "sampler=ddim with eta > 0 is stochastic"),
     (["edit=invert", "sampler=euler_ancestral"], "sampler=euler_ancestral is stochastic"),
@@ -326,7 +451,10 @@ BAD = [
     (["edit.method=invert"], "choose the method with edit=invert"),
     (["edit.method=magic"], "edit.method='magic' is not allowed"),
     (["sampler=dpm_solver", "sampler.afs=true"], "sampler.afs=true takes eps = x_T at the first level"),
-    (["edit.conditioned=true", "--mask", "{d}/mask.png"], "edit.conditioned=true needs a model trained with objective.mask_training=true"),
+    (
+        ["edit.conditioned=true", "--mask", "{d}/mask.png"],
+        "edit.conditioned=true needs a model trained with objective.mask_training=true",
+    ),
     (["edit=invert", "edit.source_label=1"], "edit.source_label=1 needs a class-conditional model"),
     (["edit=invert", "edit.fixed_point_iters=-1"], "edit.fixed_point_iters=-1 is not allowed"),
     (["label=1"], "label=1 needs a class-conditional model"),
@@ -356,10 +484,16 @@ def test_two_images_that_would_write_one_file_are_refused(tmp_path, monkeypatch)
     for name in ("x.png", "x.jpg"):
         Image.fromarray(np.zeros((8, 8, 3), "uint8")).save(tmp_path / "imgs" / name)
     r = _invoke(["edit", "--image", "imgs", *ORACLE, "hydra.run.dir=run"], tmp_path, monkeypatch)
-    assert r.exit_code == 2 and "x.jpg and x.png would both write x_00.png" in r.stderr and not (tmp_path / "run").exists()
+    assert (
+        r.exit_code == 2 and "x.jpg and x.png would both write x_00.png" in r.stderr and not (tmp_path / "run").exists()
+    )
 
 
 def test_a_sweep_is_checked_job_by_job_before_the_first(files, monkeypatch):
-    r = _invoke(["edit", "-m", "--image", "imgs/a.png", *ORACLE, "edit.strength=0.2,2", "hydra.sweep.dir=sw"], files, monkeypatch)
+    r = _invoke(
+        ["edit", "-m", "--image", "imgs/a.png", *ORACLE, "edit.strength=0.2,2", "hydra.sweep.dir=sw"],
+        files,
+        monkeypatch,
+    )
     assert r.exit_code == 2 and "-m job #1 (edit.strength=2): edit.strength=2 is not allowed" in r.stderr
     assert not (files / "sw").exists()

@@ -75,8 +75,11 @@ def test_a_zero_network_is_the_exact_denoiser_of_gaussian_data_of_std_sigma_data
 
     schedule = make_schedule("linear")
     shape = (1, 4, 4)
-    mixture = GaussianMixture(torch.zeros(1, *shape, dtype=torch.float64), torch.tensor([SD], dtype=torch.float64),
-                              torch.ones(1, dtype=torch.float64))
+    mixture = GaussianMixture(
+        torch.zeros(1, *shape, dtype=torch.float64),
+        torch.tensor([SD], dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    )
     x_t = torch.randn((5, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t = torch.tensor([0, 10, 250.5, 600, 999], dtype=torch.float64)
     ours = EDMDenoiser(lambda u, t_in, y=None: torch.zeros_like(u), schedule, SD)(x_t, t)
@@ -141,8 +144,10 @@ def test_lognormal_noise_levels():
     s_min, s_max = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
     sig = edm_sigmas(n, g, p_mean=-1.2, p_std=2.0, sigma_min=s_min, sigma_max=s_max)
     assert float(sig.min()) == s_min and float(sig.max()) == s_max
-    for frac, cdf in ((float((sig == s_min).double().mean()), 0.5 * math.erfc(-(math.log(s_min) + 1.2) / (2.0 * math.sqrt(2)))),
-                      (float((sig == s_max).double().mean()), 0.5 * math.erfc((math.log(s_max) + 1.2) / (2.0 * math.sqrt(2))))):
+    for frac, cdf in (
+        (float((sig == s_min).double().mean()), 0.5 * math.erfc(-(math.log(s_min) + 1.2) / (2.0 * math.sqrt(2)))),
+        (float((sig == s_max).double().mean()), 0.5 * math.erfc((math.log(s_max) + 1.2) / (2.0 * math.sqrt(2)))),
+    ):
         assert abs(frac - cdf) < 4 * math.sqrt(cdf * (1 - cdf) / n) + 1e-4, (frac, cdf)
     # Each level's timestep has that noise level back: the trainer's and the samplers' (t, sigma) agree.
     t = t_of_sigma(schedule, sig[:1000])
@@ -154,8 +159,21 @@ def test_an_edm_denoiser_stays_one_under_the_inpainting_conditioning():
     from diffuse.diffusion.inpainting import MaskConditioned, condition_on
     from diffuse.nets import build_network
 
-    net = build_network({"arch": "unet", "resolution": 8, "in_channels": 3, "out_channels": 1, "ch": 16, "ch_mult": [1, 2],
-                         "attn_resolutions": [], "num_res_blocks": 1, "heads": 1, "dropout": 0.0, "num_classes": None})
+    net = build_network(
+        {
+            "arch": "unet",
+            "resolution": 8,
+            "in_channels": 3,
+            "out_channels": 1,
+            "ch": 16,
+            "ch_mult": [1, 2],
+            "attn_resolutions": [],
+            "num_res_blocks": 1,
+            "heads": 1,
+            "dropout": 0.0,
+            "num_classes": None,
+        }
+    )
     schedule = make_schedule("linear")
     den = EDMDenoiser(MaskConditioned(net), schedule, 0.3)
     told = condition_on(den, torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8))
@@ -166,8 +184,17 @@ def test_an_edm_denoiser_stays_one_under_the_inpainting_conditioning():
 
 # -- through the CLI ----------------------------------------------------------------------------------------------
 
-SMALL = ["dataset.size=128", "dataset.resolution=8", "trainer.batch_size=16", "trainer.log_every=5", "trainer.sample_n=0",
-         "trainer.warmup=5", "trainer.lr=2e-3", "trainer.ckpt_every=100", "objective=edm"]
+SMALL = [
+    "dataset.size=128",
+    "dataset.resolution=8",
+    "trainer.batch_size=16",
+    "trainer.log_every=5",
+    "trainer.sample_n=0",
+    "trainer.warmup=5",
+    "trainer.lr=2e-3",
+    "trainer.ckpt_every=100",
+    "objective=edm",
+]
 UNET = ["model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]"]
 DIT = ["model=dit_s", "model.hidden_size=32", "model.depth=1", "model.heads=2"]
 
@@ -183,7 +210,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("edm")
     for name, arch in (("unet", UNET), ("dit", DIT)):
         run = root / name
-        r = runner.invoke(app, ["train", *SMALL, *arch, "trainer.steps=30", f"hydra.run.dir={run}"], catch_exceptions=False)
+        r = runner.invoke(
+            app, ["train", *SMALL, *arch, "trainer.steps=30", f"hydra.run.dir={run}"], catch_exceptions=False
+        )
         assert r.exit_code == 0, r.stdout + r.stderr
         out[name] = run
     return out
@@ -201,13 +230,22 @@ def test_train_then_sample_with_three_solvers_needs_no_flag(arch, trained, tmp_p
     assert ck.config["objective"]["kind"] == "edm" and ck.config["objective"]["sigma_data"] == 0.5
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0], losses
-    m = load_model(ckpt=str(run), model=None, dataset=None, schedule=None, use_ema=True,
-                   runtime=resolve_runtime(OmegaConf.to_container(compose_cfg("sample").runtime)))
+    m = load_model(
+        ckpt=str(run),
+        model=None,
+        dataset=None,
+        schedule=None,
+        use_ema=True,
+        runtime=resolve_runtime(OmegaConf.to_container(compose_cfg("sample").runtime)),
+    )
     assert isinstance(m.denoiser, EDMDenoiser)
     for sampler in ("heun", "ddim", "dpm_solver"):
         out = tmp_path / sampler
-        r = _cli(["sample", f"ckpt={run}", f"sampler={sampler}", "n=3", "steps=4", "save_npz=true", f"hydra.run.dir={out}"],
-                 tmp_path, monkeypatch)
+        r = _cli(
+            ["sample", f"ckpt={run}", f"sampler={sampler}", "n=3", "steps=4", "save_npz=true", f"hydra.run.dir={out}"],
+            tmp_path,
+            monkeypatch,
+        )
         assert r.exit_code == 0, r.stdout + r.stderr
         meta = json.loads((out / "sample.json").read_text())
         assert meta["nfe"] == (7 if sampler == "heun" else 4), meta
@@ -218,8 +256,11 @@ def test_train_then_sample_with_three_solvers_needs_no_flag(arch, trained, tmp_p
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     base = ["train", *SMALL, *UNET, "objective.sigma_data=0.4"]
-    for args in ([f"hydra.run.dir={straight}", "trainer.steps=8"], [f"hydra.run.dir={halves}", "trainer.steps=4"],
-                 [f"hydra.run.dir={halves}", "trainer.steps=8", "resume=true"]):
+    for args in (
+        [f"hydra.run.dir={straight}", "trainer.steps=8"],
+        [f"hydra.run.dir={halves}", "trainer.steps=4"],
+        [f"hydra.run.dir={halves}", "trainer.steps=8", "resume=true"],
+    ):
         assert _cli([*base, *args], tmp_path, monkeypatch).exit_code == 0
     a = load_checkpoint(straight / "checkpoints" / "last.safetensors")
     b = load_checkpoint(halves / "checkpoints" / "last.safetensors")
@@ -252,8 +293,10 @@ def test_bad_values_are_one_line(extra, needle, tmp_path, monkeypatch):
     assert not run.exists() or not any(run.rglob("*"))
 
 
-@pytest.mark.parametrize("change,needle", [({"sigma_data": -1.0}, "objective.sigma_data=-1.0"),
-                                           ({"kind": "karras"}, "objective.kind='karras'")])
+@pytest.mark.parametrize(
+    "change,needle",
+    [({"sigma_data": -1.0}, "objective.sigma_data=-1.0"), ({"kind": "karras"}, "objective.kind='karras'")],
+)
 def test_a_crafted_checkpoint_objective_is_refused(change, needle, trained, tmp_path, monkeypatch):
     src = trained["unet"] / "checkpoints" / "last.safetensors"
     with safe_open(str(src), "pt") as f:
@@ -263,8 +306,11 @@ def test_a_crafted_checkpoint_objective_is_refused(change, needle, trained, tmp_
     m["diffuse.config"] = json.dumps(cfg)
     m["diffuse.sha256"] = checkpoint_hash(tensors, m)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=m)
-    r = _cli(["sample", f"ckpt={tmp_path / 'bad.safetensors'}", "n=1", "steps=2", f"hydra.run.dir={tmp_path / 's'}"],
-             tmp_path, monkeypatch)
+    r = _cli(
+        ["sample", f"ckpt={tmp_path / 'bad.safetensors'}", "n=1", "steps=2", f"hydra.run.dir={tmp_path / 's'}"],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

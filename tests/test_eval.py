@@ -19,8 +19,16 @@ from diffuse.tasks.common import runtime_of
 from tests.conftest import compose
 from tests.test_cli import diffuse
 
-NET = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-       "attn_resolutions": [], "groups": 8}
+NET = {
+    "arch": "unet",
+    "resolution": 8,
+    "in_channels": 3,
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "groups": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +43,15 @@ def feature_ckpt(tmp_path_factory):
 
 @pytest.fixture
 def fx(feature_ckpt, tmp_path):
-    return ["metrics.features=checkpoint", f"metrics.features_ckpt={feature_ckpt}", f"metrics.cache_dir={tmp_path / 'cache'}",
-            "dataset=gmm", "dataset.size=48", "metrics.kid_subset_size=8", "metrics.kid_subsets=4"]
+    return [
+        "metrics.features=checkpoint",
+        f"metrics.features_ckpt={feature_ckpt}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        "dataset=gmm",
+        "dataset.size=48",
+        "metrics.kid_subset_size=8",
+        "metrics.kid_subsets=4",
+    ]
 
 
 def run_eval(overrides, out):
@@ -47,12 +62,19 @@ def run_eval(overrides, out):
 def sampled(tmp_path_factory):
     """`diffuse sample model=oracle dataset=gmm save_npz=true`: samples.npz, images/ and sample.json."""
     out = tmp_path_factory.mktemp("sample")
-    sample.run(compose("sample", ["model=oracle", "dataset=gmm", "n=40", "steps=4", "batch_size=16", "save_npz=true", "seed=3"]), out)
+    sample.run(
+        compose(
+            "sample", ["model=oracle", "dataset=gmm", "n=40", "steps=4", "batch_size=16", "save_npz=true", "seed=3"]
+        ),
+        out,
+    )
     return out
 
 
 def test_generated_and_saved_samples_score_identically(sampled, fx, tmp_path):
-    gen = run_eval([*fx, "metric=[fid,kid]", "model=oracle", "n=40", "steps=4", "batch_size=7", "seed=3"], tmp_path / "gen")
+    gen = run_eval(
+        [*fx, "metric=[fid,kid]", "model=oracle", "n=40", "steps=4", "batch_size=7", "seed=3"], tmp_path / "gen"
+    )
     npz = run_eval([*fx, "metric=[fid,kid]", f"samples={sampled / 'samples.npz'}"], tmp_path / "npz")
     png = run_eval([*fx, "metric=[fid,kid]", f"samples={sampled / 'images'}"], tmp_path / "png")
     # Image i depends only on (seed, i) and PNG is lossless: the three are the same 40 images (generation
@@ -85,7 +107,9 @@ def test_reference_statistics_are_cached_saved_and_reused(sampled, fx, tmp_path)
     stamp = cached[0].stat().st_mtime_ns
     again = run_eval([*fx, f"samples={sampled}"], tmp_path / "b")
     assert cached[0].stat().st_mtime_ns == stamp and again["metrics"] == first["metrics"]  # read, not rewritten
-    from_file = run_eval([*fx, f"samples={sampled}", f"ref={tmp_path / 'ref.safetensors'}", "metrics.cache=false"], tmp_path / "c")
+    from_file = run_eval(
+        [*fx, f"samples={sampled}", f"ref={tmp_path / 'ref.safetensors'}", "metrics.cache=false"], tmp_path / "c"
+    )
     assert from_file["metrics"] == first["metrics"]
     # Another reference (a different dataset seed) is another cache entry.
     run_eval([*fx, f"samples={sampled}", "dataset.seed=1"], tmp_path / "d")
@@ -94,9 +118,20 @@ def test_reference_statistics_are_cached_saved_and_reused(sampled, fx, tmp_path)
     other = [a for a in fx if not a.startswith("metrics.features_ckpt")]
     torch.manual_seed(1)
     net = build_network(NET)
-    save_checkpoint(tmp_path / "other.safetensors", Checkpoint(config={"model": NET, "schedule": {"kind": "linear"}}, model=net.state_dict(), ema=net.state_dict()))
+    save_checkpoint(
+        tmp_path / "other.safetensors",
+        Checkpoint(config={"model": NET, "schedule": {"kind": "linear"}}, model=net.state_dict(), ema=net.state_dict()),
+    )
     with pytest.raises(UserError, match="was computed with features=checkpoint .*recompute it"):
-        run_eval([*other, f"metrics.features_ckpt={tmp_path / 'other.safetensors'}", f"samples={sampled}", f"ref={tmp_path / 'ref.safetensors'}"], tmp_path / "e")
+        run_eval(
+            [
+                *other,
+                f"metrics.features_ckpt={tmp_path / 'other.safetensors'}",
+                f"samples={sampled}",
+                f"ref={tmp_path / 'ref.safetensors'}",
+            ],
+            tmp_path / "e",
+        )
 
 
 def test_save_ref_alone_and_a_png_folder_reference(fx, tmp_path):
@@ -118,19 +153,26 @@ def _npz(path, shape):
     return path
 
 
-@pytest.mark.parametrize("shape,needle", [
-    ((4, 16, 16, 3), "samples are 16x16 with 3 channels, the reference dataset gmm is 8x8 with 3 channels"),
-    ((4, 8, 8, 1), "samples are 8x8 with 1 channel, the reference dataset gmm is 8x8 with 3 channels"),
-])
+@pytest.mark.parametrize(
+    "shape,needle",
+    [
+        ((4, 16, 16, 3), "samples are 16x16 with 3 channels, the reference dataset gmm is 8x8 with 3 channels"),
+        ((4, 8, 8, 1), "samples are 8x8 with 1 channel, the reference dataset gmm is 8x8 with 3 channels"),
+    ],
+)
 def test_mismatched_resolution_or_channels_are_refused(fx, tmp_path, shape, needle):
-    with pytest.raises(UserError, match=needle + ": samples and reference must have the same resolution and channel count"):
+    with pytest.raises(
+        UserError, match=needle + ": samples and reference must have the same resolution and channel count"
+    ):
         run_eval([*fx, f"samples={_npz(tmp_path / 's.npz', shape)}"], tmp_path / "out")
 
 
 def test_a_named_dataset_reference_follows_the_samples_resolution(fx, tmp_path):
     """ref=shapes (16x16 by default) for 8x8 samples: the reference is drawn at 8x8, as a model trained with
     dataset=shapes dataset.resolution=8 makes them."""
-    out = run_eval([*fx, "metric=[fid]", "ref=shapes", f"samples={_npz(tmp_path / 's.npz', (6, 8, 8, 3))}"], tmp_path / "out")
+    out = run_eval(
+        [*fx, "metric=[fid]", "ref=shapes", f"samples={_npz(tmp_path / 's.npz', (6, 8, 8, 3))}"], tmp_path / "out"
+    )
     assert out["reference"]["source"] == "dataset shapes" and out["metrics"]["fid"] > 0
 
 
@@ -143,8 +185,12 @@ def test_bad_sample_files_are_refused(fx, tmp_path):
     Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(tmp_path / "mixed" / "b.png")
     (tmp_path / "empty").mkdir()
     for value, needle in [
-        ("f.npz", "arr_0 is float32"), ("k.npz", "no arr_0"), ("c.npz", "C = 1 or 3"),
-        ("mixed", "b.png is 9x8 with 3 channels but a.png is 8x8"), ("empty", "holds no .png"), ("nope.npz", "does not exist"),
+        ("f.npz", "arr_0 is float32"),
+        ("k.npz", "no arr_0"),
+        ("c.npz", "C = 1 or 3"),
+        ("mixed", "b.png is 9x8 with 3 channels but a.png is 8x8"),
+        ("empty", "holds no .png"),
+        ("nope.npz", "does not exist"),
     ]:
         with pytest.raises(UserError, match=needle):
             run_eval([*fx, f"samples={tmp_path / value}"], tmp_path / "out")
@@ -177,14 +223,29 @@ def test_cli_refusal_is_one_line_exit_2_nothing_left(fx, tmp_path):
     r = diffuse("eval", "--metric", "fid", "samples=big.npz", *fx, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the samples are 16x16") and "Traceback" not in r.stdout + r.stderr
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: the samples are 16x16")
+        and "Traceback" not in r.stdout + r.stderr
+    )
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*"))
     assert not any((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
 
 
 def test_sweep_writes_summary_and_plot(fx, tmp_path):
-    r = diffuse("eval", "-m", "--metric", "fid", "model=oracle", "n=6", "sampler=ddim,dpm_solver", "steps=2,4", *fx,
-                f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    r = diffuse(
+        "eval",
+        "-m",
+        "--metric",
+        "fid",
+        "model=oracle",
+        "n=6",
+        "sampler=ddim,dpm_solver",
+        "steps=2,4",
+        *fx,
+        f"hydra.sweep.dir={tmp_path / 'sw'}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     sw = tmp_path / "sw"
     rows = (sw / "summary.csv").read_text().splitlines()
@@ -206,15 +267,47 @@ def test_torchrun_shards_samples_and_reference_like_one_process(fx, tmp_path):
 
     # n above the 32 feature dimensions, so that the covariance is not singular. Each rank holds every feature
     # after the gather: torchmetrics' own sync would count them twice (caught here: FID off by 1%).
-    args = ["--metric", "fid", "--metric", "kid", "model=oracle", "n=41", "steps=3", "batch_size=8", "metrics.batch_size=5",
-            "metrics.cache=false", *fx]
+    args = [
+        "--metric",
+        "fid",
+        "--metric",
+        "kid",
+        "model=oracle",
+        "n=41",
+        "steps=3",
+        "batch_size=8",
+        "metrics.batch_size=5",
+        "metrics.cache=false",
+        *fx,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffuse", "eval",
-                        *args, f"hydra.run.dir={tmp_path / 'dist'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "diffuse",
+            "eval",
+            *args,
+            f"hydra.run.dir={tmp_path / 'dist'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     dist = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     single = run_eval([a for a in args[4:]] + ["metric=[fid,kid]"], tmp_path / "single")
-    assert dist["metrics"] == pytest.approx(single["metrics"], rel=1e-5) and dist["n"] == 41 and dist["reference"]["n"] == 48
+    assert (
+        dist["metrics"] == pytest.approx(single["metrics"], rel=1e-5)
+        and dist["n"] == 41
+        and dist["reference"]["n"] == 48
+    )
 
 
 LIK = ["model=oracle", "dataset=gmm", "dataset.resolution=4", "dataset.channels=1", "likelihood.ode_steps=32"]
@@ -224,11 +317,15 @@ def test_nll_of_the_oracle_matches_the_mixture_and_the_bound_lies_above(tmp_path
     """--metric nll on the exact denoiser: the ODE with exact traces is off the closed-form nll only by RK4 error
     (1.3e-3 nats/dim at 32 steps, bench/likelihood_table.py), and the variational bound is above it by far more
     than its standard error. Example i depends only on (seed, i): a different chunking gives the same figures."""
-    a = run_eval([*LIK, "metric=[nll]", "likelihood.n=96", "likelihood.hutchinson=0", "likelihood.batch_size=96"], tmp_path / "a")
+    a = run_eval(
+        [*LIK, "metric=[nll]", "likelihood.n=96", "likelihood.hutchinson=0", "likelihood.batch_size=96"], tmp_path / "a"
+    )
     m = a["metrics"]
     assert abs(m["nll_ode"] - m["nll_exact"]) < 4e-3, m
     assert m["nll_vlb"] - m["nll_exact"] > 4 * m["nll_vlb_sem"], m
-    b = run_eval([*LIK, "metric=[nll]", "likelihood.n=96", "likelihood.hutchinson=0", "likelihood.batch_size=40"], tmp_path / "b")
+    b = run_eval(
+        [*LIK, "metric=[nll]", "likelihood.n=96", "likelihood.hutchinson=0", "likelihood.batch_size=40"], tmp_path / "b"
+    )
     for key in ("nll_vlb", "nll_ode"):
         assert b["metrics"][key] == pytest.approx(m[key], abs=1e-9)
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -282,7 +379,10 @@ def test_an_adm_npz_reference_is_the_same_images_as_a_png_folder(sampled, fx, tm
     assert a["reference"]["source"] == f"npz {tmp_path / 'ref.npz'}" and a["reference"]["n"] == 40
     assert abs(a["metrics"]["fid"]) < 1e-3
     (tmp_path / "notes.txt").write_text("x")
-    for value, needle in [("gone.npz", "ref='.*gone.npz' does not exist"), ("notes.txt", "is neither a statistics .safetensors, an ADM-style .npz")]:
+    for value, needle in [
+        ("gone.npz", "ref='.*gone.npz' does not exist"),
+        ("notes.txt", "is neither a statistics .safetensors, an ADM-style .npz"),
+    ]:
         with pytest.raises(UserError, match=needle):
             run_eval([*fx, f"samples={sampled}", f"ref={tmp_path / value}"], tmp_path / "c")
 
@@ -325,7 +425,9 @@ def test_eval_sizes_its_runtime_by_the_images_it_draws(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "pick_device", lambda name: torch.device("cpu" if name == "cpu" else "cuda"))
     rc = to_dict(compose("eval", []).runtime)
     assert runtime.resolve_runtime(rc, images=50000).compile and runtime.resolve_runtime(rc, images=50000).cuda_graphs
-    assert not runtime.resolve_runtime(rc, images=64).compile and runtime.resolve_runtime(rc).compile  # training: on CUDA
+    assert (
+        not runtime.resolve_runtime(rc, images=64).compile and runtime.resolve_runtime(rc).compile
+    )  # training: on CUDA
     forced = to_dict(compose("eval", ["runtime.compile=true"]).runtime)
     assert runtime.resolve_runtime(forced, images=64).compile
     assert not runtime.resolve_runtime({**rc, "device": "cpu"}, images=50000).compile

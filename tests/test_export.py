@@ -18,8 +18,19 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Two levels of 8x8, attention at 4x4 and in the middle with two heads of 16 channels, 8 groups, class-conditional.
-MODEL = {"arch": "unet", "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
-         "heads": 2, "groups": 8, "num_classes": 3, "resolution": 8, "in_channels": 3}
+MODEL = {
+    "arch": "unet",
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [4],
+    "dropout": 0.0,
+    "heads": 2,
+    "groups": 8,
+    "num_classes": 3,
+    "resolution": 8,
+    "in_channels": 3,
+}
 
 
 def make_ckpt(path, model=MODEL, schedule=None, prediction="v", objective=None, seed=0):
@@ -29,18 +40,24 @@ def make_ckpt(path, model=MODEL, schedule=None, prediction="v", objective=None, 
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.2)
-    config = {"model": model, "schedule": schedule or {"kind": "cosine", "T": 1000, "cosine_s": 0.008},
-              "objective": {"kind": "diffusion", "prediction": prediction, **(objective or {})},
-              "data": {"is_8bit": True, "num_classes": model.get("num_classes")}}
+    config = {
+        "model": model,
+        "schedule": schedule or {"kind": "cosine", "T": 1000, "cosine_s": 0.008},
+        "objective": {"kind": "diffusion", "prediction": prediction, **(objective or {})},
+        "data": {"is_8bit": True, "num_classes": model.get("num_classes")},
+    }
     save_checkpoint(path, Checkpoint(config=config, step=5, model=net.state_dict(), ema=net.state_dict()))
     return net.eval(), schedule_from_config(config["schedule"])
 
 
-@pytest.mark.parametrize("schedule,prediction,name", [
-    ({"kind": "cosine", "T": 1000, "cosine_s": 0.008}, "v", "squaredcos_cap_v2"),
-    ({"kind": "linear", "T": 500, "beta_start": 1e-4, "beta_end": 0.02, "scale_with_T": False}, "eps", "linear"),
-    ({"kind": "sigmoid", "T": 300, "sigmoid_start": -3.0, "sigmoid_end": 3.0, "sigmoid_tau": 1.0}, "x0", None),
-])
+@pytest.mark.parametrize(
+    "schedule,prediction,name",
+    [
+        ({"kind": "cosine", "T": 1000, "cosine_s": 0.008}, "v", "squaredcos_cap_v2"),
+        ({"kind": "linear", "T": 500, "beta_start": 1e-4, "beta_end": 0.02, "scale_with_T": False}, "eps", "linear"),
+        ({"kind": "sigmoid", "T": 300, "sigmoid_start": -3.0, "sigmoid_end": 3.0, "sigmoid_tau": 1.0}, "x0", None),
+    ],
+)
 def test_pipeline_is_our_network_and_schedule(tmp_path, schedule, prediction, name):
     from diffusers import DDIMScheduler, DDPMPipeline
 
@@ -84,8 +101,12 @@ def test_learned_variances_are_diffusers_learned_range(tmp_path):
 
     from diffuse.diffusion.bound import step_log_variance
 
-    ours, sched = make_ckpt(tmp_path / "c.safetensors", model={**MODEL, "out_channels": 6}, prediction="eps",
-                            objective={"learn_sigma": True})
+    ours, sched = make_ckpt(
+        tmp_path / "c.safetensors",
+        model={**MODEL, "out_channels": 6},
+        prediction="eps",
+        objective={"learn_sigma": True},
+    )
     out = export_diffusers(tmp_path / "c.safetensors", tmp_path / "pipe")
     unet = UNet2DModel.from_pretrained(str(out), subfolder="unet").eval()
     ddpm = DDPMScheduler.from_pretrained(str(out), subfolder="scheduler")
@@ -108,7 +129,19 @@ def test_learned_variances_are_diffusers_learned_range(tmp_path):
 
 def test_refusals_are_one_line_and_write_nothing(tmp_path):
     cases = {
-        "dit": ({"arch": "dit", "patch_size": 2, "hidden_size": 32, "depth": 1, "heads": 2, "resolution": 8, "in_channels": 3}, {}, "model.arch='dit'"),
+        "dit": (
+            {
+                "arch": "dit",
+                "patch_size": 2,
+                "hidden_size": 32,
+                "depth": 1,
+                "heads": 2,
+                "resolution": 8,
+                "in_channels": 3,
+            },
+            {},
+            "model.arch='dit'",
+        ),
         "edm": (MODEL, {"kind": "edm", "sigma_data": 0.5}, "objective.kind=edm"),
         "learned": ({**MODEL, "out_channels": 6}, {}, "outputs 6 channels"),
         "heads": ({**MODEL, "ch_mult": [1, 2], "attn_resolutions": [8]}, {}, "model.heads=2"),
@@ -133,10 +166,12 @@ def test_cli_exports_and_refuses_with_exit_2(tmp_path):
     ok = CliRunner().invoke(app, [*args, f"out={tmp_path / 'pipe'}"])
     assert ok.exit_code == 0 and ok.output.strip() == f"wrote {tmp_path / 'pipe'}", ok.output
     assert {p.name for p in (tmp_path / "pipe").iterdir()} == {"model_index.json", "unet", "scheduler"}
-    for extra, needle in ((["out=" + str(tmp_path / "pipe")], "it exists and is not an empty folder"),
-                          (["--to", "onnx", f"out={tmp_path / 'x'}"], "--to 'onnx' is not allowed: choose diffusers"),
-                          ([f"out={tmp_path / 'x'}", "steps=3"], "'steps=3' is not an argument of export"),
-                          ([], "out= is required")):
+    for extra, needle in (
+        (["out=" + str(tmp_path / "pipe")], "it exists and is not an empty folder"),
+        (["--to", "onnx", f"out={tmp_path / 'x'}"], "--to 'onnx' is not allowed: choose diffusers"),
+        ([f"out={tmp_path / 'x'}", "steps=3"], "'steps=3' is not an argument of export"),
+        ([], "out= is required"),
+    ):
         r = CliRunner().invoke(app, [*args, *extra])
         assert r.exit_code == 2 and needle in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "x").exists()

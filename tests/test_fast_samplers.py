@@ -12,10 +12,8 @@ from diffuse.diffusion.samplers.common import sigma_of
 from diffuse.diffusion.timesteps import karras_timesteps, make_timesteps, sampler_timesteps
 from diffuse.errors import UserError
 from diffuse.metrics.mixture import format_fit, mixture_fit
-from diffuse.tasks import sample as sample_task
 from diffuse.pipeline.sampling import CountingDenoiser
-
-
+from diffuse.tasks import sample as sample_task
 
 
 def test_dpm_solver_karras_20_nfe_matches_the_mixture(oracle_setup):
@@ -73,7 +71,9 @@ def test_convergence_orders(oracle_setup):
     ref = heun(den, x_T, karras_timesteps(schedule, 100), schedule)
     ratio = {}
     for name, fn in [("euler", euler), ("heun", heun), ("dpm", dpm_solver)]:
-        e = [float((fn(den, x_T, karras_timesteps(schedule, n), schedule) - ref).pow(2).mean().sqrt()) for n in (10, 20)]
+        e = [
+            float((fn(den, x_T, karras_timesteps(schedule, n), schedule) - ref).pow(2).mean().sqrt()) for n in (10, 20)
+        ]
         ratio[name] = e[0] / e[1]
     print(ratio)
     assert 1.6 < ratio["euler"] < 2.5, ratio
@@ -111,14 +111,18 @@ def test_dynamic_thresholding_bounds_x0(oracle_setup):
 
 @pytest.mark.parametrize("sampler,steps,nfe", [("heun", 4, 7), ("dpm_solver", 5, 5), ("euler", 3, 3)])
 def test_sample_json_records_nfe(tmp_path, compose_cfg, sampler, steps, nfe):
-    cfg = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=3", "batch_size=2", f"sampler={sampler}", f"steps={steps}"])
+    cfg = compose_cfg(
+        "sample", ["model=oracle", "dataset=gmm", "n=3", "batch_size=2", f"sampler={sampler}", f"steps={steps}"]
+    )
     info = sample_task.run(cfg, tmp_path)
     assert info["nfe"] == nfe
     assert json.loads((tmp_path / "sample.json").read_text())["nfe"] == nfe
 
 
 def test_karras_spacing_from_config(compose_cfg, tmp_path):
-    cfg = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=2", "sampler=ddim", "sampler.spacing=karras", "steps=4"])
+    cfg = compose_cfg(
+        "sample", ["model=oracle", "dataset=gmm", "n=2", "sampler=ddim", "sampler.spacing=karras", "steps=4"]
+    )
     assert sample_task.run(cfg, tmp_path)["nfe"] == 4
     bad = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=2", "sampler=dpm_solver", "sampler.spacing=cubic"])
     with pytest.raises(UserError, match="cubic"):

@@ -13,11 +13,34 @@ from diffuse.pipeline.sampling import generate, plan_sampler
 from diffuse.tasks.common import to_dict
 from diffuse.training.trainer import Trainer
 
-TINY_UNET = {"arch": "unet", "ch": 32, "ch_mult": [1, 2], "attn_resolutions": [8], "heads": 2, "resolution": 8, "in_channels": 3}
-TINY_DIT = {"arch": "dit", "hidden_size": 64, "depth": 2, "heads": 4, "patch_size": 2, "resolution": 8, "in_channels": 3}
+TINY_UNET = {
+    "arch": "unet",
+    "ch": 32,
+    "ch_mult": [1, 2],
+    "attn_resolutions": [8],
+    "heads": 2,
+    "resolution": 8,
+    "in_channels": 3,
+}
+TINY_DIT = {
+    "arch": "dit",
+    "hidden_size": 64,
+    "depth": 2,
+    "heads": 4,
+    "patch_size": 2,
+    "resolution": 8,
+    "in_channels": 3,
+}
 TRAIN = [
-    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=8", "trainer.sample_n=0", "trainer.log_every=1", "trainer.steps=3",
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=8",
+    "trainer.sample_n=0",
+    "trainer.log_every=1",
+    "trainer.steps=3",
 ]
 
 
@@ -84,8 +107,12 @@ def test_trainer_switches_keep_the_run(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     "override,needle",
-    [("runtime.compile=maybe", "runtime.compile='maybe'"), ("runtime.attention=flash", "runtime.attention='flash'"),
-     ("runtime.compile_mode=fast", "runtime.compile_mode='fast'"), ("runtime.precision=fp16", "runtime.precision='fp16'")],
+    [
+        ("runtime.compile=maybe", "runtime.compile='maybe'"),
+        ("runtime.attention=flash", "runtime.attention='flash'"),
+        ("runtime.compile_mode=fast", "runtime.compile_mode='fast'"),
+        ("runtime.precision=fp16", "runtime.precision='fp16'"),
+    ],
 )
 def test_bad_switches_are_one_clear_error(compose_cfg, tmp_path, override, needle):
     with pytest.raises(UserError, match=needle):

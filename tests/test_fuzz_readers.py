@@ -19,10 +19,22 @@ from diffuse.images import load_image_and_mask, open_image
 
 # (mode, format, extension): what people hand to an image reader.
 KINDS = [
-    ("L", "PNG", ".png"), ("RGB", "PNG", ".png"), ("RGBA", "PNG", ".png"), ("P", "PNG", ".png"),
-    ("I;16", "PNG", ".png"), ("LA", "PNG", ".png"), ("1", "PNG", ".png"), ("RGB", "JPEG", ".jpg"),
-    ("L", "JPEG", ".jpg"), ("RGB", "WEBP", ".webp"), ("RGBA", "WEBP", ".webp"), ("P", "GIF", ".gif"),
-    ("RGB", "BMP", ".bmp"), ("F", "TIFF", ".tiff"), ("I;16", "TIFF", ".tiff"), ("CMYK", "JPEG", ".jpg"),
+    ("L", "PNG", ".png"),
+    ("RGB", "PNG", ".png"),
+    ("RGBA", "PNG", ".png"),
+    ("P", "PNG", ".png"),
+    ("I;16", "PNG", ".png"),
+    ("LA", "PNG", ".png"),
+    ("1", "PNG", ".png"),
+    ("RGB", "JPEG", ".jpg"),
+    ("L", "JPEG", ".jpg"),
+    ("RGB", "WEBP", ".webp"),
+    ("RGBA", "WEBP", ".webp"),
+    ("P", "GIF", ".gif"),
+    ("RGB", "BMP", ".bmp"),
+    ("F", "TIFF", ".tiff"),
+    ("I;16", "TIFF", ".tiff"),
+    ("CMYK", "JPEG", ".jpg"),
 ]
 
 
@@ -118,4 +130,6 @@ def test_intact_images_of_every_kind_load():
             assert got["image_rgb"] == got["image_grey"] == expect, (mode, fmt, got)
             grey = mode in ("L", "LA", "1", "I;16")  # a mask must be black and white, not coloured
             assert got["mask"] == ("loaded" if grey else "refused"), (mode, fmt, got)
-            assert got["read_folder"] == ("refused" if mode == "F" or ext not in (".png", ".jpg", ".webp") else "loaded"), (mode, fmt, got)
+            assert got["read_folder"] == (
+                "refused" if mode == "F" or ext not in (".png", ".jpg", ".webp") else "loaded"
+            ), (mode, fmt, got)

@@ -18,8 +18,6 @@ from diffuse.tasks import sample as sample_task
 from diffuse.tasks.common import to_dict
 
 
-
-
 def _sample(den, mixture, schedule, n, label, seed=0):
     y = torch.full((n,), label)
     return dpm_solver(den, _x_T(n, mixture.shape, seed), karras_timesteps(schedule, 20), schedule, y=y)
@@ -90,7 +88,11 @@ def test_interval_and_rescale(oracle_setup):
     std = lambda e: ((x - s * e) / a).flatten(1).std(1)  # noqa: E731
     assert torch.allclose(std(r), std(cond), rtol=1e-9)
     assert not torch.allclose(std(plain), std(cond), rtol=1e-3)
-    for bad, kw in [("scale=-1", {"scale": -1}), ("interval", {"scale": 2, "interval": (5, 1)}), ("rescale=2", {"scale": 2, "rescale": 2})]:
+    for bad, kw in [
+        ("scale=-1", {"scale": -1}),
+        ("interval", {"scale": 2, "interval": (5, 1)}),
+        ("rescale=2", {"scale": 2, "rescale": 2}),
+    ]:
         with pytest.raises(UserError, match=bad):
             cfg_denoiser(den, null_label=4, **{"scale": 1, **kw})
 
@@ -185,7 +187,11 @@ def test_sample_labels_and_npz(oracle_setup, tmp_path, compose_cfg):
     info = sample_task.run(compose_cfg("sample", base + ["guidance.scale=2"]), tmp_path / "c")
     assert np.load(tmp_path / "c" / "samples.npz")["arr_1"].tolist() == [0, 1, 2, 3, 0]
     assert info["nfe"] == 5  # guided: one batched call per step
-    for extra, needle in [(["label=7"], "label 7"), (["guidance.scale=-2"], "guidance.scale=-2"), (["label=1", "labels=[0]"], "both")]:
+    for extra, needle in [
+        (["label=7"], "label 7"),
+        (["guidance.scale=-2"], "guidance.scale=-2"),
+        (["label=1", "labels=[0]"], "both"),
+    ]:
         with pytest.raises(UserError, match=needle):
             sample_task.run(compose_cfg("sample", base + extra), tmp_path / "bad")
 

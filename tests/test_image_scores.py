@@ -8,7 +8,16 @@ import scipy.linalg
 import torch
 
 from diffuse.errors import UserError
-from diffuse.metrics.image_scores import MomentAccumulator, RefStats, fid, inception_score, kid, load_stats, mean_cov, save_stats
+from diffuse.metrics.image_scores import (
+    MomentAccumulator,
+    RefStats,
+    fid,
+    inception_score,
+    kid,
+    load_stats,
+    mean_cov,
+    save_stats,
+)
 
 
 def exact_moments(n, mu, sigma, seed=0):
@@ -42,7 +51,9 @@ def test_frechet_distance_of_known_gaussians_is_the_closed_form():
     s2 = m @ m.T + 0.5 * torch.eye(d, dtype=torch.float64)
     c = 1.7
     ref = RefStats(mu1, c * torch.eye(d, dtype=torch.float64), torch.zeros(2, d), {"n": 500})
-    expected = float(((mu1 - mu2) ** 2).sum() + d * c + s2.trace() - 2 * math.sqrt(c) * torch.linalg.eigvalsh(s2).sqrt().sum())
+    expected = float(
+        ((mu1 - mu2) ** 2).sum() + d * c + s2.trace() - 2 * math.sqrt(c) * torch.linalg.eigvalsh(s2).sqrt().sum()
+    )
     assert fid(ref, exact_moments(40, mu2, s2)) == pytest.approx(expected, rel=1e-9)
 
 
@@ -54,7 +65,9 @@ def test_fid_of_a_set_against_itself_is_zero():
 
 def test_torchmetrics_fid_agrees_with_scipy_sqrtm():
     g = torch.Generator().manual_seed(3)
-    real = torch.randn(200, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    real = torch.randn(200, 24, generator=g, dtype=torch.float64) @ torch.randn(
+        24, 24, generator=g, dtype=torch.float64
+    )
     fake = torch.randn(150, 24, generator=g, dtype=torch.float64).exp() + 0.3
     mu1, s1 = real.mean(0).numpy(), np.cov(real.numpy(), rowvar=False)
     mu2, s2 = fake.mean(0).numpy(), np.cov(fake.numpy(), rowvar=False)
@@ -85,9 +98,14 @@ def test_kid_is_the_unbiased_polynomial_mmd():
     y = torch.randn(40, 8, generator=g, dtype=torch.float64) * 1.3 + 0.2
     mean, std, size = kid(x, y, subsets=1, subset_size=40, seed=0)  # one subset = everything
     d, m = 8, 40
-    k = lambda a, b: (a @ b.T / d + 1) ** 3
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    expected = float((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.mean())
+    expected = float(
+        (kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.mean()
+    )
     assert size == 40 and mean == pytest.approx(expected, rel=1e-9) and std == 0
     # Subsets are drawn from a seeded generator: the same seed gives the same estimate.
     assert kid(x, y, subsets=5, subset_size=20, seed=3) == kid(x, y, subsets=5, subset_size=20, seed=3)
@@ -111,7 +129,9 @@ def test_stats_file_round_trip_and_refusals(tmp_path):
     ref.meta.update({"features": "inception", "weights_sha256": "ab" * 32, "shape": [3, 8, 8]})
     save_stats(tmp_path / "s.safetensors", ref)
     back = load_stats(tmp_path / "s.safetensors")
-    assert torch.equal(back.mu, ref.mu) and torch.equal(back.sigma, ref.sigma) and torch.equal(back.features, ref.features)
+    assert (
+        torch.equal(back.mu, ref.mu) and torch.equal(back.sigma, ref.sigma) and torch.equal(back.features, ref.features)
+    )
     assert back.meta == ref.meta and back.mu.dtype == torch.float64
     from safetensors.torch import save_file
 

@@ -49,7 +49,12 @@ def weights(tmp_path_factory):
 def test_parameter_names_and_sizes_match_the_published_port():
     state = published_like_state()
     assert len(state) == 472  # 94 conv + batch-norm layers (conv weight, bn weight/bias/mean/var) and fc weight/bias
-    assert state["fc.weight"].shape == (1008, 2048) and state["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    assert state["fc.weight"].shape == (1008, 2048) and state["Mixed_7c.branch_pool.conv.weight"].shape == (
+        192,
+        2048,
+        1,
+        1,
+    )
     # The published weights-inception-2015-12-05-6726825d.pth is 95,628,359 bytes of float32 tensors and the
     # torch.save container around them (~180 bytes per tensor); any missing or misshapen layer of more than
     # ~50k parameters would show here.
@@ -104,7 +109,10 @@ def test_explicit_weights_load_strictly_and_are_hashed(weights):
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     net, sha = inc.load_inception(path, sha256=digest)
     assert sha == digest
-    assert torch.equal(net.Mixed_6e.branch7x7dbl_5.conv.weight, torch.load(weights, weights_only=True)["Mixed_6e.branch7x7dbl_5.conv.weight"])
+    assert torch.equal(
+        net.Mixed_6e.branch7x7dbl_5.conv.weight,
+        torch.load(weights, weights_only=True)["Mixed_6e.branch7x7dbl_5.conv.weight"],
+    )
     with pytest.raises(UserError, match="does not exist"):
         inc.find_weights(str(weights.parent / "nope.pth"))
 

@@ -13,7 +13,8 @@ ORACLE = ["model=oracle", "dataset=gmm", "steps=10", "inpaint.resamples=2", "inp
 def files(tmp_path):
     a = (np.random.RandomState(0).rand(8, 8, 3) * 255).astype("uint8")
     Image.fromarray(a).save(tmp_path / "img.png")
-    m = np.zeros((8, 8), "uint8"); m[:, 4:] = 255
+    m = np.zeros((8, 8), "uint8")
+    m[:, 4:] = 255
     Image.fromarray(m).save(tmp_path / "mask.png")
     Image.fromarray(np.zeros((8, 8), "uint8")).save(tmp_path / "black.png")
     Image.fromarray(np.full((8, 8), 255, "uint8")).save(tmp_path / "white.png")
@@ -34,7 +35,9 @@ def test_inpaint_oracle_keeps_known_pixels_exactly(files):
 @pytest.mark.parametrize("mask,expect_same", [("black.png", False), ("white.png", None)])
 def test_all_black_mask_returns_input_and_all_white_is_sampling(files, mask, expect_same):
     d, a = files
-    r = diffuse("inpaint", "--image", "img.png", "--mask", mask, *ORACLE, "inpaint.method=replace", "hydra.run.dir=r", cwd=d)
+    r = diffuse(
+        "inpaint", "--image", "img.png", "--mask", mask, *ORACLE, "inpaint.method=replace", "hydra.run.dir=r", cwd=d
+    )
     assert r.returncode == 0, r.stderr
     res = np.asarray(Image.open(d / "r" / "img_00.png"))
     if mask == "black.png":  # black = keep everything: nothing to do
@@ -52,15 +55,28 @@ def test_folders_grey_mask_invert_and_resize_in_one_run(tmp_path):
     """--image and --mask folders with matching names, mask_invert=true, a grey-valued mask (binarised at 50%,
     with a warning) and an image of another size (resized to the model's 8x8 and the result resized back)."""
     rs = np.random.RandomState(1)
-    (tmp_path / "imgs").mkdir(); (tmp_path / "masks").mkdir()
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "masks").mkdir()
     a = _img(tmp_path / "imgs" / "a.png", (rs.rand(8, 8, 3) * 255).astype("uint8"))
     big = _img(tmp_path / "imgs" / "big.png", (rs.rand(12, 16, 3) * 255).astype("uint8"))
     (tmp_path / "imgs" / "notes.txt").write_text("not an image, and not read")
-    grey = np.full((8, 8), 200, "uint8"); grey[:, 4:] = 60  # inverted: >= 128 (left) kept, < 128 (right) generated
+    grey = np.full((8, 8), 200, "uint8")
+    grey[:, 4:] = 60  # inverted: >= 128 (left) kept, < 128 (right) generated
     _img(tmp_path / "masks" / "a.png", grey)
-    m = np.full((12, 16), 255, "uint8"); m[4:9, 5:12] = 0  # inverted: the black box is generated
+    m = np.full((12, 16), 255, "uint8")
+    m[4:9, 5:12] = 0  # inverted: the black box is generated
     _img(tmp_path / "masks" / "big.png", m)
-    r = diffuse("inpaint", "--image", "imgs", "--mask", "masks", *ORACLE, "inpaint.mask_invert=true", "hydra.run.dir=r", cwd=tmp_path)
+    r = diffuse(
+        "inpaint",
+        "--image",
+        "imgs",
+        "--mask",
+        "masks",
+        *ORACLE,
+        "inpaint.mask_invert=true",
+        "hydra.run.dir=r",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "warning: mask masks/a.png has grey values; binarised at 50%" in r.stderr
     out = tmp_path / "r"
@@ -108,18 +124,24 @@ def _refused(cfg, out, needle):
 def test_bad_folders_sizes_and_files_are_refused(files, oracle_cfg):
     """One line naming the file and what is allowed (the CLI prints it as `error: ...`, exit 2: tests/test_bad_input.py)."""
     d, a = files
-    (d / "imgs").mkdir(); (d / "masks").mkdir()
+    (d / "imgs").mkdir()
+    (d / "masks").mkdir()
     for name in ("one.png", "two.png"):
         _img(d / "imgs" / name, a)
     Image.open(d / "mask.png").save(d / "masks" / "one.png")
     _refused(oracle_cfg(d / "imgs", d / "masks"), d / "o1", "no mask named two.png")
-    _img(d / "big.png", np.zeros((16, 16, 3), "uint8")); _img(d / "bigmask.png", np.zeros((16, 16), "uint8"))
+    _img(d / "big.png", np.zeros((16, 16, 3), "uint8"))
+    _img(d / "bigmask.png", np.zeros((16, 16), "uint8"))
     _refused(oracle_cfg(d / "big.png", d / "bigmask.png", "inpaint.resize=false"), d / "o2", "inpaint.resize=true")
     (d / "cut.png").write_bytes((d / "img.png").read_bytes()[:60])  # a truncated PNG: unreadable
     _refused(oracle_cfg(d / "cut.png", d / "mask.png"), d / "o3", "cut.png is not a readable image")
     (d / "notes.txt").write_text("hello")
     _refused(oracle_cfg(d / "notes.txt", d / "mask.png"), d / "o4", "notes.txt is not a readable image")
-    _refused(oracle_cfg(d / "img.png", d / "mask.png", "inpaint.method=conditioned"), d / "o5", "objective.mask_training=true")
+    _refused(
+        oracle_cfg(d / "img.png", d / "mask.png", "inpaint.method=conditioned"),
+        d / "o5",
+        "objective.mask_training=true",
+    )
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "inpaint.jump_last=2"), d / "o6", "inpaint.jump_last=2")
     _refused(oracle_cfg(d / "img.png", d / "mask.png", "sampler=euler"), d / "o7", "cannot drive repaint")
 
@@ -131,7 +153,9 @@ def test_methods_are_a_config_group(files, compose_cfg):
     d, a = files
 
     def cfg(*extra):
-        return compose_cfg("inpaint", [f"image={d / 'img.png'}", f"mask={d / 'mask.png'}", "model=oracle", "steps=10", *extra])
+        return compose_cfg(
+            "inpaint", [f"image={d / 'img.png'}", f"mask={d / 'mask.png'}", "model=oracle", "steps=10", *extra]
+        )
 
     info = inpaint_task.run(cfg("inpaint=replace", "sampler=dpm_solver"), d / "rep")
     assert info["method"] == "replace" and info["nfe"] == 10 and "jump_length" not in info

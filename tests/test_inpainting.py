@@ -18,13 +18,19 @@ def problem():
     """Three 1x4x4 components; the left half is known. Its value lies between components 0 and 1 (nearer 1),
     which differ on the right half: the known pixels turn the prior 0.6 : 0.2 into about 0.38 : 0.62."""
     means = torch.zeros(3, 1, 4, 4, dtype=torch.float64)
-    means[0, :, :, :2] = 0.4; means[0, :, :, 2:] = 0.3
-    means[1, :, :, :2] = 0.2; means[1, :, :, 2:] = -0.1
-    means[2, :, :, :2] = -0.6; means[2, :, :, 2:] = 0.0
-    mix = GaussianMixture(means, torch.tensor([0.1, 0.1, 0.15], dtype=torch.float64),
-                          torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64))
-    keep = torch.zeros(1, 1, 4, 4); keep[..., :2] = 1
-    x_known = torch.zeros(1, 1, 4, 4, dtype=torch.float64); x_known[..., :2] = 0.29
+    means[0, :, :, :2] = 0.4
+    means[0, :, :, 2:] = 0.3
+    means[1, :, :, :2] = 0.2
+    means[1, :, :, 2:] = -0.1
+    means[2, :, :, :2] = -0.6
+    means[2, :, :, 2:] = 0.0
+    mix = GaussianMixture(
+        means, torch.tensor([0.1, 0.1, 0.15], dtype=torch.float64), torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)
+    )
+    keep = torch.zeros(1, 1, 4, 4)
+    keep[..., :2] = 1
+    x_known = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    x_known[..., :2] = 0.29
     return mix, keep, x_known
 
 
@@ -34,8 +40,9 @@ def test_posterior_weights_match_bayes_by_brute_force():
     mix, keep, x_known = problem()
     w = inpaint_posterior(mix, x_known, keep)
     xk = x_known[0, 0, :, :2].flatten()
-    lik = torch.stack([torch.distributions.Normal(mix.means[k, 0, :, :2].flatten(), mix.stds[k]).log_prob(xk).sum()
-                       for k in range(3)])
+    lik = torch.stack(
+        [torch.distributions.Normal(mix.means[k, 0, :, :2].flatten(), mix.stds[k]).log_prob(xk).sum() for k in range(3)]
+    )
     expected = torch.softmax(torch.log(mix.weights) + lik, 0)
     assert torch.allclose(w, expected, atol=1e-12)
     assert 0.3 < w[0] < 0.45 and 0.55 < w[1] < 0.7 and w[2] < 1e-6  # genuinely ambiguous, re-weighted
@@ -58,8 +65,18 @@ def ups(levels):
     return sorted({a for a, b in zip(levels, levels[1:]) if b > a})
 
 
-@pytest.mark.parametrize("steps,jump_length,resamples,jump_last", [
-    (50, 10, 3, 1.0), (250, 10, 10, 1.0), (50, 5, 10, 0.1), (50, 5, 10, 0.2), (11, 10, 2, 1.0), (10, 10, 3, 1.0), (7, 3, 3, 0.0)])
+@pytest.mark.parametrize(
+    "steps,jump_length,resamples,jump_last",
+    [
+        (50, 10, 3, 1.0),
+        (250, 10, 10, 1.0),
+        (50, 5, 10, 0.1),
+        (50, 5, 10, 0.2),
+        (11, 10, 2, 1.0),
+        (10, 10, 3, 1.0),
+        (7, 3, 3, 0.0),
+    ],
+)
 def test_jump_schedule_never_leaves_the_clean_output(steps, jump_length, resamples, jump_last):
     """Level 0 is the final output: the walk reaches it once, as its last entry, and never jumps from it
     (Algorithm 1 resamples only at t > 1)."""
@@ -67,7 +84,9 @@ def test_jump_schedule_never_leaves_the_clean_output(steps, jump_length, resampl
     assert levels[0] == steps and levels[-1] == 0 and levels.count(0) == 1
     assert 0 not in ups(levels) and all(b == a - 1 for a, b in zip(levels, levels[1:]) if a == 0 or b == 0)
     assert all(1 <= r and r + jump_length <= steps for r in ups(levels))
-    assert repaint_nfe(steps, jump_length, resamples, jump_last) == steps + (resamples - 1) * jump_length * len(ups(levels))
+    assert repaint_nfe(steps, jump_length, resamples, jump_last) == steps + (resamples - 1) * jump_length * len(
+        ups(levels)
+    )
 
 
 def test_jump_schedule_small_case_by_hand():
@@ -91,7 +110,12 @@ def runs():
     g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
     rep = ddpm(den, x_T, ts, sched, variance="beta_tilde", generator=g(1), hook=replace_hook(known, keep, sched, g(2)))
     rp = repaint(den, x_T, ts, sched, known, keep, jump_length=10, resamples=3, variance="beta_tilde", generator=g(3))
-    return mix, keep, x_known, {"replace": inpaint_fit(mix, rep, x_known, keep), "repaint": inpaint_fit(mix, rp, x_known, keep)}
+    return (
+        mix,
+        keep,
+        x_known,
+        {"replace": inpaint_fit(mix, rep, x_known, keep), "repaint": inpaint_fit(mix, rp, x_known, keep)},
+    )
 
 
 def test_replace_and_repaint_against_the_exact_conditional(runs):
@@ -119,11 +143,17 @@ def rare_component():
     known pixels sit exactly on its mean, 0.4 (four stds) from component 0's on each of 12 pixels: the exact
     conditional is component 1 with probability 1 - 1e-40. The missing column differs by 1.0 between them."""
     means = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
-    means[0, ..., :3] = 0.2; means[0, ..., 3:] = 0.5
-    means[1, ..., :3] = -0.2; means[1, ..., 3:] = -0.5
-    mix = GaussianMixture(means, torch.tensor([0.1, 0.1], dtype=torch.float64), torch.tensor([0.8, 0.2], dtype=torch.float64))
-    keep = torch.zeros(1, 1, 4, 4); keep[..., :3] = 1
-    x_known = torch.zeros(1, 1, 4, 4, dtype=torch.float64); x_known[..., :3] = -0.2
+    means[0, ..., :3] = 0.2
+    means[0, ..., 3:] = 0.5
+    means[1, ..., :3] = -0.2
+    means[1, ..., 3:] = -0.5
+    mix = GaussianMixture(
+        means, torch.tensor([0.1, 0.1], dtype=torch.float64), torch.tensor([0.8, 0.2], dtype=torch.float64)
+    )
+    keep = torch.zeros(1, 1, 4, 4)
+    keep[..., :3] = 1
+    x_known = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    x_known[..., :3] = -0.2
     return mix, keep, x_known
 
 
@@ -185,9 +215,16 @@ def test_replace_hook_works_with_ddim_and_pastes_known_pixels():
     den = GMMDenoiser(mix, sched)
     x_T = torch.randn((64, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # a known half that only component 2 explains: every completion must come from it
-    x_known = x_known.clone(); x_known[..., :2] = -0.6
+    x_known = x_known.clone()
+    x_known[..., :2] = -0.6
     known = x_known.expand(64, -1, -1, -1)
-    x = ddim(den, x_T, make_timesteps(1000, 20), sched, hook=replace_hook(known, keep, sched, torch.Generator().manual_seed(1)))
+    x = ddim(
+        den,
+        x_T,
+        make_timesteps(1000, 20),
+        sched,
+        hook=replace_hook(known, keep, sched, torch.Generator().manual_seed(1)),
+    )
     fit = inpaint_fit(mix, x, x_known, keep)
     assert fit["known_exact"] and fit["rows"][2]["freq"] > 0.85
     # and the unconstrained sampler from the same noise does not

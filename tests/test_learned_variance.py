@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from diffuse.cli import app
 from diffuse.diffusion.bound import step_log_variance, vlb_term
+from diffuse.diffusion.noise import PerSample
 from diffuse.diffusion.objectives import diffusion_loss, loss_weight
 from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers import ddpm
-from diffuse.diffusion.noise import PerSample
 from diffuse.diffusion.schedule import make_schedule, q_sample
 from diffuse.images import from_uint8
 from diffuse.metrics import likelihood
@@ -29,11 +29,28 @@ def learned_net(v_const=None, seed=0, arch="unet"):
     """A small network with 2C outputs; v_const fixes its variance channels (zero weights, constant bias)."""
     torch.manual_seed(seed)
     if arch == "unet":
-        cfg = {"arch": "unet", "resolution": 8, "in_channels": C, "out_channels": 2 * C, "ch": 8, "ch_mult": [1, 2],
-               "num_res_blocks": 1, "attn_resolutions": [], "groups": 4}
+        cfg = {
+            "arch": "unet",
+            "resolution": 8,
+            "in_channels": C,
+            "out_channels": 2 * C,
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "groups": 4,
+        }
     else:
-        cfg = {"arch": "dit", "resolution": 8, "in_channels": C, "out_channels": 2 * C, "patch_size": 2, "hidden_size": 16,
-               "depth": 1, "heads": 2}
+        cfg = {
+            "arch": "dit",
+            "resolution": 8,
+            "in_channels": C,
+            "out_channels": 2 * C,
+            "patch_size": 2,
+            "hidden_size": 16,
+            "depth": 1,
+            "heads": 2,
+        }
     net = build_network(cfg).eval()
     with torch.no_grad():
         for p in net.parameters():  # DiT's final layer starts at zero: give every output a value
@@ -60,7 +77,9 @@ def test_variance_ends_are_beta_and_beta_tilde_on_respaced_steps():
     beta = 1 - ab_t / ab_s
     ends = step_log_variance(torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64), ab_t, ab_s).exp()
     tilde = beta * (1 - ab_s) / (1 - ab_t)
-    torch.testing.assert_close(ends, torch.tensor([tilde, beta, math.sqrt(tilde * beta)], dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        ends, torch.tensor([tilde, beta, math.sqrt(tilde * beta)], dtype=torch.float64), rtol=1e-12, atol=0
+    )
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -111,8 +130,15 @@ def test_learned_bound_at_beta_tilde_ends_equals_the_fixed_bound():
     den = NetworkDenoiser(as64(net), "eps", sched, learn_sigma=True)
     x = grid_data(3, seed=2)
     fixed = likelihood.vlb_bpd(den, x, sched, generator=PerSample(0, [0, 1, 2]), variance="beta_tilde", batch_t=8)
-    learned = likelihood.vlb_bpd(den, x, sched, generator=PerSample(0, [0, 1, 2]), variance="learned", batch_t=8,
-                                 learned_variance=den.variance_output)
+    learned = likelihood.vlb_bpd(
+        den,
+        x,
+        sched,
+        generator=PerSample(0, [0, 1, 2]),
+        variance="learned",
+        batch_t=8,
+        learned_variance=den.variance_output,
+    )
     torch.testing.assert_close(learned, fixed, rtol=1e-10, atol=0)
     with pytest.raises(Exception, match="learned variances"):
         likelihood.vlb_bpd(den, x, sched, variance="learned")
@@ -149,11 +175,15 @@ def test_ancestral_sampling_with_variance_ends_is_the_fixed_sampler(end, fixed):
     den = NetworkDenoiser(as64(net), "eps", sched, learn_sigma=True)
     ts = torch.tensor([999, 700, 400, 120, 30, 0])  # respaced: the step's beta is 1 - alpha_bar_t / alpha_bar_s
     x_T = torch.randn(3, C, 8, 8, dtype=torch.float64)
-    a = ddpm(den, x_T, ts, sched, variance="learned", learned_variance=den.variance_output, generator=PerSample(1, [0, 1, 2]))
+    a = ddpm(
+        den, x_T, ts, sched, variance="learned", learned_variance=den.variance_output, generator=PerSample(1, [0, 1, 2])
+    )
     b = ddpm(den, x_T, ts, sched, variance=fixed, generator=PerSample(1, [0, 1, 2]))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # null: the model's own variances
-    c = ddpm(den, x_T, ts, sched, variance=None, learned_variance=den.variance_output, generator=PerSample(1, [0, 1, 2]))
+    c = ddpm(
+        den, x_T, ts, sched, variance=None, learned_variance=den.variance_output, generator=PerSample(1, [0, 1, 2])
+    )
     torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
@@ -161,7 +191,9 @@ def test_variance_output_reuses_the_leading_rows_of_the_last_call():
     sched = make_schedule("linear", T=100)
     _, net = learned_net()
     calls = []
-    den = NetworkDenoiser(lambda x, t, y: calls.append(x.shape[0]) or as64(net)(x, t, y), "eps", sched, learn_sigma=True)
+    den = NetworkDenoiser(
+        lambda x, t, y: calls.append(x.shape[0]) or as64(net)(x, t, y), "eps", sched, learn_sigma=True
+    )
     x, t = torch.randn(2, C, 8, 8, dtype=torch.float64), torch.tensor([10, 10])
     den(torch.cat([x, x]), torch.cat([t, t]))  # classifier-free guidance's one batched call
     v = den.variance_output(x, t)
@@ -183,10 +215,24 @@ def test_dropping_variance_outputs_keeps_the_mean(arch):
 
 # -- through the CLI ----------------------------------------------------------------------------------------------
 
-SMALL = ["dataset.size=64", "dataset.resolution=8", "trainer.batch_size=8", "trainer.log_every=2", "trainer.sample_n=2",
-         "trainer.sample_every=4", "trainer.sample_steps=3", "sampler=ddpm", "trainer.warmup=2", "trainer.ckpt_every=100",
-         "model=tiny", "model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[]", "schedule.T=100",
-         "objective.learn_sigma=true"]
+SMALL = [
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "trainer.sample_n=2",
+    "trainer.sample_every=4",
+    "trainer.sample_steps=3",
+    "sampler=ddpm",
+    "trainer.warmup=2",
+    "trainer.ckpt_every=100",
+    "model=tiny",
+    "model.ch=8",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[]",
+    "schedule.T=100",
+    "objective.learn_sigma=true",
+]
 
 
 def _cli(args, cwd, monkeypatch):
@@ -198,8 +244,11 @@ def test_train_sample_eval_resume_distill(tmp_path, monkeypatch):
     from diffuse.checkpoint import load_checkpoint
 
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    for args in ([f"hydra.run.dir={straight}", "trainer.steps=4"], [f"hydra.run.dir={halves}", "trainer.steps=2"],
-                 [f"hydra.run.dir={halves}", "trainer.steps=4", "resume=true"]):
+    for args in (
+        [f"hydra.run.dir={straight}", "trainer.steps=4"],
+        [f"hydra.run.dir={halves}", "trainer.steps=2"],
+        [f"hydra.run.dir={halves}", "trainer.steps=4", "resume=true"],
+    ):
         r = _cli(["train", *SMALL, *args], tmp_path, monkeypatch)
         assert r.exit_code == 0, r.stdout + r.stderr
     a, b = (load_checkpoint(d / "checkpoints" / "last.safetensors") for d in (straight, halves))
@@ -210,34 +259,76 @@ def test_train_sample_eval_resume_distill(tmp_path, monkeypatch):
     outs = {}
     for name, extra in (("learned", []), ("beta", ["sampler.variance=beta"]), ("ddim", ["sampler=ddim"])):
         out = tmp_path / name
-        args = ["sample", f"ckpt={straight}", "n=2", "steps=5", "sampler=ddpm", "save_npz=true", *extra, f"hydra.run.dir={out}"]
+        args = [
+            "sample",
+            f"ckpt={straight}",
+            "n=2",
+            "steps=5",
+            "sampler=ddpm",
+            "save_npz=true",
+            *extra,
+            f"hydra.run.dir={out}",
+        ]
         r = _cli(args, tmp_path, monkeypatch)
         assert r.exit_code == 0, r.stdout + r.stderr
         import numpy as np
 
         outs[name] = np.load(out / "samples.npz")["arr_0"]
     assert (outs["learned"] != outs["beta"]).any()
-    r = _cli(["eval", "--metric", "bpd", f"ckpt={straight}", "dataset=shapes", "dataset.resolution=8", "likelihood.n=2",
-              "likelihood.methods=[vlb]", f"hydra.run.dir={tmp_path / 'bpd'}"], tmp_path, monkeypatch)
+    r = _cli(
+        [
+            "eval",
+            "--metric",
+            "bpd",
+            f"ckpt={straight}",
+            "dataset=shapes",
+            "dataset.resolution=8",
+            "likelihood.n=2",
+            "likelihood.methods=[vlb]",
+            f"hydra.run.dir={tmp_path / 'bpd'}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, r.stdout + r.stderr
     info = json.loads((tmp_path / "bpd" / "metrics.json").read_text())
     assert info["likelihood"]["variance"] == "learned" and 0 < info["metrics"]["bpd_vlb"] < 30
     # a progressive student of a learned-variance teacher learns the mean only
-    r = _cli(["distill", f"teacher={straight}", "method=progressive", "distill.start_steps=4", "distill.target_steps=2",
-              "trainer.steps=2", "trainer.batch_size=8", "trainer.sample_n=0",
-              f"hydra.run.dir={tmp_path / 'student'}"], tmp_path, monkeypatch)
+    r = _cli(
+        [
+            "distill",
+            f"teacher={straight}",
+            "method=progressive",
+            "distill.start_steps=4",
+            "distill.target_steps=2",
+            "trainer.steps=2",
+            "trainer.batch_size=8",
+            "trainer.sample_n=0",
+            f"hydra.run.dir={tmp_path / 'student'}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, r.stdout + r.stderr
     s = load_checkpoint(tmp_path / "student" / "checkpoints" / "last.safetensors")
     assert s.config["model"]["out_channels"] is None and s.config["objective"]["learn_sigma"] is False
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", "objective=edm", "objective.learn_sigma=true"], "learn_sigma=true is not allowed with objective.kind=edm"),
-    (["train", "objective.learn_sigma=maybe"], "objective.learn_sigma='maybe'"),
-    (["train", "objective.learn_sigma=true", "objective.vlb_weight=-1"], "objective.vlb_weight"),
-    (["sample", "model=oracle", "dataset=gmm", "sampler=ddpm", "sampler.variance=learned", "n=1", "steps=2"],
-     "sampler.variance=learned needs a model trained with objective.learn_sigma=true"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["train", "objective=edm", "objective.learn_sigma=true"],
+            "learn_sigma=true is not allowed with objective.kind=edm",
+        ),
+        (["train", "objective.learn_sigma=maybe"], "objective.learn_sigma='maybe'"),
+        (["train", "objective.learn_sigma=true", "objective.vlb_weight=-1"], "objective.vlb_weight"),
+        (
+            ["sample", "model=oracle", "dataset=gmm", "sampler=ddpm", "sampler.variance=learned", "n=1", "steps=2"],
+            "sampler.variance=learned needs a model trained with objective.learn_sigma=true",
+        ),
+    ],
+)
 def test_bad_values_are_one_line(args, needle, tmp_path, monkeypatch):
     r = _cli([*args, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, monkeypatch)
     assert r.exit_code == 2, r.stdout + r.stderr

@@ -10,9 +10,20 @@ from diffuse.data.gmm import GaussianMixture, default_mixture
 from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
-from diffuse.metrics.likelihood import (LN2, bpd_from_dequantized_nll, decoder_nll, dequantize,
-                                        discretized_gaussian_log_likelihood, grid_index, kl_terms, ode_bpd, ode_nll,
-                                        vlb_bpd, vlb_nll, vlb_terms)
+from diffuse.metrics.likelihood import (
+    LN2,
+    bpd_from_dequantized_nll,
+    decoder_nll,
+    dequantize,
+    discretized_gaussian_log_likelihood,
+    grid_index,
+    kl_terms,
+    ode_bpd,
+    ode_nll,
+    vlb_bpd,
+    vlb_nll,
+    vlb_terms,
+)
 from diffuse.metrics.mixture import mixture_interval_nll, mixture_nll
 
 
@@ -41,6 +52,7 @@ def kl_closed(m1, v1, m2, v2):
 
 
 # --------------------------------------------------------------------------------------------- the bound, closed form
+
 
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
 def test_kl_terms_match_gaussian_closed_form(variance):
@@ -91,8 +103,14 @@ def test_vlb_matches_its_expectation_for_gaussian_data():
     sched = make_schedule("linear", T=T)
     x0 = mix.sample(n, gen(4))[0]
     calls = []
-    terms = vlb_terms(GMMDenoiser(mix, sched), x0, sched, generator=gen(5), batch_t=7,
-                      progress=lambda done, total: calls.append((done, total)))
+    terms = vlb_terms(
+        GMMDenoiser(mix, sched),
+        x0,
+        sched,
+        generator=gen(5),
+        batch_t=7,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (T, T) and len(calls) == math.ceil(T / 7)
 
     d, s2 = x0[0].numel(), float(mix.stds[0]) ** 2
@@ -123,6 +141,7 @@ def test_vlb_matches_its_expectation_for_gaussian_data():
 
 
 # ------------------------------------------------------------------------------------------------------ 8-bit data
+
 
 @pytest.mark.parametrize("mean,std", [(0.0, 0.01), (0.3, 1e-4), (-1.0, 0.5), (0.999, 3e-3), (5.0, 0.1), (-0.2, 20.0)])
 def test_discretized_decoder_sums_to_one(mean, std):
@@ -157,6 +176,7 @@ def test_dequantization_bins_and_offsets():
 
 
 # ---------------------------------------------------------------------------------------------------- the ODE
+
 
 def test_ode_solves_linear_denoiser_in_closed_form():
     """eps(x_t, t) = A x_t: in x~ = x_t sqrt(1 + sigma^2) the flow is dx~/dsigma = A x~ / sqrt(1 + sigma^2), so
@@ -249,8 +269,9 @@ def test_ode_through_a_network_denoiser():
     from diffuse.nets.unet import UNet
 
     torch.manual_seed(0)
-    net = UNet(resolution=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-               groups=8).eval()
+    net = UNet(
+        resolution=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), groups=8
+    ).eval()
     sched = make_schedule("linear")
     den = NetworkDenoiser(net, "v", sched)
     x = (torch.rand((1, 1, 8, 8), generator=gen(0)) * 2 - 1).repeat(64, 1, 1, 1)
@@ -285,7 +306,10 @@ def test_bound_terms_refuse_t_below_zero():
     from diffuse.metrics.likelihood import reverse_variance
 
     sched = make_schedule("linear", T=10)
-    assert reverse_variance(sched, torch.tensor([9, 0]), "beta").tolist() == [float(sched.betas[9]), float(sched.posterior_variance[1])]
+    assert reverse_variance(sched, torch.tensor([9, 0]), "beta").tolist() == [
+        float(sched.betas[9]),
+        float(sched.posterior_variance[1]),
+    ]
     for variance in ("beta", "beta_tilde"):
         with pytest.raises(ValueError, match="t >= 0, got -1"):
             reverse_variance(sched, torch.tensor([3, -1]), variance)

@@ -69,7 +69,16 @@ def run_eval(overrides, out):
 
 
 def test_seeds_score_each_set_as_its_own_run_and_report_min_and_mean(fx, tmp_path):  # noqa: F811
-    base = [*fx, "metric=[fid,pr,dc,fd]", "model=oracle", "n=16", "steps=2", "batch_size=16", "metrics.pr_k=2", "metrics.dc_k=3"]
+    base = [
+        *fx,
+        "metric=[fid,pr,dc,fd]",
+        "model=oracle",
+        "n=16",
+        "steps=2",
+        "batch_size=16",
+        "metrics.pr_k=2",
+        "metrics.dc_k=3",
+    ]
     many = run_eval([*base, "metrics.seeds=2", "seed=4"], tmp_path / "many")
     singles = [run_eval([*base, f"seed={s}"], tmp_path / f"one{s}")["metrics"] for s in (4, 5)]
     saved = json.loads((tmp_path / "many" / "metrics.json").read_text())
@@ -99,7 +108,16 @@ def test_seeds_resume_keeps_every_sets_features(fx, tmp_path, monkeypatch, capsy
     from diffuse.tasks import evaluate
     from tests.test_signals import _stop_at_batch
 
-    args = [*fx, "metric=[fid,pr]", "model=oracle", "n=8", "steps=2", "batch_size=4", "metrics.pr_k=2", "metrics.seeds=2"]
+    args = [
+        *fx,
+        "metric=[fid,pr]",
+        "model=oracle",
+        "n=8",
+        "steps=2",
+        "batch_size=4",
+        "metrics.pr_k=2",
+        "metrics.seeds=2",
+    ]
     straight = run_eval(args, tmp_path / "straight")
     run = tmp_path / "run"
     _stop_at_batch(monkeypatch, evaluate, 3)  # the first batch of the second set

@@ -32,8 +32,14 @@ def colours(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     c = torch.rand(64, 3, 1, 1, generator=g) * 1.6 - 0.8
     path = tmp_path_factory.mktemp("mix") / "colours.safetensors"
-    save_file({"means": c.expand(64, 3, 8, 8).contiguous(), "stds": torch.full((64,), 0.05),
-               "weights": torch.full((64,), 1 / 64)}, str(path))
+    save_file(
+        {
+            "means": c.expand(64, 3, 8, 8).contiguous(),
+            "stds": torch.full((64,), 0.05),
+            "weights": torch.full((64,), 1 / 64),
+        },
+        str(path),
+    )
     return path, c
 
 
@@ -45,9 +51,19 @@ def trained(colours, tmp_path_factory, one_thread):
     from conftest import compose
 
     common = [
-        "dataset=gmm", f"dataset.path={colours[0]}", "dataset.size=512", "model.ch=16", "model.ch_mult=[1,2]",
-        "model.attn_resolutions=[]", "objective.prediction=x0", "trainer.batch_size=32", "trainer.warmup=10",
-        "trainer.lr=3e-3", "trainer.sample_n=0", "trainer.ema_decay=0", f"trainer.steps={STEPS}",
+        "dataset=gmm",
+        f"dataset.path={colours[0]}",
+        "dataset.size=512",
+        "model.ch=16",
+        "model.ch_mult=[1,2]",
+        "model.attn_resolutions=[]",
+        "objective.prediction=x0",
+        "trainer.batch_size=32",
+        "trainer.warmup=10",
+        "trainer.lr=3e-3",
+        "trainer.sample_n=0",
+        "trainer.ema_decay=0",
+        f"trainer.steps={STEPS}",
     ]
     runs = {}
     for masked in (False, True):
@@ -81,7 +97,9 @@ def test_mask_conditioned_model_uses_the_context(trained):
             f = MaskConditioned(net, mask_context(x0, 1 - generate)) if masked else net
             err = (f(x_t, t) - goal).pow(2)
             loss[masked] = float((err * generate).sum() / (generate.sum() * 3))
-    print(f"\nmasked-pixel loss after {STEPS} steps: unconditioned {loss[False]:.4f}, mask-conditioned {loss[True]:.4f}")
+    print(
+        f"\nmasked-pixel loss after {STEPS} steps: unconditioned {loss[False]:.4f}, mask-conditioned {loss[True]:.4f}"
+    )
     assert loss[True] < 0.7 * loss[False], loss
 
 
@@ -104,9 +122,24 @@ def test_sample_is_inpainting_with_nothing_known(trained, half_image, compose_cf
 
     _Image.fromarray(np.full((8, 8), 255, "uint8")).save(d / "white.png")
     ckpt = trained[True][1]
-    sample_task.run(compose_cfg("sample", [f"ckpt={ckpt}", "sampler=ddim", "steps=10", "n=4", "save_npz=true"]), d / "s")
-    inpaint_task.run(compose_cfg("inpaint", [f"ckpt={ckpt}", "sampler=ddim", "steps=10", "n=4", f"image={d / 'img.png'}",
-                                             f"mask={d / 'white.png'}", "inpaint.method=conditioned"]), d / "i")
+    sample_task.run(
+        compose_cfg("sample", [f"ckpt={ckpt}", "sampler=ddim", "steps=10", "n=4", "save_npz=true"]), d / "s"
+    )
+    inpaint_task.run(
+        compose_cfg(
+            "inpaint",
+            [
+                f"ckpt={ckpt}",
+                "sampler=ddim",
+                "steps=10",
+                "n=4",
+                f"image={d / 'img.png'}",
+                f"mask={d / 'white.png'}",
+                "inpaint.method=conditioned",
+            ],
+        ),
+        d / "i",
+    )
     sampled = np.load(d / "s" / "samples.npz")["arr_0"]
     assert sampled.shape == (4, 8, 8, 3)
     for j in range(4):
@@ -119,7 +152,8 @@ def half_image(colours, tmp_path):
     c = colours[1][5, :, 0, 0]
     img = ((c + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     Image.fromarray(np.broadcast_to(img, (8, 8, 3)).copy()).save(tmp_path / "img.png")
-    m = np.zeros((8, 8), "uint8"); m[:, 4:] = 255
+    m = np.zeros((8, 8), "uint8")
+    m[:, 4:] = 255
     Image.fromarray(m).save(tmp_path / "mask.png")
     return tmp_path, img
 
@@ -128,8 +162,16 @@ def half_image(colours, tmp_path):
 def test_every_method_inpaints_with_a_mask_trained_model(trained, half_image, compose_cfg, method):
     d, colour = half_image
     out = d / method
-    args = [f"ckpt={trained[True][1]}", f"image={d / 'img.png'}", f"mask={d / 'mask.png'}", "steps=20", "n=4",
-            f"inpaint.method={method}", "inpaint.jump_length=2", "inpaint.resamples=2"]
+    args = [
+        f"ckpt={trained[True][1]}",
+        f"image={d / 'img.png'}",
+        f"mask={d / 'mask.png'}",
+        "steps=20",
+        "n=4",
+        f"inpaint.method={method}",
+        "inpaint.jump_length=2",
+        "inpaint.resamples=2",
+    ]
     info = inpaint_task.run(compose_cfg("inpaint", args), out)
     assert info["method"] == method and info["nfe"] == (20 if method != "repaint" else 24)
     for j in range(4):
@@ -141,7 +183,12 @@ def test_every_method_inpaints_with_a_mask_trained_model(trained, half_image, co
 
 def test_conditioned_method_is_refused_without_mask_training(trained, half_image, compose_cfg):
     d, _ = half_image
-    args = [f"ckpt={trained[False][1]}", f"image={d / 'img.png'}", f"mask={d / 'mask.png'}", "inpaint.method=conditioned"]
+    args = [
+        f"ckpt={trained[False][1]}",
+        f"image={d / 'img.png'}",
+        f"mask={d / 'mask.png'}",
+        "inpaint.method=conditioned",
+    ]
     with pytest.raises(UserError, match="objective.mask_training=true"):
         inpaint_task.run(compose_cfg("inpaint", args), d / "refused")
     assert not (d / "refused").exists()

@@ -5,7 +5,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from diffuse.diffusion.masks import MASK_KINDS, MAX_BOXES, box_masks, check_mask_kinds, draw_masks, half_masks, stroke_masks
+from diffuse.diffusion.masks import (
+    MASK_KINDS,
+    MAX_BOXES,
+    box_masks,
+    check_mask_kinds,
+    draw_masks,
+    half_masks,
+    stroke_masks,
+)
 from diffuse.errors import UserError
 
 
@@ -51,7 +59,7 @@ def test_boxes_are_unions_of_at_most_three_rectangles():
     params[0] = torch.ones_like(params[0])
     for a in M._render_boxes(params, 16, 16)[:, 0].numpy():
         rows, cols = np.nonzero(a.any(1))[0], np.nonzero(a.any(0))[0]
-        assert a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and a.sum() == len(rows) * len(cols)
+        assert a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all() and a.sum() == len(rows) * len(cols)
         assert 3 <= len(rows) <= 8 and 3 <= len(cols) <= 8
     assert single.shape == (200, 1, 16, 16)
 
@@ -69,10 +77,14 @@ def test_strokes_are_connected_thin_and_not_boxes():
 
 def test_halves_are_one_of_four_halves():
     m = half_masks(400, 6, 9, gen())[:, 0]
-    left = torch.zeros(6, 9); left[:, :5] = 1
-    right = torch.zeros(6, 9); right[:, 4:] = 1
-    top = torch.zeros(6, 9); top[:3] = 1
-    bottom = torch.zeros(6, 9); bottom[3:] = 1
+    left = torch.zeros(6, 9)
+    left[:, :5] = 1
+    right = torch.zeros(6, 9)
+    right[:, 4:] = 1
+    top = torch.zeros(6, 9)
+    top[:3] = 1
+    bottom = torch.zeros(6, 9)
+    bottom[3:] = 1
     counts = [0] * 4
     for a in m:
         hits = [i for i, ref in enumerate((left, right, top, bottom)) if torch.equal(a, ref)]
@@ -100,12 +112,15 @@ def test_kind_frequencies_follow_the_probabilities():
     assert abs(none - 0.25) < 0.028
 
 
-@pytest.mark.parametrize("kinds,needle", [
-    ({"boxes": 0.5, "blobs": 0.5}, "mask_kinds.blobs"),
-    ({"boxes": -1}, "mask_kinds.boxes=-1"),
-    ({"boxes": 0, "none": 0}, "at least one"),
-    ("boxes", "mask_kinds='boxes'"),
-])
+@pytest.mark.parametrize(
+    "kinds,needle",
+    [
+        ({"boxes": 0.5, "blobs": 0.5}, "mask_kinds.blobs"),
+        ({"boxes": -1}, "mask_kinds.boxes=-1"),
+        ({"boxes": 0, "none": 0}, "at least one"),
+        ("boxes", "mask_kinds='boxes'"),
+    ],
+)
 def test_bad_kinds_are_refused(kinds, needle):
     with pytest.raises(UserError, match=needle.replace(".", r"\.").replace("'", ".").replace("[", r"\[")):
         check_mask_kinds(kinds)

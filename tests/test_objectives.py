@@ -97,6 +97,8 @@ def test_diffusion_loss_is_the_weighted_error():
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
     for prediction, target in (("eps", noise), ("x0", x0), ("v", v)):
-        loss = diffusion_loss(net, x0, s, prediction=prediction, weighting="min_snr", min_snr_gamma=2.0, t=t, noise=noise)
+        loss = diffusion_loss(
+            net, x0, s, prediction=prediction, weighting="min_snr", min_snr_gamma=2.0, t=t, noise=noise
+        )
         err = (0.5 * x_t - target).float().pow(2).flatten(1).mean(1)
         assert torch.allclose(loss, err * loss_weight(s, t, prediction, "min_snr", 2.0).float(), rtol=1e-6)

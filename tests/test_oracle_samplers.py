@@ -16,12 +16,12 @@ from diffuse.metrics.mixture import format_fit, mixture_fit
 N = 3000
 
 
-
-
 def test_oracle_matches_numerical_integration():
     """E[eps | x_t] by quadrature over x_0 for a 1-D mixture, against the closed form."""
     means = torch.tensor([-0.6, 0.1, 0.7], dtype=torch.float64).view(3, 1, 1, 1)
-    mix = GaussianMixture(means, torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
+    mix = GaussianMixture(
+        means, torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    )
     s = make_schedule("cosine")
     den = GMMDenoiser(mix, s)
     grid = torch.linspace(-2, 2, 200001, dtype=torch.float64)
@@ -116,8 +116,15 @@ def test_ddpm_respaced_steps_mean_and_variance_exactly(variance):
         seen.append((t_next, x.clone()))
         return x
 
-    out = ddpm(lambda x, t, y: eps, x_T, torch.tensor(ts), s, variance=variance,
-               generator=torch.Generator().manual_seed(5), hook=hook)
+    out = ddpm(
+        lambda x, t, y: eps,
+        x_T,
+        torch.tensor(ts),
+        s,
+        variance=variance,
+        generator=torch.Generator().manual_seed(5),
+        hook=hook,
+    )
     assert [t for t, _ in seen] == ts[1:] + [-1] and torch.equal(out, seen[-1][1])
     # the sampler draws N(0, I) in float32 from the generator it is given, once per step but the last
     draws = torch.Generator().manual_seed(5)

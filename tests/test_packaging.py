@@ -5,10 +5,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,23 @@ def test_a_built_wheel_carries_conf_and_composes_from_anywhere(tmp_path):
         shutil.copy(ROOT / name, src / name)
     for name in ("diffuse", "conf"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     (wheel,) = (tmp_path / "dist").glob("diffuse-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -50,16 +65,40 @@ def test_a_built_wheel_carries_conf_and_composes_from_anywhere(tmp_path):
     assert not any(n.startswith("conf/") for n in names)  # no top-level "conf" package in site-packages
 
     target = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     # From a directory that is not the checkout, with the installed copy first on the path.
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
-    where = subprocess.run([sys.executable, "-c", "import diffuse.conf; print(diffuse.conf.__file__)"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
+    where = subprocess.run(
+        [sys.executable, "-c", "import diffuse.conf; print(diffuse.conf.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert where.returncode == 0 and Path(where.stdout.strip()).parent == target / "diffuse" / "conf", where.stderr
-    r = subprocess.run([sys.executable, "-m", "diffuse", "train", "--cfg", "job", "experiment=fashion_mnist"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "diffuse", "train", "--cfg", "job", "experiment=fashion_mnist"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "name: fashion_mnist" in r.stdout and "model:" in r.stdout and "device: auto" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "diffuse", "inpaint", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "diffuse", "inpaint", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "repaint* | conditioned | replace" in r.stdout, r.stdout

@@ -63,9 +63,6 @@ def test_ddim_eta0_is_inverted_by_its_ode_reverse(kind, spacing, std, seed):
     """x_T -> ddim -> x_0 -> ddim_invert -> x_T again, for the exact denoiser of a smooth mixture: to 2e-2
     with 4 fixed-point iterations at 50 steps, and the classic one-pass inversion converging at first order
     (doubling the steps at least ~halves the error)."""
-    from diffuse.diffusion.oracle import GMMDenoiser
-    from diffuse.diffusion.samplers.ddim import ddim, ddim_invert
-    from diffuse.diffusion.timesteps import make_timesteps
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny ops: an OpenMP team only adds overhead (50x on a busy machine)

@@ -13,8 +13,16 @@ from diffuse.training import loop as loop_module
 from diffuse.training import objectives as objectives_module
 
 SMALL = [
-    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_n=0", "trainer.warmup=2", "trainer.lr=2e-3",
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=8",
+    "trainer.log_every=1",
+    "trainer.sample_n=0",
+    "trainer.warmup=2",
+    "trainer.lr=2e-3",
 ]
 
 
@@ -83,7 +91,11 @@ def test_keep_k_counts_the_newest_and_last_matches_the_newest(tmp_path, compose_
     out = tmp_path / "k2"
     _train(compose_cfg, out, "trainer.steps=9", "trainer.ckpt_every=2", "trainer.keep=2")
     ck = out / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == ["last.safetensors", "step_0000008.safetensors", "step_0000009.safetensors"]
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "last.safetensors",
+        "step_0000008.safetensors",
+        "step_0000009.safetensors",
+    ]
     last, newest = load_checkpoint(ck / "last.safetensors"), load_checkpoint(ck / "step_0000009.safetensors")
     assert last.step == 9 and _same_state(last, newest)
     out0 = tmp_path / "k0"
@@ -96,7 +108,10 @@ def test_numbered_checkpoints_sort_by_step_not_by_name(tmp_path):
         (tmp_path / f"step_{step:07d}.safetensors").touch()
     (tmp_path / ".step_0000005.safetensors.abc.tmp").touch()  # a killed write's temp file is not a checkpoint
     assert [p.name for p in numbered_checkpoints(tmp_path)] == [
-        "step_0000123.safetensors", "step_9999999.safetensors", "step_10000000.safetensors"]
+        "step_0000123.safetensors",
+        "step_9999999.safetensors",
+        "step_10000000.safetensors",
+    ]
 
 
 class _InfGrad(torch.autograd.Function):
@@ -134,7 +149,9 @@ def _inject(monkeypatch, bad: dict):
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, compose_cfg, monkeypatch, grad_clip):
     _inject(monkeypatch, {2: "nan", 3: "inf_grad"})  # steps 3 and 4
     out = tmp_path / "run"
-    _train(compose_cfg, out, "trainer.steps=6", "trainer.ckpt_every=1", "trainer.keep=10", f"trainer.grad_clip={grad_clip}")
+    _train(
+        compose_cfg, out, "trainer.steps=6", "trainer.ckpt_every=1", "trainer.keep=10", f"trainer.grad_clip={grad_clip}"
+    )
     ck = {s: load_checkpoint(out / "checkpoints" / f"step_{s:07d}.safetensors") for s in range(2, 6)}
     assert _same_state(ck[2], ck[3]) and _same_state(ck[2], ck[4])  # no weight, EMA or moment moved
     assert not _same_state(ck[4], ck[5])  # and training goes on after them
@@ -218,7 +235,9 @@ def test_sample_resume_skips_complete_images_and_gives_the_uninterrupted_set(tmp
     untouched = (images / "000000.png").stat().st_mtime_ns
     written = []
     real = sample_task.save_png
-    monkeypatch.setattr(sample_task, "save_png", lambda img, path, **k: (written.append(Path(path).name), real(img, path, **k)))
+    monkeypatch.setattr(
+        sample_task, "save_png", lambda img, path, **k: (written.append(Path(path).name), real(img, path, **k))
+    )
     sample_task.run(compose_cfg("sample", ORACLE + ["n=6", "resume=true"]), part)
     assert sorted(w for w in written if w != "grid.png") == ["000001.png", "000002.png", "000004.png", "000005.png"]
     assert (images / "000000.png").stat().st_mtime_ns == untouched

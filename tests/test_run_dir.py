@@ -24,8 +24,14 @@ from diffuse.cli import app
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
-    "dataset.size=32", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=4", "trainer.sample_n=0", "trainer.log_every=1",
+    "dataset.size=32",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=4",
+    "trainer.sample_n=0",
+    "trainer.log_every=1",
 ]
 ORACLE = ["model=oracle", "dataset=gmm", "steps=2"]
 # One cheap refusable invocation of every Hydra command (the mixture oracle: no checkpoint to train first).
@@ -69,8 +75,11 @@ def image(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- class 1: the lock
 
+
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_run_dir_held_by_a_live_process_refuses_every_command_and_nothing_changes(command, tmp_path, image, monkeypatch):
+def test_a_run_dir_held_by_a_live_process_refuses_every_command_and_nothing_changes(
+    command, tmp_path, image, monkeypatch
+):
     run = tmp_path / "run"
     run.mkdir()
     (run / ".hydra").mkdir()
@@ -96,8 +105,10 @@ def test_a_stale_lock_is_taken_over_with_one_warning(tmp_path, monkeypatch):
     r = _invoke(["sample", *ORACLE, "n=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch)
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = r.stderr.strip().splitlines()
-    assert warnings == [f"warning: run dir {run} was locked by diffuse sample (pid {2**22 + 1} on gone, since 2026-01-01 00:00:00), "
-                        "which holds it no more (killed?): taking it over"]
+    assert warnings == [
+        f"warning: run dir {run} was locked by diffuse sample (pid {2**22 + 1} on gone, since 2026-01-01 00:00:00), "
+        "which holds it no more (killed?): taking it over"
+    ]
     assert (run / "grid.png").is_file() and not (run / runlock.LOCK_NAME).exists()
 
 
@@ -121,8 +132,14 @@ def test_check_free_sees_a_holder_without_taking_or_writing(tmp_path):
 
 def _cli(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "diffuse", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffuse", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(cond, what, timeout=120):
@@ -137,16 +154,35 @@ def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_pat
     config.yaml, no step in metrics.jsonl twice). Killed with SIGKILL, the first leaves its lock file behind:
     resume=true takes it over with one warning and continues the run."""
     run = tmp_path / "run"
-    first = _cli("train", *TINY, "trainer.steps=100000", "trainer.ckpt_every=1", "trainer.keep=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    first = _cli(
+        "train",
+        *TINY,
+        "trainer.steps=100000",
+        "trainer.ckpt_every=1",
+        "trainer.keep=1",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     try:
-        _wait(lambda: (run / "checkpoints" / "last.safetensors").is_file() and (run / "metrics.jsonl").is_file()
-              and (run / "metrics.jsonl").read_text().count("\n") >= 1, "the first run's checkpoint")
-        record = {p: (run / p).read_bytes() for p in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.yaml")}
+        _wait(
+            lambda: (
+                (run / "checkpoints" / "last.safetensors").is_file()
+                and (run / "metrics.jsonl").is_file()
+                and (run / "metrics.jsonl").read_text().count("\n") >= 1
+            ),
+            "the first run's checkpoint",
+        )
+        record = {
+            p: (run / p).read_bytes()
+            for p in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.yaml")
+        }
         second = _cli("train", *TINY, "trainer.steps=3", "model.ch=32", f"hydra.run.dir={run}", cwd=tmp_path)
         out, err = second.communicate(timeout=120)
         assert second.returncode == 2, (out, err)
-        assert err.strip().splitlines() == [f"error: run dir {run} is in use by diffuse train (pid {first.pid} on {os.uname().nodename}, "
-                                            f"since {json.loads((run / '.lock').read_text())['started']}): wait for it to end, or choose another run dir"]
+        assert err.strip().splitlines() == [
+            f"error: run dir {run} is in use by diffuse train (pid {first.pid} on {os.uname().nodename}, "
+            f"since {json.loads((run / '.lock').read_text())['started']}): wait for it to end, or choose another run dir"
+        ]
         assert {p: (run / p).read_bytes() for p in record} == record
         assert first.poll() is None  # the holder runs on, untouched
     finally:
@@ -154,11 +190,26 @@ def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_pat
         first.communicate(timeout=60)
     assert (run / runlock.LOCK_NAME).is_file()  # SIGKILL runs no cleanup; the kernel dropped the flock
     step = load_checkpoint(run / "checkpoints" / "last.safetensors").step
-    r = _invoke(["train", *TINY, f"trainer.steps={step + 1}", "trainer.ckpt_every=1", "trainer.keep=1", "resume=true",
-                 f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    r = _invoke(
+        [
+            "train",
+            *TINY,
+            f"trainer.steps={step + 1}",
+            "trainer.ckpt_every=1",
+            "trainer.keep=1",
+            "resume=true",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
-    assert len(warnings) == 1 and f"locked by diffuse train (pid {first.pid}" in warnings[0] and "which holds it no more (killed?): taking it over" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and f"locked by diffuse train (pid {first.pid}" in warnings[0]
+        and "which holds it no more (killed?): taking it over" in warnings[0]
+    )
     assert load_checkpoint(run / "checkpoints" / "last.safetensors").step == step + 1
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 2))  # each step logged once: the refused run wrote none
@@ -174,21 +225,41 @@ def test_torchrun_ranks_share_the_lock_and_a_refusal_is_one_line_exit_2_from_eve
     try:
         before = _state(run)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffuse",
-                            "sample", *ORACLE, "n=4", f"hydra.run.dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "diffuse",
+                "sample",
+                *ORACLE,
+                "n=4",
+                f"hydra.run.dir={run}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         holder.release()
     assert r.returncode != 0
     errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error: ")]
-    assert errors == [f"error: run dir {run} is in use by diffuse sample (pid {os.getpid()} on {os.uname().nodename}, "
-                      f"since {json.loads(before['.lock'])['started']}): wait for it to end, or choose another run dir"], r.stderr
+    assert errors == [
+        f"error: run dir {run} is in use by diffuse sample (pid {os.getpid()} on {os.uname().nodename}, "
+        f"since {json.loads(before['.lock'])['started']}): wait for it to end, or choose another run dir"
+    ], r.stderr
     exitcodes = [ln.split(":", 1)[1].split()[0] for ln in r.stderr.splitlines() if ln.strip().startswith("exitcode")]
     assert exitcodes == ["2", "2"], r.stderr  # neither rank was stopped by torchrun (that would be -15)
     assert not (run / ".hydra").exists() and sorted(p.name for p in run.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------- class 3: unusable paths, one line
+
 
 def _unwritable(monkeypatch, request, path):
     """A dir nobody may write into: chmod for a user; for root, whom permissions do not stop, an immutable dir
@@ -200,21 +271,32 @@ def _unwritable(monkeypatch, request, path):
         request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(path)], capture_output=True))
         return
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == path and mode & os.W_OK else real(p, mode, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: False if Path(p) == path and mode & os.W_OK else real(p, mode, **k)
+    )
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("file", "hydra.run.dir={run} is not a directory"),
-    ("devnull", "hydra.run.dir=/dev/null is not a directory"),
-    ("under_file", "hydra.run.dir={run}/sub cannot be created: {run} is not a directory"),
-    ("read_only", "hydra.run.dir={run} is not writable"),
-    ("under_read_only", "hydra.run.dir={run}/a/b cannot be created: {run} is not writable"),
-    ("env", "hydra.run.dir=${{oc.env:DIFFUSE_TEST_UNSET}}/x cannot be resolved: Environment variable 'DIFFUSE_TEST_UNSET' not found"),
-    ("value_env", "seed=${{oc.env:DIFFUSE_TEST_UNSET}} cannot be resolved: Environment variable 'DIFFUSE_TEST_UNSET' not found"),
-    ("value_key", "seed=${{no.such.key}} cannot be resolved: Interpolation key 'no.such.key' not found"),
-    ("subdir", "hydra.output_subdir= cannot be changed"),
-    ("sweep_without_m", "steps=2,3 is a sweep: add -m"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("file", "hydra.run.dir={run} is not a directory"),
+        ("devnull", "hydra.run.dir=/dev/null is not a directory"),
+        ("under_file", "hydra.run.dir={run}/sub cannot be created: {run} is not a directory"),
+        ("read_only", "hydra.run.dir={run} is not writable"),
+        ("under_read_only", "hydra.run.dir={run}/a/b cannot be created: {run} is not writable"),
+        (
+            "env",
+            "hydra.run.dir=${{oc.env:DIFFUSE_TEST_UNSET}}/x cannot be resolved: Environment variable 'DIFFUSE_TEST_UNSET' not found",
+        ),
+        (
+            "value_env",
+            "seed=${{oc.env:DIFFUSE_TEST_UNSET}} cannot be resolved: Environment variable 'DIFFUSE_TEST_UNSET' not found",
+        ),
+        ("value_key", "seed=${{no.such.key}} cannot be resolved: Interpolation key 'no.such.key' not found"),
+        ("subdir", "hydra.output_subdir= cannot be changed"),
+        ("sweep_without_m", "steps=2,3 is a sweep: add -m"),
+    ],
+)
 def test_hydra_level_failures_are_one_line_and_leave_nothing(case, needle, tmp_path, monkeypatch, request):
     monkeypatch.delenv("DIFFUSE_TEST_UNSET", raising=False)
     work = tmp_path / "work"
@@ -246,19 +328,29 @@ def test_hydra_level_failures_are_one_line_and_leave_nothing(case, needle, tmp_p
     assert _state(work) == before
 
 
-@pytest.mark.parametrize("command,entry,kind,needle", [
-    ("sample", "grid.png", "dir", "grid.png is a directory: diffuse sample writes a file grid.png there"),
-    ("sample", "images", "file", "images is not a directory: diffuse sample writes into a directory images/ there"),
-    ("sample", "images/000001.png", "dir", "000001.png is a directory"),
-    ("train", "checkpoints/last.safetensors", "dir", "last.safetensors is a directory: diffuse train writes a file"),
-    ("train", "metrics.jsonl", "dir", "metrics.jsonl is a directory"),
-    ("eval", "metrics.json", "dir", "metrics.json is a directory: diffuse eval writes a file"),
-    ("tune-schedule", "schedule.json", "dir", "schedule.json is a directory"),
-    ("inpaint", "img_00.png", "dir", "img_00.png is a directory"),
-    ("edit", "grid.png", "dir", "grid.png is a directory: diffuse edit writes a file grid.png there"),
-    ("sample", ".hydra", "file", ".hydra is not a directory"),
-])
-def test_an_output_path_of_the_wrong_kind_is_one_line_before_any_work(command, entry, kind, needle, tmp_path, image, monkeypatch):
+@pytest.mark.parametrize(
+    "command,entry,kind,needle",
+    [
+        ("sample", "grid.png", "dir", "grid.png is a directory: diffuse sample writes a file grid.png there"),
+        ("sample", "images", "file", "images is not a directory: diffuse sample writes into a directory images/ there"),
+        ("sample", "images/000001.png", "dir", "000001.png is a directory"),
+        (
+            "train",
+            "checkpoints/last.safetensors",
+            "dir",
+            "last.safetensors is a directory: diffuse train writes a file",
+        ),
+        ("train", "metrics.jsonl", "dir", "metrics.jsonl is a directory"),
+        ("eval", "metrics.json", "dir", "metrics.json is a directory: diffuse eval writes a file"),
+        ("tune-schedule", "schedule.json", "dir", "schedule.json is a directory"),
+        ("inpaint", "img_00.png", "dir", "img_00.png is a directory"),
+        ("edit", "grid.png", "dir", "grid.png is a directory: diffuse edit writes a file grid.png there"),
+        ("sample", ".hydra", "file", ".hydra is not a directory"),
+    ],
+)
+def test_an_output_path_of_the_wrong_kind_is_one_line_before_any_work(
+    command, entry, kind, needle, tmp_path, image, monkeypatch
+):
     run = tmp_path / "run"
     (run / entry).parent.mkdir(parents=True, exist_ok=True)
     (run / entry).mkdir() if kind == "dir" else (run / entry).write_text("x")
@@ -266,7 +358,9 @@ def test_an_output_path_of_the_wrong_kind_is_one_line_before_any_work(command, e
     args = [a.format(img=image) for a in COMMANDS[command]]
     import importlib
 
-    task = importlib.import_module(f"diffuse.tasks.{ {'eval': 'evaluate', 'tune-schedule': 'tune_schedule'}.get(command, command)}")
+    task = importlib.import_module(
+        f"diffuse.tasks.{ {'eval': 'evaluate', 'tune-schedule': 'tune_schedule'}.get(command, command) }"
+    )
     called = []
     monkeypatch.setattr(task, "run", lambda cfg, out: called.append(out))
     r = _invoke([*args, f"hydra.run.dir={run}"], tmp_path, monkeypatch)
@@ -276,20 +370,36 @@ def test_an_output_path_of_the_wrong_kind_is_one_line_before_any_work(command, e
 
 def test_save_ref_that_is_a_directory_is_refused_before_the_work(tmp_path, monkeypatch):
     (tmp_path / "stats.safetensors").mkdir()
-    r = _invoke(["eval", "--metric", "fid", *ORACLE, "n=4", "--save-ref", tmp_path / "stats.safetensors", f"hydra.run.dir={tmp_path / 'run'}"],
-                tmp_path, monkeypatch)
+    r = _invoke(
+        [
+            "eval",
+            "--metric",
+            "fid",
+            *ORACLE,
+            "n=4",
+            "--save-ref",
+            tmp_path / "stats.safetensors",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     _one_error(r, f"--save-ref {tmp_path / 'stats.safetensors'} is a directory")
     assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------- class 4: a refused command changes nothing
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run of 2 steps through the CLI (so with its .hydra record), a checkpoint at each step."""
     d = tmp_path_factory.mktemp("trained")
-    r = CliRunner().invoke(app, ["train", *TINY, "trainer.steps=2", "trainer.ckpt_every=1", "trainer.keep=2", f"hydra.run.dir={d / 'run'}"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        app,
+        ["train", *TINY, "trainer.steps=2", "trainer.ckpt_every=1", "trainer.keep=2", f"hydra.run.dir={d / 'run'}"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.stderr
     return d / "run"
 
@@ -305,7 +415,9 @@ def test_a_refused_resume_keeps_the_runs_record_and_config(trained, tmp_path, mo
     run = _copy(trained, tmp_path / "run")
     assert (run / ".hydra" / "overrides.yaml").is_file() and (run / "config.yaml").is_file()
     before = _state(run)
-    r = _invoke(["train", *TINY, "trainer.steps=3", "model.ch=32", "resume=true", f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["train", *TINY, "trainer.steps=3", "model.ch=32", "resume=true", f"hydra.run.dir={run}"], tmp_path, monkeypatch
+    )
     _one_error(r, "cannot resume from")
     assert _state(run) == before  # .hydra/{config,hydra,overrides}.yaml as the run left them, and no new file
 
@@ -336,7 +448,9 @@ def test_a_foreign_last_safetensors_is_passed_over_with_a_warning(trained, tmp_p
     src = _copy(trained, tmp_path / "src")
     save_file({"w": torch.ones(3)}, str(src / "checkpoints" / "last.safetensors"))
     before = _state(src)
-    r = _invoke(["train", *TINY, "trainer.steps=3", f"resume={src}", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["train", *TINY, "trainer.steps=3", f"resume={src}", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path, monkeypatch
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "last.safetensors is a safetensors file but not a diffuse checkpoint" in warnings[0]
@@ -347,14 +461,22 @@ def test_a_foreign_last_safetensors_is_passed_over_with_a_warning(trained, tmp_p
 
 # -------------------------------------------------------------------------------------------- class 6: -m sweeps
 
-@pytest.mark.parametrize("sweep,needle", [
-    (["steps=2,3,0"], "-m job #2 (steps=0): steps=0 is not allowed"),
-    (["steps=2,3", "sampler=ddim,nope"], "-m job #1 (steps=2 sampler=nope)"),
-    (["steps=2,3", "batch_size=2,0"], "-m job #1 (steps=2 batch_size=0): batch_size=0 is not allowed"),
-    (["steps=2,3", "sampler.eta=0,nan"], "-m job #1 (steps=2 sampler.eta=nan): sampler.eta=nan"),
-])
+
+@pytest.mark.parametrize(
+    "sweep,needle",
+    [
+        (["steps=2,3,0"], "-m job #2 (steps=0): steps=0 is not allowed"),
+        (["steps=2,3", "sampler=ddim,nope"], "-m job #1 (steps=2 sampler=nope)"),
+        (["steps=2,3", "batch_size=2,0"], "-m job #1 (steps=2 batch_size=0): batch_size=0 is not allowed"),
+        (["steps=2,3", "sampler.eta=0,nan"], "-m job #1 (steps=2 sampler.eta=nan): sampler.eta=nan"),
+    ],
+)
 def test_one_bad_value_refuses_the_whole_sweep_before_its_first_job(sweep, needle, tmp_path, monkeypatch):
-    r = _invoke(["sample", "-m", "model=oracle", "dataset=gmm", "n=2", *sweep, f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["sample", "-m", "model=oracle", "dataset=gmm", "n=2", *sweep, f"hydra.sweep.dir={tmp_path / 'sw'}"],
+        tmp_path,
+        monkeypatch,
+    )
     _one_error(r, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -363,11 +485,17 @@ def test_a_sweep_with_a_job_dir_in_use_is_refused_before_its_first_job(tmp_path,
     (tmp_path / "sw" / "1").mkdir(parents=True)
     holder = runlock.acquire(tmp_path / "sw" / "1", "diffuse sample")
     try:
-        r = _invoke(["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch)
+        r = _invoke(
+            ["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch
+        )
         _one_error(r, f"-m job #1 (seed=1): run dir {tmp_path / 'sw' / '1'} is in use by diffuse sample")
         holder2 = runlock.acquire(tmp_path / "sw", "diffuse sample -m")  # the whole sweep dir held: refused likewise
         try:
-            r = _invoke(["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch)
+            r = _invoke(
+                ["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"],
+                tmp_path,
+                monkeypatch,
+            )
             _one_error(r, f"-m job #0 (seed=0): run dir {tmp_path / 'sw'} is in use by diffuse sample -m")
         finally:
             holder2.release()
@@ -380,12 +508,16 @@ def test_a_good_sweep_runs_every_job_each_in_its_own_locked_dir(tmp_path, monkey
     held = []
     real = runlock.acquire
     monkeypatch.setattr(runlock, "acquire", lambda d, c: held.append(Path(d)) or real(d, c))
-    r = _invoke(["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch)
+    r = _invoke(
+        ["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch
+    )
     assert r.exit_code == 0, (r.stdout, r.stderr)
     sw = tmp_path / "sw"
     assert held == [sw, sw / "0", sw / "1"]  # the sweep dir, then each job's
     for job in ("0", "1"):
-        assert (sw / job / "grid.png").is_file() and (sw / job / ".hydra" / "overrides.yaml").read_text().count("seed=") == 1
+        assert (sw / job / "grid.png").is_file() and (sw / job / ".hydra" / "overrides.yaml").read_text().count(
+            "seed="
+        ) == 1
     assert (sw / "multirun.yaml").is_file() and not list(sw.rglob(runlock.LOCK_NAME))
 
 
@@ -396,8 +528,20 @@ def test_tune_schedule_does_not_write_into_a_checkpoint_whose_run_is_live(traine
     holder = runlock.acquire(run, "diffuse train")
     try:
         before = _state(run)
-        r = _invoke(["tune-schedule", f"ckpt={run}", "steps=2", "n=2", "n_eval=2", "tune.iterations=0", "tune.reference_steps=4",
-                     f"hydra.run.dir={tmp_path / 'tune'}"], tmp_path, monkeypatch)
+        r = _invoke(
+            [
+                "tune-schedule",
+                f"ckpt={run}",
+                "steps=2",
+                "n=2",
+                "n_eval=2",
+                "tune.iterations=0",
+                "tune.reference_steps=4",
+                f"hydra.run.dir={tmp_path / 'tune'}",
+            ],
+            tmp_path,
+            monkeypatch,
+        )
         _one_error(r, f"ckpt={run}: run dir {run} is in use by diffuse train")
         assert _state(run) == before and not (tmp_path / "tune").exists()
     finally:

@@ -125,24 +125,27 @@ def test_extension_below_the_first_step_reaches_clean_data():
         assert float(s.alpha_bar_at(torch.tensor([-3.0], dtype=torch.float64))[0]) == 1.0
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"max_beta": 1.0}, "schedule.max_beta=1.0 is not allowed: it must be in (0, 1)"),
-    ({"max_beta": 0.0}, "schedule.max_beta=0.0 is not allowed"),
-    ({"kind": "cosine", "max_beta": 1.5}, "schedule.max_beta=1.5 is not allowed"),
-    ({"beta_start": -0.1}, "schedule.beta_start=-0.1 is not allowed: it must be in (0, 1)"),
-    ({"beta_start": 0.0}, "schedule.beta_start=0.0 is not allowed"),
-    ({"beta_end": 1.0}, "schedule.beta_end=1.0 is not allowed"),
-    ({"beta_end": float("nan")}, "schedule.beta_end=nan is not allowed"),
-    ({"scale_with_T": "no"}, "schedule.scale_with_T='no' is not allowed"),
-    ({"kind": "cosine", "cosine_s": -0.1}, "schedule.cosine_s=-0.1 is not allowed: it must be >= 0"),
-    ({"kind": "sigmoid", "sigmoid_start": 3.0, "sigmoid_end": -3.0}, "schedule.sigmoid_start=3.0 is not allowed"),
-    ({"kind": "sigmoid", "sigmoid_start": 1.0, "sigmoid_end": 1.0}, "schedule.sigmoid_start=1.0 is not allowed"),
-    ({"kind": "sigmoid", "sigmoid_tau": 0.0}, "schedule.sigmoid_tau=0.0 is not allowed: it must be > 0"),
-    ({"kind": "sigmoid", "sigmoid_tau": -1.0}, "schedule.sigmoid_tau=-1.0 is not allowed"),
-    ({"kind": "sigmoid", "sigmoid_end": float("inf")}, "schedule.sigmoid_end=inf is not allowed"),
-    # valid-looking parameters whose alpha_bar stops falling in float64: a beta of exactly 0
-    ({"kind": "sigmoid", "sigmoid_start": -300.0, "sigmoid_end": -200.0}, "gives beta_0=0.0"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"max_beta": 1.0}, "schedule.max_beta=1.0 is not allowed: it must be in (0, 1)"),
+        ({"max_beta": 0.0}, "schedule.max_beta=0.0 is not allowed"),
+        ({"kind": "cosine", "max_beta": 1.5}, "schedule.max_beta=1.5 is not allowed"),
+        ({"beta_start": -0.1}, "schedule.beta_start=-0.1 is not allowed: it must be in (0, 1)"),
+        ({"beta_start": 0.0}, "schedule.beta_start=0.0 is not allowed"),
+        ({"beta_end": 1.0}, "schedule.beta_end=1.0 is not allowed"),
+        ({"beta_end": float("nan")}, "schedule.beta_end=nan is not allowed"),
+        ({"scale_with_T": "no"}, "schedule.scale_with_T='no' is not allowed"),
+        ({"kind": "cosine", "cosine_s": -0.1}, "schedule.cosine_s=-0.1 is not allowed: it must be >= 0"),
+        ({"kind": "sigmoid", "sigmoid_start": 3.0, "sigmoid_end": -3.0}, "schedule.sigmoid_start=3.0 is not allowed"),
+        ({"kind": "sigmoid", "sigmoid_start": 1.0, "sigmoid_end": 1.0}, "schedule.sigmoid_start=1.0 is not allowed"),
+        ({"kind": "sigmoid", "sigmoid_tau": 0.0}, "schedule.sigmoid_tau=0.0 is not allowed: it must be > 0"),
+        ({"kind": "sigmoid", "sigmoid_tau": -1.0}, "schedule.sigmoid_tau=-1.0 is not allowed"),
+        ({"kind": "sigmoid", "sigmoid_end": float("inf")}, "schedule.sigmoid_end=inf is not allowed"),
+        # valid-looking parameters whose alpha_bar stops falling in float64: a beta of exactly 0
+        ({"kind": "sigmoid", "sigmoid_start": -300.0, "sigmoid_end": -200.0}, "gives beta_0=0.0"),
+    ],
+)
 def test_schedule_parameters_out_of_range_are_refused_in_one_line(kw, needle):
     with pytest.raises(UserError) as e:
         make_schedule(**kw)
@@ -169,7 +172,9 @@ def test_linear_scale_with_T_is_explicit():
         scaled = make_schedule("linear", T=T).betas
         assert torch.allclose(exact, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=0)
         # at T = 10 the scaled end (0.02 * 100) passes 1: clipped at max_beta
-        assert torch.allclose(scaled, (torch.tensor(ref, dtype=torch.float64) * 1000 / T).clamp(max=0.999), rtol=1e-12, atol=0)
+        assert torch.allclose(
+            scaled, (torch.tensor(ref, dtype=torch.float64) * 1000 / T).clamp(max=0.999), rtol=1e-12, atol=0
+        )
     assert torch.equal(make_schedule("linear", T=1000).betas, make_schedule("linear", T=1000, scale_with_T=False).betas)
 
 
@@ -201,7 +206,12 @@ def test_integer_t_minus_one_is_clean_data():
 
     for kind in ("linear", "cosine"):
         s = make_schedule(kind)
-        for t in (torch.tensor([-1]), torch.tensor([-1], dtype=torch.int32), torch.tensor([-1.0]), torch.tensor([-1.0], dtype=torch.float64)):
+        for t in (
+            torch.tensor([-1]),
+            torch.tensor([-1], dtype=torch.int32),
+            torch.tensor([-1.0]),
+            torch.tensor([-1.0], dtype=torch.float64),
+        ):
             assert s.alpha_bar_at(t).tolist() == [1.0], t
         mixed = s.alpha_bar_at(torch.tensor([-1, 0, 500, 999, -1]))
         assert mixed.tolist() == [1.0, s.alpha_bar[0].item(), s.alpha_bar[500].item(), s.alpha_bar[999].item(), 1.0]

@@ -15,9 +15,20 @@ from diffuse.checkpoint import load_checkpoint
 from diffuse.tasks import train as train_task
 
 ARGS = [
-    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_n=0", "trainer.warmup=2", "trainer.lr=2e-3",
-    "trainer.steps=30", "trainer.ckpt_every=2", "trainer.keep=2", "dataset.flip=true",
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=8",
+    "trainer.log_every=1",
+    "trainer.sample_n=0",
+    "trainer.warmup=2",
+    "trainer.lr=2e-3",
+    "trainer.steps=30",
+    "trainer.ckpt_every=2",
+    "trainer.keep=2",
+    "dataset.flip=true",
 ]
 
 # The CLI with the test's thread count (float sums must match the in-process reference) and, when asked, a
@@ -62,7 +73,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, compos
 
     def start(resume: bool, marker=None):
         e = {**env, **({"KILL_MARKER": str(marker)} if marker else {})}
-        cmd = [sys.executable, str(wrapper), "train", *ARGS, f"hydra.run.dir={out}", *(["resume=true"] if resume else [])]
+        cmd = [
+            sys.executable,
+            str(wrapper),
+            "train",
+            *ARGS,
+            f"hydra.run.dir={out}",
+            *(["resume=true"] if resume else []),
+        ]
         return subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def kill(proc):

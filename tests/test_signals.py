@@ -16,7 +16,7 @@ import torch
 from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.errors import UserError
 from diffuse.metrics.extraction import FeatureStore
-from diffuse.signals import StopRequest, Stopped
+from diffuse.signals import Stopped, StopRequest
 from diffuse.tasks import evaluate, inpaint, sample
 from diffuse.tasks import train as train_task
 from diffuse.training import objectives as objectives_module
@@ -26,8 +26,16 @@ from tests.conftest import compose
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = [
-    "dataset.size=64", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=8", "trainer.sample_n=0", "trainer.warmup=5", "trainer.lr=2e-3", "trainer.ckpt_every=100",
+    "dataset.size=64",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=8",
+    "trainer.sample_n=0",
+    "trainer.warmup=5",
+    "trainer.lr=2e-3",
+    "trainer.ckpt_every=100",
 ]
 
 
@@ -40,11 +48,16 @@ def raise_sigterm():
 
 
 def records(out: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["lr"], r["skipped"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (r["step"], r["loss"], r["lr"], r["skipped"])
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def same_state(a, b) -> bool:
-    return all(torch.equal(v, getattr(b, part)[k]) for part in ("model", "ema", "rng") for k, v in getattr(a, part).items())
+    return all(
+        torch.equal(v, getattr(b, part)[k]) for part in ("model", "ema", "rng") for k, v in getattr(a, part).items()
+    )
 
 
 def _train(out, *extra):
@@ -82,14 +95,19 @@ def test_metrics_after_a_stop_and_resume_match_a_straight_run(tmp_path, monkeypa
     result = _train(run, "trainer.steps=12", "trainer.log_every=4")
     out = capsys.readouterr().out
     assert result["stopped"] and result["step"] == 6
-    assert "stopped by signal (SIGTERM): step 6 of 12" in out and f"continue with: diffuse train resume=true hydra.run.dir={run.resolve()}" in out
+    assert (
+        "stopped by signal (SIGTERM): step 6 of 12" in out
+        and f"continue with: diffuse train resume=true hydra.run.dir={run.resolve()}" in out
+    )
     assert [r[0] for r in records(run)] == [4]  # nothing partial was logged
     assert load_checkpoint(run / "checkpoints" / "last.safetensors").extra["interval"]["losses"][1] is not None
     monkeypatch.undo()
     _train(run, "trainer.steps=12", "trainer.log_every=4", "resume=true")
     assert records(run) == records(tmp_path / "straight")
-    assert same_state(load_checkpoint(run / "checkpoints" / "last.safetensors"),
-                      load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors"))
+    assert same_state(
+        load_checkpoint(run / "checkpoints" / "last.safetensors"),
+        load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors"),
+    )
 
 
 def test_skipped_steps_of_an_interval_survive_the_stop(tmp_path, monkeypatch):
@@ -122,8 +140,10 @@ def test_a_signal_while_the_network_is_built_stops_at_step_0_and_resumes(tmp_pat
     assert _train(run, "trainer.steps=4", "trainer.log_every=2", "resume=true")["step"] == 4
     _train(tmp_path / "straight", "trainer.steps=4", "trainer.log_every=2")
     assert records(run) == records(tmp_path / "straight")
-    assert same_state(load_checkpoint(run / "checkpoints" / "last.safetensors"),
-                      load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors"))
+    assert same_state(
+        load_checkpoint(run / "checkpoints" / "last.safetensors"),
+        load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.safetensors"),
+    )
 
 
 def test_a_signal_during_the_final_grid_finishes_it_and_exits_cleanly(tmp_path, monkeypatch, capsys):
@@ -251,13 +271,22 @@ def test_sample_stopped_before_its_first_batch_keeps_nothing_and_says_so(tmp_pat
 
 # -- eval -------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def feature_ckpt(tmp_path_factory):
     from diffuse.checkpoint import Checkpoint, save_checkpoint
     from diffuse.nets import build_network
 
-    net_cfg = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-               "attn_resolutions": [], "groups": 8}
+    net_cfg = {
+        "arch": "unet",
+        "resolution": 8,
+        "in_channels": 3,
+        "ch": 16,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "groups": 8,
+    }
     torch.manual_seed(0)
     net = build_network(net_cfg)
     path = tmp_path_factory.mktemp("fx") / "features.safetensors"
@@ -268,8 +297,15 @@ def feature_ckpt(tmp_path_factory):
 
 @pytest.fixture
 def fx(feature_ckpt, tmp_path):
-    return ["metrics.features=checkpoint", f"metrics.features_ckpt={feature_ckpt}", f"metrics.cache_dir={tmp_path / 'cache'}",
-            "dataset.size=48", "metrics.kid_subset_size=8", "metrics.kid_subsets=4", "metrics.batch_size=3"]
+    return [
+        "metrics.features=checkpoint",
+        f"metrics.features_ckpt={feature_ckpt}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        "dataset.size=48",
+        "metrics.kid_subset_size=8",
+        "metrics.kid_subsets=4",
+        "metrics.batch_size=3",
+    ]
 
 
 def test_eval_keeps_features_per_batch_and_resume_gives_the_straight_metrics(tmp_path, monkeypatch, capsys, fx):
@@ -281,7 +317,11 @@ def test_eval_keeps_features_per_batch_and_resume_gives_the_straight_metrics(tmp
     assert evaluate.run(compose("eval", args), run) == {"stopped": True, "kept": 24}
     out = capsys.readouterr().out
     assert f"features of 24 of 40 generated images kept in {run / 'features'}" in out and "resume=true" in out
-    assert sorted(p.name for p in (run / "features").iterdir()) == ["0000000.safetensors", "0000008.safetensors", "0000016.safetensors"]
+    assert sorted(p.name for p in (run / "features").iterdir()) == [
+        "0000000.safetensors",
+        "0000008.safetensors",
+        "0000016.safetensors",
+    ]
     assert not (run / "metrics.json").exists()
     monkeypatch.undo()
     # Another extractor, or other samples, cannot use what was kept.
@@ -331,13 +371,21 @@ def test_eval_likelihood_is_stopped_where_it_is(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(evaluate.likelihood, "score", score)
     t0 = time.time()
-    args = ["model=oracle", "dataset=gmm", "dataset.resolution=4", "dataset.channels=1", "metric=[nll]", "likelihood.n=8"]
+    args = [
+        "model=oracle",
+        "dataset=gmm",
+        "dataset.resolution=4",
+        "dataset.channels=1",
+        "metric=[nll]",
+        "likelihood.n=8",
+    ]
     assert evaluate.run(compose("eval", args), tmp_path / "o") == {"stopped": True}
     assert time.time() - t0 < 20
     assert "stopped by signal (SIGTERM): nothing of this evaluation is kept: run it again" in capsys.readouterr().out
 
 
 # -- inpaint ----------------------------------------------------------------------------------------------------
+
 
 def test_inpaint_finishes_the_current_image_and_lists_the_rest(tmp_path, monkeypatch, capsys):
     from PIL import Image
@@ -356,11 +404,25 @@ def test_inpaint_finishes_the_current_image_and_lists_the_rest(tmp_path, monkeyp
         return real(*a, **k)
 
     monkeypatch.setattr(inpaint, "complete", complete)
-    cfg = compose("inpaint", [f"image={d}", f"mask={tmp_path / 'mask.png'}", "model=oracle", "dataset=gmm", "steps=4",
-                              "inpaint=replace", "n=2"])
+    cfg = compose(
+        "inpaint",
+        [
+            f"image={d}",
+            f"mask={tmp_path / 'mask.png'}",
+            "model=oracle",
+            "dataset=gmm",
+            "steps=4",
+            "inpaint=replace",
+            "n=2",
+        ],
+    )
     out = tmp_path / "out"
     info = inpaint.run(cfg, out)
-    assert info["stopped"] and info["images"] == [str(d / "a.png")] and info["not_done"] == [str(d / "b.png"), str(d / "c.png")]
+    assert (
+        info["stopped"]
+        and info["images"] == [str(d / "a.png")]
+        and info["not_done"] == [str(d / "b.png"), str(d / "c.png")]
+    )
     assert sorted(p.name for p in out.glob("*.png")) == ["a_00.png", "a_01.png", "a_strip.png"]
     assert json.loads((out / "inpaint.json").read_text())["not_done"] == info["not_done"]
     assert "stopped by signal (SIGTERM): 1 of 3 image(s) inpainted" in capsys.readouterr().out
@@ -368,10 +430,17 @@ def test_inpaint_finishes_the_current_image_and_lists_the_rest(tmp_path, monkeyp
 
 # -- real processes ---------------------------------------------------------------------------------------------
 
+
 def _sigterm_when(cmd, cwd, ready, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "diffuse", *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffuse", *cmd],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, f"ended before the signal: {proc.communicate()}"
@@ -385,8 +454,11 @@ def _sigterm_when(cmd, cwd, ready, timeout=120):
 def test_sigterm_to_diffuse_sample_exits_0_and_resumes(tmp_path):
     run = tmp_path / "run"
     args = ["model=oracle", "dataset=gmm", "sampler=ddpm", "steps=400", "n=400", "batch_size=2", "seed=1"]
-    rc, stdout, stderr = _sigterm_when(["sample", *args, f"hydra.run.dir={run}"], tmp_path,
-                                       lambda: len(list((run / "images").glob("*.png"))) >= 2 if (run / "images").is_dir() else False)
+    rc, stdout, stderr = _sigterm_when(
+        ["sample", *args, f"hydra.run.dir={run}"],
+        tmp_path,
+        lambda: len(list((run / "images").glob("*.png"))) >= 2 if (run / "images").is_dir() else False,
+    )
     assert rc == 0, stderr
     lines = stdout.strip().splitlines()
     assert lines[-2].startswith("stopped by signal (SIGTERM): ") and f"resume=true hydra.run.dir={run}" in lines[-2]
@@ -398,18 +470,36 @@ def test_sigterm_to_diffuse_sample_exits_0_and_resumes(tmp_path):
     sample.run(compose("sample", [*args, f"n={n}", "resume=true"]), run)
     sample.run(compose("sample", [*args, f"n={n}"]), tmp_path / "straight")
     for i in range(n):
-        assert (run / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "straight" / "images" / f"{i:06d}.png").read_bytes()
+        assert (run / "images" / f"{i:06d}.png").read_bytes() == (
+            tmp_path / "straight" / "images" / f"{i:06d}.png"
+        ).read_bytes()
 
 
 def test_sigterm_to_diffuse_eval_exits_0_and_resumes(tmp_path, fx):
     run = tmp_path / "run"
-    args = [*fx, "model=oracle", "dataset=gmm", "sampler=ddpm", "steps=300", "n=300", "batch_size=4", "seed=2", "metric=[fid]"]
+    args = [
+        *fx,
+        "model=oracle",
+        "dataset=gmm",
+        "sampler=ddpm",
+        "steps=300",
+        "n=300",
+        "batch_size=4",
+        "seed=2",
+        "metric=[fid]",
+    ]
     feats = run / "features"
-    rc, stdout, stderr = _sigterm_when(["eval", *args, f"hydra.run.dir={run}"], tmp_path,
-                                       lambda: feats.is_dir() and len(list(feats.glob("0*.safetensors"))) >= 1)
+    rc, stdout, stderr = _sigterm_when(
+        ["eval", *args, f"hydra.run.dir={run}"],
+        tmp_path,
+        lambda: feats.is_dir() and len(list(feats.glob("0*.safetensors"))) >= 1,
+    )
     assert rc == 0, stderr
     lines = stdout.strip().splitlines()
-    assert lines[-2].startswith("stopped by signal (SIGTERM): features of ") and "continue with: diffuse eval resume=true" in lines[-2]
+    assert (
+        lines[-2].startswith("stopped by signal (SIGTERM): features of ")
+        and "continue with: diffuse eval resume=true" in lines[-2]
+    )
     assert not (run / "metrics.json").exists() and "Traceback" not in stderr
     kept = FeatureStore(feats).count()
     assert 4 <= kept < 300 and kept % 4 == 0

@@ -8,8 +8,16 @@ import torch
 from diffuse.data.gmm import GaussianMixture
 from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.schedule import make_schedule
-from diffuse.diffusion.superres import (LowResOracle, aug_alpha_bar, aug_level_of, augment, downsample, lowres_fit,
-                                        lowres_mixture, lowres_posterior)
+from diffuse.diffusion.superres import (
+    LowResOracle,
+    aug_alpha_bar,
+    aug_level_of,
+    augment,
+    downsample,
+    lowres_fit,
+    lowres_mixture,
+    lowres_posterior,
+)
 from diffuse.metrics.mixture import mixture_fit
 from diffuse.pipeline.cascade import CascadeJob, check_chain, plan_superres, truncation
 from diffuse.pipeline.job import prepare_sampling
@@ -19,27 +27,51 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 F = 2
 # DPM-Solver++(2M): its spread is within 2% of the exact one at 25 steps, where DPM's is 10% short.
-DPM = {"name": "dpm_solver", "spacing": "logsnr", "default_steps": 25, "clip_x0": False, "rho": 7.0, "polyexp_rho": 2.0,
-       "sigmas": None, "timesteps": None, "schedule": "stock", "lower_order_final": True, "dynamic_percentile": 0.0, "afs": False}
+DPM = {
+    "name": "dpm_solver",
+    "spacing": "logsnr",
+    "default_steps": 25,
+    "clip_x0": False,
+    "rho": 7.0,
+    "polyexp_rho": 2.0,
+    "sigmas": None,
+    "timesteps": None,
+    "schedule": "stock",
+    "lower_order_final": True,
+    "dynamic_percentile": 0.0,
+    "afs": False,
+}
 STEPS = 25
 
 
 def detail_mixture(res: int = 8) -> GaussianMixture:
     """Components 0 and 1 share their low-resolution image (1 adds a checkerboard whose block means are 0) and std,
     so given x_low only their weights tell them apart; 2 is elsewhere."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, res, dtype=torch.float64), torch.linspace(-1, 1, res, dtype=torch.float64), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, res, dtype=torch.float64), torch.linspace(-1, 1, res, dtype=torch.float64), indexing="ij"
+    )
     checker = torch.where((torch.arange(res)[:, None] + torch.arange(res)[None]) % 2 == 0, 1.0, -1.0).to(torch.float64)
     ramp = 0.5 * xx
-    means = torch.stack([torch.stack([ramp, -ramp]), torch.stack([ramp + 0.3 * checker, -ramp - 0.3 * checker]),
-                         torch.stack([0.4 * yy, 0.4 - 0.3 * yy])])
-    return GaussianMixture(means, torch.tensor([0.12, 0.12, 0.2], dtype=torch.float64), torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64))
+    means = torch.stack(
+        [
+            torch.stack([ramp, -ramp]),
+            torch.stack([ramp + 0.3 * checker, -ramp - 0.3 * checker]),
+            torch.stack([0.4 * yy, 0.4 - 0.3 * yy]),
+        ]
+    )
+    return GaussianMixture(
+        means, torch.tensor([0.12, 0.12, 0.2], dtype=torch.float64), torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64)
+    )
 
 
 def test_oracle_is_the_dense_gaussian_conditional():
     """E[eps | x_t, z] and the label-conditioned one, against the Gaussian conditioning formulas with dense matrices."""
     torch.manual_seed(0)
-    mix = GaussianMixture(torch.rand(3, 1, 4, 4, dtype=torch.float64) * 2 - 1, torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64),
-                          torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
+    mix = GaussianMixture(
+        torch.rand(3, 1, 4, 4, dtype=torch.float64) * 2 - 1,
+        torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64),
+        torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64),
+    )
     sched = make_schedule("linear", T=1000)
     d = 16
     D = downsample(torch.eye(d, dtype=torch.float64).reshape(d, 1, 4, 4), F).reshape(d, -1).T
@@ -79,7 +111,14 @@ def test_levels_and_lowres_mixture():
 
 
 def oracle_stage(mix: GaussianMixture, sched, level: float, truncated: bool = False, steps: int = STEPS):
-    lowres = {"name": "lowres", "from_resolution": mix.shape[1] // F, "aug_max": 0.5, "aug_level": level, "truncated": truncated, "factor": F}
+    lowres = {
+        "name": "lowres",
+        "from_resolution": mix.shape[1] // F,
+        "aug_max": 0.5,
+        "aug_level": level,
+        "truncated": truncated,
+        "factor": F,
+    }
     model = Model(LowResOracle(mix, sched, F), sched, mix.shape, mix.K, False, {"model": "oracle"}, lowres=lowres)
     return plan_superres(model, DPM, steps)
 
@@ -91,7 +130,9 @@ def test_oracle_super_resolution_is_the_exact_conditional(level):
     downsampled image matches the input within the augmentation noise (exactly, at level 0)."""
     mix, sched = detail_mixture(), make_schedule("cosine")
     g = float(aug_alpha_bar(level))
-    x0 = mix.means[:1] + 0.12 * torch.randn(1, *mix.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x0 = mix.means[:1] + 0.12 * torch.randn(
+        1, *mix.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     noise = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     z = augment(downsample(x0, F), torch.tensor(level), noise)
     post = lowres_posterior(mix, z, level, F)
@@ -134,7 +175,9 @@ def test_oracle_cascade_reproduces_the_mixture(truncated):
     job = CascadeJob(base_job, (stage,), base_job.denoiser)
     drawn = job.generate(list(range(1500)), device=torch.device("cpu"), batch_size=500, progress=False)
     assert drawn.images.shape == (1500, *mix.shape)
-    base_calls = len(truncation(base_job.plan, 0.2)[0].timesteps) - 1 if truncated else STEPS  # up to the level, not below
+    base_calls = (
+        len(truncation(base_job.plan, 0.2)[0].timesteps) - 1 if truncated else STEPS
+    )  # up to the level, not below
     assert drawn.nfe == base_calls + STEPS and (base_calls < STEPS) == truncated
     rows = mixture_fit(mix, drawn.images)
     for r in rows:

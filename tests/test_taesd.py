@@ -19,16 +19,39 @@ from diffuse.pipeline.latent import load_autoencoder
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # madebyollin/taesd's config.json: AutoencoderTiny's defaults, as save_pretrained writes them.
-TAESD = {"_class_name": "AutoencoderTiny", "_diffusers_version": "0.20.0.dev0", "act_fn": "relu",
-         "block_out_channels": [64] * 4, "decoder_block_out_channels": [64] * 4, "encoder_block_out_channels": [64] * 4,
-         "force_upcast": False, "in_channels": 3, "latent_channels": 4, "latent_magnitude": 3, "latent_shift": 0.5,
-         "num_decoder_blocks": [3, 3, 3, 1], "num_encoder_blocks": [1, 3, 3, 3], "out_channels": 3,
-         "scaling_factor": 1.0, "upsampling_scaling_factor": 2}
+TAESD = {
+    "_class_name": "AutoencoderTiny",
+    "_diffusers_version": "0.20.0.dev0",
+    "act_fn": "relu",
+    "block_out_channels": [64] * 4,
+    "decoder_block_out_channels": [64] * 4,
+    "encoder_block_out_channels": [64] * 4,
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "out_channels": 3,
+    "scaling_factor": 1.0,
+    "upsampling_scaling_factor": 2,
+}
 # Two stages (factor 2) at width 8, and every setting away from its default: another activation, bilinear
 # upsampling, a non-trivial latent shift and scale (taef1's), more latent channels, one block fewer or more.
-SMALL = {**TAESD, "block_out_channels": [8, 8], "decoder_block_out_channels": [8, 8], "encoder_block_out_channels": [8, 8],
-         "num_encoder_blocks": [1, 2], "num_decoder_blocks": [2, 0], "act_fn": "gelu", "upsample_fn": "bilinear",
-         "latent_channels": 6, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+SMALL = {
+    **TAESD,
+    "block_out_channels": [8, 8],
+    "decoder_block_out_channels": [8, 8],
+    "encoder_block_out_channels": [8, 8],
+    "num_encoder_blocks": [1, 2],
+    "num_decoder_blocks": [2, 0],
+    "act_fn": "gelu",
+    "upsample_fn": "bilinear",
+    "latent_channels": 6,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
 
 
 def write_taesd(d, config, seed=0):
@@ -84,14 +107,26 @@ def test_small_variant_is_exact_in_float64_and_round_trips(tmp_path):
     assert b.abs().max() > 0.1 and (a - b).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"upsample_fn": "area"}, "upsample_fn='area' cannot be converted"),
-    ({"act_fn": "tanh"}, "act_fn='tanh' cannot be converted"),
-    ({"encoder_block_out_channels": [8, 16]}, "encoder_block_out_channels=.8, 16. cannot be converted: .* equal widths"),
-    ({"upsampling_scaling_factor": 3}, "upsampling_scaling_factor=3 is not allowed: the decoder's 2 stages must upsample by"),
-    ({"num_decoder_blocks": [1, 1, 1], "decoder_block_out_channels": [8] * 3}, "upsampling_scaling_factor=2 is not allowed"),
-    ({"norm_num_groups": 4}, "key 'norm_num_groups' is not an AutoencoderTiny setting"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"upsample_fn": "area"}, "upsample_fn='area' cannot be converted"),
+        ({"act_fn": "tanh"}, "act_fn='tanh' cannot be converted"),
+        (
+            {"encoder_block_out_channels": [8, 16]},
+            "encoder_block_out_channels=.8, 16. cannot be converted: .* equal widths",
+        ),
+        (
+            {"upsampling_scaling_factor": 3},
+            "upsampling_scaling_factor=3 is not allowed: the decoder's 2 stages must upsample by",
+        ),
+        (
+            {"num_decoder_blocks": [1, 1, 1], "decoder_block_out_channels": [8] * 3},
+            "upsampling_scaling_factor=2 is not allowed",
+        ),
+        ({"norm_num_groups": 4}, "key 'norm_num_groups' is not an AutoencoderTiny setting"),
+    ],
+)
 def test_refusals_name_the_key(tmp_path, change, message):
     d = tmp_path / "vae"
     d.mkdir()
@@ -106,21 +141,43 @@ def test_refusals_name_the_key(tmp_path, change, message):
 
 def test_cli_convert_train_on_taesd_latents_and_sample(tmp_path, monkeypatch):
     # Three stages (factor 4): 16-pixel shapes diffuse as 4x4 latents, the size of the tiny U-Net's smallest input.
-    cfg = {**SMALL, "latent_channels": 4, "act_fn": "relu", "upsample_fn": "nearest", "num_encoder_blocks": [1, 1, 1],
-           "num_decoder_blocks": [1, 1, 1], "encoder_block_out_channels": [8] * 3, "decoder_block_out_channels": [8] * 3}
+    cfg = {
+        **SMALL,
+        "latent_channels": 4,
+        "act_fn": "relu",
+        "upsample_fn": "nearest",
+        "num_encoder_blocks": [1, 1, 1],
+        "num_decoder_blocks": [1, 1, 1],
+        "encoder_block_out_channels": [8] * 3,
+        "decoder_block_out_channels": [8] * 3,
+    }
     write_taesd(tmp_path / "vae", cfg)
     monkeypatch.chdir(tmp_path)
     run = CliRunner().invoke
-    r = run(app, ["convert", "--from", "diffusers", str(tmp_path / "vae"), f"out={tmp_path / 'taesd.safetensors'}"],
-            catch_exceptions=False)
+    r = run(
+        app,
+        ["convert", "--from", "diffusers", str(tmp_path / "vae"), f"out={tmp_path / 'taesd.safetensors'}"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     # The autoencoder is not a diffusion model: one line, exit 2
     r = run(app, ["sample", f"ckpt={tmp_path / 'taesd.safetensors'}", "n=1", f"hydra.run.dir={tmp_path / 'x'}"])
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "is an autoencoder" in lines[0], r.output
-    train = ["train", f"autoencoder={tmp_path / 'taesd.safetensors'}", "dataset.resolution=16", "dataset.size=64",
-             "model.ch=16", "model.attn_resolutions=[]", "trainer.steps=2", "trainer.batch_size=8", "trainer.sample_n=2",
-             "trainer.sample_steps=2", "trainer.log_every=1", f"hydra.run.dir={tmp_path / 'ldm'}"]
+    train = [
+        "train",
+        f"autoencoder={tmp_path / 'taesd.safetensors'}",
+        "dataset.resolution=16",
+        "dataset.size=64",
+        "model.ch=16",
+        "model.attn_resolutions=[]",
+        "trainer.steps=2",
+        "trainer.batch_size=8",
+        "trainer.sample_n=2",
+        "trainer.sample_steps=2",
+        "trainer.log_every=1",
+        f"hydra.run.dir={tmp_path / 'ldm'}",
+    ]
     r = run(app, train, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     ckpt = load_checkpoint(tmp_path / "ldm" / "checkpoints" / "last.safetensors")
@@ -137,30 +194,43 @@ def test_cli_convert_train_on_taesd_latents_and_sample(tmp_path, monkeypatch):
 
     data = build_dataset({**ckpt.config["dataset"]})
     assert torch.allclose(z[:8], codec.encode_unscaled(data.batch(torch.arange(8))[0]), atol=1e-6)
-    r = run(app, ["sample", f"ckpt={tmp_path / 'ldm'}", "n=2", "steps=2", "save_npz=true",
-                  f"hydra.run.dir={tmp_path / 's'}"], catch_exceptions=False)
+    r = run(
+        app,
+        ["sample", f"ckpt={tmp_path / 'ldm'}", "n=2", "steps=2", "save_npz=true", f"hydra.run.dir={tmp_path / 's'}"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert arr.shape == (2, 16, 16, 3)  # decoded by TAESD: the images' size, not the 4x4 latents
 
 
-NET = {"arch": "taesd", "resolution": 16, "in_channels": 3, "encoder_width": 8, "decoder_width": 8,
-       "encoder_blocks": [1, 1, 1], "decoder_blocks": [1, 1, 1]}
+NET = {
+    "arch": "taesd",
+    "resolution": 16,
+    "in_channels": 3,
+    "encoder_width": 8,
+    "decoder_width": 8,
+    "encoder_blocks": [1, 1, 1],
+    "decoder_blocks": [1, 1, 1],
+}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"encoder_width": 0}, "model.encoder_width=0 is not allowed"),
-    ({"decoder_blocks": []}, "model.decoder_blocks=.. is not allowed"),
-    ({"encoder_blocks": [1, -1, 1]}, "model.encoder_blocks=.1, -1, 1. is not allowed"),
-    ({"act": "tanh"}, "model.act='tanh' is not allowed: choose one of relu, silu, gelu, mish"),
-    ({"upsample_mode": "area"}, "model.upsample_mode='area' is not allowed"),
-    ({"upsample_factor": 4}, "model.upsample_factor=4 is not allowed: the decoder's 3 stages must upsample by"),
-    ({"scaling_factor": 0.0}, "model.scaling_factor=0.0 is not allowed"),
-    ({"shift_factor": float("nan")}, "model.shift_factor=nan is not allowed"),
-    ({"resolution": 18}, "resolution=18 is not allowed with model.encoder_blocks=.1, 1, 1.: .* multiple of 4"),
-    ({"latent_channels": 0}, "model.latent_channels=0 is not allowed"),
-    ({"encoder_width": 16384, "encoder_blocks": [64] * 3}, "describe a network of .* parameters: more than"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"encoder_width": 0}, "model.encoder_width=0 is not allowed"),
+        ({"decoder_blocks": []}, "model.decoder_blocks=.. is not allowed"),
+        ({"encoder_blocks": [1, -1, 1]}, "model.encoder_blocks=.1, -1, 1. is not allowed"),
+        ({"act": "tanh"}, "model.act='tanh' is not allowed: choose one of relu, silu, gelu, mish"),
+        ({"upsample_mode": "area"}, "model.upsample_mode='area' is not allowed"),
+        ({"upsample_factor": 4}, "model.upsample_factor=4 is not allowed: the decoder's 3 stages must upsample by"),
+        ({"scaling_factor": 0.0}, "model.scaling_factor=0.0 is not allowed"),
+        ({"shift_factor": float("nan")}, "model.shift_factor=nan is not allowed"),
+        ({"resolution": 18}, "resolution=18 is not allowed with model.encoder_blocks=.1, 1, 1.: .* multiple of 4"),
+        ({"latent_channels": 0}, "model.latent_channels=0 is not allowed"),
+        ({"encoder_width": 16384, "encoder_blocks": [64] * 3}, "describe a network of .* parameters: more than"),
+    ],
+)
 def test_network_arguments_are_bounded(change, message):
     from diffuse.nets import build_network
 

@@ -26,11 +26,33 @@ from tests.conftest import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NET = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-       "attn_resolutions": [], "groups": 8}
-TINY = ["dataset=gmm", "dataset.size=48", "model.ch=16", "model.ch_mult=[1]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
-        "trainer.batch_size=8", "trainer.steps=6", "trainer.log_every=2", "trainer.ckpt_every=6", "trainer.warmup=2",
-        "trainer.sample_n=4", "trainer.sample_steps=3", "trainer.sample_every=0", "trainer.ema_decay=0.9"]
+NET = {
+    "arch": "unet",
+    "resolution": 8,
+    "in_channels": 3,
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "groups": 8,
+}
+TINY = [
+    "dataset=gmm",
+    "dataset.size=48",
+    "model.ch=16",
+    "model.ch_mult=[1]",
+    "model.num_res_blocks=1",
+    "model.attn_resolutions=[]",
+    "trainer.batch_size=8",
+    "trainer.steps=6",
+    "trainer.log_every=2",
+    "trainer.ckpt_every=6",
+    "trainer.warmup=2",
+    "trainer.sample_n=4",
+    "trainer.sample_steps=3",
+    "trainer.sample_every=0",
+    "trainer.ema_decay=0.9",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +70,11 @@ def records(out: Path) -> list[dict]:
 
 
 def test_in_training_fid_is_diffuse_evals_fid_and_leaves_the_run_as_it_was(feature_ckpt, tmp_path, capsys):
-    fx = ["metrics.features=checkpoint", f"metrics.features_ckpt={feature_ckpt}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    fx = [
+        "metrics.features=checkpoint",
+        f"metrics.features_ckpt={feature_ckpt}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+    ]
     evald = ["trainer.eval_every=3", "trainer.eval_n=40", "trainer.eval_batch_size=16", *fx]
     train.run(compose("train", [*TINY, *evald]), tmp_path / "a")
     said = capsys.readouterr().out
@@ -65,8 +91,22 @@ def test_in_training_fid_is_diffuse_evals_fid_and_leaves_the_run_as_it_was(featu
     assert all(torch.equal(ca.ema[k], cb.ema[k]) for k in ca.ema)
 
     # diffuse eval of the final checkpoint, with the same n, sampler, steps, seed and features: the same FID.
-    res = evaluate.run(compose("eval", [*fx, f"ckpt={tmp_path / 'a'}", "n=40", "steps=3", "seed=0", "batch_size=16", "dataset=gmm",
-                                        "dataset.size=48"]), tmp_path / "ev")
+    res = evaluate.run(
+        compose(
+            "eval",
+            [
+                *fx,
+                f"ckpt={tmp_path / 'a'}",
+                "n=40",
+                "steps=3",
+                "seed=0",
+                "batch_size=16",
+                "dataset=gmm",
+                "dataset.size=48",
+            ],
+        ),
+        tmp_path / "ev",
+    )
     assert res["metrics"]["fid"] == pytest.approx(evals[-1]["eval"]["fid"], rel=1e-4)
 
     img = Image.open(tmp_path / "a" / "curves.png")
@@ -77,7 +117,9 @@ def test_in_training_fid_is_diffuse_evals_fid_and_leaves_the_run_as_it_was(featu
 
 def test_fid_without_inception_weights_is_one_line_and_training_goes_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    train.run(compose("train", [*TINY, "trainer.steps=2", "trainer.eval_every=1", "metrics.download=false"]), tmp_path / "r")
+    train.run(
+        compose("train", [*TINY, "trainer.steps=2", "trainer.eval_every=1", "metrics.download=false"]), tmp_path / "r"
+    )
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "eval_every" in ln]
     assert len(lines) == 1 and "no in-training evaluation" in lines[0] and "not available offline" in lines[0]
     assert [r["step"] for r in records(tmp_path / "r")] == [2]  # trained to the end, no eval record
@@ -116,7 +158,12 @@ def test_tensorboard_gets_the_records_of_metrics_jsonl_and_the_sample_grid(tmp_p
     calls = FakeWriter.calls
     losses = {c[3]: c[2] for c in calls if c[:2] == ("scalar", "train/loss")}
     assert losses == {r["step"]: r["loss"] for r in records(tmp_path / "r")}
-    assert {c[1] for c in calls if c[0] == "scalar"} == {"train/loss", "train/lr", "train/images_per_s", "train/skipped"}
+    assert {c[1] for c in calls if c[0] == "scalar"} == {
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "train/skipped",
+    }
     images = [c for c in calls if c[0] == "image"]
     assert len(images) == 1 and images[0][1] == "samples" and images[0][3] == torch.uint8 and images[0][4] == 6
     assert images[0][2][0] == 3 and images[0][5] == "CHW"
@@ -124,12 +171,14 @@ def test_tensorboard_gets_the_records_of_metrics_jsonl_and_the_sample_grid(tmp_p
 
 
 def test_a_logger_whose_package_is_missing_is_refused_before_training(monkeypatch):
-    from diffuse.training.trainer import check_config
     from diffuse.tasks.common import to_dict
+    from diffuse.training.trainer import check_config
 
     monkeypatch.setattr(tracking, "installed", lambda package: False)
     for name in ("tensorboard", "wandb"):
-        with pytest.raises(UserError, match=rf"logger={name} needs the {name} package.*pip install 'diffuse\[{name}\]'"):
+        with pytest.raises(
+            UserError, match=rf"logger={name} needs the {name} package.*pip install 'diffuse\[{name}\]'"
+        ):
             check_config(to_dict(compose("train", [f"logger={name}"])))
     monkeypatch.setattr(tracking, "installed", lambda package: True)
     with pytest.raises(UserError, match="logger.mode='sometimes' is not allowed"):
@@ -172,10 +221,13 @@ def test_smoothing_and_log_ticks():
 
 def test_curves_plot_loss_on_a_log_axis(tmp_path):
     """A loss falling tenfold every 100 steps is a straight line on the loss panel's log axis."""
-    recs = [{"step": s, "loss": 10 ** (-s / 100), "lr": 1e-3, "images_per_s": 100.0, "skipped": 0} for s in range(10, 310, 10)]
+    recs = [
+        {"step": s, "loss": 10 ** (-s / 100), "lr": 1e-3, "images_per_s": 100.0, "skipped": 0}
+        for s in range(10, 310, 10)
+    ]
     curves.write_curves(recs, tmp_path / "c.png")
     a = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)[:, :440]
-    ys, xs = np.nonzero((np.abs(a - (31, 119, 180)).sum(-1) == 0))  # the smoothed line's colour
+    ys, xs = np.nonzero(np.abs(a - (31, 119, 180)).sum(-1) == 0)  # the smoothed line's colour
     line = [(x, ys[xs == x].mean()) for x in np.unique(xs) if 100 < x < 280]  # left of the legend
     fit = np.polyfit([p[0] for p in line], [p[1] for p in line], 1)
     resid = max(abs(np.polyval(fit, x) - y) for x, y in line)
@@ -184,13 +236,26 @@ def test_curves_plot_loss_on_a_log_axis(tmp_path):
 
 # The real packages (pip install 'diffuse[tensorboard]' / 'diffuse[wandb]'): skipped where they are not installed.
 
+
 def test_real_tensorboard_events_are_metrics_jsonl_also_after_resuming_from_an_older_checkpoint(feature_ckpt, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    fx = ["metrics.features=checkpoint", f"metrics.features_ckpt={feature_ckpt}", f"metrics.cache_dir={tmp_path / 'cache'}"]
-    run = [*TINY, "logger=tensorboard", "trainer.ckpt_every=2", "trainer.sample_every=2", "trainer.eval_every=3",
-           "trainer.eval_n=16", "trainer.eval_batch_size=16", *fx]
+    fx = [
+        "metrics.features=checkpoint",
+        f"metrics.features_ckpt={feature_ckpt}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+    ]
+    run = [
+        *TINY,
+        "logger=tensorboard",
+        "trainer.ckpt_every=2",
+        "trainer.sample_every=2",
+        "trainer.eval_every=3",
+        "trainer.eval_n=16",
+        "trainer.eval_batch_size=16",
+        *fx,
+    ]
     out = tmp_path / "r"
     train.run(compose("train", run), out)
     # The newest checkpoints lost: the resumed run starts at step 2 and logs steps 4 and 6 (and the eval at 3) again.
@@ -215,7 +280,9 @@ def test_real_tensorboard_events_are_metrics_jsonl_also_after_resuming_from_an_o
     assert [e.step for e in images] == [2, 4, 6, 8]
     tb = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
     disk = np.asarray(Image.open(out / "samples" / "step_0000008.png"))  # the same grid, upscaled for viewing
-    assert tb.dtype == np.uint8 and np.array_equal(disk[::disk.shape[0] // tb.shape[0], ::disk.shape[1] // tb.shape[1]], tb)
+    assert tb.dtype == np.uint8 and np.array_equal(
+        disk[:: disk.shape[0] // tb.shape[0], :: disk.shape[1] // tb.shape[1]], tb
+    )
     assert [e.step for e in ea.Tensors("config/text_summary")] == [0, 2]
 
 
@@ -232,8 +299,8 @@ def _wandb_records(path: Path) -> list:
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
             pos += 32768 - pos % 32768
             continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf = (b"" if kind in (1, 2) else buf) + data[pos + 7:pos + 7 + n]
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf = (b"" if kind in (1, 2) else buf) + data[pos + 7 : pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
             out.append(wandb_internal_pb2.Record.FromString(buf))
@@ -241,8 +308,11 @@ def _wandb_records(path: Path) -> list:
 
 
 def _wandb_history(path: Path) -> list[dict]:
-    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-            for rec in _wandb_records(path) if rec.WhichOneof("record_type") == "history"]
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+        for rec in _wandb_records(path)
+        if rec.WhichOneof("record_type") == "history"
+    ]
 
 
 def test_real_wandb_offline_run_holds_the_history_and_resume_keeps_its_id(tmp_path, monkeypatch):
@@ -262,7 +332,9 @@ def test_real_wandb_offline_run_holds_the_history_and_resume_keeps_its_id(tmp_pa
     exits = [rec.exit.exit_code for f in files for rec in _wandb_records(f) if rec.WhichOneof("record_type") == "exit"]
     assert exits == [0, 0]  # each process finished its run
     with pytest.raises(UserError, match="non-finite"):  # diverged: stopped at the log check, exit code 3
-        train.run(compose("train", [*run, "trainer.lr=1e30", "trainer.warmup=0", "trainer.max_nonfinite=2"]), tmp_path / "f")
+        train.run(
+            compose("train", [*run, "trainer.lr=1e30", "trainer.warmup=0", "trainer.max_nonfinite=2"]), tmp_path / "f"
+        )
     wandb.teardown()
     [failed] = (tmp_path / "f" / "wandb").glob("offline-run-*/run-*.wandb")
     assert [rec.exit.exit_code for rec in _wandb_records(failed) if rec.WhichOneof("record_type") == "exit"] == [1]
@@ -277,4 +349,6 @@ def test_real_wandb_offline_run_holds_the_history_and_resume_keeps_its_id(tmp_pa
     for f, row in grids:
         logged_png = np.asarray(Image.open(f.parent / "files" / row["samples/path"]))
         disk = np.asarray(Image.open(out / "samples" / f"step_{row['_step']:07d}.png"))
-        assert np.array_equal(disk[::disk.shape[0] // logged_png.shape[0], ::disk.shape[1] // logged_png.shape[1]], logged_png)
+        assert np.array_equal(
+            disk[:: disk.shape[0] // logged_png.shape[0], :: disk.shape[1] // logged_png.shape[1]], logged_png
+        )

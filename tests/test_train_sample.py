@@ -12,9 +12,17 @@ from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train as train_task
 
 SMALL = [
-    "dataset.size=256", "dataset.resolution=8", "model.ch=16", "model.ch_mult=[1,2]", "model.attn_resolutions=[4]",
-    "trainer.batch_size=16", "trainer.log_every=5", "trainer.sample_n=4", "trainer.sample_steps=3",
-    "trainer.warmup=5", "trainer.lr=2e-3",
+    "dataset.size=256",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=16",
+    "trainer.log_every=5",
+    "trainer.sample_n=4",
+    "trainer.sample_steps=3",
+    "trainer.warmup=5",
+    "trainer.lr=2e-3",
 ]
 
 
@@ -44,7 +52,9 @@ def test_training_lowers_the_loss(trained, compose_cfg):
     g = torch.Generator().manual_seed(123)
     t = torch.randint(0, 1000, (128,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    fresh = type(net)(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ck.config["model"].items() if k != "arch"})
+    fresh = type(net)(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in ck.config["model"].items() if k != "arch"}
+    )
     with torch.no_grad():
         before = diffusion_loss(fresh.eval(), x0, schedule, t=t, noise=noise).mean().item()
         after = diffusion_loss(net.eval(), x0, schedule, t=t, noise=noise).mean().item()
@@ -52,7 +62,11 @@ def test_training_lowers_the_loss(trained, compose_cfg):
     lines = (trained / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 8 and '"images_per_s"' in lines[0]
     assert (trained / "grid.png").is_file() and (trained / "samples" / "step_0000040.png").is_file()
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["last.safetensors", "step_0000020.safetensors", "step_0000040.safetensors"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == [
+        "last.safetensors",
+        "step_0000020.safetensors",
+        "step_0000040.safetensors",
+    ]
 
 
 def test_resume_is_bit_identical(tmp_path, compose_cfg):
@@ -81,7 +95,12 @@ def _sample(compose_cfg, out, ckpt, extra):
 
 def test_sampling_rebuilds_from_checkpoint_and_is_reproducible(trained, tmp_path, compose_cfg):
     _sample(compose_cfg, tmp_path / "a", trained, ["n=6", "batch_size=6", "save_npz=true"])
-    _sample(compose_cfg, tmp_path / "b", trained / "checkpoints" / "last.safetensors", ["n=6", "batch_size=1", "save_npz=true"])
+    _sample(
+        compose_cfg,
+        tmp_path / "b",
+        trained / "checkpoints" / "last.safetensors",
+        ["n=6", "batch_size=1", "save_npz=true"],
+    )
     _sample(compose_cfg, tmp_path / "c", trained, ["n=6", "batch_size=4", "save_npz=true", "seed=1"])
     a = np.load(tmp_path / "a" / "samples.npz")["arr_0"]
     b = np.load(tmp_path / "b" / "samples.npz")["arr_0"]
@@ -99,7 +118,9 @@ def test_sampling_rebuilds_from_checkpoint_and_is_reproducible(trained, tmp_path
 def test_batch_of_one_equals_batch_of_sixteen(trained, tmp_path, compose_cfg):
     _sample(compose_cfg, tmp_path / "one", trained, ["n=16", "batch_size=1", "save_npz=true", "sampler=ddpm"])
     _sample(compose_cfg, tmp_path / "all", trained, ["n=16", "batch_size=16", "save_npz=true", "sampler=ddpm"])
-    assert np.array_equal(np.load(tmp_path / "one" / "samples.npz")["arr_0"], np.load(tmp_path / "all" / "samples.npz")["arr_0"])
+    assert np.array_equal(
+        np.load(tmp_path / "one" / "samples.npz")["arr_0"], np.load(tmp_path / "all" / "samples.npz")["arr_0"]
+    )
 
 
 def test_oracle_samples_without_checkpoint(tmp_path, compose_cfg):

@@ -44,7 +44,9 @@ def test_pattern_search_finds_a_quadratic_minimum_and_resumes_exactly():
     full = pattern_search(f, SearchState([0.0, 0.0, 0.0], f([0.0, 0.0, 0.0]), 1.0), iterations=60, min_delta=1e-4)
     assert all(abs(a - b) < 1e-3 for a, b in zip(full.params, target)) and full.loss < 1e-6
     half = pattern_search(f, SearchState([0.0, 0.0, 0.0], f([0.0, 0.0, 0.0]), 1.0), iterations=20, min_delta=1e-4)
-    again = pattern_search(f, SearchState.from_json(json.loads(json.dumps(half.to_json()))), iterations=60, min_delta=1e-4)
+    again = pattern_search(
+        f, SearchState.from_json(json.loads(json.dumps(half.to_json()))), iterations=60, min_delta=1e-4
+    )
     assert again.params == full.params and again.evals == full.evals
 
 
@@ -53,14 +55,20 @@ def test_tuned_levels_beat_the_stock_ones_on_held_out_x_T_and_resume_exactly(tmp
     h = straight["heldout"]
     assert h["tuned"]["geomean"] < 0.7 * h["stock"]["geomean"], h  # the figure tune.loss=logrms lowers
     assert straight["tune"]["tuned"]["geomean"] < straight["tune"]["stock"]["geomean"]
-    assert (tmp_path / "a" / "levels.png").is_file() and json.loads((tmp_path / "a" / "schedule.json").read_text())["steps"] == 6
+    assert (tmp_path / "a" / "levels.png").is_file() and json.loads((tmp_path / "a" / "schedule.json").read_text())[
+        "steps"
+    ] == 6
     tune_task.run(compose("tune_schedule", [*ORACLE, "tune.iterations=3"]), tmp_path / "b")
     resumed = tune_task.run(compose("tune_schedule", [*ORACLE, "tune.iterations=8", "resume=true"]), tmp_path / "b")
     assert resumed["sigmas"] == straight["sigmas"] and resumed["evals"] == straight["evals"]
     with pytest.raises(UserError, match="made for another model, solver, steps"):
         tune_task.run(compose("tune_schedule", [*ORACLE, "seed=1", "resume=true"]), tmp_path / "b")
     # The file is a schedule diffuse sample takes; another step count is refused.
-    cfg = to_dict(compose("sample", ["model=oracle", "sampler=dpm_solver", f"sampler.schedule={tmp_path / 'a' / 'schedule.json'}"]).sampler)
+    cfg = to_dict(
+        compose(
+            "sample", ["model=oracle", "sampler=dpm_solver", f"sampler.schedule={tmp_path / 'a' / 'schedule.json'}"]
+        ).sampler
+    )
     plan = plan_sampler(cfg, 6, make_schedule("linear"), False)
     visited = [sigma_of(plan.schedule, t) for t in time_list(plan.timesteps)]
     assert visited == pytest.approx(straight["sigmas"], rel=1e-6)
@@ -71,38 +79,72 @@ def test_tuned_levels_beat_the_stock_ones_on_held_out_x_T_and_resume_exactly(tmp
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     torch.manual_seed(0)
-    model = {"arch": "unet", "resolution": 8, "in_channels": 3, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
-             "attn_resolutions": [], "groups": 8}
+    model = {
+        "arch": "unet",
+        "resolution": 8,
+        "in_channels": 3,
+        "ch": 16,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "groups": 8,
+    }
     net = build_network(model)
     path = tmp_path / "tiny.safetensors"
-    config = {"model": model, "schedule": to_dict(compose("train", []).schedule), "objective": {"prediction": "eps"},
-              "data": {"is_8bit": True, "num_classes": None}}
+    config = {
+        "model": model,
+        "schedule": to_dict(compose("train", []).schedule),
+        "objective": {"prediction": "eps"},
+        "data": {"is_8bit": True, "num_classes": None},
+    }
     save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
     return path
 
 
 def test_a_tuned_schedule_round_trips_through_the_checkpoint(tiny_ckpt, tmp_path):
-    args = [f"ckpt={tiny_ckpt}", "sampler=ddim", "steps=4", "n=8", "n_eval=8", "tune.reference_steps=40", "tune.iterations=2"]
+    args = [
+        f"ckpt={tiny_ckpt}",
+        "sampler=ddim",
+        "steps=4",
+        "n=8",
+        "n_eval=8",
+        "tune.reference_steps=40",
+        "tune.iterations=2",
+    ]
     result = tune_task.run(compose("tune_schedule", args), tmp_path / "t")
     ck = load_checkpoint(tiny_ckpt)  # still verifies
     assert ck.tuned["ddim/4"]["sigmas"] == result["sigmas"]
-    tuned = sample_task.run(compose("sample", [f"ckpt={tiny_ckpt}", "sampler=ddim", "steps=4", "n=3", "save_npz=true",
-                                               "sampler.schedule=tuned"]), tmp_path / "s1")
+    tuned = sample_task.run(
+        compose(
+            "sample", [f"ckpt={tiny_ckpt}", "sampler=ddim", "steps=4", "n=3", "save_npz=true", "sampler.schedule=tuned"]
+        ),
+        tmp_path / "s1",
+    )
     listed = "[" + ",".join(repr(s) for s in result["sigmas"]) + "]"
-    explicit = sample_task.run(compose("sample", [f"ckpt={tiny_ckpt}", "sampler=ddim", "n=3", "save_npz=true",
-                                                  f"sampler.sigmas={listed}"]), tmp_path / "s2")
+    explicit = sample_task.run(
+        compose("sample", [f"ckpt={tiny_ckpt}", "sampler=ddim", "n=3", "save_npz=true", f"sampler.sigmas={listed}"]),
+        tmp_path / "s2",
+    )
     assert tuned["nfe"] == explicit["nfe"] == 4
-    assert np.array_equal(np.load(tmp_path / "s1" / "samples.npz")["arr_0"], np.load(tmp_path / "s2" / "samples.npz")["arr_0"])
+    assert np.array_equal(
+        np.load(tmp_path / "s1" / "samples.npz")["arr_0"], np.load(tmp_path / "s2" / "samples.npz")["arr_0"]
+    )
     with pytest.raises(UserError, match="no tuned schedule for ddim at 5 steps \\(it has: ddim/4\\)"):
-        sample_task.run(compose("sample", [f"ckpt={tiny_ckpt}", "sampler=ddim", "steps=5", "sampler.schedule=tuned"]), tmp_path / "s3")
+        sample_task.run(
+            compose("sample", [f"ckpt={tiny_ckpt}", "sampler=ddim", "steps=5", "sampler.schedule=tuned"]),
+            tmp_path / "s3",
+        )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["sampler=ddpm"], "sampler=ddpm is stochastic"),
-    (["sampler=ddim", "sampler.eta=1.0"], "sampler=ddim is stochastic"),
-    (["steps=1"], "steps=1 is not allowed"),
-    (["tune.reference_steps=3"], "tune.reference_steps=3 is not allowed: it must be >= 6"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sampler=ddpm"], "sampler=ddpm is stochastic"),
+        (["sampler=ddim", "sampler.eta=1.0"], "sampler=ddim is stochastic"),
+        (["steps=1"], "steps=1 is not allowed"),
+        (["tune.reference_steps=3"], "tune.reference_steps=3 is not allowed: it must be >= 6"),
+    ],
+)
 def test_refusals_come_before_any_work(args, needle, tmp_path):
     with pytest.raises(UserError, match=needle):
         tune_task.run(compose("tune_schedule", [*ORACLE, *args]), tmp_path / "r")

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from diffuse.errors import UserError
 from diffuse.nets import build_network
 from diffuse.nets.layers import timestep_embedding
 from diffuse.nets.unet import UNet
-from diffuse.errors import UserError
 
 
 def test_ddpm_cifar10_has_the_papers_size(compose_cfg):
@@ -18,7 +18,16 @@ def test_ddpm_cifar10_has_the_papers_size(compose_cfg):
 
 @pytest.mark.parametrize("res,mult", [(16, (1, 2, 2)), (32, (1, 2)), (8, (1,))])
 def test_unet_shapes_and_class_slot(res, mult):
-    net = UNet(resolution=res, in_channels=3, ch=16, ch_mult=mult, num_res_blocks=1, attn_resolutions=(res // 2,), num_classes=5, groups=8)
+    net = UNet(
+        resolution=res,
+        in_channels=3,
+        ch=16,
+        ch_mult=mult,
+        num_res_blocks=1,
+        attn_resolutions=(res // 2,),
+        num_classes=5,
+        groups=8,
+    )
     x = torch.randn(3, 3, res, res)
     t = torch.tensor([0, 500, 999])
     out = net(x, t, torch.tensor([0, 4, 5]))  # 5 = the null label

@@ -46,8 +46,9 @@ def test_unipc_with_corrector_has_order_p_plus_1(flow, order, variant):
     warm start's first step is UniC-1 (local error h^3), which could cap p=3 at order 3, but it is taken at
     high noise where x0_hat barely moves. Asserted: at least p + 1 - 0.25 on the two finest ratios (the
     predictor alone sits a whole order lower, next test)."""
-    orders = observed_orders(errors(flow, unipc, (32, 64, 128, 256), "karras", order=order, variant=variant,
-                                    lower_order_final=False))
+    orders = observed_orders(
+        errors(flow, unipc, (32, 64, 128, 256), "karras", order=order, variant=variant, lower_order_final=False)
+    )
     print(order, variant, orders)
     assert min(orders[1:]) >= order + 1 - 0.25, orders
 
@@ -57,8 +58,9 @@ def test_unip_alone_has_order_p(flow, order):
     """Without the corrector UniP-p has order p (Corollary 3.2); measured on karras levels, 32 to 256 steps:
     0.99/0.99/1.00, 2.15/2.08/2.04, 3.26/3.08/3.04. Asserted within [p - 0.25, p + 0.4] on the two finest ratios.
     (On levels uniform in lambda UniP-3 happens to reach 4 on this problem, so karras is the sharper check.)"""
-    orders = observed_orders(errors(flow, unipc, (32, 64, 128, 256), "karras", order=order, corrector=False,
-                                    lower_order_final=False))
+    orders = observed_orders(
+        errors(flow, unipc, (32, 64, 128, 256), "karras", order=order, corrector=False, lower_order_final=False)
+    )
     print(order, orders)
     assert order - 0.25 <= min(orders[1:]) and max(orders[1:]) <= order + 0.4, orders
 
@@ -242,21 +244,24 @@ def test_hook_sees_every_step(flow, name):
     assert torch.equal(out, torch.zeros_like(x_T))
 
 
-@pytest.mark.parametrize("name,options,match", [
-    ("unipc", {"order": 4}, "sampler.order=4"),
-    ("unipc", {"order": True}, "sampler.order=True"),
-    ("unipc", {"variant": "bh3"}, "sampler.variant='bh3'"),
-    ("unipc", {"lower_order_final": "yes"}, "sampler.lower_order_final"),
-    ("unipc", {"corrector": 1}, "sampler.corrector"),
-    ("unipc", {"dynamic_percentile": 1.5}, "dynamic_percentile=1.5"),
-    ("unipc", {"afs": "true"}, "sampler.afs"),
-    ("ipndm", {"order": 5}, "sampler.order=5"),
-    ("ipndm", {"order": 0}, "sampler.order=0"),
-    ("ipndm", {"afs": None}, "sampler.afs"),
-    ("deis", {"order": 4}, "sampler.order=4"),
-    ("deis", {"order": 2.0}, "sampler.order=2.0 is not allowed"),
-    ("deis", {"afs": 0}, "sampler.afs"),
-])
+@pytest.mark.parametrize(
+    "name,options,match",
+    [
+        ("unipc", {"order": 4}, "sampler.order=4"),
+        ("unipc", {"order": True}, "sampler.order=True"),
+        ("unipc", {"variant": "bh3"}, "sampler.variant='bh3'"),
+        ("unipc", {"lower_order_final": "yes"}, "sampler.lower_order_final"),
+        ("unipc", {"corrector": 1}, "sampler.corrector"),
+        ("unipc", {"dynamic_percentile": 1.5}, "dynamic_percentile=1.5"),
+        ("unipc", {"afs": "true"}, "sampler.afs"),
+        ("ipndm", {"order": 5}, "sampler.order=5"),
+        ("ipndm", {"order": 0}, "sampler.order=0"),
+        ("ipndm", {"afs": None}, "sampler.afs"),
+        ("deis", {"order": 4}, "sampler.order=4"),
+        ("deis", {"order": 2.0}, "sampler.order=2.0 is not allowed"),
+        ("deis", {"afs": 0}, "sampler.afs"),
+    ],
+)
 def test_bad_options_are_refused_before_any_work(flow, name, options, match):
     # plan_sampler's check: no timesteps and no denoiser
     with pytest.raises(UserError, match=match.replace("(", r"\(").replace(".", r"\.")):
@@ -284,8 +289,15 @@ def test_config_composes_and_plans(compose_cfg, name, steps):
     assert counter.calls == plan.steps
 
 
-@pytest.mark.parametrize("name,options", [("unipc", {"clip_x0": True}), ("unipc", {"dynamic_percentile": 0.9}),
-                                          ("ipndm", {"clip_x0": True}), ("deis", {"clip_x0": True})])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("unipc", {"clip_x0": True}),
+        ("unipc", {"dynamic_percentile": 0.9}),
+        ("ipndm", {"clip_x0": True}),
+        ("deis", {"clip_x0": True}),
+    ],
+)
 def test_thresholding_bounds_the_output(flow, name, options):
     sch = flow.schedule
     x_T = 3 * flow.x_T(4)

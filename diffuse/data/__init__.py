@@ -6,8 +6,8 @@ data order is a generator's state and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -45,10 +45,10 @@ class ImageDataset:
     def is_8bit(self) -> bool:
         return self.images.dtype == torch.uint8
 
-    def to(self, device) -> "ImageDataset":
+    def to(self, device) -> ImageDataset:
         return ImageDataset(self.images.to(device), self.labels.to(device), self.num_classes, self.name, self.flip)
 
-    def batch(self, idx: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in model space ([-1, 1] for 8-bit data) and labels, on the dataset's device.
 
         With flip on and a generator given, each image is mirrored left-right with probability 1/2; the coin
@@ -81,8 +81,12 @@ def fit_resolution(images: torch.Tensor, cfg) -> torch.Tensor:
         return images
     n, c = images.shape[:2]
     # The result, and the float32 batch of up to 4096 images that resize works on.
-    check_memory("resolution", res, max(n * c * res * res, min(n, 4096) * c * res * res * 4 if fit == "resize" else 0),
-                 f"{n} images of {c} x {res} x {res}")
+    check_memory(
+        "resolution",
+        res,
+        max(n * c * res * res, min(n, 4096) * c * res * res * 4 if fit == "resize" else 0),
+        f"{n} images of {c} x {res} x {res}",
+    )
     if fit == "pad":
         if res < max(h, w):
             raise UserError(f"dataset.resolution={res} is smaller than the {h}x{w} images: use dataset.fit=resize")
@@ -90,7 +94,9 @@ def fit_resolution(images: torch.Tensor, cfg) -> torch.Tensor:
         return torch.nn.functional.pad(images, (left, res - w - left, top, res - h - top))
     out = []
     for chunk in images.split(4096):
-        y = torch.nn.functional.interpolate(chunk.float(), size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+        y = torch.nn.functional.interpolate(
+            chunk.float(), size=(res, res), mode="bilinear", antialias=True, align_corners=False
+        )
         out.append(y.round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out)
 
@@ -102,9 +108,13 @@ def _shapes(cfg) -> ImageDataset:
     res = positive_int(cfg, "resolution", SHAPES_MAX_RESOLUTION)
     k = cfg.get("num_classes")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(CLASSES):
-        raise UserError(f"dataset.num_classes={k!r} is not allowed: dataset=shapes draws 1 to {len(CLASSES)} kinds ({', '.join(CLASSES)})")
+        raise UserError(
+            f"dataset.num_classes={k!r} is not allowed: dataset=shapes draws 1 to {len(CLASSES)} kinds ({', '.join(CLASSES)})"
+        )
     if cfg.get("channels", 3) != 3:
-        raise UserError(f"dataset.channels={cfg['channels']!r} is not allowed: dataset=shapes draws RGB images (3 channels)")
+        raise UserError(
+            f"dataset.channels={cfg['channels']!r} is not allowed: dataset=shapes draws RGB images (3 channels)"
+        )
     check_memory("size", n, n * 3 * res * res, f"{n} images of 3 x {res} x {res}")
     images, labels = render_shapes(n, resolution=res, seed=integer(cfg, "seed"), num_classes=k)
     return ImageDataset(images, labels, k, "shapes", flip=flag(cfg, "flip"))
@@ -132,8 +142,10 @@ def build_mixture(cfg):
 def check_memory(key: str, value, nbytes: int, what: str) -> None:
     """dataset.<key>=value refused when the data it asks for (`what`, `nbytes`) exceeds MAX_DATASET_BYTES."""
     if nbytes > MAX_DATASET_BYTES:
-        raise UserError(f"dataset.{key}={value!r} is not allowed: {what} take {nbytes / 2**30:,.0f} GiB in memory, more than "
-                        f"the {MAX_DATASET_BYTES // 2**30} GiB a dataset may")
+        raise UserError(
+            f"dataset.{key}={value!r} is not allowed: {what} take {nbytes / 2**30:,.0f} GiB in memory, more than "
+            f"the {MAX_DATASET_BYTES // 2**30} GiB a dataset may"
+        )
 
 
 def _cifar10(cfg) -> ImageDataset:
@@ -171,8 +183,12 @@ DATASETS: dict[str, Callable] = {
 
 
 # What a dataset's files decide: its config may state these keys (dataset_shape reads them) but not change them.
-FIXED = {"cifar10": {"channels": 3, "num_classes": 10}, "mnist": {"channels": 1, "num_classes": 10},
-         "fashion_mnist": {"channels": 1, "num_classes": 10}, "folder": {"channels": 3}}
+FIXED = {
+    "cifar10": {"channels": 3, "num_classes": 10},
+    "mnist": {"channels": 1, "num_classes": 10},
+    "fashion_mnist": {"channels": 1, "num_classes": 10},
+    "folder": {"channels": 3},
+}
 
 
 def build_dataset(cfg) -> ImageDataset:
@@ -181,18 +197,22 @@ def build_dataset(cfg) -> ImageDataset:
         raise UserError(f"dataset={name!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
     for key, fixed in FIXED.get(name, {}).items():
         if key in cfg and cfg[key] != fixed:
-            raise UserError(f"dataset.{key}={cfg[key]!r} is not allowed: dataset={name} has {fixed} (its images decide it)")
+            raise UserError(
+                f"dataset.{key}={cfg[key]!r} is not allowed: dataset={name} has {fixed} (its images decide it)"
+            )
     if "flip" in cfg:
         flag(cfg, "flip")
     return DATASETS[name](cfg)
 
 
-def positive_int(cfg, key: str, maximum: Optional[int] = None) -> int:
+def positive_int(cfg, key: str, maximum: int | None = None) -> int:
     """dataset.<key>, a positive integer up to `maximum` (by default its entry in LIMITS, if any)."""
     val = cfg.get(key)
     top = maximum or LIMITS.get(key)
     if isinstance(val, bool) or not isinstance(val, int) or val < 1 or (top is not None and val > top):
-        raise UserError(f"dataset.{key}={val!r} is not allowed: it must be a positive integer" + (f" up to {top:,}" if top else ""))
+        raise UserError(
+            f"dataset.{key}={val!r} is not allowed: it must be a positive integer" + (f" up to {top:,}" if top else "")
+        )
     return val
 
 
@@ -222,7 +242,7 @@ def held_out(cfg: dict) -> tuple[dict, str]:
     return cfg, "all of it"
 
 
-def dataset_shape(cfg) -> tuple[int, int, Optional[int]]:
+def dataset_shape(cfg) -> tuple[int, int, int | None]:
     """(channels, resolution, num_classes) of a dataset config without materialising the data."""
     if cfg.get("name") == "gmm":
         m = build_mixture(cfg)

@@ -11,7 +11,6 @@ import os
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 from diffuse.errors import UserError
 
@@ -19,7 +18,9 @@ from diffuse.errors import UserError
 def cache_dir(cfg) -> Path:
     """dataset.root with ~ expanded: where the dataset's files are looked for and downloaded to."""
     if not cfg["root"]:
-        raise UserError(f"dataset.root={cfg['root']!r} is not allowed: give the folder that holds (or will hold) the dataset's files")
+        raise UserError(
+            f"dataset.root={cfg['root']!r} is not allowed: give the folder that holds (or will hold) the dataset's files"
+        )
     return Path(os.path.expanduser(str(cfg["root"])))
 
 
@@ -32,7 +33,7 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
     return h.hexdigest()
 
 
-def verify_md5(path: Path, expected: Optional[str]) -> None:
+def verify_md5(path: Path, expected: str | None) -> None:
     """Refuse a file whose MD5 is not `expected` (None: no check)."""
     if not expected:
         return
@@ -59,7 +60,9 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
 
 def fetch_or_explain(url: str, dest: Path, allow_download: bool) -> None:
     """Download url to dest, or raise the one-line offline message naming the file, the directory and the URL."""
-    missing = UserError(f"{dest.name} not found in {dest.parent}: download {url} and put it there (or set dataset.root)")
+    missing = UserError(
+        f"{dest.name} not found in {dest.parent}: download {url} and put it there (or set dataset.root)"
+    )
     if not allow_download:
         raise missing
     try:

@@ -56,7 +56,10 @@ def read_folder(root: Path, resolution: int, report=None) -> tuple[torch.Tensor,
             images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
             labels.append(label)
     if not images:
-        raise UserError(f"dataset.path={str(root)!r} holds no readable PNG, JPEG or WebP image" + (f" ({bad} unreadable)" if bad else ""))
+        raise UserError(
+            f"dataset.path={str(root)!r} holds no readable PNG, JPEG or WebP image"
+            + (f" ({bad} unreadable)" if bad else "")
+        )
     if bad:
         report(f"warning: skipped {bad} unreadable file(s) of {bad + len(images)} in {root}")
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes or [""]

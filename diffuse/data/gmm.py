@@ -63,7 +63,9 @@ class GaussianMixture:
 
 
 def _pattern(kind: int, c: int, h: int, w: int) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64), torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, h, dtype=torch.float64), torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij"
+    )
     if kind == 0:
         base = xx  # horizontal ramp
     elif kind == 1:
@@ -102,8 +104,10 @@ def load_mixture(path: str | Path) -> GaussianMixture:
     means, stds, weights = (t[k].to(torch.float64) for k in ("means", "stds", "weights"))
     k = means.shape[0]
     if means.dim() != 4 or stds.shape != (k,) or weights.shape != (k,):
-        raise UserError(f"dataset.path={str(path)!r}: expected means K x C x H x W, stds (K,), weights (K,); "
-                        f"got {tuple(means.shape)}, {tuple(stds.shape)}, {tuple(weights.shape)}")
+        raise UserError(
+            f"dataset.path={str(path)!r}: expected means K x C x H x W, stds (K,), weights (K,); "
+            f"got {tuple(means.shape)}, {tuple(stds.shape)}, {tuple(weights.shape)}"
+        )
     if (stds <= 0).any() or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-6:
         raise UserError(f"dataset.path={str(path)!r}: stds must be > 0 and weights >= 0 summing to 1")
     if means.abs().max() > 1:

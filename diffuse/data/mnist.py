@@ -56,13 +56,17 @@ def read_idx(path: Path, rank: int) -> np.ndarray:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise UserError(f"{path} is corrupted or truncated ({e}); delete it and download it again") from None
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != rank:
-        raise UserError(f"{path} is not an IDX file of uint8 with {rank} dimension(s): its magic is {raw[:4].hex() or 'empty'}, expected 000008{rank:02x}")
+        raise UserError(
+            f"{path} is not an IDX file of uint8 with {rank} dimension(s): its magic is {raw[:4].hex() or 'empty'}, expected 000008{rank:02x}"
+        )
     header = 4 + 4 * rank
     if len(raw) < header:
         raise UserError(f"{path} is truncated: its header is incomplete")
     dims = struct.unpack(f">{rank}I", raw[4:header])
     if len(raw) != header + int(np.prod(dims)):
-        raise UserError(f"{path} has {len(raw) - header} values where its header {dims} says {int(np.prod(dims))}: it is truncated or corrupted")
+        raise UserError(
+            f"{path} has {len(raw) - header} values where its header {dims} says {int(np.prod(dims))}: it is truncated or corrupted"
+        )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 

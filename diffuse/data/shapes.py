@@ -12,7 +12,9 @@ import torch
 CLASSES = ("circle", "square", "triangle", "cross")
 
 
-def render_shapes(n: int, resolution: int = 16, seed: int = 0, num_classes: int = 4, ss: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def render_shapes(
+    n: int, resolution: int = 16, seed: int = 0, num_classes: int = 4, ss: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n images (uint8, n x 3 x R x R) and their labels (int64)."""
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must be 1..{len(CLASSES)}")

@@ -73,8 +73,16 @@ def log_variance_bounds(schedule: Schedule, t: torch.Tensor, like: torch.Tensor)
     return beta.log().to(like.dtype).reshape(shape), beta_tilde.log().to(like.dtype).reshape(shape)
 
 
-def vlb_term(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v_raw: torch.Tensor,
-             schedule: Schedule, *, discretized: bool) -> torch.Tensor:
+def vlb_term(
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    v_raw: torch.Tensor,
+    schedule: Schedule,
+    *,
+    discretized: bool,
+) -> torch.Tensor:
     """L_t per example in nats per dimension (mean over dimensions) at integer timesteps t >= 0 of the full
     schedule, for a network whose eps and v_raw were computed at x_t: the KL for t >= 1, the decoder at t = 0
     (8-bit data when `discretized`). Computed in float64; differentiable in eps and v_raw (detach eps for

@@ -10,7 +10,7 @@ Guidance itself (how the gradient moves the noise prediction) is in diffusion.gu
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +18,17 @@ import torch.nn.functional as F
 from diffuse.diffusion.schedule import Schedule, q_sample
 
 
-def classifier_loss(net, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule, t: torch.Tensor,
-                    noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def classifier_loss(
+    net, x0: torch.Tensor, y: torch.Tensor, schedule: Schedule, t: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample cross-entropy, per-sample correctness as float) of net(x_t, t) on x_t = q_sample(x0, t, noise)."""
     logits = net(q_sample(schedule, x0, t, noise), t).float()
     return F.cross_entropy(logits, y, reduction="none"), (logits.argmax(1) == y).float()
 
 
-def log_prob_grad(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
+def log_prob_grad(
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """grad_x log p(y | x_t) of a classifier given by its logits, by autograd (also inside torch.no_grad, where
     the samplers run), in float32 and returned in x_t's dtype."""
     with torch.enable_grad():

@@ -21,7 +21,6 @@ step of a teacher from x_{n+1} (distillation) or the same noise at the lower lev
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -32,7 +31,9 @@ from diffuse.errors import UserError
 LOSSES = ("l2", "pseudo_huber")
 
 
-def skip_out(sigma: torch.Tensor, sigma_min: float, sigma_data: float, at_min=None) -> tuple[torch.Tensor, torch.Tensor]:
+def skip_out(
+    sigma: torch.Tensor, sigma_min: float, sigma_data: float, at_min=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """c_skip(sigma), c_out(sigma) of Song et al. appendix C: exactly 1 and 0 at sigma_min (and wherever `at_min`:
     sigma recomputed from a timestep differs from sigma_min by rounding, which must not break the boundary)."""
     d = (sigma - sigma_min).clamp(min=0)
@@ -41,8 +42,9 @@ def skip_out(sigma: torch.Tensor, sigma_min: float, sigma_data: float, at_min=No
     return sigma_data**2 / (d**2 + sigma_data**2), sigma_data * d / (sigma_data**2 + sigma**2).sqrt()
 
 
-def consistency_fn(net, prediction: str, schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, y=None, *,
-                   sigma_data: float = 0.5) -> torch.Tensor:
+def consistency_fn(
+    net, prediction: str, schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, y=None, *, sigma_data: float = 0.5
+) -> torch.Tensor:
     """f(x_t, t): the clean image the consistency model assigns to x_t at timestep t (differentiable)."""
     if prediction not in PREDICTIONS:
         raise UserError(f"objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
@@ -64,7 +66,7 @@ class ConsistencyDenoiser:
         self.sigma_data, self.autocast_dtype = sigma_data, autocast_dtype
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(x_t.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             f = consistency_fn(self.net, self.prediction, self.schedule, x_t, t, y, sigma_data=self.sigma_data)
         a, s = coefficients(self.schedule, t, x_t)
@@ -91,8 +93,9 @@ def cd_levels(k: int, total: int, s0: int = 2, s1: int = 150) -> int:
     return math.ceil(math.sqrt(k / max(total, 1) * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
 
 
-def lognormal_indices(levels: torch.Tensor, n: int, generator: torch.Generator, p_mean: float = -1.1,
-                      p_std: float = 2.0) -> torch.Tensor:
+def lognormal_indices(
+    levels: torch.Tensor, n: int, generator: torch.Generator, p_mean: float = -1.1, p_std: float = 2.0
+) -> torch.Tensor:
     """Indices i of the lower level of each pair (sigma_i, sigma_{i+1}), drawn with probability proportional to
     erf((log sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((log sigma_i - P_mean) / (sqrt 2 P_std)): iCT's
     discretised log-normal (Song & Dhariwal 2023, section 3.5)."""
@@ -130,11 +133,13 @@ def t_of_sigma(schedule: Schedule, sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heun_step(teacher, x: torch.Tensor, s_from: torch.Tensor, s_to: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor,
-              y=None) -> torch.Tensor:
+def heun_step(
+    teacher, x: torch.Tensor, s_from: torch.Tensor, s_to: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, y=None
+) -> torch.Tensor:
     """One Heun step of the teacher's probability-flow ODE in x~ = x_0 + sigma eps (Karras et al. 2022, Algorithm 1,
     the step samplers/heun.py takes), dx~/dsigma = eps, from sigma_from to sigma_to per sample: consistency
     distillation draws a different pair of levels for every example, which the samplers' shared levels cannot."""
+
     def shaped(v):
         return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 

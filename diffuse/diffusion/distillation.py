@@ -35,7 +35,9 @@ def teacher_grid(schedule: Schedule, start_steps: int, spacing: str) -> torch.Te
     if spacing not in SPACINGS:
         raise UserError(f"distill.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS)}")
     if start_steps > schedule.T:
-        raise UserError(f"distill.start_steps={start_steps} is not allowed: at most the schedule's T={schedule.T} levels")
+        raise UserError(
+            f"distill.start_steps={start_steps} is not allowed: at most the schedule's T={schedule.T} levels"
+        )
     return sampler_timesteps(schedule, start_steps, spacing)
 
 
@@ -53,8 +55,10 @@ def rounds(start_steps: int, target_steps: int) -> list[int]:
         raise UserError(f"distill.start_steps={start_steps!r} is not allowed: an integer >= 2, the teacher's steps")
     ratio = start_steps // target_steps
     if start_steps % target_steps or ratio < 2 or ratio & (ratio - 1):
-        raise UserError(f"distill.target_steps={target_steps} is not allowed: it must be distill.start_steps={start_steps} "
-                        "divided by a power of two (each round halves the steps)")
+        raise UserError(
+            f"distill.target_steps={target_steps} is not allowed: it must be distill.start_steps={start_steps} "
+            "divided by a power of two (each round halves the steps)"
+        )
     out, n = [], start_steps
     while n > target_steps:
         n //= 2
@@ -78,8 +82,9 @@ def coefs_at(schedule: Schedule, t: torch.Tensor, like: torch.Tensor):
 
 
 @torch.no_grad()
-def teacher_target(teacher, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, t_next: torch.Tensor,
-                   schedule: Schedule, y=None) -> torch.Tensor:
+def teacher_target(
+    teacher, x_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor, t_next: torch.Tensor, schedule: Schedule, y=None
+) -> torch.Tensor:
     """x~: the clean image whose single DDIM step from (x_t, t) reaches the teacher's two steps t -> t_mid -> t_next.
     `teacher(x, t, y) -> eps` is any denoiser (a network, the exact mixture oracle)."""
     a, s = coefs_at(schedule, t, x_t)
@@ -104,8 +109,21 @@ def weight(schedule: Schedule, t: torch.Tensor, weighting: str) -> torch.Tensor:
     raise UserError(f"distill.weighting={weighting!r} is not allowed: choose one of {', '.join(WEIGHTINGS)}")
 
 
-def progressive_loss(student, prediction: str, teacher, x0: torch.Tensor, schedule: Schedule, grid: torch.Tensor, steps: int,
-                     index: torch.Tensor, noise: torch.Tensor, *, weighting: str, y=None, teacher_y=None) -> torch.Tensor:
+def progressive_loss(
+    student,
+    prediction: str,
+    teacher,
+    x0: torch.Tensor,
+    schedule: Schedule,
+    grid: torch.Tensor,
+    steps: int,
+    index: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    weighting: str,
+    y=None,
+    teacher_y=None,
+) -> torch.Tensor:
     """Per-sample loss of the `steps`-step student at its level number `index` (0: the noisiest), on the first
     teacher's `grid` (see student_levels). `index` (B,) and `noise` come from the caller's generators."""
     g = grid.to(x0.device)

@@ -23,20 +23,27 @@ the levels of N steps that lie below t0, as img2img pipelines do), so the NFE is
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from diffuse.diffusion.inpainting import paste
-from diffuse.diffusion.schedule import Schedule, q_sample
 from diffuse.diffusion.samplers.common import batch_time
+from diffuse.diffusion.schedule import Schedule, q_sample
 from diffuse.errors import UserError
 
 
 def check_strength(strength) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) or not 0 <= strength <= 1:
-        raise UserError(f"edit.strength={strength!r} is not allowed: it must be a number in [0, 1] "
-                        "(0 returns the image, 1 ignores it)")
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float))
+        or not math.isfinite(strength)
+        or not 0 <= strength <= 1
+    ):
+        raise UserError(
+            f"edit.strength={strength!r} is not allowed: it must be a number in [0, 1] "
+            "(0 returns the image, 1 ignores it)"
+        )
     return float(strength)
 
 
@@ -58,8 +65,20 @@ def perturb(schedule: Schedule, x0: torch.Tensor, t0: int, noise: torch.Tensor) 
     return q_sample(schedule, x0.to(noise.dtype).expand_as(noise), batch_time(t0, noise), noise)
 
 
-def sdedit(sampler: Callable, denoiser, x0: torch.Tensor, timesteps: torch.Tensor, schedule: Schedule, *,
-           strength: float, noise: torch.Tensor, generator, y=None, hook=None, **options) -> torch.Tensor:
+def sdedit(
+    sampler: Callable,
+    denoiser,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    schedule: Schedule,
+    *,
+    strength: float,
+    noise: torch.Tensor,
+    generator,
+    y=None,
+    hook=None,
+    **options,
+) -> torch.Tensor:
     """SDEdit of the images x0 (broadcast to noise's batch) with `sampler(denoiser, x, levels, schedule, ...)` over
     its `timesteps` truncated at t0. At strength 1 the start is `noise` itself and the levels are the sampler's
     own: exactly what sampling from that noise gives, whatever x0 is. At strength 0 x0 comes back untouched."""

@@ -30,7 +30,7 @@ guidance wraps a classifier-free-guided denoiser.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,24 +40,33 @@ from diffuse.errors import UserError
 CLASSIFIER_MODES = ("eps", "mean")
 
 
-def check_guidance(scale, interval=None, rescale=0.0, schedule: Optional[Schedule] = None):
+def check_guidance(scale, interval=None, rescale=0.0, schedule: Schedule | None = None):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
         raise UserError(f"guidance.scale={scale!r} is not allowed: it must be a finite number >= 0")
     if interval is not None:
-        if not isinstance(interval, Sequence) or len(interval) != 2 or not all(isinstance(v, (int, float)) for v in interval) or interval[0] > interval[1]:
-            raise UserError(f"guidance.interval={interval!r} is not allowed: give [t_lo, t_hi] with t_lo <= t_hi, or null")
+        if (
+            not isinstance(interval, Sequence)
+            or len(interval) != 2
+            or not all(isinstance(v, (int, float)) for v in interval)
+            or interval[0] > interval[1]
+        ):
+            raise UserError(
+                f"guidance.interval={interval!r} is not allowed: give [t_lo, t_hi] with t_lo <= t_hi, or null"
+            )
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale <= 1:
         raise UserError(f"guidance.rescale={rescale!r} is not allowed: it must be in [0, 1]")
     if rescale > 0 and schedule is None:
         raise UserError("guidance.rescale > 0 needs the schedule (to convert eps to x0)")
 
 
-def cfg_denoiser(denoiser, scale: float, null_label: int, interval=None, rescale: float = 0.0, schedule: Optional[Schedule] = None):
+def cfg_denoiser(
+    denoiser, scale: float, null_label: int, interval=None, rescale: float = 0.0, schedule: Schedule | None = None
+):
     """A denoiser computing eps_null + scale (eps_cond - eps_null); unlabelled calls (y=None) pass through."""
     check_guidance(scale, interval, rescale, schedule)
     scale = float(scale)
 
-    def guided(x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None or scale == 1.0:
             return denoiser(x_t, t, y)
         null = torch.full_like(y, null_label)
@@ -84,15 +93,16 @@ def cfg_denoiser(denoiser, scale: float, null_label: int, interval=None, rescale
     return guided
 
 
-def classifier_guided(denoiser, grad: Callable, scale: float, schedule: Schedule, *, interval=None,
-                      factors: Optional[dict] = None):
+def classifier_guided(
+    denoiser, grad: Callable, scale: float, schedule: Schedule, *, interval=None, factors: dict | None = None
+):
     """A denoiser computing eps - scale c_t grad(x_t, t, y), grad(x_t, t, y) = grad_x log p(y | x_t) (the classifier);
     c_t = sqrt(1 - alpha_bar_t), or with `factors` ({timestep: c_t}, mean_shift_factors) the ancestral mean's.
     Unlabelled calls (y=None) and scale 0 pass through; outside `interval` the classifier is not asked."""
     check_guidance(scale, interval)
     scale = float(scale)
 
-    def guided(x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def guided(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         eps = denoiser(x_t, t, y)
         if y is None or scale == 0.0:
             return eps

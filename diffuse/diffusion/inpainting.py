@@ -22,7 +22,7 @@ conditioned
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -51,7 +51,7 @@ class MaskConditioned:
         self.net = net
         self.context = context
 
-    def with_known(self, x0_known: torch.Tensor, keep: torch.Tensor) -> "MaskConditioned":
+    def with_known(self, x0_known: torch.Tensor, keep: torch.Tensor) -> MaskConditioned:
         return MaskConditioned(self.net, mask_context(x0_known, keep))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
@@ -66,8 +66,10 @@ class MaskConditioned:
 def require_mask_conditioned(denoiser) -> None:
     """Refuse the conditioned method for a denoiser that is not a network trained with masks."""
     if not isinstance(getattr(denoiser, "net", None), MaskConditioned):
-        raise UserError("inpaint.method=conditioned needs a model trained with objective.mask_training=true; "
-                        "this one was not: use inpaint.method=replace or repaint")
+        raise UserError(
+            "inpaint.method=conditioned needs a model trained with objective.mask_training=true; "
+            "this one was not: use inpaint.method=replace or repaint"
+        )
 
 
 def condition_on(denoiser, x0_known: torch.Tensor, keep: torch.Tensor):
@@ -129,7 +131,9 @@ def walk(steps: int, jump_length: int, jumps_left: dict[int, int]) -> list[int]:
     """The levels visited from `steps` down to 0, jumping back up by jump_length at level r while
     jumps_left[r] > 0 (consumed as it goes). The walk ends on reaching 0, so jump points are levels >= 1."""
     if any(n > 0 and not 1 <= r <= steps - jump_length for r, n in jumps_left.items()):
-        raise ValueError(f"jump points must be levels in [1, steps - jump_length] = [1, {steps - jump_length}]: {sorted(jumps_left)}")
+        raise ValueError(
+            f"jump points must be levels in [1, steps - jump_length] = [1, {steps - jump_length}]: {sorted(jumps_left)}"
+        )
     jumps_left = dict(jumps_left)
     levels, r = [steps], steps
     while r > 0:
@@ -189,7 +193,15 @@ def repaint(
             eps = denoiser(x, tt, y)
             if learned:
                 step_options["v_raw"] = learned_variance(x, tt, y) if t_next >= 0 else None
-            x = update(x, eps, alpha_bar_of(schedule, t), alpha_bar_of(schedule, t_next), last=t_next < 0, generator=generator, **step_options)
+            x = update(
+                x,
+                eps,
+                alpha_bar_of(schedule, t),
+                alpha_bar_of(schedule, t_next),
+                last=t_next < 0,
+                generator=generator,
+                **step_options,
+            )
             x = hook(x, t_next)
         else:  # forward jump t -> t_next > t: q(x_{t_next} | x_t)
             ratio = alpha_bar_of(schedule, t_next) / alpha_bar_of(schedule, t)

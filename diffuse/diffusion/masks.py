@@ -33,7 +33,9 @@ STROKE_RADIUS = (0.05, 0.12)  # of the image side
 def check_mask_kinds(kinds) -> torch.Tensor:
     """objective.mask_kinds ({kind: probability}) -> probabilities in MASK_KINDS order (float64, sum 1)."""
     if not isinstance(kinds, dict) or not kinds:
-        raise UserError(f"objective.mask_kinds={kinds!r} is not allowed: give probabilities of {', '.join(MASK_KINDS)}, e.g. {{boxes: 0.5, half: 0.5}}")
+        raise UserError(
+            f"objective.mask_kinds={kinds!r} is not allowed: give probabilities of {', '.join(MASK_KINDS)}, e.g. {{boxes: 0.5, half: 0.5}}"
+        )
     probs = []
     for kind in kinds:
         if kind not in MASK_KINDS:
@@ -57,8 +59,11 @@ def draw_masks(n: int, h: int, w: int, probs: torch.Tensor, generator: torch.Gen
     cum = probs.to(u.device).cumsum(0)
     last = int(torch.nonzero(probs > 0)[-1])  # float rounding must not pick a kind of probability 0
     kind = torch.searchsorted(cum, u, right=True).clamp(max=last).to(device)
-    drawn = [(_box_params(n, h, w, generator), _render_boxes), (_stroke_params(n, h, w, generator), _render_strokes),
-             (_half_params(n, generator), _render_halves)]
+    drawn = [
+        (_box_params(n, h, w, generator), _render_boxes),
+        (_stroke_params(n, h, w, generator), _render_strokes),
+        (_half_params(n, generator), _render_halves),
+    ]
     out = torch.ones(n, 1, h, w, device=device)  # "none": everything to generate
     for k, (params, render) in enumerate(drawn):
         idx = torch.nonzero(kind == k).flatten()
@@ -99,8 +104,12 @@ def _render_boxes(params, h, w):
     rows = torch.arange(h, device=dev).view(1, 1, h, 1)
     cols = torch.arange(w, device=dev).view(1, 1, 1, w)
     end = start + side
-    inside = ((rows >= start[..., 0, None, None]) & (rows < end[..., 0, None, None])
-              & (cols >= start[..., 1, None, None]) & (cols < end[..., 1, None, None]))
+    inside = (
+        (rows >= start[..., 0, None, None])
+        & (rows < end[..., 0, None, None])
+        & (cols >= start[..., 1, None, None])
+        & (cols < end[..., 1, None, None])
+    )
     used = torch.arange(MAX_BOXES, device=dev).view(1, -1, 1, 1) < count.view(-1, 1, 1, 1)
     return (inside & used).any(1, keepdim=True).float()
 
@@ -127,7 +136,9 @@ def _stroke_params(n, h, w, g):
 def _render_strokes(params, h, w):
     verts, radius = params
     n, dev = verts.shape[0], verts.device
-    centres = torch.stack(torch.meshgrid(torch.arange(h, device=dev) + 0.5, torch.arange(w, device=dev) + 0.5, indexing="ij"), -1)
+    centres = torch.stack(
+        torch.meshgrid(torch.arange(h, device=dev) + 0.5, torch.arange(w, device=dev) + 0.5, indexing="ij"), -1
+    )
     centres = centres.reshape(1, -1, 2)  # (1, hw, 2) as (row, col)
     dist = torch.full((n, h * w), float("inf"), device=dev)
     for i in range(verts.shape[1] - 1):
@@ -147,5 +158,7 @@ def _render_halves(params, h, w):
     dev = which.device
     rows = torch.arange(h, device=dev).view(1, h, 1).expand(1, h, w)
     cols = torch.arange(w, device=dev).view(1, 1, w).expand(1, h, w)
-    halves = torch.stack([cols < (w + 1) // 2, cols >= w // 2, rows < (h + 1) // 2, rows >= h // 2]).float()  # (4, 1, h, w)
+    halves = torch.stack(
+        [cols < (w + 1) // 2, cols >= w // 2, rows < (h + 1) // 2, rows >= h // 2]
+    ).float()  # (4, 1, h, w)
     return halves[which]

@@ -8,7 +8,8 @@ the number of processes that share the work.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 

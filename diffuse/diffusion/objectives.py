@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.diffusion.consistency import t_of_sigma
 from diffuse.diffusion.bound import LN2, vlb_term
+from diffuse.diffusion.consistency import t_of_sigma
 from diffuse.diffusion.prediction import PREDICTIONS, edm_denoise, target, to_eps
 from diffuse.diffusion.schedule import Schedule, coefficients, q_sample
 from diffuse.errors import UserError
@@ -37,7 +37,9 @@ def eps_space_factor(prediction: str, snr: torch.Tensor) -> torch.Tensor:
     return (snr + 1.0) / snr
 
 
-def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+def loss_weight(
+    schedule: Schedule, t: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0
+) -> torch.Tensor:
     """Per-sample weight (float64, on t's device) on the mean squared error of the prediction target."""
     if prediction not in PREDICTIONS:
         raise UserError(f"objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
@@ -117,8 +119,16 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def edm_sigmas(n: int, generator: torch.Generator | None, *, p_mean: float, p_std: float, sigma_min: float,
-               sigma_max: float, device=None) -> torch.Tensor:
+def edm_sigmas(
+    n: int,
+    generator: torch.Generator | None,
+    *,
+    p_mean: float,
+    p_std: float,
+    sigma_min: float,
+    sigma_max: float,
+    device=None,
+) -> torch.Tensor:
     """n training noise levels, ln sigma ~ N(P_mean, P_std^2) (float64, on the generator's device), clamped to the
     schedule's [sigma_min, sigma_max]: outside it the process has no timestep for F's time input, and the samplers
     never ask there."""
@@ -126,8 +136,16 @@ def edm_sigmas(n: int, generator: torch.Generator | None, *, p_mean: float, p_st
     return (p_mean + p_std * z).exp().clamp(sigma_min, sigma_max)
 
 
-def edm_loss(net, x0: torch.Tensor, schedule: Schedule, sigma: torch.Tensor, noise: torch.Tensor, *,
-             sigma_data: float = 0.5, y=None) -> torch.Tensor:
+def edm_loss(
+    net,
+    x0: torch.Tensor,
+    schedule: Schedule,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    sigma_data: float = 0.5,
+    y=None,
+) -> torch.Tensor:
     """Per-sample lambda(sigma) |D(x_0 + sigma eps; sigma) - x_0|^2 (mean over pixels), Karras et al. eq. 8, at
     the given levels sigma (B,) and noise eps; F's time input is the fractional timestep of each sigma."""
     t = t_of_sigma(schedule, sigma)

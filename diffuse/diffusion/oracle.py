@@ -13,8 +13,6 @@ classifier guidance at scale 1 with it turns the unconditional denoiser into the
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from diffuse.data.gmm import GaussianMixture
@@ -27,7 +25,7 @@ class GMMDenoiser:
         self.schedule = schedule
         self.num_classes = mixture.K
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         m = self.mixture
         ab = self.schedule.alpha_bar_at(t.to(x_t.device)).to(torch.float64).reshape(-1, 1)
         a, s2 = ab.sqrt(), 1 - ab
@@ -50,7 +48,7 @@ class GMMDenoiser:
 class GMMClassifier:
     """The exact noise-aware classifier of a mixture: log p(k | x_t) = log r_k(x_t), and its gradient in closed form,
 
-        grad_x log p(y | x_t) = g_y - sum_k r_k g_k,   g_k = grad_x log N(x_t; a mu_k, v_k I) = -(x_t - a mu_k) / v_k
+    grad_x log p(y | x_t) = g_y - sum_k r_k g_k,   g_k = grad_x log N(x_t; a mu_k, v_k I) = -(x_t - a mu_k) / v_k
     """
 
     def __init__(self, mixture: GaussianMixture, schedule: Schedule):

@@ -14,7 +14,8 @@ class labels or None.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -25,7 +26,7 @@ PREDICTIONS = ("eps", "x0", "v")
 
 
 class Denoiser(Protocol):
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def eps_to_x0(eps, x_t, a, s):
@@ -91,9 +92,13 @@ class NetworkDenoiser:
     variances guided-diffusion's sampler uses too), else it runs the network again.
     """
 
-    def __init__(self, net: Callable, prediction: str, schedule: Schedule, autocast_dtype=None, learn_sigma: bool = False):
+    def __init__(
+        self, net: Callable, prediction: str, schedule: Schedule, autocast_dtype=None, learn_sigma: bool = False
+    ):
         if prediction not in PREDICTIONS:
-            raise UserError(f"objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
+            raise UserError(
+                f"objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}"
+            )
         self.net = net
         self.prediction = prediction
         self.schedule = schedule
@@ -108,7 +113,7 @@ class NetworkDenoiser:
         return self.net(x_t, t, y)
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = self._forward(x_t, t, y)
         if self.learn_sigma:
             c = out.shape[1] // 2
@@ -119,15 +124,23 @@ class NetworkDenoiser:
         return to_eps(self.prediction, out.to(x_t.dtype), x_t, a, s)
 
     @torch.no_grad()
-    def variance_output(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def variance_output(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """v_raw at (x_t, t, y): the variance channels of a learn_sigma network (diffusion.bound)."""
         if not self.learn_sigma:
             raise ValueError("variance_output: this network has no learned variances")
         if self._last is not None:
             lx, lt, ly, v = self._last
             b = x_t.shape[0]
-            same_y = (y is None and ly is None) or (y is not None and ly is not None and ly.shape[0] >= b and torch.equal(ly[:b], y))
-            if lx.shape[0] >= b and lx.shape[1:] == x_t.shape[1:] and same_y and torch.equal(lt[:b], t) and torch.equal(lx[:b], x_t):
+            same_y = (y is None and ly is None) or (
+                y is not None and ly is not None and ly.shape[0] >= b and torch.equal(ly[:b], y)
+            )
+            if (
+                lx.shape[0] >= b
+                and lx.shape[1:] == x_t.shape[1:]
+                and same_y
+                and torch.equal(lt[:b], t)
+                and torch.equal(lx[:b], x_t)
+            ):
                 return v[:b]
         self(x_t, t, y)
         return self._last[3]
@@ -160,7 +173,9 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, 
     return sd2 / (sigma**2 + sd2), sigma * sigma_data / norm, 1 / norm
 
 
-def edm_denoise(net, x_tilde: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor, y=None, *, sigma_data: float) -> torch.Tensor:
+def edm_denoise(
+    net, x_tilde: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor, y=None, *, sigma_data: float
+) -> torch.Tensor:
     """D(x~; sigma): the clean image the preconditioned network F assigns to x~ = x_0 + sigma eps (differentiable).
     sigma broadcasts against x~ (shape (B, 1, ..., 1)); t is the timestep of each sigma, F's time input."""
     c_skip, c_out, c_in = edm_scalings(sigma, sigma_data)
@@ -175,7 +190,7 @@ class EDMDenoiser:
         self.net, self.schedule, self.sigma_data, self.autocast_dtype = net, schedule, sigma_data, autocast_dtype
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         a, s = coefficients(self.schedule, t, x_t)
         # The conversions stay in x_t's dtype (samplers work in float32/64); only F runs under autocast.
         with torch.autocast(x_t.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

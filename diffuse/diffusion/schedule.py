@@ -142,8 +142,10 @@ def make_schedule(
             _finite(name, v)
         # alpha_bar must fall with t: the sigmoid's argument has to rise from start to end.
         if not sigmoid_start < sigmoid_end:
-            raise UserError(f"schedule.sigmoid_start={sigmoid_start!r} is not allowed: it must be below "
-                            f"schedule.sigmoid_end={sigmoid_end!r}")
+            raise UserError(
+                f"schedule.sigmoid_start={sigmoid_start!r} is not allowed: it must be below "
+                f"schedule.sigmoid_end={sigmoid_end!r}"
+            )
         if not sigmoid_tau > 0:
             raise UserError(f"schedule.sigmoid_tau={sigmoid_tau!r} is not allowed: it must be > 0")
         # Jabri et al. 2022 / Chen 2023: alpha_bar follows a shifted, rescaled sigmoid in t.
@@ -162,8 +164,10 @@ def make_schedule(
     if bad.numel():
         i = int(bad[0, 0])
         given = ", ".join(f"schedule.{k}={v!r}" for k, v in params.items())
-        raise UserError(f"{given} is not allowed for schedule.kind={kind}: it gives beta_{i}={float(betas[i])!r}, "
-                        f"outside (0, schedule.max_beta={max_beta!r}]")
+        raise UserError(
+            f"{given} is not allowed for schedule.kind={kind}: it gives beta_{i}={float(betas[i])!r}, "
+            f"outside (0, schedule.max_beta={max_beta!r}]"
+        )
     return Schedule(betas=betas)
 
 

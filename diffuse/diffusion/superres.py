@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,16 +77,18 @@ class LowResConditioned:
     of the augmented low-resolution image z is concatenated to x_t and the level l goes to the augmentation
     embedding. Without z it cannot be called: such a model always samples given a low-resolution image."""
 
-    def __init__(self, net, factor: int, lowres: Optional[torch.Tensor] = None, level: Optional[torch.Tensor] = None):
+    def __init__(self, net, factor: int, lowres: torch.Tensor | None = None, level: torch.Tensor | None = None):
         self.net, self.factor = net, factor
         self.lowres, self.level = lowres, level
 
-    def with_lowres(self, z: torch.Tensor, level) -> "LowResConditioned":
+    def with_lowres(self, z: torch.Tensor, level) -> LowResConditioned:
         return LowResConditioned(self.net, self.factor, z, torch.as_tensor(level, dtype=torch.float64).reshape(-1))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
         if self.lowres is None:
-            raise RuntimeError("a super-resolution network is called with its low-resolution image: with_lowres() first")
+            raise RuntimeError(
+                "a super-resolution network is called with its low-resolution image: with_lowres() first"
+            )
         ctx = upsample(self.lowres.to(device=x.device, dtype=x.dtype), self.factor)
         level = self.level.to(x.device).expand(ctx.shape[0]) if self.level.numel() == 1 else self.level.to(x.device)
         if ctx.shape[0] != x.shape[0]:  # a guided batch stacks copies of the images: their context repeats alike
@@ -106,7 +107,9 @@ def condition_lowres(denoiser, z: torch.Tensor, level):
         return denoiser.with_lowres(z, level)
     net = getattr(denoiser, "net", None)
     if not isinstance(net, LowResConditioned):
-        raise TypeError("condition_lowres needs a super-resolution denoiser (LowResOracle, or a network over LowResConditioned)")
+        raise TypeError(
+            "condition_lowres needs a super-resolution denoiser (LowResOracle, or a network over LowResConditioned)"
+        )
     told = copy.copy(denoiser)
     told.net = net.with_lowres(z, level)
     return told
@@ -163,19 +166,24 @@ class LowResOracle:
     (two variances, on P and off it) and r_k proportional to w_k N(x_t; a m_k, V_k). A label y = k < K fixes the
     component, as the mixture oracle does; K (the null label) leaves the mixture."""
 
-    def __init__(self, mixture: GaussianMixture, schedule: Schedule, factor: int,
-                 posterior: Optional[LowResPosterior] = None):
+    def __init__(
+        self, mixture: GaussianMixture, schedule: Schedule, factor: int, posterior: LowResPosterior | None = None
+    ):
         self.mixture, self.schedule, self.factor = mixture, schedule, factor
         self.num_classes = mixture.K
         self.posterior = posterior
 
-    def with_lowres(self, z: torch.Tensor, level) -> "LowResOracle":
-        return LowResOracle(self.mixture, self.schedule, self.factor, lowres_posterior(self.mixture, z, level, self.factor))
+    def with_lowres(self, z: torch.Tensor, level) -> LowResOracle:
+        return LowResOracle(
+            self.mixture, self.schedule, self.factor, lowres_posterior(self.mixture, z, level, self.factor)
+        )
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         post = self.posterior
         if post is None:
-            raise RuntimeError("the super-resolution oracle is called with its low-resolution image: with_lowres() first")
+            raise RuntimeError(
+                "the super-resolution oracle is called with its low-resolution image: with_lowres() first"
+            )
         f, K = self.factor, self.mixture.K
         ab = self.schedule.alpha_bar_at(t.to(x_t.device)).to(torch.float64).reshape(-1, 1)
         a, s2 = ab.sqrt(), 1 - ab  # (B, 1)
@@ -188,14 +196,19 @@ class LowResOracle:
         v_q = a**2 * post.var_q.to(xf.device) + s2
         dim_p, dim_q = post.dims
         sq_p, sq_q = (on_p**2).flatten(2).sum(2), (off_p**2).flatten(2).sum(2)
-        log_r = (torch.log(post.weights.to(xf.device)) - 0.5 * (sq_p / v_p + sq_q / v_q)
-                 - 0.5 * (dim_p * torch.log(v_p) + dim_q * torch.log(v_q)))
+        log_r = (
+            torch.log(post.weights.to(xf.device))
+            - 0.5 * (sq_p / v_p + sq_q / v_q)
+            - 0.5 * (dim_p * torch.log(v_p) + dim_q * torch.log(v_q))
+        )
         if y is not None:
             y = y.to(xf.device).long()
             onehot = F.one_hot(y.clamp(max=K - 1), K).bool()
             log_r = torch.where((y < K).unsqueeze(1), torch.where(onehot, 0.0, float("-inf")), log_r)
         r = torch.softmax(log_r, 1)[:, :, None, None, None]
-        eps = s2.sqrt()[:, :, None, None] * (r * (on_p / v_p[:, :, None, None, None] + off_p / v_q[:, :, None, None, None])).sum(1)
+        eps = s2.sqrt()[:, :, None, None] * (
+            r * (on_p / v_p[:, :, None, None, None] + off_p / v_q[:, :, None, None, None])
+        ).sum(1)
         return eps.to(x_t.dtype)
 
 
@@ -228,8 +241,15 @@ def lowres_fit(post: LowResPosterior, index: int, samples: torch.Tensor) -> list
     for k in range(len(w)):
         rk = r[:, k]
         total = float(rk.sum())
-        row = {"component": k, "exact_weight": float(w[k]), "weight": total / n, "weight_se": float(rk.std()) / math.sqrt(n),
-               "mean_err": float("nan"), "std_p": float("nan"), "std_q": float("nan")}
+        row = {
+            "component": k,
+            "exact_weight": float(w[k]),
+            "weight": total / n,
+            "weight_se": float(rk.std()) / math.sqrt(n),
+            "mean_err": float("nan"),
+            "std_p": float("nan"),
+            "std_q": float("nan"),
+        }
         if total > 0 and float((rk**2).sum()) > 0 and total**2 / float((rk**2).sum()) >= 2:
             rw = rk[:, None, None, None] / total
             mean = (rw * x).sum(0)

@@ -64,7 +64,9 @@ def sigma_timesteps(schedule, sigmas: torch.Tensor) -> torch.Tensor:
     schedule's ends."""
     ts = schedule.t_from_sigma(sigmas.to(torch.float64))
     s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
-    ts = torch.where(torch.isclose(sigmas, torch.tensor(s_max, dtype=torch.float64), rtol=1e-12), float(schedule.T - 1), ts)
+    ts = torch.where(
+        torch.isclose(sigmas, torch.tensor(s_max, dtype=torch.float64), rtol=1e-12), float(schedule.T - 1), ts
+    )
     return torch.where(torch.isclose(sigmas, torch.tensor(s_min, dtype=torch.float64), rtol=1e-12), 0.0, ts)
 
 
@@ -91,7 +93,11 @@ def explicit_timesteps(schedule, *, sigmas=None, timesteps=None) -> torch.Tensor
     if sigmas is not None and timesteps is not None:
         raise UserError("sampler.sigmas and sampler.timesteps cannot both be given: choose one")
     name, values = ("sampler.sigmas", sigmas) if sigmas is not None else ("sampler.timesteps", timesteps)
-    if not isinstance(values, (list, tuple)) or not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values)
+    ):
         raise UserError(f"{name}={values!r} is not allowed: give a non-empty list of numbers")
     v = torch.tensor([float(x) for x in values], dtype=torch.float64)
     if not torch.isfinite(v).all() or (len(v) > 1 and not (v[1:] < v[:-1]).all()):
@@ -99,7 +105,9 @@ def explicit_timesteps(schedule, *, sigmas=None, timesteps=None) -> torch.Tensor
     if sigmas is not None:
         s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
         if v[0] > s_max * (1 + 1e-9) or v[-1] < s_min * (1 - 1e-9):
-            raise UserError(f"{name}={list(values)!r} is not allowed: noise levels must lie in [{s_min:.6g}, {s_max:.6g}], the schedule's")
+            raise UserError(
+                f"{name}={list(values)!r} is not allowed: noise levels must lie in [{s_min:.6g}, {s_max:.6g}], the schedule's"
+            )
         return sigma_timesteps(schedule, v.clamp(s_min, s_max))
     if v[0] > T - 1 or v[-1] < 0:
         raise UserError(f"{name}={list(values)!r} is not allowed: timesteps must lie in [0, {T - 1}]")
@@ -121,5 +129,7 @@ def sampler_timesteps(schedule, steps: int, spacing: str = "trailing", rho: floa
             raise UserError(f"sampler.rho={rho!r} is not allowed: it must be > 0")
         return sigma_timesteps(schedule, level_sigmas(schedule, steps, spacing, rho))
     if spacing not in SPACINGS:
-        raise UserError(f"sampler.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS + LEVEL_SPACINGS)}")
+        raise UserError(
+            f"sampler.spacing={spacing!r} is not allowed: choose one of {', '.join(SPACINGS + LEVEL_SPACINGS)}"
+        )
     return make_timesteps(schedule.T, steps, spacing)

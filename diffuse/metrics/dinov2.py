@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,11 @@ from diffuse.data.files import file_digest
 from diffuse.errors import UserError
 
 # arch -> (embedding width, depth, heads, Hugging Face repository)
-ARCHS = {"vits14": (384, 12, 6, "facebook/dinov2-small"), "vitb14": (768, 12, 12, "facebook/dinov2-base"),
-         "vitl14": (1024, 24, 16, "facebook/dinov2-large")}
+ARCHS = {
+    "vits14": (384, 12, 6, "facebook/dinov2-small"),
+    "vitb14": (768, 12, 12, "facebook/dinov2-base"),
+    "vitl14": (1024, 24, 16, "facebook/dinov2-large"),
+}
 PATCH = 14
 GRID = 37  # the position embeddings' grid: 518 / 14
 SIZE = 224
@@ -113,7 +115,9 @@ class DINOv2(nn.Module):
     """Preprocessed N x 3 x H x W (H, W multiples of the patch) -> the normalised class token, N x dim.
     Parameter names are the official model's, so its state dict (as safetensors) loads strictly."""
 
-    def __init__(self, dim: int, depth: int, heads: int, *, patch: int = PATCH, grid: int = GRID, interpolate_offset: float = 0.1):
+    def __init__(
+        self, dim: int, depth: int, heads: int, *, patch: int = PATCH, grid: int = GRID, interpolate_offset: float = 0.1
+    ):
         super().__init__()
         self.patch, self.grid, self.interpolate_offset = patch, grid, interpolate_offset
         self.patch_embed = nn.Module()
@@ -126,7 +130,7 @@ class DINOv2(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "DINOv2":
+    def train(self, mode: bool = True) -> DINOv2:
         return super().train(False)
 
     def pos_embedding(self, h: int, w: int) -> torch.Tensor:
@@ -156,21 +160,33 @@ class DINOv2(nn.Module):
 
 # Hugging Face's names for the official ones (the hub's model.safetensors, and transformers 5's own names).
 _HF_BLOCK = {
-    "norm1": "norm1", "norm2": "norm2", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
 }
-_HF_QKV = (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
-           ("attention.q_proj", "attention.k_proj", "attention.v_proj"))
+_HF_QKV = (
+    ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+)
 
 
 def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Hugging Face Dinov2Model state dict under the official names (q, k, v stacked into qkv); the mask token,
     used only in training, is dropped."""
     sd = {k.removeprefix("dinov2."): v for k, v in sd.items()}
-    out = {"cls_token": sd.pop("embeddings.cls_token"), "pos_embed": sd.pop("embeddings.position_embeddings"),
-           "patch_embed.proj.weight": sd.pop("embeddings.patch_embeddings.projection.weight"),
-           "patch_embed.proj.bias": sd.pop("embeddings.patch_embeddings.projection.bias"),
-           "norm.weight": sd.pop("layernorm.weight"), "norm.bias": sd.pop("layernorm.bias")}
+    out = {
+        "cls_token": sd.pop("embeddings.cls_token"),
+        "pos_embed": sd.pop("embeddings.position_embeddings"),
+        "patch_embed.proj.weight": sd.pop("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": sd.pop("embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": sd.pop("layernorm.weight"),
+        "norm.bias": sd.pop("layernorm.bias"),
+    }
     sd.pop("embeddings.mask_token", None)
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
     for i in range(depth):
@@ -181,7 +197,7 @@ def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([sd.pop(pre + f"{name}.{part}") for name in qkv])
                     break
         for theirs, ours in _HF_BLOCK.items():
-            for part in (("",) if theirs.endswith("lambda1") else (".weight", ".bias")):
+            for part in ("",) if theirs.endswith("lambda1") else (".weight", ".bias"):
                 key = pre + theirs + part
                 if key in sd:
                     out[f"blocks.{i}.{ours}{part}"] = sd.pop(key)
@@ -190,7 +206,7 @@ def from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(state: dict[str, torch.Tensor], arch: Optional[str] = None, interpolate_offset: float = 0.1) -> DINOv2:
+def build(state: dict[str, torch.Tensor], arch: str | None = None, interpolate_offset: float = 0.1) -> DINOv2:
     """The network whose weights are `state` (official or Hugging Face names), its size read from the tensors."""
     if "embeddings.cls_token" in state or "dinov2.embeddings.cls_token" in state:
         state = from_hf(state)
@@ -207,7 +223,7 @@ def build(state: dict[str, torch.Tensor], arch: Optional[str] = None, interpolat
     return net
 
 
-def find_weights(arch: str, path: Optional[str], *, download: bool = True) -> Path:
+def find_weights(arch: str, path: str | None, *, download: bool = True) -> Path:
     """The weights file: `path`, else the torch hub checkpoints cache, else downloaded into it."""
     from diffuse.metrics.inception import downloads_allowed
 
@@ -218,7 +234,9 @@ def find_weights(arch: str, path: Optional[str], *, download: bool = True) -> Pa
         if not p.is_file():
             raise UserError(f"metrics.dinov2_weights={str(path)!r} does not exist")
         if p.suffix != ".safetensors":
-            raise UserError(f"metrics.dinov2_weights={str(path)!r} is not allowed: a .safetensors file (pickled checkpoints are refused)")
+            raise UserError(
+                f"metrics.dinov2_weights={str(path)!r} is not allowed: a .safetensors file (pickled checkpoints are refused)"
+            )
         return p
     target = Path(torch.hub.get_dir()) / "checkpoints" / filename(arch)
     if target.is_file():
@@ -230,23 +248,33 @@ def find_weights(arch: str, path: Optional[str], *, download: bool = True) -> Pa
             return target
         except Exception:  # offline, DNS, proxy, HTTP errors: all end in the message below
             pass
-    raise UserError(f"the DINOv2 {arch} weights are not available offline: download {url(arch)} and put it at {target} "
-                    "(or pass metrics.dinov2_weights=PATH)")
+    raise UserError(
+        f"the DINOv2 {arch} weights are not available offline: download {url(arch)} and put it at {target} "
+        "(or pass metrics.dinov2_weights=PATH)"
+    )
 
 
-def load_dinov2(path: Path, arch: str, sha256: Optional[str] = None) -> tuple[DINOv2, str]:
+def load_dinov2(path: Path, arch: str, sha256: str | None = None) -> tuple[DINOv2, str]:
     """(network, the file's SHA-256); a file whose hash is not `sha256` (when given) is refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     digest = file_digest(path, "sha256")
     if sha256 and digest != sha256.lower():
-        raise UserError(f"{path}: SHA-256 {digest} is not metrics.dinov2_sha256={sha256}: download it again from {url(arch)}, "
-                        "or set metrics.dinov2_sha256=null to use this file anyway")
+        raise UserError(
+            f"{path}: SHA-256 {digest} is not metrics.dinov2_sha256={sha256}: download it again from {url(arch)}, "
+            "or set metrics.dinov2_sha256=null to use this file anyway"
+        )
     try:
         state = load_file(str(path))
         return build(state, arch), digest
-    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as e:  # SafetensorError: truncated, not safetensors
+    except (
+        KeyError,
+        ValueError,
+        RuntimeError,
+        OSError,
+        SafetensorError,
+    ) as e:  # SafetensorError: truncated, not safetensors
         first = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"{path}: not DINOv2 {arch} weights in safetensors ({first})") from None
 

@@ -37,7 +37,9 @@ def features_in_chunks(extractor, images: torch.Tensor, batch_size: int) -> dict
     return cat([extractor(chunk) for chunk in images.split(batch_size)])
 
 
-def sample_features(extractor, src: ImageSource, n: int, d: distributed.Dist, batch_size: int, label: str) -> dict[str, torch.Tensor]:
+def sample_features(
+    extractor, src: ImageSource, n: int, d: distributed.Dist, batch_size: int, label: str
+) -> dict[str, torch.Tensor]:
     """Features of src[0..n-1], in index order, on every rank."""
     mine = list(range(d.rank, n, d.world))
     chunks = []
@@ -50,8 +52,9 @@ def sample_features(extractor, src: ImageSource, n: int, d: distributed.Dist, ba
     return assemble(distributed.gather((mine, cat(chunks)), d), n)
 
 
-def reference_features(extractor, src: ImageSource, d: distributed.Dist, batch_size: int, keep_max: int, seed: int,
-                       label: str) -> tuple[MomentAccumulator, torch.Tensor]:
+def reference_features(
+    extractor, src: ImageSource, d: distributed.Dist, batch_size: int, keep_max: int, seed: int, label: str
+) -> tuple[MomentAccumulator, torch.Tensor]:
     """The moments of all of src's pool features, and the features of a seeded random subset of `keep_max` images
     (in index order) for KID, gathered on every rank."""
     indices = list(range(src.n))
@@ -89,7 +92,11 @@ class FeatureStore:
     def __init__(self, directory: Path, extractor=None):
         self.dir = Path(directory)
         # None: only to count what is kept.
-        self.identity = {"features": extractor.name, "weights_sha256": extractor.sha256, "dim": int(extractor.dim)} if extractor else {}
+        self.identity = (
+            {"features": extractor.name, "weights_sha256": extractor.sha256, "dim": int(extractor.dim)}
+            if extractor
+            else {}
+        )
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("[0-9]*.safetensors") if p.is_file()) if self.dir.is_dir() else []
@@ -105,7 +112,9 @@ class FeatureStore:
 
         tensors = {"indices": torch.tensor(indices, dtype=torch.int64), **{k: v.contiguous() for k, v in feats.items()}}
         meta = {"diffuse.features": json.dumps({**self.identity, "nfe": int(nfe)}, sort_keys=True)}
-        atomic_write(self.dir / f"{indices[0]:07d}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_write(
+            self.dir / f"{indices[0]:07d}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta)
+        )
 
     def load(self, wanted: list[int]) -> tuple[list[int], dict[str, torch.Tensor], int]:
         """The kept features of the indices in `wanted`: (their indices, features in that order, the NFE per image
@@ -128,14 +137,26 @@ class FeatureStore:
                 warn(f"{path} does not read ({e}): its images are drawn again")
                 continue
             if not isinstance(info, dict) or {k: info.get(k) for k in self.identity} != self.identity:
-                have = f"features={info.get('features')!r} (weights {str(info.get('weights_sha256'))[:12]})" if isinstance(info, dict) else "an unknown extractor"
-                raise UserError(f"resume=true but {path} holds features of {have}, this run uses features={self.identity['features']!r} "
-                                f"(weights {self.identity['weights_sha256'][:12]}): keep the same metrics.* settings, or use resume=false")
+                have = (
+                    f"features={info.get('features')!r} (weights {str(info.get('weights_sha256'))[:12]})"
+                    if isinstance(info, dict)
+                    else "an unknown extractor"
+                )
+                raise UserError(
+                    f"resume=true but {path} holds features of {have}, this run uses features={self.identity['features']!r} "
+                    f"(weights {self.identity['weights_sha256'][:12]}): keep the same metrics.* settings, or use resume=false"
+                )
             try:
                 tensors = load_file(str(path))
                 indices, pool = tensors.pop("indices"), tensors.get("pool")
-                if (indices.dim() != 1 or indices.dtype != torch.int64 or pool is None or pool.dim() != 2 or pool.shape[1] != self.identity["dim"]
-                        or any(v.dim() != 2 or len(v) != len(indices) for v in tensors.values())):
+                if (
+                    indices.dim() != 1
+                    or indices.dtype != torch.int64
+                    or pool is None
+                    or pool.dim() != 2
+                    or pool.shape[1] != self.identity["dim"]
+                    or any(v.dim() != 2 or len(v) != len(indices) for v in tensors.values())
+                ):
                     raise ValueError("its tensors do not fit together")
                 indices, batch_nfe = indices.tolist(), int(info.get("nfe", 0))
             except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:

@@ -15,12 +15,11 @@ same pair.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
+from diffuse.validate import check_number
 
 EXTRACTORS = ("inception", "dinov2", "checkpoint", "classifier")
 
@@ -61,7 +60,7 @@ class NetworkFeatures:
         # What the network was trained to read at t = 0: an EDM-preconditioned one sees c_in x, not x.
         self.input_scale = input_scale
         layer = _middle_layer(net)
-        self._out: Optional[torch.Tensor] = None
+        self._out: torch.Tensor | None = None
         layer.register_forward_hook(self._hook)
         with torch.no_grad():
             probe = torch.zeros(1, net.in_channels, net.resolution, net.resolution, dtype=torch.uint8)
@@ -128,13 +127,23 @@ def _middle_layer(net: nn.Module) -> nn.Module:
 
 def check_metrics_config(m: dict) -> dict:
     """The `metrics` group, checked before any image is drawn or read."""
-    for key, minimum in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("kid_ref_max", 2), ("is_splits", 1),
-                         ("pr_k", 1), ("dc_k", 1), ("seeds", 1)):
+    for key, minimum in (
+        ("batch_size", 1),
+        ("kid_subsets", 1),
+        ("kid_subset_size", 2),
+        ("kid_ref_max", 2),
+        ("is_splits", 1),
+        ("pr_k", 1),
+        ("dc_k", 1),
+        ("seeds", 1),
+    ):
         check_number(f"metrics.{key}", m[key], minimum=minimum, integer=True)
     check_number("metrics.seed", m["seed"], integer=True)
     for key in ("inception_sha256", "dinov2_sha256"):
         sha = m[key]
-        if sha not in (None, "") and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+        if sha not in (None, "") and (
+            not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)
+        ):
             raise UserError(f"metrics.{key}={sha!r} is not allowed: 64 hex digits, or null to skip the check")
     from diffuse.metrics.dinov2 import ARCHS
 
@@ -164,14 +173,18 @@ def build_extractor(m: dict, device: torch.device):
         from diffuse.pipeline.model import network_from_checkpoint
 
         if m["features_ckpt"] in (None, ""):
-            raise UserError("metrics.features=checkpoint needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse checkpoint trained on the reference data")
+            raise UserError(
+                "metrics.features=checkpoint needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse checkpoint trained on the reference data"
+            )
         path = resolve_ckpt_path(m["features_ckpt"], key="metrics.features_ckpt")
         ckpt = load_checkpoint(path)
         from diffuse.pipeline.classifier import is_classifier_config
 
         if is_classifier_config(ckpt.config):
-            raise UserError(f"metrics.features_ckpt={m['features_ckpt']} is a classifier (diffuse train-classifier): use "
-                            "metrics.features=classifier")
+            raise UserError(
+                f"metrics.features_ckpt={m['features_ckpt']} is a classifier (diffuse train-classifier): use "
+                "metrics.features=classifier"
+            )
         tn = network_from_checkpoint(ckpt, where=str(path))
         scale = 1.0
         o = tn.config.get("objective") or {}
@@ -186,8 +199,10 @@ def build_extractor(m: dict, device: torch.device):
         from diffuse.pipeline.classifier import load_classifier_checkpoint
 
         if m["features_ckpt"] in (None, ""):
-            raise UserError("metrics.features=classifier needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse train-classifier "
-                            "checkpoint trained on the reference data")
+            raise UserError(
+                "metrics.features=classifier needs metrics.features_ckpt=FILE|RUN_DIR: a diffuse train-classifier "
+                "checkpoint trained on the reference data"
+            )
         net = load_classifier_checkpoint(m["features_ckpt"], "metrics.features_ckpt").net
         return ClassifierFeatures(net, content_hash(net.state_dict()), device)
     raise UserError(f"metrics.features={name!r} is not allowed: choose one of {', '.join(EXTRACTORS)}")

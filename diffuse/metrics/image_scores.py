@@ -62,12 +62,15 @@ class MomentAccumulator:
     def add(self, features: torch.Tensor) -> None:
         f = features.to(torch.float64)
         if self.s is None:
-            self.s, self.ss = torch.zeros(f.shape[1], dtype=torch.float64), torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
+            self.s, self.ss = (
+                torch.zeros(f.shape[1], dtype=torch.float64),
+                torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64),
+            )
         self.n += f.shape[0]
         self.s += f.sum(0)
         self.ss += f.T @ f
 
-    def merge(self, other: "MomentAccumulator") -> None:
+    def merge(self, other: MomentAccumulator) -> None:
         if other.s is None:
             return
         if self.s is None:
@@ -97,8 +100,11 @@ class RefStats:
 def save_stats(path: Path, stats: RefStats) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"mu": stats.mu.to(torch.float64).contiguous(), "sigma": stats.sigma.to(torch.float64).contiguous(),
-               "features": stats.features.to(torch.float32).contiguous()}
+    tensors = {
+        "mu": stats.mu.to(torch.float64).contiguous(),
+        "sigma": stats.sigma.to(torch.float64).contiguous(),
+        "features": stats.features.to(torch.float32).contiguous(),
+    }
     meta = {"diffuse.kind": KIND, "diffuse.stats": json.dumps(stats.meta, sort_keys=True)}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
@@ -106,12 +112,16 @@ def save_stats(path: Path, stats: RefStats) -> None:
 def stats_metadata(path: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     if meta.get("diffuse.kind") != KIND:
-        raise UserError(f"{path} is a safetensors file but not diffuse reference statistics (written by diffuse eval --save-ref)")
+        raise UserError(
+            f"{path} is a safetensors file but not diffuse reference statistics (written by diffuse eval --save-ref)"
+        )
     try:
         info = json.loads(meta["diffuse.stats"])
         int(info["n"])
     except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: reference statistics metadata is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(
+            f"{path}: reference statistics metadata is damaged ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     return info
 
 
@@ -126,7 +136,9 @@ def load_stats(path: Path) -> RefStats:
         raise UserError(f"{path}: reference statistics are damaged ({type(e).__name__}: {str(e)[:120]})") from None
     d = stats.mu.shape[0]
     if stats.sigma.shape != (d, d) or stats.features.dim() != 2 or stats.features.shape[1] != d or stats.n < 2:
-        raise UserError(f"{path}: reference statistics are inconsistent (mu {tuple(stats.mu.shape)}, sigma {tuple(stats.sigma.shape)}, features {tuple(stats.features.shape)})")
+        raise UserError(
+            f"{path}: reference statistics are inconsistent (mu {tuple(stats.mu.shape)}, sigma {tuple(stats.sigma.shape)}, features {tuple(stats.features.shape)})"
+        )
     return stats
 
 
@@ -136,7 +148,9 @@ def fid(ref: RefStats, fake: torch.Tensor) -> float:
 
     d = ref.mu.shape[0]
     if fake.shape[1] != d:
-        raise UserError(f"the reference has {d}-d features, the samples {fake.shape[1]}-d: were they made with another extractor?")
+        raise UserError(
+            f"the reference has {d}-d features, the samples {fake.shape[1]}-d: were they made with another extractor?"
+        )
     metric = FrechetInceptionDistance(feature=Precomputed(d), reset_real_features=False, sync_on_compute=False)
     n = ref.n
     mu, sigma = ref.mu.to(torch.float64), ref.sigma.to(torch.float64)
@@ -148,16 +162,22 @@ def fid(ref: RefStats, fake: torch.Tensor) -> float:
     return float(metric.compute())
 
 
-def kid(ref_features: torch.Tensor, fake: torch.Tensor, *, subsets: int, subset_size: int, seed: int) -> tuple[float, float, int]:
+def kid(
+    ref_features: torch.Tensor, fake: torch.Tensor, *, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float, int]:
     """(mean, std over subsets, subset size used) of the unbiased polynomial-kernel MMD^2 (Binkowski et al. 2018).
     The subset size is capped at the smaller set; subsets are drawn from a generator seeded with `seed`."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, ref_features.shape[0], fake.shape[0])
     if size < 2:
-        raise UserError(f"KID needs at least 2 samples and 2 reference images, got {fake.shape[0]} and {ref_features.shape[0]}")
+        raise UserError(
+            f"KID needs at least 2 samples and 2 reference images, got {fake.shape[0]} and {ref_features.shape[0]}"
+        )
     with _quiet():
-        metric = KernelInceptionDistance(feature=Precomputed(ref_features.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False)
+        metric = KernelInceptionDistance(
+            feature=Precomputed(ref_features.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False
+        )
     metric.update(ref_features.to(torch.float64), real=True)
     metric.update(fake.to(torch.float64), real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator

@@ -21,7 +21,6 @@ import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,12 +102,15 @@ class Mixed35(nn.Module):
         self.branch_pool = ConvBN(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg_pool_same(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg_pool_same(x)),
+            ],
+            1,
+        )
 
 
 class Reduce35(nn.Module):
@@ -122,11 +124,14 @@ class Reduce35(nn.Module):
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class Mixed17(nn.Module):
@@ -148,14 +153,23 @@ class Mixed17(nn.Module):
 
     def forward(self, x):
         dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             dbl = conv(dbl)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            dbl,
-            self.branch_pool(_avg_pool_same(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                dbl,
+                self.branch_pool(_avg_pool_same(x)),
+            ],
+            1,
+        )
 
 
 class Reduce17(nn.Module):
@@ -196,12 +210,17 @@ class Mixed8(nn.Module):
         s = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_same(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(s), self.branch3x3_2b(s),
-            self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(s),
+                self.branch3x3_2b(s),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -229,7 +248,7 @@ class FIDInceptionV3(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "FIDInceptionV3":
+    def train(self, mode: bool = True) -> FIDInceptionV3:
         return super().train(False)  # batch norm must use the published running statistics
 
     def pool3(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,8 +257,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean(dim=(2, 3))
 
@@ -260,14 +290,12 @@ def _no_tf32():
         torch.backends.cudnn.allow_tf32 = old
 
 
-
-
 def downloads_allowed(flag: bool = True) -> bool:
     """False when the config says so or DIFFUSE_OFFLINE is set (tests set it: they must never wait on a network)."""
     return bool(flag) and os.environ.get("DIFFUSE_OFFLINE", "").lower() not in ("1", "true", "yes")
 
 
-def find_weights(path: Optional[str] = None, *, download: bool = True, timeout: float = 20.0) -> Path:
+def find_weights(path: str | None = None, *, download: bool = True, timeout: float = 20.0) -> Path:
     """The weights file: `path` if given, else the torch hub checkpoints cache, else downloaded into it."""
     if path not in (None, ""):
         p = Path(str(path)).expanduser()
@@ -297,7 +325,7 @@ def find_weights(path: Optional[str] = None, *, download: bool = True, timeout: 
     )
 
 
-def load_inception(path: Path, sha256: Optional[str] = SHA256) -> tuple[FIDInceptionV3, str]:
+def load_inception(path: Path, sha256: str | None = SHA256) -> tuple[FIDInceptionV3, str]:
     """(network with the weights of `path` loaded strictly, the file's SHA-256). A file whose hash is not
     `sha256` is refused (sha256=None accepts any file: your own conversion of the TF graph)."""
     digest = file_digest(path, "sha256")

@@ -22,12 +22,18 @@ L_0 is the denoiser at t = 0, and the prior term L_T is at t = T-1.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from diffuse.diffusion.bound import discretized_log_likelihood, gaussian_kl, interpolate_log_variance, log_variance_bounds
+from diffuse.diffusion.bound import (
+    discretized_log_likelihood,
+    gaussian_kl,
+    interpolate_log_variance,
+    log_variance_bounds,
+)
 from diffuse.diffusion.noise import Generator, randn
 from diffuse.diffusion.schedule import Schedule, coefficients, posterior, q_sample
 from diffuse.errors import UserError
@@ -52,13 +58,16 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- 8-bit data
 
+
 def grid_index(x: torch.Tensor) -> torch.Tensor:
     """The 8-bit value k of each entry of x = 2k/255 - 1; x off that grid is refused."""
     k = ((x.detach().to(torch.float64) + 1) * 127.5).round()
     off = (x.detach().to(torch.float64) - (k / 127.5 - 1)).abs().max() if x.numel() else 0.0
     if x.numel() and (k.min() < 0 or k.max() > 255 or off > 1e-4):
-        raise UserError(f"8-bit likelihood needs data on the grid 2k/255 - 1, k = 0..255 (range [-1, 1]); got values "
-                        f"in [{float(x.min()):.4g}, {float(x.max()):.4g}] up to {float(off):.2g} off the grid")
+        raise UserError(
+            f"8-bit likelihood needs data on the grid 2k/255 - 1, k = 0..255 (range [-1, 1]); got values "
+            f"in [{float(x.min()):.4g}, {float(x.max()):.4g}] up to {float(off):.2g} off the grid"
+        )
     return k.long()
 
 
@@ -90,6 +99,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std
 
 
 # ------------------------------------------------------------------------------------------ the variational bound
+
 
 def prior_kl(x0: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) || N(0, I)) per example, nats; closed form, no denoiser."""
@@ -124,8 +134,15 @@ def _var_p(schedule: Schedule, t: torch.Tensor, variance: str, like: torch.Tenso
     return _bcast(reverse_variance(schedule, t, variance), like)
 
 
-def kl_terms(x0: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Schedule,
-             variance: str = "beta_tilde", v_raw: Optional[torch.Tensor] = None) -> torch.Tensor:
+def kl_terms(
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    schedule: Schedule,
+    variance: str = "beta_tilde",
+    v_raw: torch.Tensor | None = None,
+) -> torch.Tensor:
     """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) per example in nats, for integer t >= 1, given the
     denoiser's eps at x_t; p's mean is the posterior mean at x0_hat (Ho et al. eq. 11), its variance sigma_t^2
     (variance="learned": the network's, from its v_raw at x_t)."""
@@ -136,8 +153,14 @@ def kl_terms(x0: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Te
     return gaussian_kl(mean_q, var_q, mean_p, var_p).flatten(1).sum(1)
 
 
-def decoder_nll(x0: torch.Tensor, x_1: torch.Tensor, eps: torch.Tensor, schedule: Schedule,
-                discretized: bool, v_raw: Optional[torch.Tensor] = None) -> torch.Tensor:
+def decoder_nll(
+    x0: torch.Tensor,
+    x_1: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: Schedule,
+    discretized: bool,
+    v_raw: torch.Tensor | None = None,
+) -> torch.Tensor:
     """L_0 = -log p(x_0 | x_1) per example in nats, x_1 the sample at index 0: a Gaussian with the posterior mean
     at x0_hat (which at the first step is x0_hat itself) and variance beta-tilde_1 (or the learned one, given the
     network's v_raw); a density for continuous data, the discretized probability of the 8-bit bin for 8-bit data."""
@@ -152,16 +175,28 @@ def decoder_nll(x0: torch.Tensor, x_1: torch.Tensor, eps: torch.Tensor, schedule
 
 def _check_variance(variance: str, learned_variance) -> None:
     if variance == "learned" and learned_variance is None:
-        raise UserError("variance='learned' needs a model trained with learned variances (objective.learn_sigma=true): "
-                        f"this one has none; choose one of {', '.join(VARIANCES)}")
+        raise UserError(
+            "variance='learned' needs a model trained with learned variances (objective.learn_sigma=true): "
+            f"this one has none; choose one of {', '.join(VARIANCES)}"
+        )
     if variance != "learned" and variance not in VARIANCES:
         raise UserError(f"variance={variance!r} is not allowed: choose one of {', '.join(VARIANCES)}, learned")
 
 
 @torch.no_grad()
-def vlb_terms(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-              variance: str = "beta_tilde", discretized: bool = False, batch_t: int = 8,
-              progress: Progress = None, learned_variance=None) -> torch.Tensor:
+def vlb_terms(
+    denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    y=None,
+    generator: Generator = None,
+    variance: str = "beta_tilde",
+    discretized: bool = False,
+    batch_t: int = 8,
+    progress: Progress = None,
+    learned_variance=None,
+) -> torch.Tensor:
     """(N, T+1) float64 nats: column 0 the decoder L_0, column t = 1..T-1 the KL term L_{t-1} (paper indexing) at
     schedule step t, column T the prior L_T. batch_t timesteps share one denoiser call of batch_t * N inputs.
     variance="learned": the model's learned variances, `learned_variance(x_t, t, y) -> v_raw` (the network's
@@ -191,38 +226,79 @@ def vlb_terms(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generato
         out = torch.empty(m * n, dtype=torch.float64, device=x.device)
         first = t == 0
         if first.any():
-            out[first] = decoder_nll(x0[first], x_t[first], eps[first], schedule, discretized,
-                                     v_raw[first] if learned else None)
+            out[first] = decoder_nll(
+                x0[first], x_t[first], eps[first], schedule, discretized, v_raw[first] if learned else None
+            )
         rest = ~first
         if rest.any():
-            out[rest] = kl_terms(x0[rest], x_t[rest], eps[rest], t[rest], schedule, variance,
-                                 v_raw[rest] if learned else None)
-        terms[:, start:start + m] = out.view(m, n).T.cpu()
+            out[rest] = kl_terms(
+                x0[rest], x_t[rest], eps[rest], t[rest], schedule, variance, v_raw[rest] if learned else None
+            )
+        terms[:, start : start + m] = out.view(m, n).T.cpu()
         done += m
         if progress is not None:
             progress(done, T)
     return terms
 
 
-def vlb_nll(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-            variance: str = "beta_tilde", batch_t: int = 8, progress: Progress = None,
-            learned_variance=None) -> torch.Tensor:
+def vlb_nll(
+    denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    y=None,
+    generator: Generator = None,
+    variance: str = "beta_tilde",
+    batch_t: int = 8,
+    progress: Progress = None,
+    learned_variance=None,
+) -> torch.Tensor:
     """The variational bound on -log p(x) of continuous data, nats/dim (Gaussian decoder density)."""
-    terms = vlb_terms(denoiser, x, schedule, y=y, generator=generator, variance=variance, discretized=False,
-                      batch_t=batch_t, progress=progress, learned_variance=learned_variance)
+    terms = vlb_terms(
+        denoiser,
+        x,
+        schedule,
+        y=y,
+        generator=generator,
+        variance=variance,
+        discretized=False,
+        batch_t=batch_t,
+        progress=progress,
+        learned_variance=learned_variance,
+    )
     return terms.sum(1) / _dim(x)
 
 
-def vlb_bpd(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-            variance: str = "beta_tilde", batch_t: int = 8, progress: Progress = None,
-            learned_variance=None) -> torch.Tensor:
+def vlb_bpd(
+    denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    y=None,
+    generator: Generator = None,
+    variance: str = "beta_tilde",
+    batch_t: int = 8,
+    progress: Progress = None,
+    learned_variance=None,
+) -> torch.Tensor:
     """The variational bound on -log2 P(x) of 8-bit data, bits/dim (discretized decoder, Ho et al. section 3.3)."""
-    terms = vlb_terms(denoiser, x, schedule, y=y, generator=generator, variance=variance, discretized=True,
-                      batch_t=batch_t, progress=progress, learned_variance=learned_variance)
+    terms = vlb_terms(
+        denoiser,
+        x,
+        schedule,
+        y=y,
+        generator=generator,
+        variance=variance,
+        discretized=True,
+        batch_t=batch_t,
+        progress=progress,
+        learned_variance=learned_variance,
+    )
     return terms.sum(1) / (_dim(x) * LN2)
 
 
 # ------------------------------------------------------------------------------------- the probability-flow ODE
+
 
 def _probes(x: torch.Tensor, hutchinson: int, probe: str, generator: Generator) -> torch.Tensor:
     """(R * N, ...) probe vectors, replica-major: Hutchinson's R = hutchinson random vectors per example, or the
@@ -247,9 +323,19 @@ def _attention_for_jvp(x: torch.Tensor):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def ode_nll(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-            hutchinson: int = 1, probe: str = "rademacher", steps: int = 64, sigma_min: float = 1e-3,
-            progress: Progress = None) -> torch.Tensor:
+def ode_nll(
+    denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    y=None,
+    generator: Generator = None,
+    hutchinson: int = 1,
+    probe: str = "rademacher",
+    steps: int = 64,
+    sigma_min: float = 1e-3,
+    progress: Progress = None,
+) -> torch.Tensor:
     """-log p(x) of continuous data, nats/dim, by the probability-flow ODE (Song et al. 2021, eq. 13 and 39).
 
     Variance-exploding form: with x~ = x_t / sqrt(alpha_bar_t) and sigma = sqrt((1 - alpha_bar_t)/alpha_bar_t),
@@ -321,8 +407,9 @@ def ode_nll(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator:
     return (-(log_prior + delta) / d).cpu()
 
 
-def ode_bpd(denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None,
-            **ode_kwargs) -> torch.Tensor:
+def ode_bpd(
+    denoiser, x: torch.Tensor, schedule: Schedule, *, y=None, generator: Generator = None, **ode_kwargs
+) -> torch.Tensor:
     """Bits/dim of 8-bit data by the ODE: dequantize (drawn first from `generator`), ode_nll, then the offset
     log2(256/2) of the bins' width 2/256. An upper bound on -log2 P(x) in expectation over the dequantization."""
     z = dequantize(x, generator)
@@ -336,7 +423,7 @@ METHODS = ("vlb", "ode")
 
 def check_likelihood_config(lc: dict) -> dict:
     """The `likelihood` group, checked before any work; methods as a list without repeats."""
-    from diffuse.errors import check_choice, check_number
+    from diffuse.validate import check_choice, check_number
 
     lc = dict(lc)
     if lc["n"] is not None:
@@ -356,18 +443,30 @@ def check_likelihood_config(lc: dict) -> dict:
     return lc
 
 
-def resolve_variance(variance: Optional[str], learned_variance) -> str:
+def resolve_variance(variance: str | None, learned_variance) -> str:
     """likelihood.variance: null means the model's own, learned if it learned them, else beta-tilde."""
     if variance is None:
         return "learned" if learned_variance is not None else "beta_tilde"
     if variance == "learned" and learned_variance is None:
-        raise UserError("likelihood.variance=learned needs a model trained with objective.learn_sigma=true: this one "
-                        f"has fixed variances; choose {' or '.join(VARIANCES)} (or null)")
+        raise UserError(
+            "likelihood.variance=learned needs a model trained with objective.learn_sigma=true: this one "
+            f"has fixed variances; choose {' or '.join(VARIANCES)} (or null)"
+        )
     return variance
 
 
-def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict, y_null: Optional[int], d, device,
-          learned_variance=None) -> dict[str, float]:
+def score(
+    denoiser,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    kind: str,
+    lc: dict,
+    y_null: int | None,
+    d,
+    device,
+    learned_variance=None,
+) -> dict[str, float]:
     """bits/dim of 8-bit data (kind="bpd") or nats/dim of continuous data (kind="nll") of the examples x (in [-1, 1]),
     by each of lc["methods"], sharded over torchrun ranks (`d`), with the standard error of each mean. Example i's
     noise, probes and dequantization depend only on (lc["seed"], i): the figures do not depend on the batch size
@@ -385,7 +484,12 @@ def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict,
     mine = list(range(d.rank, x.shape[0], d.world))
     per: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     with progress_bar(d.main) as bar:
-        tasks = {m: bar.add_task(f"{kind} by the {'variational bound' if m == 'vlb' else 'probability-flow ODE'}", total=x.shape[0]) for m in methods}
+        tasks = {
+            m: bar.add_task(
+                f"{kind} by the {'variational bound' if m == 'vlb' else 'probability-flow ODE'}", total=x.shape[0]
+            )
+            for m in methods
+        }
         for s in range(0, len(mine), bs):
             idx = mine[s : s + bs]
             xb = x[idx].to(device)
@@ -394,12 +498,29 @@ def score(denoiser, x: torch.Tensor, schedule: Schedule, *, kind: str, lc: dict,
                 gen = PerSample(lc["seed"], idx)
                 if m == "vlb":
                     fn = vlb_bpd if kind == "bpd" else vlb_nll
-                    v = fn(denoiser, xb, schedule, y=y, generator=gen, variance=variance, batch_t=lc["batch_t"],
-                           learned_variance=learned_variance)
+                    v = fn(
+                        denoiser,
+                        xb,
+                        schedule,
+                        y=y,
+                        generator=gen,
+                        variance=variance,
+                        batch_t=lc["batch_t"],
+                        learned_variance=learned_variance,
+                    )
                 else:
                     fn = ode_bpd if kind == "bpd" else ode_nll
-                    v = fn(denoiser, xb, schedule, y=y, generator=gen, hutchinson=lc["hutchinson"], probe=lc["probe"],
-                           steps=lc["ode_steps"], sigma_min=lc["sigma_min"])
+                    v = fn(
+                        denoiser,
+                        xb,
+                        schedule,
+                        y=y,
+                        generator=gen,
+                        hutchinson=lc["hutchinson"],
+                        probe=lc["probe"],
+                        steps=lc["ode_steps"],
+                        sigma_min=lc["sigma_min"],
+                    )
                 per[m].append(v)
                 bar.advance(tasks[m], len(idx) * d.world)
     out: dict[str, float] = {}

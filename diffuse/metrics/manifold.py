@@ -41,8 +41,10 @@ def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _prepare(real: torch.Tensor, fake: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise UserError(f"the reference has features of shape {tuple(real.shape)}, the samples {tuple(fake.shape)}: "
-                        "were they made with another extractor?")
+        raise UserError(
+            f"the reference has features of shape {tuple(real.shape)}, the samples {tuple(fake.shape)}: "
+            "were they made with another extractor?"
+        )
     return real.to(device, torch.float64), fake.to(device, torch.float64)
 
 

@@ -32,7 +32,9 @@ def mixture_fit(mixture: GaussianMixture, x: torch.Tensor) -> list[dict]:
             std_ratio = float(((sel - mean) ** 2).sum(0).div(nk - 1).mean().sqrt()) / s
         else:
             mean_err = std_ratio = float("nan")
-        rows.append({"component": k, "weight": p, "std": s, "n": nk, "freq_z": z, "mean_err": mean_err, "std_ratio": std_ratio})
+        rows.append(
+            {"component": k, "weight": p, "std": s, "n": nk, "freq_z": z, "mean_err": mean_err, "std_ratio": std_ratio}
+        )
     return rows
 
 
@@ -92,7 +94,16 @@ def inpaint_fit(mixture: GaussianMixture, completions: torch.Tensor, x_known: to
             std_ratio = float(sel.std(0).pow(2).mean().sqrt()) / s
         else:
             mean_err = std_ratio = float("nan")
-        rows.append({"component": k, "weight": float(w[k]), "freq": nk / n, "n": nk, "mean_err": mean_err, "std_ratio": std_ratio})
+        rows.append(
+            {
+                "component": k,
+                "weight": float(w[k]),
+                "freq": nk / n,
+                "n": nk,
+                "mean_err": mean_err,
+                "std_ratio": std_ratio,
+            }
+        )
     tv = 0.5 * sum(abs(r["freq"] - r["weight"]) for r in rows)
     known = _known(mixture, keep)
     exact = bool((x.flatten(1)[:, known] == x_known.to(torch.float64).reshape(-1)[known]).all())
@@ -127,7 +138,9 @@ def mixture_interval_nll(mixture: GaussianMixture, lo: torch.Tensor, hi: torch.T
     return -torch.logsumexp(log_comp, 1) / mixture.dim
 
 
-def noisy_posterior(mixture: GaussianMixture, x_t: torch.Tensor, alpha_bar: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noisy_posterior(
+    mixture: GaussianMixture, x_t: torch.Tensor, alpha_bar: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q(x_0 | x_t) of one noisy image x_t = a x_0 + s eps (a^2 = alpha_bar, s^2 = 1 - alpha_bar): again a mixture,
     sum_k w_k N(m_k, v_k I), returned as (w (K,), m (K, D), v (K,)), float64. Per component (mean mu_k, isotropic
     std s_k, weight pi_k) the product of two Gaussians in x_0:
@@ -161,8 +174,15 @@ def posterior_fit(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, samples: to
         rk = r[:, k]
         total = float(rk.sum())
         n_eff = total**2 / float((rk**2).sum()) if total > 0 else 0.0
-        row = {"component": k, "exact_weight": float(w[k]), "weight": total / n, "weight_se": float(rk.std()) / math.sqrt(n),
-               "n_eff": n_eff, "mean_err": float("nan"), "std_ratio": float("nan")}
+        row = {
+            "component": k,
+            "exact_weight": float(w[k]),
+            "weight": total / n,
+            "weight_se": float(rk.std()) / math.sqrt(n),
+            "n_eff": n_eff,
+            "mean_err": float("nan"),
+            "std_ratio": float("nan"),
+        }
         if n_eff >= 2:
             mean = (rk[:, None] * x).sum(0) / total
             spread = ((rk[:, None] * (x - mean) ** 2).sum(0) / total).mean().sqrt()
@@ -172,7 +192,9 @@ def posterior_fit(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, samples: to
     return rows
 
 
-def sample_posterior(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def sample_posterior(
+    w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n: int, generator: torch.Generator
+) -> torch.Tensor:
     """n exact draws (n x D, float64) of the mixture sum_k w_k N(m_k, v_k I): the floor any sampler's fit is seen through."""
     k = torch.multinomial(w, n, replacement=True, generator=generator)
     return m[k] + v[k].sqrt()[:, None] * torch.randn((n, m.shape[1]), generator=generator, dtype=torch.float64)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 from diffuse import distributed
 from diffuse.console import console
@@ -27,13 +27,13 @@ LOCATION_KEYS = ("root", "download", "url", "flip", "verify")
 @dataclass
 class Reference:
     desc: str
-    shape: Optional[tuple[int, int, int]]
-    stats_file: Optional[Path] = None  # precomputed statistics, or
-    load: Optional[Callable[[], ImageSource]] = None  # the images, read when their statistics are not cached
-    key: Optional[dict] = None  # what identifies the images, for the statistics cache
+    shape: tuple[int, int, int] | None
+    stats_file: Path | None = None  # precomputed statistics, or
+    load: Callable[[], ImageSource] | None = None  # the images, read when their statistics are not cached
+    key: dict | None = None  # what identifies the images, for the statistics cache
 
 
-def resolve_reference(value, dataset: Optional[dict], dataset_config: Callable[[str], dict]) -> Reference:
+def resolve_reference(value, dataset: dict | None, dataset_config: Callable[[str], dict]) -> Reference:
     """ref=: a statistics .safetensors, an ADM-style .npz, a folder of PNGs, or a dataset name (its train split,
     with this run's dataset.* overrides when `dataset` is the same one; dataset_config(name) gives the others);
     null: `dataset`, this run's."""
@@ -78,16 +78,26 @@ def path_reference(p: Path) -> Reference:
     """An existing statistics .safetensors, ADM-style .npz (arr_0 uint8 N x H x W x C) or folder of PNGs."""
     if p.is_file() and p.suffix == ".safetensors":
         meta = stats_metadata(p)  # the header only: the tensors are read when the statistics are used
-        return Reference(f"{p} ({meta.get('source', '?')})", tuple(meta["shape"]) if meta.get("shape") else None, stats_file=p)
+        return Reference(
+            f"{p} ({meta.get('source', '?')})", tuple(meta["shape"]) if meta.get("shape") else None, stats_file=p
+        )
     if p.is_file() and p.suffix.lower() == ".npz":
         src = read_npz(p)
         st = p.stat()
-        return Reference(f"npz {p}", src.shape, load=lambda: src, key=_content_key(p, [(p.name, st.st_size, st.st_mtime_ns)]))
+        return Reference(
+            f"npz {p}", src.shape, load=lambda: src, key=_content_key(p, [(p.name, st.st_size, st.st_mtime_ns)])
+        )
     if p.is_dir():
         src = open_images(p, "ref")
-        fp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.files] if src.files else [src.desc, os.stat(src.desc).st_mtime_ns]
+        fp = (
+            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.files]
+            if src.files
+            else [src.desc, os.stat(src.desc).st_mtime_ns]
+        )
         return Reference(f"folder {p}", src.shape, load=lambda: src, key=_content_key(p, fp))
-    raise UserError(f"ref={str(p)!r} is neither a statistics .safetensors, an ADM-style .npz nor a folder of PNG images")
+    raise UserError(
+        f"ref={str(p)!r} is neither a statistics .safetensors, an ADM-style .npz nor a folder of PNG images"
+    )
 
 
 def _content_key(p: Path, fingerprint: list) -> dict:
@@ -106,8 +116,14 @@ def reference_stats(ref: Reference, extractor, m: dict, d: distributed.Dist) -> 
                 f"features={extractor.name} (weights {extractor.sha256[:12]}): recompute it with diffuse eval --save-ref"
             )
         return stats
-    key = {**ref.key, "features": extractor.name, "weights_sha256": extractor.sha256, "kid_ref_max": m["kid_ref_max"],
-           "seed": m["seed"], "version": STATS_VERSION}
+    key = {
+        **ref.key,
+        "features": extractor.name,
+        "weights_sha256": extractor.sha256,
+        "kid_ref_max": m["kid_ref_max"],
+        "seed": m["seed"],
+        "version": STATS_VERSION,
+    }
     if getattr(extractor, "input_scale", 1.0) != 1.0:  # an EDM feature network reads c_in x: other features than x
         key["input_scale"] = extractor.input_scale
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -117,11 +133,25 @@ def reference_stats(ref: Reference, extractor, m: dict, d: distributed.Dist) -> 
             console.print(f"reference statistics from the cache: {cache}")
         return load_stats(cache)
     src = ref.load()
-    acc, kept = reference_features(extractor, src, d, int(m["batch_size"]), int(m["kid_ref_max"]), int(m["seed"]),
-                                   f"reference features ({src.n} images)")
+    acc, kept = reference_features(
+        extractor,
+        src,
+        d,
+        int(m["batch_size"]),
+        int(m["kid_ref_max"]),
+        int(m["seed"]),
+        f"reference features ({src.n} images)",
+    )
     mu, sigma = acc.mean_cov()
-    meta = {"n": src.n, "features": extractor.name, "weights_sha256": extractor.sha256, "shape": list(src.shape),
-            "source": ref.desc, "kid_ref_max": m["kid_ref_max"], "key": key}
+    meta = {
+        "n": src.n,
+        "features": extractor.name,
+        "weights_sha256": extractor.sha256,
+        "shape": list(src.shape),
+        "source": ref.desc,
+        "kid_ref_max": m["kid_ref_max"],
+        "key": key,
+    }
     stats = RefStats(mu, sigma, kept, meta)
     if cache is not None and d.main:
         save_stats(cache, stats)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,8 +26,13 @@ from diffuse.nets.unet import UNet
 # "classifier" is the noise-aware classifier of classifier guidance (diffuse train-classifier), "autoencoder" the
 # image <-> latent map of latent diffusion (diffuse train-ae), "taesd" the tiny autoencoder (imported from diffusers'
 # AutoencoderTiny): none of them is a denoiser.
-NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "classifier": Classifier, "autoencoder": AutoencoderKL,
-                                        "taesd": TinyAutoencoder}
+NETWORKS: dict[str, type[nn.Module]] = {
+    "unet": UNet,
+    "dit": DiT,
+    "classifier": Classifier,
+    "autoencoder": AutoencoderKL,
+    "taesd": TinyAutoencoder,
+}
 # The networks a latent model may encode with (pipeline/latent.py).
 AUTOENCODERS = ("autoencoder", "taesd")
 
@@ -66,7 +71,7 @@ class _Check:
             raise self.fail(arg, f"it must be an integer from {lo} to {hi:,}" + (f" ({why})" if why else ""))
         return v
 
-    def optional_integer(self, arg: str, lo: int, hi: int, null_means: str) -> Optional[int]:
+    def optional_integer(self, arg: str, lo: int, hi: int, null_means: str) -> int | None:
         if self.cfg[arg] is None:
             return None
         v = self.cfg[arg]
@@ -79,7 +84,9 @@ class _Check:
         ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
         ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if not ok:
-            raise self.fail(arg, f"it must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+            raise self.fail(
+                arg, f"it must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            )
         return v
 
     def int_list(self, arg: str, lo: int, hi: int, max_len: int, nonempty: bool) -> list[int]:
@@ -129,8 +136,10 @@ def _check_levels(c: _Check) -> None:
     ch = c.integer("ch", 4, MAX_WIDTH, "the time embedding has model.ch channels and needs at least 4")
     mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
     if ch * max(mult) > MAX_WIDTH:
-        raise c.fail("ch_mult", f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, "
-                                f"more than {MAX_WIDTH:,}")
+        raise c.fail(
+            "ch_mult",
+            f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, more than {MAX_WIDTH:,}",
+        )
     c.integer("num_res_blocks", 0, MAX_BLOCKS)
     attn = c.int_list("attn_resolutions", 1, MAX_RESOLUTION, 64, nonempty=False)
     c.number("dropout", 0.0, 1.0, hi_open=True)
@@ -144,9 +153,11 @@ def _check_levels(c: _Check) -> None:
     # Each level but the last halves the feature map and the up path doubles it back: the skips only line up
     # when every halving is exact.
     if res % 2 ** (levels - 1):
-        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('ch_mult')}={mult}: its "
-                        f"{levels} levels halve the image {levels - 1} times, so the resolution must be a multiple of "
-                        f"{2 ** (levels - 1)}")
+        raise UserError(
+            f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('ch_mult')}={mult}: its "
+            f"{levels} levels halve the image {levels - 1} times, so the resolution must be a multiple of "
+            f"{2 ** (levels - 1)}"
+        )
     # Attention runs at the levels whose resolution is listed, and always in the middle block.
     widths = {ch * m for i, m in enumerate(mult) if res // 2**i in attn} | {ch * mult[-1]}
     bad = sorted(w for w in widths if w % heads)
@@ -160,12 +171,16 @@ def _check_dit(c: _Check) -> None:
     res = cfg["resolution"] if c.data_known else MAX_RESOLUTION
     patch = c.integer("patch_size", 1, res, f"at most {c.key('resolution')}={res}" if c.data_known else "")
     if c.data_known and res % patch:
-        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('patch_size')}={patch}: "
-                        "the image must split into whole patches")
+        raise UserError(
+            f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key('patch_size')}={patch}: "
+            "the image must split into whole patches"
+        )
     heads = c.integer("heads", 1, MAX_HEADS)
     hidden = c.integer("hidden_size", 4, MAX_WIDTH)
     if hidden % 4 or hidden % heads:
-        raise c.fail("hidden_size", f"it must be a multiple of 4 (the 2-D position embedding) and of {c.key('heads')}={heads}")
+        raise c.fail(
+            "hidden_size", f"it must be a multiple of 4 (the 2-D position embedding) and of {c.key('heads')}={heads}"
+        )
     c.integer("depth", 0, MAX_BLOCKS)
     ratio = c.number("mlp_ratio", 0.0, 64.0, hi_open=False, lo_open=True)
     if int(hidden * ratio) < 1:
@@ -178,7 +193,10 @@ def _check_autoencoder(c: _Check) -> None:
     ch = c.integer("ch", 1, MAX_WIDTH)
     mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
     if ch * max(mult) > MAX_WIDTH:
-        raise c.fail("ch_mult", f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, more than {MAX_WIDTH:,}")
+        raise c.fail(
+            "ch_mult",
+            f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, more than {MAX_WIDTH:,}",
+        )
     c.integer("num_res_blocks", 1, MAX_BLOCKS)
     c.integer("latent_channels", 1, MAX_IO_CHANNELS)
     c.integer("groups", 1, MAX_WIDTH)
@@ -198,8 +216,10 @@ def _check_codec_images(c: _Check, levels_key: str, levels: list) -> None:
     res = c.integer("resolution", 1, MAX_RESOLUTION)
     factor = 2 ** (len(levels) - 1)
     if res % factor:
-        raise UserError(f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key(levels_key)}={levels}: the "
-                        f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}")
+        raise UserError(
+            f"{c.prefix}{c.key('resolution')}={res} is not allowed with {c.key(levels_key)}={levels}: the "
+            f"autoencoder downsamples by {factor}, so the resolution must be a multiple of {factor}"
+        )
 
 
 def _check_taesd(c: _Check) -> None:
@@ -216,31 +236,48 @@ def _check_taesd(c: _Check) -> None:
     up = c.integer("upsample_factor", 1, 2 ** (MAX_LEVELS - 1))
     # encode and decode must be inverse in shape, or a decoded latent is not an image of the encoded size
     if up ** (len(dec) - 1) != 2 ** (len(enc) - 1):
-        raise c.fail("upsample_factor", f"the decoder's {len(dec)} stages must upsample by the encoder's factor "
-                                        f"2^{len(enc) - 1} = {2 ** (len(enc) - 1)} (it gives {up}^{len(dec) - 1})")
+        raise c.fail(
+            "upsample_factor",
+            f"the decoder's {len(dec)} stages must upsample by the encoder's factor "
+            f"2^{len(enc) - 1} = {2 ** (len(enc) - 1)} (it gives {up}^{len(dec) - 1})",
+        )
     c.number("scaling_factor", 0.0, 1e6, hi_open=False, lo_open=True)
     c.number("shift_factor", -1e6, 1e6, hi_open=False)
     _check_codec_images(c, "encoder_blocks", enc)
 
 
-_CHECKS: dict[str, Callable[[_Check], None]] = {"unet": _check_unet, "dit": _check_dit, "classifier": _check_classifier,
-                                              "autoencoder": _check_autoencoder, "taesd": _check_taesd}
+_CHECKS: dict[str, Callable[[_Check], None]] = {
+    "unet": _check_unet,
+    "dit": _check_dit,
+    "classifier": _check_classifier,
+    "autoencoder": _check_autoencoder,
+    "taesd": _check_taesd,
+}
 # What grows a network's parameter count, named when it is too large.
-_SIZE_KEYS = {"unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"), "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes"),
-              "classifier": ("ch", "ch_mult", "num_res_blocks", "num_classes"),
-              "autoencoder": ("ch", "ch_mult", "num_res_blocks", "latent_channels"),
-              "taesd": ("encoder_width", "decoder_width", "encoder_blocks", "decoder_blocks", "latent_channels")}
+_SIZE_KEYS = {
+    "unet": ("ch", "ch_mult", "num_res_blocks", "num_classes"),
+    "dit": ("hidden_size", "depth", "mlp_ratio", "num_classes"),
+    "classifier": ("ch", "ch_mult", "num_res_blocks", "num_classes"),
+    "autoencoder": ("ch", "ch_mult", "num_res_blocks", "latent_channels"),
+    "taesd": ("encoder_width", "decoder_width", "encoder_blocks", "decoder_blocks", "latent_channels"),
+}
 
 
-def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = True) -> tuple[type[nn.Module], dict, _Check]:
+def _arguments(
+    cfg: dict, where: str, keys: dict | None, data_known: bool = True
+) -> tuple[type[nn.Module], dict, _Check]:
     """The class and complete, checked constructor arguments of a model config."""
     if not isinstance(cfg, dict):
-        raise UserError(f"{where + ': ' if where else ''}the model config is {type(cfg).__name__}, not a mapping of model.* keys")
+        raise UserError(
+            f"{where + ': ' if where else ''}the model config is {type(cfg).__name__}, not a mapping of model.* keys"
+        )
     cfg = dict(cfg)
     arch = cfg.pop("arch", None)
     prefix = f"{where}: " if where else ""
     if "_target_" in cfg:
-        raise UserError(f"{prefix}model._target_={cfg['_target_']!r} is refused: networks are chosen by model.arch from {', '.join(NETWORKS)}")
+        raise UserError(
+            f"{prefix}model._target_={cfg['_target_']!r} is refused: networks are chosen by model.arch from {', '.join(NETWORKS)}"
+        )
     if arch not in NETWORKS:
         raise UserError(f"{prefix}model.arch={arch!r} is not allowed: choose one of {', '.join(sorted(NETWORKS))}")
     cls = NETWORKS[arch]
@@ -248,7 +285,9 @@ def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = T
     allowed = set(params) - {"self"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise UserError(f"{prefix}model.{unknown[0]} is not an argument of {arch}: allowed are {', '.join(sorted(allowed))}")
+        raise UserError(
+            f"{prefix}model.{unknown[0]} is not an argument of {arch}: allowed are {', '.join(sorted(allowed))}"
+        )
     full = {name: cfg.get(name, params[name].default) for name in allowed}
     check = _Check(full, where, TRAINING_KEYS if keys is None else keys, data_known)
     _CHECKS[arch](check)
@@ -258,7 +297,7 @@ def _arguments(cfg: dict, where: str, keys: Optional[dict], data_known: bool = T
     return cls, cfg, check
 
 
-def complete_config(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> dict:
+def complete_config(cfg: dict, *, where: str = "", keys: dict | None = None) -> dict:
     """A model config with every constructor argument filled in (its defaults where the config is silent), checked:
     what code that reads the config's keys directly (a checkpoint header's, user input) may then rely on."""
     cls, _, check = _arguments(cfg, where, keys)
@@ -278,7 +317,7 @@ def _construct(cls: type[nn.Module], cfg: dict, prefix: str) -> nn.Module:
         raise UserError(f"{prefix}model config is not valid for {cls.__name__}: {e}") from None
 
 
-def meta_network(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> nn.Module:
+def meta_network(cfg: dict, *, where: str = "", keys: dict | None = None) -> nn.Module:
     """The network `cfg` describes, built on the meta device (shapes, no storage: nothing is allocated), or one
     line for a config that is invalid or describes more than MAX_PARAMETERS."""
     cls, args, check = _arguments(cfg, where, keys)
@@ -286,12 +325,16 @@ def meta_network(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> 
         net = _construct(cls, args, check.prefix)
     n = sum(t.numel() for t in net.state_dict().values())
     if n > MAX_PARAMETERS:
-        given = ", ".join(f"{check.key(k)}={check.cfg[k]!r}" for k in _SIZE_KEYS[cfg["arch"]] if check.cfg[k] is not None)
-        raise UserError(f"{check.prefix}{given} describe a network of {n:,} parameters: more than the {MAX_PARAMETERS:,} allowed")
+        given = ", ".join(
+            f"{check.key(k)}={check.cfg[k]!r}" for k in _SIZE_KEYS[cfg["arch"]] if check.cfg[k] is not None
+        )
+        raise UserError(
+            f"{check.prefix}{given} describe a network of {n:,} parameters: more than the {MAX_PARAMETERS:,} allowed"
+        )
     return net
 
 
-def network_shapes(cfg: dict, *, where: str = "", keys: Optional[dict] = None) -> dict[str, torch.Size]:
+def network_shapes(cfg: dict, *, where: str = "", keys: dict | None = None) -> dict[str, torch.Size]:
     """The state-dict shapes of the network `cfg` describes (see meta_network)."""
     return {name: t.shape for name, t in meta_network(cfg, where=where, keys=keys).state_dict().items()}
 
@@ -312,12 +355,15 @@ def check_weights(shapes: dict[str, torch.Size], weights: dict[str, torch.Tensor
         first = f"no tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
     else:
         first = f"{extra[0]} is not in the network" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-    raise UserError(f"{prefix}the weights do not fit its model config: the config describes {want:,} parameters, the file "
-                    f"holds {have:,}; {first}")
+    raise UserError(
+        f"{prefix}the weights do not fit its model config: the config describes {want:,} parameters, the file "
+        f"holds {have:,}; {first}"
+    )
 
 
-def build_network(cfg: dict, *, where: str = "", keys: Optional[dict] = None,
-                  weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+def build_network(
+    cfg: dict, *, where: str = "", keys: dict | None = None, weights: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
     """cfg: {'arch': name, **constructor arguments}. Unknown architectures and arguments, values out of range and
     networks beyond MAX_PARAMETERS are refused before anything is allocated, as are `weights` (a state dict to be
     loaded next) that do not fit. `where` (a file) prefixes the messages; `keys` renames arguments in them

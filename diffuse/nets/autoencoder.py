@@ -11,7 +11,7 @@ onto it one tensor per tensor (diffuse/convert_autoencoder.py).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class Middle(nn.Module):
 class Level(nn.Module):
     """The blocks of one resolution, then the resampler that leaves it (None at the innermost level)."""
 
-    def __init__(self, blocks: list[nn.Module], resample: Optional[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.resample = resample
@@ -68,7 +68,16 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cin: int, widths: Sequence[int], num_res_blocks: int, zdim: int, groups: int, attention: bool, dropout: float):
+    def __init__(
+        self,
+        cin: int,
+        widths: Sequence[int],
+        num_res_blocks: int,
+        zdim: int,
+        groups: int,
+        attention: bool,
+        dropout: float,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(cin, widths[0], 3, padding=1)
         levels, prev = [], widths[0]
@@ -90,7 +99,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, zdim: int, widths: Sequence[int], num_res_blocks: int, cout: int, groups: int, attention: bool, dropout: float):
+    def __init__(
+        self,
+        zdim: int,
+        widths: Sequence[int],
+        num_res_blocks: int,
+        cout: int,
+        groups: int,
+        attention: bool,
+        dropout: float,
+    ):
         super().__init__()
         rev = list(reversed(widths))
         self.conv_in = nn.Conv2d(zdim, rev[0], 3, padding=1)
@@ -120,9 +138,21 @@ class AutoencoderKL(nn.Module):
 
     num_classes = None  # not a denoiser: read by the Trainer, which passes no labels then
 
-    def __init__(self, resolution: int, in_channels: int = 3, out_channels: Optional[int] = None, latent_channels: int = 4,
-                 ch: int = 64, ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 2, groups: int = 32,
-                 mid_attention: bool = True, quant_conv: bool = True, post_quant_conv: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        latent_channels: int = 4,
+        ch: int = 64,
+        ch_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        groups: int = 32,
+        mid_attention: bool = True,
+        quant_conv: bool = True,
+        post_quant_conv: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.resolution, self.in_channels = resolution, in_channels
         self.out_channels = out_channels or in_channels
@@ -132,7 +162,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(in_channels, widths, num_res_blocks, 2 * latent_channels, groups, mid_attention, dropout)
         self.quant = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if quant_conv else nn.Identity()
         self.post_quant = nn.Conv2d(latent_channels, latent_channels, 1) if post_quant_conv else nn.Identity()
-        self.decoder = Decoder(latent_channels, widths, num_res_blocks, self.out_channels, groups, mid_attention, dropout)
+        self.decoder = Decoder(
+            latent_channels, widths, num_res_blocks, self.out_channels, groups, mid_attention, dropout
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.quant(self.encoder(x)).chunk(2, dim=1)
@@ -141,7 +173,7 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant(z))
 
-    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
         mean, logvar = self.encode(x)
         z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise
         return self.decode(z), mean, logvar
@@ -169,10 +201,13 @@ class PatchDiscriminator(nn.Module):
         mods: list[nn.Module] = [nn.Conv2d(in_channels, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         width = ch
         for n in range(1, layers + 1):
-            out = ch * min(2 ** n, 8)
+            out = ch * min(2**n, 8)
             # no bias before a norm: the norm's shift replaces it
-            mods += [nn.Conv2d(width, out, 4, stride=2 if n < layers else 1, padding=1, bias=False),
-                     group_norm(out, groups), nn.LeakyReLU(0.2)]
+            mods += [
+                nn.Conv2d(width, out, 4, stride=2 if n < layers else 1, padding=1, bias=False),
+                group_norm(out, groups),
+                nn.LeakyReLU(0.2),
+            ]
             width = out
         mods.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*mods)

@@ -13,7 +13,7 @@ extractor (metrics.features=classifier, at t = 0).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +69,16 @@ class Classifier(nn.Module):
         temb_dim = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down, chans, res = encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups,
-                                        heads, downsample_pad)
+        self.down, chans, res = encoder(
+            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups, heads, downsample_pad
+        )
         cur = chans[-1]
         self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, temb_dim, dropout, groups), AttnBlock(cur, heads, groups), ResBlock(cur, cur, temb_dim, dropout, groups)]
+            [
+                ResBlock(cur, cur, temb_dim, dropout, groups),
+                AttnBlock(cur, heads, groups),
+                ResBlock(cur, cur, temb_dim, dropout, groups),
+            ]
         )
         self.norm_out = group_norm(cur, groups)
         self.pool = AttentionPool(cur, res * res, heads)

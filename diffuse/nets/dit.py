@@ -15,8 +15,6 @@ Sizes of the paper (table 1): S = hidden 384, depth 12, heads 6; B = 768, 12, 12
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -95,13 +93,13 @@ class DiT(nn.Module):
         self,
         resolution: int = 32,
         in_channels: int = 3,
-        out_channels: Optional[int] = None,
+        out_channels: int | None = None,
         patch_size: int = 2,
         hidden_size: int = 384,
         depth: int = 12,
         heads: int = 6,
         mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = None,
+        num_classes: int | None = None,
         freq_dim: int = 256,
     ):
         super().__init__()
@@ -117,7 +115,9 @@ class DiT(nn.Module):
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, self.grid)[None], persistent=False)
-        self.t_embedder = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.t_embedder = nn.Sequential(
+            nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -143,7 +143,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         c = self.t_embedder(timestep_embedding(t, self.freq_dim))
         if self.y_embedder is not None:
             if y is None:  # unconditional use of a conditional network: the null label
@@ -161,7 +161,7 @@ class DiT(nn.Module):
         x = tokens.reshape(b, g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c = self.embed(t, y)
         h = self.patchify(x)
         for block in self.blocks:

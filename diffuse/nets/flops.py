@@ -44,7 +44,12 @@ def forward_flops(net: nn.Module, *inputs) -> int:
 
     hooks = []
     for m in net.modules():
-        for kind, hook in ((nn.Conv2d, conv), (nn.Linear, linear), (AttnBlock, unet_attention), (DiTAttention, dit_attention)):
+        for kind, hook in (
+            (nn.Conv2d, conv),
+            (nn.Linear, linear),
+            (AttnBlock, unet_attention),
+            (DiTAttention, dit_attention),
+        ):
             if isinstance(m, kind):
                 hooks.append(m.register_forward_hook(hook))
     try:

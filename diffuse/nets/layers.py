@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 TIME_EMBEDDINGS = ("ddpm", "adm")
 
 
@@ -52,8 +51,16 @@ class ResBlock(nn.Module):
     scale_shift: the embedding gives a scale and shift of the second norm's output instead of a bias added before
     it (Nichol & Dhariwal's use_scale_shift_norm, "AdaGN" in Dhariwal & Nichol 2021)."""
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float = 0.0, groups: int = 32, eps: float = 1e-6,
-                 scale_shift: bool = False):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        temb_dim: int,
+        dropout: float = 0.0,
+        groups: int = 32,
+        eps: float = 1e-6,
+        scale_shift: bool = False,
+    ):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = group_norm(cin, groups, eps)

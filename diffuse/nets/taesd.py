@@ -18,7 +18,7 @@ rounded to 1/255): a latent model never stores its latents that way, so they are
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class DecoderStage(nn.Module):
     """Blocks, then (all but the last stage) upsampling and a bias-free conv; the last stage's conv is the decoder's
     output layer and is kept outside."""
 
-    def __init__(self, width: int, blocks: int, act: str, upsample: Optional[tuple[int, str]]):
+    def __init__(self, width: int, blocks: int, act: str, upsample: tuple[int, str] | None):
         super().__init__()
         self.blocks = nn.ModuleList(TinyBlock(width, act) for _ in range(blocks))
         self.upsample = upsample
@@ -96,8 +96,9 @@ class TinyDecoder(nn.Module):
         self.act = ACTIVATIONS[act]
         self.conv_in = nn.Conv2d(zdim, width, 3, padding=1)
         last = len(blocks) - 1
-        self.stages = nn.ModuleList(DecoderStage(width, n, act, None if i == last else (factor, mode))
-                                    for i, n in enumerate(blocks))
+        self.stages = nn.ModuleList(
+            DecoderStage(width, n, act, None if i == last else (factor, mode)) for i, n in enumerate(blocks)
+        )
         self.conv_out = nn.Conv2d(width, cout, 3, padding=1)
 
     def forward(self, z):
@@ -116,22 +117,37 @@ class TinyAutoencoder(nn.Module):
     num_classes = None  # not a denoiser
     deterministic = True  # encode gives the latents themselves, not a posterior (pipeline/latent.py reads this)
 
-    def __init__(self, resolution: int, in_channels: int = 3, out_channels: Optional[int] = None, latent_channels: int = 4,
-                 encoder_width: int = 64, decoder_width: int = 64, encoder_blocks: Sequence[int] = (1, 3, 3, 3),
-                 decoder_blocks: Sequence[int] = (3, 3, 3, 1), act: str = "relu", upsample_mode: str = "nearest",
-                 upsample_factor: int = 2, scaling_factor: float = 1.0, shift_factor: float = 0.0):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        latent_channels: int = 4,
+        encoder_width: int = 64,
+        decoder_width: int = 64,
+        encoder_blocks: Sequence[int] = (1, 3, 3, 3),
+        decoder_blocks: Sequence[int] = (3, 3, 3, 1),
+        act: str = "relu",
+        upsample_mode: str = "nearest",
+        upsample_factor: int = 2,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+    ):
         super().__init__()
         self.resolution, self.in_channels = resolution, in_channels
         self.out_channels = out_channels or in_channels
         self.latent_channels = latent_channels
         self.factor = 2 ** (len(encoder_blocks) - 1)
         if upsample_factor ** (len(decoder_blocks) - 1) != self.factor:
-            raise ValueError(f"the decoder upsamples by {upsample_factor}^{len(decoder_blocks) - 1}, the encoder "
-                             f"downsamples by {self.factor}")
+            raise ValueError(
+                f"the decoder upsamples by {upsample_factor}^{len(decoder_blocks) - 1}, the encoder "
+                f"downsamples by {self.factor}"
+            )
         self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
         self.encoder = TinyEncoder(in_channels, encoder_width, encoder_blocks, latent_channels, act)
-        self.decoder = TinyDecoder(latent_channels, decoder_width, decoder_blocks, self.out_channels, act,
-                                   upsample_factor, upsample_mode)
+        self.decoder = TinyDecoder(
+            latent_channels, decoder_width, decoder_blocks, self.out_channels, act, upsample_factor, upsample_mode
+        )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return (self.encoder(x) - self.shift_factor) * self.scaling_factor

@@ -10,7 +10,7 @@ samples against.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,20 @@ from torch import nn
 from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
 
 
-
-def encoder(ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int, temb_dim: int, dropout: float,
-            groups: int, heads: int, downsample_pad: str, norm_eps: float = 1e-6,
-            scale_shift: bool = False) -> tuple[nn.ModuleList, list[int], int]:
+def encoder(
+    ch: int,
+    ch_mult,
+    num_res_blocks: int,
+    attn_resolutions,
+    resolution: int,
+    temb_dim: int,
+    dropout: float,
+    groups: int,
+    heads: int,
+    downsample_pad: str,
+    norm_eps: float = 1e-6,
+    scale_shift: bool = False,
+) -> tuple[nn.ModuleList, list[int], int]:
     """The U-Net's down path (shared with the noise-aware classifier, whose weights it therefore names alike): the
     blocks, the channels of every skip (conv_in's first), and the resolution it ends at."""
     down, chans = nn.ModuleList(), [ch]
@@ -47,13 +57,13 @@ class UNet(nn.Module):
         self,
         resolution: int = 32,
         in_channels: int = 3,
-        out_channels: Optional[int] = None,
+        out_channels: int | None = None,
         ch: int = 128,
         ch_mult: Sequence[int] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
         attn_resolutions: Sequence[int] = (16,),
         dropout: float = 0.0,
-        num_classes: Optional[int] = None,
+        num_classes: int | None = None,
         heads: int = 1,
         groups: int = 32,
         downsample_pad: str = "both",
@@ -76,22 +86,41 @@ class UNet(nn.Module):
         self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         # A super-resolution model's conditioning-augmentation level, embedded like t (Ho et al. 2021, section 4.2).
-        self.aug_emb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)) if aug_embedding else None
+        self.aug_emb = (
+            nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)) if aug_embedding else None
+        )
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down, chans, res = encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups,
-                                        heads, downsample_pad, norm_eps, scale_shift)
+        self.down, chans, res = encoder(
+            ch,
+            ch_mult,
+            num_res_blocks,
+            attn_resolutions,
+            resolution,
+            temb_dim,
+            dropout,
+            groups,
+            heads,
+            downsample_pad,
+            norm_eps,
+            scale_shift,
+        )
         cur = chans[-1]
 
         self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift), AttnBlock(cur, heads, groups, norm_eps),
-             ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift)]
+            [
+                ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift),
+                AttnBlock(cur, heads, groups, norm_eps),
+                ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift),
+            ]
         )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(cur + chans.pop(), ch * mult, temb_dim, dropout, groups, norm_eps, scale_shift)])
+                block = nn.ModuleList(
+                    [ResBlock(cur + chans.pop(), ch * mult, temb_dim, dropout, groups, norm_eps, scale_shift)]
+                )
                 cur = ch * mult
                 if res in attn_resolutions:
                     block.append(AttnBlock(cur, heads, groups, norm_eps))
@@ -103,7 +132,7 @@ class UNet(nn.Module):
         self.norm_out = group_norm(cur, groups, norm_eps)
         self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
 
-    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor], aug: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None, aug: torch.Tensor | None = None) -> torch.Tensor:
         t = t if self.time_scale == 1.0 else t * self.time_scale
         emb = self.temb(timestep_embedding(t, self.ch, layout=self.time_embedding))
         if self.aug_emb is not None:
@@ -116,8 +145,9 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
-                aug: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, aug: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.embed(t, y, aug)
         h = self.conv_in(x)
         skips = [h]

@@ -6,8 +6,9 @@ depends only on (seed, i) at every stage."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from diffuse.pipeline.sampling import CountingDenoiser, SamplerPlan, Samples, pl
 CONDITIONS = ("none", "lowres")
 
 
-def check_condition(cond: Optional[dict], resolution: int, where: str = "") -> Optional[dict]:
+def check_condition(cond: dict | None, resolution: int, where: str = "") -> dict | None:
     """A `condition` config (a training run's, or a checkpoint's copy: user input) against the high resolution: None
     for no conditioning, else the checked lowres keys and the upsampling `factor`."""
     prefix = f"{where}: " if where else ""
@@ -32,17 +33,27 @@ def check_condition(cond: Optional[dict], resolution: int, where: str = "") -> O
         raise UserError(f"{prefix}condition={cond.get('name')!r} is not allowed: choose one of {', '.join(CONDITIONS)}")
     low = cond.get("from_resolution")
     if isinstance(low, bool) or not isinstance(low, int) or not 1 <= low < resolution or resolution % low:
-        raise UserError(f"{prefix}condition.from_resolution={low!r} is not allowed: it must be an integer below "
-                        f"dataset.resolution={resolution} that divides it (the upsampling factor is a whole number)")
+        raise UserError(
+            f"{prefix}condition.from_resolution={low!r} is not allowed: it must be an integer below "
+            f"dataset.resolution={resolution} that divides it (the upsampling factor is a whole number)"
+        )
     for key in ("aug_max", "aug_level"):
         v = cond.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            raise UserError(f"{prefix}condition.{key}={v!r} is not allowed: it must be a number in [0, 1] "
-                            "(the augmentation level: 0 the image itself, 1 pure noise)")
+            raise UserError(
+                f"{prefix}condition.{key}={v!r} is not allowed: it must be a number in [0, 1] "
+                "(the augmentation level: 0 the image itself, 1 pure noise)"
+            )
     if not isinstance(cond.get("truncated"), bool):
         raise UserError(f"{prefix}condition.truncated={cond.get('truncated')!r} is not allowed: true or false")
-    return {"name": "lowres", "from_resolution": low, "aug_max": float(cond["aug_max"]), "aug_level": float(cond["aug_level"]),
-            "truncated": cond["truncated"], "factor": resolution // low}
+    return {
+        "name": "lowres",
+        "from_resolution": low,
+        "aug_max": float(cond["aug_max"]),
+        "aug_level": float(cond["aug_level"]),
+        "truncated": cond["truncated"],
+        "factor": resolution // low,
+    }
 
 
 class SuperResRefusal(UserError):
@@ -54,15 +65,19 @@ def superres_refusal(conf: dict, where: str) -> UserError:
     cond = conf.get("condition") if isinstance(conf.get("condition"), dict) else {}
     res = (conf.get("model") or {}).get("resolution") if isinstance(conf.get("model"), dict) else None
     what = f" ({cond.get('from_resolution')} -> {res})" if res else ""
-    return SuperResRefusal(f"{where} is a super-resolution model{what}: it samples given a low-resolution image; use "
-                     f"diffuse sample cascade=[BASE,{where}], or diffuse upsample ckpt={where} --image PATH")
+    return SuperResRefusal(
+        f"{where} is a super-resolution model{what}: it samples given a low-resolution image; use "
+        f"diffuse sample cascade=[BASE,{where}], or diffuse upsample ckpt={where} --image PATH"
+    )
 
 
 def load_cascade(paths: Any, load: Callable[[Any, bool], Model]) -> list[Model]:
     """The models of cascade=[BASE, SR, ...]; load(path, superres) loads one (tasks.common.model_of's loader)."""
     if not isinstance(paths, (list, tuple)) or len(paths) < 2 or not all(isinstance(p, str) and p for p in paths):
-        raise UserError(f"cascade={paths!r} is not allowed: give a list of checkpoints, the base model first and then "
-                        "one super-resolution model per stage, e.g. cascade=[BASE_RUN,SR_RUN]")
+        raise UserError(
+            f"cascade={paths!r} is not allowed: give a list of checkpoints, the base model first and then "
+            "one super-resolution model per stage, e.g. cascade=[BASE_RUN,SR_RUN]"
+        )
     from diffuse.checkpoint import resolve_ckpt_path
 
     for i, p in enumerate(paths):  # a missing entry named as typed, not as the loader's ckpt=
@@ -74,9 +89,11 @@ def load_cascade(paths: Any, load: Callable[[Any, bool], Model]) -> list[Model]:
         except SuperResRefusal:
             if i > 0:
                 raise
-            raise UserError(f"cascade={list(paths)!r} is not allowed: its first checkpoint {p!r} is a super-resolution model; "
-                            "the base model (one that samples from noise) comes first, then one super-resolution model "
-                            "per stage, lowest resolution first") from None
+            raise UserError(
+                f"cascade={list(paths)!r} is not allowed: its first checkpoint {p!r} is a super-resolution model; "
+                "the base model (one that samples from noise) comes first, then one super-resolution model "
+                "per stage, lowest resolution first"
+            ) from None
     return models
 
 
@@ -100,42 +117,59 @@ class SuperRes:
         return self.model.lowres["factor"]
 
 
-def plan_superres(model: Model, sampler: dict, steps: Optional[int], aug_level: Optional[float] = None,
-                  truncated: Optional[bool] = None) -> SuperRes:
+def plan_superres(
+    model: Model,
+    sampler: dict,
+    steps: int | None,
+    aug_level: float | None = None,
+    truncated: bool | None = None,
+) -> SuperRes:
     """A super-resolution model's stage: its sampler, and its augmentation level and truncation (None: the
     checkpoint's condition.aug_level and condition.truncated)."""
     if not model.lowres:
-        raise UserError(f"{model.source.get('ckpt', 'the model')} is not a super-resolution model (trained with condition=lowres)")
+        raise UserError(
+            f"{model.source.get('ckpt', 'the model')} is not a super-resolution model (trained with condition=lowres)"
+        )
     level = model.lowres["aug_level"] if aug_level is None else aug_level
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level <= 1:
         raise UserError(f"condition.aug_level={level!r} is not allowed: it must be a number in [0, 1]")
     trunc = model.lowres["truncated"] if truncated is None else truncated
     if not isinstance(trunc, bool):
         raise UserError(f"condition.truncated={trunc!r} is not allowed: true or false")
-    return SuperRes(model, plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned), float(level), trunc)
+    return SuperRes(
+        model, plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned), float(level), trunc
+    )
 
 
 def check_chain(base: Model, stages: Sequence[SuperRes]) -> None:
     """Each super-resolution model reads the resolution and channels of the stage before it (a latent base's: its
     decoded images)."""
     if base.lowres:
-        raise UserError(f"cascade=: its first model, {base.source.get('ckpt')}, is a super-resolution model; the first "
-                        "generates from noise (a model trained without condition=lowres)")
+        raise UserError(
+            f"cascade=: its first model, {base.source.get('ckpt')}, is a super-resolution model; the first "
+            "generates from noise (a model trained without condition=lowres)"
+        )
     if base.autoencoder is not None and stages and stages[0].truncated:
         # A truncated base hands on its x_t, which for a latent model is a noised latent: decoding it is not the
         # noised image sqrt(g) x + sqrt(1 - g) eps the super-resolution model was trained on.
-        raise UserError(f"condition.truncated=true is not allowed after a latent base model ({base.source.get('ckpt')}): its "
-                        "reverse process would stop in latent space, where x_t is not a noised image; use condition.truncated=false "
-                        "for the first super-resolution stage")
+        raise UserError(
+            f"condition.truncated=true is not allowed after a latent base model ({base.source.get('ckpt')}): its "
+            "reverse process would stop in latent space, where x_t is not a noised image; use condition.truncated=false "
+            "for the first super-resolution stage"
+        )
     shape = base.image_shape
     for st in stages:
         want = (st.model.shape[0], st.model.lowres["from_resolution"], st.model.lowres["from_resolution"])
         if tuple(shape) != want:
-            raise UserError(f"cascade=: {st.model.source.get('ckpt')} super-resolves {want[0]} x {want[1]} x {want[2]} images, "
-                            f"the stage before it makes {shape[0]} x {shape[1]} x {shape[2]}")
+            raise UserError(
+                f"cascade=: {st.model.source.get('ckpt')} super-resolves {want[0]} x {want[1]} x {want[2]} images, "
+                f"the stage before it makes {shape[0]} x {shape[1]} x {shape[2]}"
+            )
         if st.truncated and st.aug_level == 0:
-            raise UserError(f"condition.truncated=true needs condition.aug_level > 0 ({st.model.source.get('ckpt')}): the "
-                            "previous stage stops at that level, and at 0 it is not truncated at all")
+            raise UserError(
+                f"condition.truncated=true needs condition.aug_level > 0 ({st.model.source.get('ckpt')}): the "
+                "previous stage stops at that level, and at 0 it is not truncated at all"
+            )
         shape = st.model.shape
 
 
@@ -157,7 +191,7 @@ def truncation(plan: SamplerPlan, level: float) -> tuple[SamplerPlan, int, float
     return dataclasses.replace(plan, timesteps=kept, steps=len(kept)), t_stop, float(aug_level_of(ab[t_stop]))
 
 
-def run_stage(denoiser, plan: SamplerPlan, x_T: torch.Tensor, gen, y, stop_at: Optional[int]) -> tuple[torch.Tensor, int]:
+def run_stage(denoiser, plan: SamplerPlan, x_T: torch.Tensor, gen, y, stop_at: int | None) -> tuple[torch.Tensor, int]:
     """One stage's samples (or, with stop_at, its x_t at that timestep) and the denoiser calls it made."""
     counter = CountingDenoiser(denoiser)
     if stop_at is None:
@@ -174,11 +208,13 @@ def run_stage(denoiser, plan: SamplerPlan, x_T: torch.Tensor, gen, y, stop_at: O
         plan(counter, x_T, generator=gen, y=y, hook=hook)
     except _Reached as r:
         return r.x, counter.calls
-    raise UserError(f"sampler={plan.name} cannot be truncated (condition.truncated=true): it did not pass through "
-                    f"timestep {stop_at}; use a fixed-step sampler such as ddim or ddpm")
+    raise UserError(
+        f"sampler={plan.name} cannot be truncated (condition.truncated=true): it did not pass through "
+        f"timestep {stop_at}; use a fixed-step sampler such as ddim or ddpm"
+    )
 
 
-def conditioned(stage: SuperRes, x_prev: torch.Tensor, level: Optional[float], gen) -> tuple[Callable, float]:
+def conditioned(stage: SuperRes, x_prev: torch.Tensor, level: float | None, gen) -> tuple[Callable, float]:
     """The stage's denoiser told its low-resolution images: x_prev itself when the stage before was truncated (it is
     already x_t at `level`), else x_prev noised at the stage's own level, the first draw of each image's stream."""
     if level is None:
@@ -205,14 +241,14 @@ class CascadeJob:
         return self.base.plan
 
     @property
-    def labels(self) -> Optional[torch.Tensor]:
+    def labels(self) -> torch.Tensor | None:
         return self.base.labels
 
     @property
     def seed(self) -> int:
         return self.base.seed
 
-    def draw(self, idx: list[int], y: Optional[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    def draw(self, idx: list[int], y: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, list[int]]:
         """Images idx through every stage: (final images, denoiser calls per stage). A stage followed by a truncated
         one stops at that one's level, whose exact value (its alpha_bar on this stage's schedule) the next is told."""
         x, level, nfe = None, None, []
@@ -235,19 +271,31 @@ class CascadeJob:
             nfe.append(calls)
         return x, nfe
 
-    def generate(self, indices: list[int], *, device: torch.device, batch_size: int,
-                 on_batch: Optional[Callable[[int, torch.Tensor], None]] = None, progress: bool = True, keep: bool = True,
-                 fixed_shape: bool = False, stop=None) -> Samples:
+    def generate(
+        self,
+        indices: list[int],
+        *,
+        device: torch.device,
+        batch_size: int,
+        on_batch: Callable[[int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+        keep: bool = True,
+        fixed_shape: bool = False,
+        stop=None,
+    ) -> Samples:
         from diffuse.console import progress_bar
 
         outs, nfe, stopped = [], 0, False
         with progress_bar(progress) as bar:
-            task = bar.add_task(f"cascade of {len(self.stages) + 1} ({self.plan.name}, {self.plan.describe_steps()})", total=len(indices))
+            task = bar.add_task(
+                f"cascade of {len(self.stages) + 1} ({self.plan.name}, {self.plan.describe_steps()})",
+                total=len(indices),
+            )
             for start in range(0, len(indices), batch_size):
                 if stop is not None and stop.requested:
                     stopped = True
                     break
-                idx = indices[start: start + batch_size]
+                idx = indices[start : start + batch_size]
                 y = self.labels[idx].to(device) if self.labels is not None else None
                 x, calls = self.draw(idx, y, device)
                 x = x.float().cpu()
@@ -262,6 +310,13 @@ class CascadeJob:
     def info(self) -> dict:
         out = self.base.info()
         out["cascade"] = [self.base.model.source] + [
-            {**st.model.source, "sampler": st.plan.name, "steps": st.plan.steps, "aug_level": st.aug_level, "truncated": st.truncated}
-            for st in self.stages]
+            {
+                **st.model.source,
+                "sampler": st.plan.name,
+                "steps": st.plan.steps,
+                "aug_level": st.aug_level,
+                "truncated": st.truncated,
+            }
+            for st in self.stages
+        ]
         return out

@@ -3,9 +3,10 @@ mixture's exact one for model=oracle, as grad(x_t, t, y) = grad_x log p(y | x_t)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,9 +44,15 @@ def classifier_network(ckpt: Checkpoint, path: Path, key: str, use_ema: bool = T
 
     conf = ckpt.config
     if not is_classifier_config(conf) or "schedule" not in conf:
-        arch = (conf.get("model") or {}).get("arch") if isinstance(conf, dict) and isinstance(conf.get("model"), dict) else None
+        arch = (
+            (conf.get("model") or {}).get("arch")
+            if isinstance(conf, dict) and isinstance(conf.get("model"), dict)
+            else None
+        )
         what = f"a {arch} denoiser" if arch else "no classifier"
-        raise UserError(f"{key}={path} is not a classifier checkpoint (it holds {what}): train one with diffuse train-classifier")
+        raise UserError(
+            f"{key}={path} is not a classifier checkpoint (it holds {what}): train one with diffuse train-classifier"
+        )
     schedule = schedule_from_config(conf["schedule"], where=str(path))
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
     net = build_network(conf["model"], where=str(path), keys={}, weights=weights)
@@ -96,23 +103,30 @@ def load_guide_classifier(value: Any, model: Model, *, use_ema: bool = True, ver
     """guidance.classifier= for `model`: `oracle` (model=oracle only), or a train-classifier checkpoint (file or run
     dir) of the model's image shape and, for a class-conditional model, its classes."""
     if value in (None, ""):
-        raise UserError("guidance=classifier needs guidance.classifier=FILE|RUN_DIR (a diffuse train-classifier checkpoint), "
-                        "or guidance.classifier=oracle with model=oracle")
+        raise UserError(
+            "guidance=classifier needs guidance.classifier=FILE|RUN_DIR (a diffuse train-classifier checkpoint), "
+            "or guidance.classifier=oracle with model=oracle"
+        )
     if str(value) == "oracle":
         from diffuse.diffusion.oracle import GMMClassifier
 
         mixture = getattr(model.denoiser, "mixture", None)
         if not model.is_oracle or mixture is None:
-            raise UserError(f"guidance.classifier=oracle is the exact classifier of the mixture of model=oracle dataset=gmm; "
-                            f"this model is {model.source.get('ckpt', 'not the oracle')}: give a train-classifier checkpoint")
+            raise UserError(
+                f"guidance.classifier=oracle is the exact classifier of the mixture of model=oracle dataset=gmm; "
+                f"this model is {model.source.get('ckpt', 'not the oracle')}: give a train-classifier checkpoint"
+            )
         return GuideClassifier(GMMClassifier(mixture, model.schedule).grad, mixture.K, {"classifier": "oracle"})
     tc = load_classifier_checkpoint(value, "guidance.classifier", use_ema=use_ema, verify=verify)
     if tc.shape != tuple(model.shape):
-        raise UserError(f"guidance.classifier={value}: it classifies images of {'x'.join(map(str, tc.shape))}, the model makes "
-                        f"{'x'.join(map(str, model.shape))}")
+        raise UserError(
+            f"guidance.classifier={value}: it classifies images of {'x'.join(map(str, tc.shape))}, the model makes "
+            f"{'x'.join(map(str, model.shape))}"
+        )
     k = tc.net.num_classes
     if model.num_classes and k != model.num_classes:
-        raise UserError(f"guidance.classifier={value}: it has {k} classes, the class-conditional model {model.num_classes}; "
-                        "they must be the same classes")
+        raise UserError(
+            f"guidance.classifier={value}: it has {k} classes, the class-conditional model {model.num_classes}; "
+            "they must be the same classes"
+        )
     return GuideClassifier(NetworkGrad(tc, model.schedule), k, {"classifier": str(tc.path), "classifier_step": tc.step})
-

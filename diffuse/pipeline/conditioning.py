@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -27,14 +28,14 @@ class Guidance:
 
     name: str = "none"
     scale: float = 1.0
-    interval: Optional[tuple[float, float]] = None
+    interval: tuple[float, float] | None = None
     rescale: float = 0.0
     cfg_scale: float = 1.0
-    classifier: Optional[str] = None
+    classifier: str | None = None
     mode: str = "eps"
     classifier_ema: bool = True
     loaded: Any = field(default=None, compare=False, repr=False)  # pipeline.classifier.GuideClassifier
-    mean_factors: Optional[dict] = field(default=None, compare=False, repr=False)
+    mean_factors: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def free_scale(self) -> float:
@@ -48,7 +49,7 @@ class Guidance:
         return self.scale == 1.0
 
 
-def parse_guidance(g: Optional[dict]) -> Guidance:
+def parse_guidance(g: dict | None) -> Guidance:
     if not g:
         return Guidance()
     if g["name"] not in GUIDANCE:
@@ -60,16 +61,28 @@ def parse_guidance(g: Optional[dict]) -> Guidance:
     try:
         check_guidance(g["cfg_scale"])
     except UserError:
-        raise UserError(f"guidance.cfg_scale={g['cfg_scale']!r} is not allowed: it must be a finite number >= 0") from None
+        raise UserError(
+            f"guidance.cfg_scale={g['cfg_scale']!r} is not allowed: it must be a finite number >= 0"
+        ) from None
     if g["mode"] not in CLASSIFIER_MODES:
         raise UserError(f"guidance.mode={g['mode']!r} is not allowed: choose one of {', '.join(CLASSIFIER_MODES)}")
     if not isinstance(g["use_ema"], bool):
         raise UserError(f"guidance.use_ema={g['use_ema']!r} is not allowed: true or false")
     if g["classifier"] in (None, ""):
-        raise UserError("guidance=classifier needs guidance.classifier=FILE|RUN_DIR (a diffuse train-classifier checkpoint), "
-                        "or guidance.classifier=oracle with model=oracle")
-    return Guidance("classifier", float(g["scale"]), interval, float(g["rescale"]), float(g["cfg_scale"]), str(g["classifier"]),
-                    g["mode"], g["use_ema"])
+        raise UserError(
+            "guidance=classifier needs guidance.classifier=FILE|RUN_DIR (a diffuse train-classifier checkpoint), "
+            "or guidance.classifier=oracle with model=oracle"
+        )
+    return Guidance(
+        "classifier",
+        float(g["scale"]),
+        interval,
+        float(g["rescale"]),
+        float(g["cfg_scale"]),
+        str(g["classifier"]),
+        g["mode"],
+        g["use_ema"],
+    )
 
 
 def attach_classifier(guidance: Guidance, model: Model, plan, verify: bool = True) -> Guidance:
@@ -83,19 +96,25 @@ def attach_classifier(guidance: Guidance, model: Model, plan, verify: bool = Tru
     if guidance.name != "classifier":
         return guidance
     if not model.num_classes and guidance.cfg_scale != 1.0:
-        raise UserError(f"guidance.cfg_scale={guidance.cfg_scale:g} needs a class-conditional model (model.num_classes); "
-                        "this one is unconditional: the label steers the classifier only")
+        raise UserError(
+            f"guidance.cfg_scale={guidance.cfg_scale:g} needs a class-conditional model (model.num_classes); "
+            "this one is unconditional: the label steers the classifier only"
+        )
     factors = None
     if guidance.mode == "mean":
         if plan.name != "ddpm":
-            raise UserError(f"guidance.mode=mean moves the mean of the ancestral DDPM step: it needs sampler=ddpm, not {plan.name} "
-                            "(guidance.mode=eps works with every sampler)")
+            raise UserError(
+                f"guidance.mode=mean moves the mean of the ancestral DDPM step: it needs sampler=ddpm, not {plan.name} "
+                "(guidance.mode=eps works with every sampler)"
+            )
         from diffuse.diffusion.samplers.ddpm import resolve_variance
 
         variance = resolve_variance(plan.options.get("variance", "beta_tilde"), plan.options.get("learned_variance"))
         if variance == "learned":
-            raise UserError("guidance.mode=mean scales the shift by the step's fixed variance: this model's variances are "
-                            "learned (per pixel); use guidance.mode=eps, or sampler.variance=beta or beta_tilde")
+            raise UserError(
+                "guidance.mode=mean scales the shift by the step's fixed variance: this model's variances are "
+                "learned (per pixel); use guidance.mode=eps, or sampler.variance=beta or beta_tilde"
+            )
         factors = mean_shift_factors(plan.timesteps, model.schedule, variance)
     loaded = load_guide_classifier(guidance.classifier, model, use_ema=guidance.classifier_ema, verify=verify)
     return dataclasses.replace(guidance, loaded=loaded, mean_factors=factors)
@@ -110,30 +129,56 @@ def guide(model: Model, guidance: Guidance):
         if guidance.loaded is None:
             raise RuntimeError("guidance=classifier: attach_classifier() loads the classifier before guide()")
         if model.num_classes:
-            base = cfg_denoiser(model.denoiser, guidance.cfg_scale, null_label=model.num_classes, interval=guidance.interval,
-                                rescale=guidance.rescale, schedule=model.schedule)
+            base = cfg_denoiser(
+                model.denoiser,
+                guidance.cfg_scale,
+                null_label=model.num_classes,
+                interval=guidance.interval,
+                rescale=guidance.rescale,
+                schedule=model.schedule,
+            )
         else:
             base = _unlabelled(model.denoiser)
-        return classifier_guided(base, guidance.loaded.grad, guidance.scale, model.schedule, interval=guidance.interval,
-                                 factors=guidance.mean_factors)
+        return classifier_guided(
+            base,
+            guidance.loaded.grad,
+            guidance.scale,
+            model.schedule,
+            interval=guidance.interval,
+            factors=guidance.mean_factors,
+        )
     if not model.num_classes:
         if guidance.scale != 1.0:
-            raise UserError(f"guidance.scale={guidance.scale:g} needs a class-conditional model (model.num_classes); this one is unconditional")
+            raise UserError(
+                f"guidance.scale={guidance.scale:g} needs a class-conditional model (model.num_classes); this one is unconditional"
+            )
         return model.denoiser
-    return cfg_denoiser(model.denoiser, guidance.scale, null_label=model.num_classes, interval=guidance.interval,
-                        rescale=guidance.rescale, schedule=model.schedule)
+    return cfg_denoiser(
+        model.denoiser,
+        guidance.scale,
+        null_label=model.num_classes,
+        interval=guidance.interval,
+        rescale=guidance.rescale,
+        schedule=model.schedule,
+    )
 
 
-def resolve_labels(label: Optional[int], labels: Optional[Sequence[int]], n: int, num_classes: Optional[int]) -> Optional[torch.Tensor]:
+def resolve_labels(
+    label: int | None, labels: Sequence[int] | None, n: int, num_classes: int | None
+) -> torch.Tensor | None:
     """The label of each of n images: `label` for all, `labels` cycled, else all classes in turn; None for an
     unconditional model (which refuses label and labels)."""
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-        raise UserError(f"n={n!r} is not allowed: it must be an integer from 1 to {MAX_IMAGES:,} (the images one run draws)")
+        raise UserError(
+            f"n={n!r} is not allowed: it must be an integer from 1 to {MAX_IMAGES:,} (the images one run draws)"
+        )
     if label is not None and labels is not None:
         raise UserError("label= and labels= cannot both be given: choose one")
     if not num_classes:
         if label is not None or labels is not None:
-            raise UserError(f"label={label if label is not None else list(labels)!r} needs a class-conditional model (model.num_classes); this one is unconditional")
+            raise UserError(
+                f"label={label if label is not None else list(labels)!r} needs a class-conditional model (model.num_classes); this one is unconditional"
+            )
         return None
     chosen = [label] if label is not None else (list(labels) if labels is not None else list(range(num_classes)))
     if not chosen:
@@ -153,7 +198,7 @@ def _unlabelled(denoiser):
     return call
 
 
-def sample_labels(model: Model, guidance: Guidance, label, labels, n: int) -> Optional[torch.Tensor]:
+def sample_labels(model: Model, guidance: Guidance, label, labels, n: int) -> torch.Tensor | None:
     """resolve_labels, except that the oracle, unguided and without label/labels, samples the whole mixture at its
     weights (it is ground truth), not its components in turn. Under classifier guidance an unconditional model
     takes the classifier's classes."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -18,14 +19,24 @@ class SamplingJob:
     denoiser: Callable  # the model's denoiser with guidance
     plan: SamplerPlan
     guidance: Guidance
-    labels: Optional[torch.Tensor]  # label of image i, for i < n; None: unconditional
+    labels: torch.Tensor | None  # label of image i, for i < n; None: unconditional
     seed: int
 
     def generate(self, indices: list[int], *, device: torch.device, batch_size: int, **kwargs) -> Samples:
         """Images `indices` (see pipeline.sampling.generate for on_batch, keep, progress, fixed_shape)."""
         labels = self.labels[indices] if self.labels is not None else None
-        return generate(self.denoiser, self.plan, shape=self.model.shape, seed=self.seed, device=device,
-                        batch_size=batch_size, indices=indices, labels=labels, decode=self.model.decode, **kwargs)
+        return generate(
+            self.denoiser,
+            self.plan,
+            shape=self.model.shape,
+            seed=self.seed,
+            device=device,
+            batch_size=batch_size,
+            indices=indices,
+            labels=labels,
+            decode=self.model.decode,
+            **kwargs,
+        )
 
     def info(self) -> dict:
         """What sample.json and metrics.json record of how the images were drawn (nfe is added once counted)."""
@@ -46,20 +57,35 @@ class SamplingJob:
         return out
 
 
-def as_distilled(model: Model, sampler: dict, steps: Optional[int]) -> tuple[dict, Optional[int]]:
+def as_distilled(model: Model, sampler: dict, steps: int | None) -> tuple[dict, int | None]:
     """(sampler, steps) with a distilled student's own steps and levels when the command leaves them to it: the same
     sampler it was distilled for, no steps= or the student's, no explicit or tuned levels."""
     made = model.sampling
-    if (made.get("sampler") == sampler["name"] and steps in (None, made.get("steps")) and sampler["sigmas"] is None
-            and sampler["timesteps"] is None and sampler["schedule"] == "stock"):
+    if (
+        made.get("sampler") == sampler["name"]
+        and steps in (None, made.get("steps"))
+        and sampler["sigmas"] is None
+        and sampler["timesteps"] is None
+        and sampler["schedule"] == "stock"
+    ):
         steps = made["steps"]
         if made.get("timesteps") is not None:
             sampler = {**sampler, "timesteps": list(made["timesteps"])}
     return sampler, steps
 
 
-def prepare_sampling(model: Model, *, sampler: dict, steps: Optional[int], guidance: Optional[dict], label, labels,
-                     n: int, seed: int, verify: Any = True) -> SamplingJob:
+def prepare_sampling(
+    model: Model,
+    *,
+    sampler: dict,
+    steps: int | None,
+    guidance: dict | None,
+    label,
+    labels,
+    n: int,
+    seed: int,
+    verify: Any = True,
+) -> SamplingJob:
     """Everything checked before the first image is drawn: the sampler's options, labels and guidance (its classifier
     loaded; `verify`: the command's, for the classifier's checkpoint too)."""
     sampler, steps = as_distilled(model, sampler, steps)

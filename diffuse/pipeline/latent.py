@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class LatentCodec:
     path: str
     hash: str
     scale_factor: float = 1.0
-    autocast: Optional[torch.dtype] = None
+    autocast: torch.dtype | None = None
     # A converted KL VAE's diffusers shift_factor (SD3, Flux): its latents are centred by it before they are
     # scaled, as diffusers' pipelines do (TAESD's network applies its own).
     shift: float = 0.0
@@ -72,8 +72,13 @@ class LatentCodec:
 
     def record(self) -> dict:
         """What a latent model's checkpoint says of its autoencoder."""
-        return {"path": self.path, "hash": self.hash, "scale_factor": self.scale_factor, "factor": self.factor,
-                "latent_channels": self.net.latent_channels}
+        return {
+            "path": self.path,
+            "hash": self.hash,
+            "scale_factor": self.scale_factor,
+            "factor": self.factor,
+            "latent_channels": self.net.latent_channels,
+        }
 
 
 def autoencoder_header(value: Any, key: str = "autoencoder") -> tuple[Path, dict, str]:
@@ -88,7 +93,9 @@ def autoencoder_header(value: Any, key: str = "autoencoder") -> tuple[Path, dict
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or model.get("arch") not in AUTOENCODERS:
         what = f"model.arch={model.get('arch')!r}" if isinstance(model, dict) else "no model config"
-        raise UserError(f"{key}={value}: {path} is not an autoencoder checkpoint ({what}; make one with diffuse train-ae)")
+        raise UserError(
+            f"{key}={value}: {path} is not an autoencoder checkpoint ({what}; make one with diffuse train-ae)"
+        )
     if HASH_KEY not in meta:
         raise UserError(f"{key}={value}: {path} carries no hash, and a latent model records its autoencoder by hash")
     from diffuse.nets import complete_config
@@ -97,15 +104,25 @@ def autoencoder_header(value: Any, key: str = "autoencoder") -> tuple[Path, dict
     return path, complete_config(model, where=str(path), keys={}), meta[HASH_KEY]
 
 
-def load_autoencoder(value: Any, *, expected: Optional[str] = None, scale_factor: float = 1.0, device=None,
-                     autocast=None, use_ema: bool = True, key: str = "autoencoder") -> LatentCodec:
+def load_autoencoder(
+    value: Any,
+    *,
+    expected: str | None = None,
+    scale_factor: float = 1.0,
+    device=None,
+    autocast=None,
+    use_ema: bool = True,
+    key: str = "autoencoder",
+) -> LatentCodec:
     """The autoencoder at `value`; `expected`: the hash a latent model recorded, a different one is refused."""
     from diffuse.nets import build_network
 
     path, model, digest = autoencoder_header(value, key)
     if expected is not None and digest != expected:
-        raise UserError(f"{key}={value}: {path} is not the autoencoder this model was trained with (hash {digest[:12]}, "
-                        f"the model records {expected[:12]}): give the one it was trained on with autoencoder=FILE")
+        raise UserError(
+            f"{key}={value}: {path} is not the autoencoder this model was trained with (hash {digest[:12]}, "
+            f"the model records {expected[:12]}): give the one it was trained on with autoencoder=FILE"
+        )
     ckpt = load_checkpoint(path)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
     shift = (ckpt.config.get("source") or {}).get("shift_factor") if model["arch"] == "autoencoder" else None
@@ -124,11 +141,15 @@ def check_latent_data(codec_model: dict, channels: int, resolution: int, where: 
     the autoencoder (its config `codec_model`)."""
     factor = latent_factor(codec_model)
     if channels != codec_model["in_channels"]:
-        raise UserError(f"dataset.channels={channels} does not fit the autoencoder {where}, which encodes "
-                        f"{codec_model['in_channels']}-channel images")
+        raise UserError(
+            f"dataset.channels={channels} does not fit the autoencoder {where}, which encodes "
+            f"{codec_model['in_channels']}-channel images"
+        )
     if resolution % factor:
-        raise UserError(f"dataset.resolution={resolution} is not allowed with the autoencoder {where}: it downsamples by "
-                        f"{factor}, so the resolution must be a multiple of {factor}")
+        raise UserError(
+            f"dataset.resolution={resolution} is not allowed with the autoencoder {where}: it downsamples by "
+            f"{factor}, so the resolution must be a multiple of {factor}"
+        )
     return codec_model["latent_channels"], resolution // factor
 
 
@@ -153,7 +174,11 @@ def encode_dataset(data, codec: LatentCodec, dataset_cfg: dict, cache_dir: Path,
 
     key = cache_key(dataset_cfg, codec.hash)
     path = cache_dir / f"latents-{key}.safetensors"
-    meta = {"dataset": json.dumps(dataset_cfg, sort_keys=True), "autoencoder": codec.hash, "autoencoder_path": codec.path}
+    meta = {
+        "dataset": json.dumps(dataset_cfg, sort_keys=True),
+        "autoencoder": codec.hash,
+        "autoencoder_path": codec.path,
+    }
     if path.is_file():
         try:
             if read_metadata(path) == meta:
@@ -178,8 +203,10 @@ def encode_dataset(data, codec: LatentCodec, dataset_cfg: dict, cache_dir: Path,
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # e.g. a place even root cannot write (/proc): the up-front check cannot see that
-            raise UserError(f"latent_cache={cache_dir}: the encoded data cannot be kept there ({e.strerror}); give "
-                            "latent_cache=DIR on a writable disk") from None
+            raise UserError(
+                f"latent_cache={cache_dir}: the encoded data cannot be kept there ({e.strerror}); give "
+                "latent_cache=DIR on a writable disk"
+            ) from None
         atomic_write(path, lambda tmp: save_file({"latents": z.contiguous()}, str(tmp), metadata=meta))
         report(f"encoded {len(data)} images to latents {c}x{h}x{w}: {path}")
     return z
@@ -198,11 +225,15 @@ def check_latent_config(cfg: dict, channels: int, resolution: int) -> tuple[int,
     if data.get("name") == "gmm":
         raise UserError("autoencoder= with dataset=gmm is not allowed: the mixture's draws are not images to encode")
     if data.get("flip"):
-        raise UserError("dataset.flip=true is not allowed with autoencoder=: the latents are encoded once, unflipped "
-                        "(a mirrored latent is not the latent of the mirrored image)")
+        raise UserError(
+            "dataset.flip=true is not allowed with autoencoder=: the latents are encoded once, unflipped "
+            "(a mirrored latent is not the latent of the mirrored image)"
+        )
     if o.get("mask_training"):
-        raise UserError("objective.mask_training=true is not allowed with autoencoder=: inpaint a latent model with "
-                        "inpaint=replace or inpaint=repaint")
+        raise UserError(
+            "objective.mask_training=true is not allowed with autoencoder=: inpaint a latent model with "
+            "inpaint=replace or inpaint=repaint"
+        )
     path, model, _ = autoencoder_header(value)
     return check_latent_data(model, channels, resolution, str(path))
 

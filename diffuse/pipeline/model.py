@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 
@@ -15,7 +16,17 @@ from diffuse.diffusion.schedule import Schedule, make_schedule
 from diffuse.errors import UserError
 from diffuse.pipeline.runtime import Runtime, inference_network
 
-SCHEDULE_KEYS = {"T", "beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau", "max_beta", "scale_with_T"}
+SCHEDULE_KEYS = {
+    "T",
+    "beta_start",
+    "beta_end",
+    "cosine_s",
+    "sigmoid_start",
+    "sigmoid_end",
+    "sigmoid_tau",
+    "max_beta",
+    "scale_with_T",
+}
 # The longest schedule a config may ask for. Published discrete schedules have T <= 4000 (Nichol & Dhariwal's
 # longest); continuous-time samplers use fractional t, not a larger T. Every table is float64 and there are
 # about ten, so 10^5 is 8 MB; a crafted T = 10^9 would be 80 GB.
@@ -29,16 +40,24 @@ class Model:
     denoiser: Callable
     schedule: Schedule
     shape: tuple[int, int, int]  # C, H, W
-    num_classes: Optional[int]  # class-conditional: labels 0..K-1, and K the null label of guidance
+    num_classes: int | None  # class-conditional: labels 0..K-1, and K the null label of guidance
     clip_x0: bool  # the samplers' default clipping of x0 to [-1, 1]: on for 8-bit image data
     source: dict  # {"model": "oracle"}, or {"ckpt": path, "step": n}: recorded beside what it makes
-    tuned: dict = dataclasses.field(default_factory=dict)  # noise-level schedules tuned for it, "sampler/steps" -> levels
-    sampling: dict = dataclasses.field(default_factory=dict)  # how it was made to be sampled: {"sampler", "steps"} (a distilled student)
+    tuned: dict = dataclasses.field(
+        default_factory=dict
+    )  # noise-level schedules tuned for it, "sampler/steps" -> levels
+    sampling: dict = dataclasses.field(
+        default_factory=dict
+    )  # how it was made to be sampled: {"sampler", "steps"} (a distilled student)
     # A learn_sigma network's variance channels, (x_t, t, y) -> v_raw (diffusion.bound): ancestral sampling and the
     # bound use them; None for fixed variances.
-    learned_variance: Optional[Callable] = None
-    lowres: dict = dataclasses.field(default_factory=dict)  # a super-resolution model's checked condition (pipeline.cascade)
-    autoencoder: Any = None  # a latent model's LatentCodec (pipeline/latent.py): shape is the latents', decode() makes images
+    learned_variance: Callable | None = None
+    lowres: dict = dataclasses.field(
+        default_factory=dict
+    )  # a super-resolution model's checked condition (pipeline.cascade)
+    autoencoder: Any = (
+        None  # a latent model's LatentCodec (pipeline/latent.py): shape is the latents', decode() makes images
+    )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -46,14 +65,14 @@ class Model:
         return self.autoencoder.image_shape(self.shape[-1]) if self.autoencoder is not None else self.shape
 
     @property
-    def decode(self) -> Optional[Callable]:
+    def decode(self) -> Callable | None:
         return self.autoencoder.decode if self.autoencoder is not None else None
 
     @property
     def is_oracle(self) -> bool:
         return self.source.get("model") == "oracle"
 
-    def with_denoiser(self, denoiser: Callable) -> "Model":
+    def with_denoiser(self, denoiser: Callable) -> Model:
         return dataclasses.replace(self, denoiser=denoiser)
 
 
@@ -84,7 +103,7 @@ class TrainedNetwork:
         return self.net.out_channels // 2 if self.learn_sigma else self.net.out_channels
 
 
-def schedule_from_config(cfg: Optional[dict], where: str = "") -> Schedule:
+def schedule_from_config(cfg: dict | None, where: str = "") -> Schedule:
     """A Schedule from a `schedule` config (or a checkpoint's copy of one, `where` naming the file): unknown keys,
     non-numbers and a T beyond MAX_T are refused before any table is computed."""
     prefix = f"{where}: " if where else ""
@@ -94,15 +113,19 @@ def schedule_from_config(cfg: Optional[dict], where: str = "") -> Schedule:
     kind = cfg.pop("kind", None)
     unknown = sorted(set(cfg) - SCHEDULE_KEYS)
     if unknown:
-        raise UserError(f"{prefix}schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}")
+        raise UserError(
+            f"{prefix}schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}"
+        )
     for key, val in cfg.items():
         if key == "scale_with_T":
             if not isinstance(val, bool):
                 raise UserError(f"{prefix}schedule.scale_with_T={val!r} is not allowed: true or false")
         elif key == "T":
             if isinstance(val, bool) or not isinstance(val, int) or not 2 <= val <= MAX_T:
-                raise UserError(f"{prefix}schedule.T={val!r} is not allowed: it must be an integer from 2 to {MAX_T:,} "
-                                "(the number of noise levels)")
+                raise UserError(
+                    f"{prefix}schedule.T={val!r} is not allowed: it must be an integer from 2 to {MAX_T:,} "
+                    "(the number of noise levels)"
+                )
         elif isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
             raise UserError(f"{prefix}schedule.{key}={val!r} is not allowed: it must be a finite number")
     try:
@@ -113,8 +136,9 @@ def schedule_from_config(cfg: Optional[dict], where: str = "") -> Schedule:
         raise UserError(f"{prefix}{e}") from None
 
 
-def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str = "the checkpoint",
-                            superres: bool = False) -> TrainedNetwork:
+def network_from_checkpoint(
+    ckpt: Checkpoint, use_ema: bool = True, where: str = "the checkpoint", superres: bool = False
+) -> TrainedNetwork:
     """The network, schedule and prediction type a checkpoint (`where`: its file, for the messages) describes.
     Its config is user input: it is checked, the schedule bounded, and the network's shapes (on the meta device)
     compared with the weights in the file before the network is allocated. A super-resolution model (condition=lowres)
@@ -126,12 +150,16 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     if not isinstance(conf, dict) or "model" not in conf:
         raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
     if isinstance(conf["model"], dict) and conf["model"].get("arch") == "classifier":
-        raise UserError(f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
-                        "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier")
+        raise UserError(
+            f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
+            "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier"
+        )
     # before the schedule check: a converted autoencoder has no schedule, and what it is says more than what it lacks
     if isinstance(conf["model"], dict) and conf["model"].get("arch") in ("autoencoder", "taesd"):
-        raise UserError(f"{where} is an autoencoder (diffuse train-ae or convert), not a diffusion model: diffuse in its "
-                        "latent space with diffuse train autoencoder=FILE")
+        raise UserError(
+            f"{where} is an autoencoder (diffuse train-ae or convert), not a diffusion model: diffuse in its "
+            "latent space with diffuse train autoencoder=FILE"
+        )
     if "schedule" not in conf:
         raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
     for part in ("objective", "data"):
@@ -140,20 +168,30 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
     objective = conf.get("objective") or {}
     prediction = objective.get("prediction", "eps")
     if prediction not in PREDICTIONS:
-        raise UserError(f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}")
+        raise UserError(
+            f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}"
+        )
     kind = objective.get("kind", "diffusion")
     if kind not in ("diffusion", "consistency", "edm"):
         raise UserError(f"{where}: objective.kind={kind!r} is not allowed: choose one of diffusion, consistency, edm")
     sigma_data = objective.get("sigma_data", 0.5)
-    if kind != "diffusion" and (isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float))
-                                or not math.isfinite(sigma_data) or sigma_data <= 0):
+    if kind != "diffusion" and (
+        isinstance(sigma_data, bool)
+        or not isinstance(sigma_data, (int, float))
+        or not math.isfinite(sigma_data)
+        or sigma_data <= 0
+    ):
         raise UserError(f"{where}: objective.sigma_data={sigma_data!r} is not allowed: it must be a number > 0")
     if objective.get("mask_training", False) not in (True, False):
-        raise UserError(f"{where}: objective.mask_training={objective['mask_training']!r} is not allowed: true or false")
+        raise UserError(
+            f"{where}: objective.mask_training={objective['mask_training']!r} is not allowed: true or false"
+        )
     if objective.get("learn_sigma", False) not in (True, False):
         raise UserError(f"{where}: objective.learn_sigma={objective['learn_sigma']!r} is not allowed: true or false")
     if objective.get("learn_sigma") and kind != "diffusion":
-        raise UserError(f"{where}: objective.learn_sigma=true with objective.kind={kind}: learned variances are for diffusion models")
+        raise UserError(
+            f"{where}: objective.learn_sigma=true with objective.kind={kind}: learned variances are for diffusion models"
+        )
     if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
         raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
     schedule = schedule_from_config(conf["schedule"], where=where)
@@ -169,14 +207,28 @@ def network_from_checkpoint(ckpt: Checkpoint, use_ema: bool = True, where: str =
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{where}: the weights do not fit its model config: {first}") from None
     tn = TrainedNetwork(net, schedule, prediction, conf)
-    if tn.learn_sigma and (net.out_channels % 2 or (tn.mask_conditioned and net.out_channels != 2 * ((net.in_channels - 1) // 2))):
-        raise UserError(f"{where}: objective.learn_sigma=true but the network has {net.out_channels} output channels, "
-                        "not twice its image channels")
+    if tn.learn_sigma and (
+        net.out_channels % 2 or (tn.mask_conditioned and net.out_channels != 2 * ((net.in_channels - 1) // 2))
+    ):
+        raise UserError(
+            f"{where}: objective.learn_sigma=true but the network has {net.out_channels} output channels, "
+            "not twice its image channels"
+        )
     return tn
 
 
-def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], schedule: Optional[dict], use_ema: bool,
-               runtime: Runtime, verify: Any = True, superres: bool = False, autoencoder: Any = None) -> Model:
+def load_model(
+    *,
+    ckpt: Any,
+    model: dict | None,
+    dataset: dict | None,
+    schedule: dict | None,
+    use_ema: bool,
+    runtime: Runtime,
+    verify: Any = True,
+    superres: bool = False,
+    autoencoder: Any = None,
+) -> Model:
     """`ckpt=` (a file or training run dir), or `model=oracle` with its mixture (`dataset`) and `schedule`.
     verify=false lets a checkpoint that carries no hash load, said in a warning and in Model.source. `superres`: a
     super-resolution checkpoint is wanted (cascade, upsample), and loads with its LowResConditioned network. A latent
@@ -184,14 +236,22 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
     verify = check_verify(verify)
     if ckpt in (None, ""):
         if not model:
-            raise UserError("ckpt= is required: a .safetensors checkpoint or a training run dir (or model=oracle for the exact mixture)")
+            raise UserError(
+                "ckpt= is required: a .safetensors checkpoint or a training run dir (or model=oracle for the exact mixture)"
+            )
         if model.get("arch") != "oracle":
-            raise UserError(f"model={model.get('arch')!r} without ckpt=: only model=oracle samples without a checkpoint")
+            raise UserError(
+                f"model={model.get('arch')!r} without ckpt=: only model=oracle samples without a checkpoint"
+            )
         return oracle_model(dataset, schedule)
     if model:
-        raise UserError(f"ckpt= and model={model.get('arch')!r} cannot both be given: a checkpoint carries its own model")
+        raise UserError(
+            f"ckpt= and model={model.get('arch')!r} cannot both be given: a checkpoint carries its own model"
+        )
     if schedule:
-        raise UserError("schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with")
+        raise UserError(
+            "schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with"
+        )
     path = resolve_ckpt_path(ckpt)
     loaded = load_checkpoint(path, verify=verify)
     tn = network_from_checkpoint(loaded, use_ema=use_ema, where=str(path), superres=superres)
@@ -215,9 +275,19 @@ def load_model(*, ckpt: Any, model: Optional[dict], dataset: Optional[dict], sch
         source["ckpt_verified"] = loaded.verified
     sampling = tn.config.get("sampling") if isinstance(tn.config.get("sampling"), dict) else {}
     learned = den.variance_output if tn.learn_sigma else None
-    return Model(den, tn.schedule, (tn.image_channels, tn.net.resolution, tn.net.resolution), tn.net.num_classes,
-                 tn.is_8bit, source, loaded.tuned, sampling, learned, lowres=lowres,
-                 autoencoder=latent_codec(tn.config, autoencoder, runtime, str(path), source))
+    return Model(
+        den,
+        tn.schedule,
+        (tn.image_channels, tn.net.resolution, tn.net.resolution),
+        tn.net.num_classes,
+        tn.is_8bit,
+        source,
+        loaded.tuned,
+        sampling,
+        learned,
+        lowres=lowres,
+        autoencoder=latent_codec(tn.config, autoencoder, runtime, str(path), source),
+    )
 
 
 def latent_codec(config: dict, override: Any, runtime: Runtime, where: str, source: dict):
@@ -229,31 +299,47 @@ def latent_codec(config: dict, override: Any, runtime: Runtime, where: str, sour
             raise UserError(f"autoencoder={override} is not allowed: {where} is a pixel-space model, not a latent one")
         return None
     scale = rec.get("scale_factor") if isinstance(rec, dict) else None
-    if (not isinstance(rec, dict) or not isinstance(rec.get("path"), str) or not isinstance(rec.get("hash"), str)
-            or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
-        raise UserError(f"{where}: its config's autoencoder record is malformed (path, hash and a scale_factor > 0 are needed)")
+    if (
+        not isinstance(rec, dict)
+        or not isinstance(rec.get("path"), str)
+        or not isinstance(rec.get("hash"), str)
+        or isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise UserError(
+            f"{where}: its config's autoencoder record is malformed (path, hash and a scale_factor > 0 are needed)"
+        )
     from diffuse.pipeline.latent import load_autoencoder
 
-    codec = load_autoencoder(override if override not in (None, "") else rec["path"], expected=rec["hash"],
-                             scale_factor=float(scale), device=runtime.device, autocast=runtime.autocast)
+    codec = load_autoencoder(
+        override if override not in (None, "") else rec["path"],
+        expected=rec["hash"],
+        scale_factor=float(scale),
+        device=runtime.device,
+        autocast=runtime.autocast,
+    )
     source["autoencoder"] = codec.path
     return codec
 
 
-def denoiser_of(net, tn: "TrainedNetwork", autocast=None):
+def denoiser_of(net, tn: TrainedNetwork, autocast=None):
     """The denoiser of a trained network: a consistency model's (its f read as eps), an EDM-preconditioned one's
     (D read as eps) or a diffusion model's, as its checkpoint's objective.kind says."""
     o = tn.config.get("objective") or {}
     if o.get("kind") == "consistency":
         from diffuse.diffusion.consistency import ConsistencyDenoiser
 
-        return ConsistencyDenoiser(net, tn.prediction, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
+        return ConsistencyDenoiser(
+            net, tn.prediction, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast
+        )
     if o.get("kind") == "edm":
         return EDMDenoiser(net, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
     return NetworkDenoiser(net, tn.prediction, tn.schedule, autocast_dtype=autocast, learn_sigma=tn.learn_sigma)
 
 
-def oracle_model(dataset: Optional[dict], schedule: Optional[dict]) -> Model:
+def oracle_model(dataset: dict | None, schedule: dict | None) -> Model:
     """The exact denoiser of the Gaussian mixture `dataset` (dataset=gmm) under `schedule`."""
     from diffuse.data import build_mixture
     from diffuse.diffusion.oracle import GMMDenoiser

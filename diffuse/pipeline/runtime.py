@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -24,7 +23,7 @@ COMPILE_MIN_IMAGES = 1024
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    autocast: Optional[torch.dtype]  # None: float32
+    autocast: torch.dtype | None  # None: float32
     channels_last: bool
     attention: str
     compile: bool
@@ -38,7 +37,7 @@ class Runtime:
         return self.device.type == "cuda"
 
 
-def resolve_runtime(rcfg: dict, *, images: Optional[int] = None) -> Runtime:
+def resolve_runtime(rcfg: dict, *, images: int | None = None) -> Runtime:
     """The runtime group's switches for this machine. `images`: how many images a sampling command draws (its
     compile=auto threshold); None for training, which compiles on CUDA at auto."""
     device = pick_device(rcfg["device"])
@@ -65,7 +64,9 @@ def pick_device(name) -> torch.device:
     except (RuntimeError, TypeError):
         raise UserError(f"runtime.device={name!r} is not allowed: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"runtime.device={name!r} asked for, but no CUDA device is available: use runtime.device=cpu or auto")
+        raise UserError(
+            f"runtime.device={name!r} asked for, but no CUDA device is available: use runtime.device=cpu or auto"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"runtime.device={name!r} is not allowed: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -4,8 +4,9 @@ image i depends only on (seed, i)."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -44,8 +45,14 @@ class SamplerPlan:
         return self.fn(denoiser, x_T, self.timesteps, self.schedule, generator=generator, y=y, **kwargs)
 
 
-def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, clip_default: bool,
-                 tuned: Optional[dict] = None, learned_variance: Optional[Callable] = None) -> SamplerPlan:
+def plan_sampler(
+    sampler_cfg: dict,
+    steps: int | None,
+    schedule: Schedule,
+    clip_default: bool,
+    tuned: dict | None = None,
+    learned_variance: Callable | None = None,
+) -> SamplerPlan:
     """The sampler of `sampler_cfg` over `steps` (None: its default_steps, or all T); unknown options are refused.
     `tuned`: the schedules diffuse tune-schedule recorded for the model, for sampler.schedule=tuned.
     `learned_variance`: a learn_sigma model's variance channels (Model.learned_variance), for the samplers that
@@ -73,19 +80,23 @@ def plan_sampler(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, cl
     return SamplerPlan(name, fn, steps, timesteps, schedule, options)
 
 
-def levels_of(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, tuned: dict) -> torch.Tensor:
+def levels_of(sampler_cfg: dict, steps: int | None, schedule: Schedule, tuned: dict) -> torch.Tensor:
     """The timesteps the sampler visits: an explicit list (sampler.sigmas or sampler.timesteps); a tuned schedule
     (sampler.schedule=tuned: the model's, or a schedule.json file diffuse tune-schedule wrote); else `steps` (None:
     the sampler's default_steps, or all T) spaced by sampler.spacing."""
     explicit = sampler_cfg["sigmas"] is not None or sampler_cfg["timesteps"] is not None
     if sampler_cfg["schedule"] != "stock":
         if explicit:
-            raise UserError("sampler.schedule and an explicit sampler.sigmas/timesteps list cannot both be given: choose one")
+            raise UserError(
+                "sampler.schedule and an explicit sampler.sigmas/timesteps list cannot both be given: choose one"
+            )
         return tuned_timesteps(sampler_cfg, steps, schedule, tuned)
     if explicit:
         timesteps = explicit_timesteps(schedule, sigmas=sampler_cfg["sigmas"], timesteps=sampler_cfg["timesteps"])
         if steps is not None and steps != len(timesteps):
-            raise UserError(f"steps={steps} but the sampler's explicit list has {len(timesteps)} levels: give one or the other")
+            raise UserError(
+                f"steps={steps} but the sampler's explicit list has {len(timesteps)} levels: give one or the other"
+            )
         return timesteps
     if steps is None:
         steps = sampler_cfg["default_steps"] or schedule.T
@@ -95,7 +106,7 @@ def levels_of(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, tuned
     return sampler_timesteps(schedule, steps, sampler_cfg["spacing"], rho)
 
 
-def tuned_timesteps(sampler_cfg: dict, steps: Optional[int], schedule: Schedule, tuned: dict) -> torch.Tensor:
+def tuned_timesteps(sampler_cfg: dict, steps: int | None, schedule: Schedule, tuned: dict) -> torch.Tensor:
     from diffuse.pipeline.tuning import key, read_schedule_file
 
     name, choice = sampler_cfg["name"], sampler_cfg["schedule"]
@@ -104,14 +115,18 @@ def tuned_timesteps(sampler_cfg: dict, steps: Optional[int], schedule: Schedule,
         entry = tuned.get(key(name, steps))
         if entry is None:
             have = ", ".join(sorted(tuned)) or "none"
-            raise UserError(f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps (it has: {have}); "
-                            f"make one with diffuse tune-schedule sampler={name} steps={steps}")
+            raise UserError(
+                f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps (it has: {have}); "
+                f"make one with diffuse tune-schedule sampler={name} steps={steps}"
+            )
         where = "the model's"
     else:
         entry, where = read_schedule_file(choice), str(choice)
         if entry["sampler"] != name or (steps is not None and entry["steps"] != steps):
-            raise UserError(f"sampler.schedule={choice}: it was tuned for {entry['sampler']} at {entry['steps']} steps, "
-                            f"this run is {name} at {steps if steps is not None else 'its default'} steps")
+            raise UserError(
+                f"sampler.schedule={choice}: it was tuned for {entry['sampler']} at {entry['steps']} steps, "
+                f"this run is {name} at {steps if steps is not None else 'its default'} steps"
+            )
     sigmas = torch.tensor(entry["sigmas"], dtype=torch.float64)
     s_max, s_min = float(schedule.sigmas[-1]), float(schedule.sigmas[0])
     if len(sigmas) != entry["steps"] or sigmas[0] > s_max * (1 + 1e-9) or sigmas[-1] < s_min * (1 - 1e-9):
@@ -147,13 +162,13 @@ def generate(
     device: torch.device,
     batch_size: int,
     indices: list[int],
-    labels: Optional[torch.Tensor] = None,
-    on_batch: Optional[Callable[[int, torch.Tensor], None]] = None,
+    labels: torch.Tensor | None = None,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
     keep: bool = True,
     fixed_shape: bool = False,
     stop=None,
-    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Samples:
     """Draw images `indices`, each from its own (seed, i) noise stream; labels[j] is the label of indices[j].
 

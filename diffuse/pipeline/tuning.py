@@ -17,15 +17,14 @@ It is deterministic, monotone in the loss, and its whole state is a few numbers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
 
 import torch
 
 from diffuse.diffusion.samplers import SELF_STEPPING, STOCHASTIC
 from diffuse.diffusion.schedule import Schedule
 from diffuse.errors import UserError
-
 
 
 def key(sampler: str, steps: int) -> str:
@@ -35,8 +34,10 @@ def key(sampler: str, steps: int) -> str:
 
 def check_tunable(name: str, options: dict) -> None:
     if name in STOCHASTIC or (name == "ddim" and options.get("eta", 0.0) > 0):
-        raise UserError(f"sampler={name} is stochastic: its output is not a function of x_T, so its levels cannot be tuned "
-                        "against a reference; tune a deterministic solver (ddim with eta=0, dpm_solver, unipc, ...)")
+        raise UserError(
+            f"sampler={name} is stochastic: its output is not a function of x_T, so its levels cannot be tuned "
+            "against a reference; tune a deterministic solver (ddim with eta=0, dpm_solver, unipc, ...)"
+        )
     if name in SELF_STEPPING:
         raise UserError(f"sampler={name} chooses its own steps: there is no schedule to tune")
 
@@ -78,12 +79,18 @@ class SearchState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "SearchState":
+    def from_json(cls, d: dict) -> SearchState:
         return cls(**d)
 
 
-def pattern_search(loss: Callable[[list[float]], float], state: SearchState, *, iterations: int, min_delta: float,
-                   on_iteration: Optional[Callable[[SearchState], None]] = None) -> SearchState:
+def pattern_search(
+    loss: Callable[[list[float]], float],
+    state: SearchState,
+    *,
+    iterations: int,
+    min_delta: float,
+    on_iteration: Callable[[SearchState], None] | None = None,
+) -> SearchState:
     """Compass search from `state` for up to `iterations` sweeps (counted from 0, so a resumed search does the
     rest), stopping early once delta falls below min_delta."""
     while state.iteration < iterations and state.delta >= min_delta:
@@ -106,9 +113,19 @@ def pattern_search(loss: Callable[[list[float]], float], state: SearchState, *, 
     return state
 
 
-def tune_levels(solve: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor, schedule: Schedule,
-                start: torch.Tensor, *, loss: str = "logrms", delta: float, min_delta: float, iterations: int,
-                state: Optional[SearchState] = None, on_iteration=None) -> SearchState:
+def tune_levels(
+    solve: Callable[[torch.Tensor], torch.Tensor],
+    reference: torch.Tensor,
+    schedule: Schedule,
+    start: torch.Tensor,
+    *,
+    loss: str = "logrms",
+    delta: float,
+    min_delta: float,
+    iterations: int,
+    state: SearchState | None = None,
+    on_iteration=None,
+) -> SearchState:
     """The levels (as SearchState.params; sigmas_of turns them into sigmas) whose solve(sigmas) is closest to
     `reference` by the distance LOSSES[loss], searched from the levels `start` (or from `state`, to continue)."""
     distance = LOSSES[loss]
@@ -129,10 +146,16 @@ def read_schedule_file(path) -> dict:
 
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise UserError(f"sampler.schedule={str(path)!r} is not allowed: stock, tuned, or a schedule.json that diffuse tune-schedule wrote")
+        raise UserError(
+            f"sampler.schedule={str(path)!r} is not allowed: stock, tuned, or a schedule.json that diffuse tune-schedule wrote"
+        )
     try:
         entry = json.loads(p.read_text())
-        ok = isinstance(entry["sampler"], str) and isinstance(entry["steps"], int) and len(entry["sigmas"]) == entry["steps"]
+        ok = (
+            isinstance(entry["sampler"], str)
+            and isinstance(entry["steps"], int)
+            and len(entry["sigmas"]) == entry["steps"]
+        )
         ok = ok and all(isinstance(s, (int, float)) and s > 0 for s in entry["sigmas"])
     except (ValueError, KeyError, TypeError):
         ok = False

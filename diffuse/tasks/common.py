@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffuse.console import console
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
 from diffuse.pipeline.job import SamplingJob, prepare_sampling
 from diffuse.pipeline.model import Model, load_model
 from diffuse.pipeline.runtime import Runtime, resolve_runtime
+from diffuse.validate import check_number
 
 
 def to_dict(cfg: Any) -> Any:
@@ -25,7 +27,7 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def runtime_of(cfg: DictConfig, images: Optional[int] = None) -> Runtime:
+def runtime_of(cfg: DictConfig, images: int | None = None) -> Runtime:
     """The command's runtime group resolved (`images`: how many a sampling command draws, for compile=auto)."""
     return resolve_runtime(to_dict(cfg.runtime), images=images)
 
@@ -37,20 +39,39 @@ def checking_runtime(rt: Runtime) -> Runtime:
 
     import torch
 
-    return dataclasses.replace(rt, device=torch.device("cpu"), autocast=None, channels_last=False, compile=False, cuda_graphs=False)
+    return dataclasses.replace(
+        rt, device=torch.device("cpu"), autocast=None, channels_last=False, compile=False, cuda_graphs=False
+    )
 
 
 def model_of(cfg: DictConfig, runtime: Runtime) -> Model:
     """ckpt= or model=oracle (with its dataset and schedule) as a Model."""
-    return load_model(ckpt=cfg.ckpt, model=to_dict(cfg.model), dataset=to_dict(cfg.dataset), schedule=to_dict(cfg.schedule),
-                      use_ema=cfg.use_ema, runtime=runtime, verify=cfg.verify, autoencoder=cfg.get("autoencoder"))
+    return load_model(
+        ckpt=cfg.ckpt,
+        model=to_dict(cfg.model),
+        dataset=to_dict(cfg.dataset),
+        schedule=to_dict(cfg.schedule),
+        use_ema=cfg.use_ema,
+        runtime=runtime,
+        verify=cfg.verify,
+        autoencoder=cfg.get("autoencoder"),
+    )
 
 
 def sampling_job_of(cfg: DictConfig, model: Model, n: int) -> SamplingJob:
     """The sampler, guidance and labels of a sampling command (sample, eval), checked."""
     seed = check_number("seed", cfg.seed, integer=True)
-    return prepare_sampling(model, sampler=to_dict(cfg.sampler), steps=cfg.steps, guidance=to_dict(cfg.guidance),
-                            label=cfg.label, labels=to_dict(cfg.labels), n=n, seed=seed, verify=cfg.get("verify", True))
+    return prepare_sampling(
+        model,
+        sampler=to_dict(cfg.sampler),
+        steps=cfg.steps,
+        guidance=to_dict(cfg.guidance),
+        label=cfg.label,
+        labels=to_dict(cfg.labels),
+        n=n,
+        seed=seed,
+        verify=cfg.get("verify", True),
+    )
 
 
 def job_of(cfg: DictConfig, runtime: Runtime, n: int):
@@ -63,14 +84,29 @@ def job_of(cfg: DictConfig, runtime: Runtime, n: int):
     if paths in (None, ""):
         return sampling_job_of(cfg, model_of(cfg, runtime), n)
     if cfg.ckpt not in (None, "") or cfg.model is not None:
-        raise UserError("cascade= and ckpt=/model= cannot both be given: the cascade's first checkpoint is its base model")
-    models = load_cascade(paths, lambda p, sr: load_model(ckpt=p, model=None, dataset=None, schedule=None, use_ema=cfg.use_ema,
-                                                           runtime=runtime, verify=cfg.verify, superres=sr,
-                                                           autoencoder=None if sr else cfg.get("autoencoder")))
+        raise UserError(
+            "cascade= and ckpt=/model= cannot both be given: the cascade's first checkpoint is its base model"
+        )
+    models = load_cascade(
+        paths,
+        lambda p, sr: load_model(
+            ckpt=p,
+            model=None,
+            dataset=None,
+            schedule=None,
+            use_ema=cfg.use_ema,
+            runtime=runtime,
+            verify=cfg.verify,
+            superres=sr,
+            autoencoder=None if sr else cfg.get("autoencoder"),
+        ),
+    )
     cond = to_dict(cfg.get("condition")) or {}
     levels, truncs = (_per_stage(cond.get(k), len(models) - 1, f"condition.{k}") for k in ("aug_level", "truncated"))
     base = sampling_job_of(cfg, models[0], n)
-    stages = tuple(plan_superres(m, to_dict(cfg.sampler), cfg.steps, lv, tr) for m, lv, tr in zip(models[1:], levels, truncs))
+    stages = tuple(
+        plan_superres(m, to_dict(cfg.sampler), cfg.steps, lv, tr) for m, lv, tr in zip(models[1:], levels, truncs)
+    )
     check_chain(models[0], stages)
     return CascadeJob(base, stages, base.denoiser)
 
@@ -78,7 +114,9 @@ def job_of(cfg: DictConfig, runtime: Runtime, n: int):
 def _per_stage(value: Any, stages: int, key: str) -> list:
     if isinstance(value, list):
         if len(value) != stages:
-            raise UserError(f"{key}={value!r} is not allowed: give one value, or a list of {stages} (one per super-resolution stage)")
+            raise UserError(
+                f"{key}={value!r} is not allowed: give one value, or a list of {stages} (one per super-resolution stage)"
+            )
         return value
     return [value] * stages
 
@@ -162,8 +200,11 @@ def write_record(cfg: DictConfig, out: Path) -> None:
     from diffuse.checkpoint import atomic_write
 
     hydra_cfg = HydraConfig.instance().cfg
-    texts = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
-             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+    texts = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
     for name, text in texts.items():
         atomic_write(out / RECORD_DIR / name, lambda tmp, text=text: tmp.write_text(text))
 
@@ -189,8 +230,19 @@ def _restore(kept: dict[Path, bytes]) -> None:
 # Checked before the work starts (check_outputs): a directory where a file goes, or a file where a directory
 # goes, would otherwise fail only when the file is written, after the work.
 OUTPUTS = {
-    "train": ("checkpoints/", "samples/", "config.yaml", "metrics.jsonl", "grid.png", "checkpoints/last.safetensors",
-              "checkpoints/step_*.safetensors", "samples/step_*.png", "curves.png", "tensorboard/", "wandb/"),
+    "train": (
+        "checkpoints/",
+        "samples/",
+        "config.yaml",
+        "metrics.jsonl",
+        "grid.png",
+        "checkpoints/last.safetensors",
+        "checkpoints/step_*.safetensors",
+        "samples/step_*.png",
+        "curves.png",
+        "tensorboard/",
+        "wandb/",
+    ),
     "sample": ("images/", "config.yaml", "sample.json", "grid.png", "samples.npz", "images/*.png"),
     "inpaint": ("config.yaml", "inpaint.json", "*.png"),
     "edit": ("config.yaml", "edit.json", "grid.png", "samples.npz", "*.png"),
@@ -199,29 +251,50 @@ OUTPUTS = {
     "tune_schedule": ("config.yaml", "schedule.json", "levels.png", "tune_state.json", "reference.safetensors"),
 }
 OUTPUTS["distill"] = (*OUTPUTS["train"], "checkpoints/student_*steps.safetensors")
-OUTPUTS["train_classifier"] = ("checkpoints/", "config.yaml", "metrics.jsonl", "accuracy.json", "checkpoints/last.safetensors",
-                               "checkpoints/step_*.safetensors", "curves.png")
-OUTPUTS["train_ae"] = ("checkpoints/", "config.yaml", "metrics.jsonl", "ae.json", "reconstructions.png",
-                       "checkpoints/last.safetensors", "checkpoints/step_*.safetensors")
+OUTPUTS["train_classifier"] = (
+    "checkpoints/",
+    "config.yaml",
+    "metrics.jsonl",
+    "accuracy.json",
+    "checkpoints/last.safetensors",
+    "checkpoints/step_*.safetensors",
+    "curves.png",
+)
+OUTPUTS["train_ae"] = (
+    "checkpoints/",
+    "config.yaml",
+    "metrics.jsonl",
+    "ae.json",
+    "reconstructions.png",
+    "checkpoints/last.safetensors",
+    "checkpoints/step_*.safetensors",
+)
 # What a -m sweep writes into its sweep dir: Hydra's multirun.yaml, and eval's summary (tasks/sweep_summary.py).
 SWEEP_OUTPUTS = {"eval": ("summary.csv", "summary.md", "*_vs_nfe.png")}
 
 
 def check_sweep_outputs(command: str, sweep_dir: Path) -> None:
-    check_paths(sweep_dir, ("multirun.yaml", *SWEEP_OUTPUTS.get(command, ())), f"diffuse {command.replace('_', '-')} -m")
+    check_paths(
+        sweep_dir, ("multirun.yaml", *SWEEP_OUTPUTS.get(command, ())), f"diffuse {command.replace('_', '-')} -m"
+    )
 
 
 def check_outputs(command: str, cfg: DictConfig, out: Path) -> None:
     """One line if a path the command writes cannot be written: the wrong kind of entry is there, a directory it
     writes into is not writable, or (train) a file that is not a diffuse checkpoint sits where training writes
     (or prunes) checkpoints; such a file is never overwritten."""
-    check_paths(out, (*OUTPUTS.get(command, ()), f"{RECORD_DIR}/", *(f"{RECORD_DIR}/{n}" for n in RECORD)),
-                f"diffuse {command.replace('_', '-')}")
+    check_paths(
+        out,
+        (*OUTPUTS.get(command, ()), f"{RECORD_DIR}/", *(f"{RECORD_DIR}/{n}" for n in RECORD)),
+        f"diffuse {command.replace('_', '-')}",
+    )
     if command in ("train", "train_classifier", "train_ae"):
         ckdir = out / "checkpoints"
         for p in [ckdir / "last.safetensors", *sorted(ckdir.glob("step_*.safetensors"))]:
             if p.is_file() and not is_diffuse_checkpoint(p):
-                raise UserError(f"{p} is not a diffuse checkpoint: training would overwrite it; move it away, or choose another hydra.run.dir")
+                raise UserError(
+                    f"{p} is not a diffuse checkpoint: training would overwrite it; move it away, or choose another hydra.run.dir"
+                )
     if command == "eval" and cfg.get("save_ref") not in (None, ""):
         check_file_target(Path(str(cfg.save_ref)).expanduser(), "--save-ref")
     if command == "tune_schedule" and cfg.get("write_ckpt") and cfg.get("ckpt") not in (None, ""):
@@ -231,7 +304,9 @@ def check_outputs(command: str, cfg: DictConfig, out: Path) -> None:
         from diffuse.runlock import check_free
 
         ckpt = resolve_ckpt_path(cfg.ckpt).resolve()
-        check_dir_target(ckpt.parent, f"ckpt={cfg.ckpt}: its folder {ckpt.parent} (write_ckpt=true writes the schedule into it)")
+        check_dir_target(
+            ckpt.parent, f"ckpt={cfg.ckpt}: its folder {ckpt.parent} (write_ckpt=true writes the schedule into it)"
+        )
         owner = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         if owner != out.resolve():
             try:
@@ -247,11 +322,15 @@ def check_paths(root: Path, patterns, who: str) -> None:
         found = root.glob(name) if any(c in name for c in "*?[") else [root / name]
         for p in found:
             if want_dir and os.path.lexists(p) and not p.is_dir():
-                raise UserError(f"{p} is not a directory: {who} writes into a directory {p.name}/ there; move it away, or choose another run dir")
+                raise UserError(
+                    f"{p} is not a directory: {who} writes into a directory {p.name}/ there; move it away, or choose another run dir"
+                )
             if want_dir and p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
                 raise UserError(f"{p} is not writable: {who} writes into it")
             if not want_dir and p.is_dir():
-                raise UserError(f"{p} is a directory: {who} writes a file {p.name} there; move it away, or choose another run dir")
+                raise UserError(
+                    f"{p} is a directory: {who} writes a file {p.name} there; move it away, or choose another run dir"
+                )
 
 
 def check_dir_target(path: Path, label: str) -> None:
@@ -340,8 +419,9 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + os.linesep))
 
 
-def train_then_measure(cfg: DictConfig, out: Path, setup: Callable[[], tuple[dict, Callable, Callable]], command: str,
-                       what: str) -> tuple[dict, Optional[dict]]:
+def train_then_measure(
+    cfg: DictConfig, out: Path, setup: Callable[[], tuple[dict, Callable, Callable]], command: str, what: str
+) -> tuple[dict, dict | None]:
     """The commands that train a helper network on the Trainer (train-classifier, train-ae): setup() -> (the
     Trainer's config, its make_objective, measure(trainer) -> report); resume, fit, then the held-out report on rank
     0. Returns (fit's result, the report); the report is None when the run stopped (in training, or by a signal in
@@ -366,8 +446,14 @@ def train_then_measure(cfg: DictConfig, out: Path, setup: Callable[[], tuple[dic
                 with stop.immediately():
                     return result, measure(trainer)
             except Stopped:
-                console.print(stop.line(f"training is complete (checkpoint {result.get('checkpoint')}); {what} was not "
-                                        "measured", command, out.resolve()), markup=False)
+                console.print(
+                    stop.line(
+                        f"training is complete (checkpoint {result.get('checkpoint')}); {what} was not measured",
+                        command,
+                        out.resolve(),
+                    ),
+                    markup=False,
+                )
                 return {**result, "stopped": True}, None
         finally:
             distributed.teardown(trainer.dist)

@@ -3,29 +3,41 @@ Trainer with a distillation objective (diffuse/training/objectives.py) -> checkp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
 from diffuse import distributed
 from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path, save_checkpoint
 from diffuse.console import console
-from diffuse.errors import UserError, check_choice, check_number
+from diffuse.errors import UserError
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import dataset_config, save_resolved_config, to_dict
 from diffuse.training.loop import fit, resume
 from diffuse.training.trainer import Trainer
+from diffuse.validate import check_choice, check_number
 
 METHODS = ("progressive", "consistency", "ect")
 # The keys of a method that become the student's objective config (a consistency student's f needs them to sample).
-CONSISTENCY_KEYS = ("loss", "sigma_data", "curriculum", "levels_start", "levels_end", "p_mean", "p_std", "target_decay", "ect_delta")
+CONSISTENCY_KEYS = (
+    "loss",
+    "sigma_data",
+    "curriculum",
+    "levels_start",
+    "levels_end",
+    "p_mean",
+    "p_std",
+    "target_decay",
+    "ect_delta",
+)
 
 
 class Setup(NamedTuple):
     train_cfg: dict  # what the Trainer is built from
-    teacher: Optional[Callable]  # the first teacher's denoiser (None for ect)
-    init: Optional[dict]  # the student's starting weights (a checkpoint teacher's)
+    teacher: Callable | None  # the first teacher's denoiser (None for ect)
+    init: dict | None  # the student's starting weights (a checkpoint teacher's)
     about: dict  # what the checkpoints record of the distillation
 
 
@@ -33,7 +45,9 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     with StopRequest() as stop:
         setup = prepare(cfg)
         d = to_dict(cfg.distill)
-        trainer = Trainer(setup.train_cfg, out, make_objective=lambda tr: objective(tr, d, setup.teacher), init_weights=setup.init)
+        trainer = Trainer(
+            setup.train_cfg, out, make_objective=lambda tr: objective(tr, d, setup.teacher), init_weights=setup.init
+        )
         trainer.config["distill"] = setup.about
         try:
             resume(trainer, cfg.resume, cfg.verify)
@@ -48,8 +62,12 @@ def objective(trainer: Trainer, d: dict, teacher):
     from diffuse.training.objectives import ConsistencyObjective, ProgressiveObjective
 
     if d["method"] == "progressive":
-        return ProgressiveObjective(trainer, teacher, d, on_round=lambda steps, sampling: save_student(trainer, steps, sampling))
-    return ConsistencyObjective(trainer, teacher if d["method"] == "consistency" else None, method="ect" if d["method"] == "ect" else "cd")
+        return ProgressiveObjective(
+            trainer, teacher, d, on_round=lambda steps, sampling: save_student(trainer, steps, sampling)
+        )
+    return ConsistencyObjective(
+        trainer, teacher if d["method"] == "consistency" else None, method="ect" if d["method"] == "ect" else "cd"
+    )
 
 
 def save_student(trainer: Trainer, steps: int, sampling: dict) -> None:
@@ -67,7 +85,9 @@ def prepare(cfg: DictConfig) -> Setup:
     d = to_dict(cfg.distill)
     method = check_choice("distill.method", d["method"], METHODS)
     if cfg.teacher in (None, ""):
-        raise UserError("teacher= is required: a checkpoint (a file or a training run dir), or teacher=oracle (the exact mixture, dataset=gmm)")
+        raise UserError(
+            "teacher= is required: a checkpoint (a file or a training run dir), or teacher=oracle (the exact mixture, dataset=gmm)"
+        )
     for key in ("guidance_scale",):
         if key in d:
             check_number(f"distill.{key}", d[key], minimum=0)
@@ -83,8 +103,15 @@ def prepare(cfg: DictConfig) -> Setup:
         objective.setdefault("levels_start", 2)
         objective.setdefault("levels_end", 150)
         objective.setdefault("ect_delta", 0.5)
-    train_cfg = {"model": model, "schedule": schedule, "objective": objective, "dataset": dataset, "trainer": trainer_cfg,
-                 "sampler": sampler, "runtime": runtime}
+    train_cfg = {
+        "model": model,
+        "schedule": schedule,
+        "objective": objective,
+        "dataset": dataset,
+        "trainer": trainer_cfg,
+        "sampler": sampler,
+        "runtime": runtime,
+    }
     about = {**about, "method": method, **{k: v for k, v in d.items() if k != "method"}}
     return Setup(train_cfg, teacher, init, about)
 
@@ -93,7 +120,7 @@ class Guided:
     """The teacher, with classifier-free guidance folded in when a class-conditional teacher is distilled at a scale
     other than 1 (the student then learns the guided model, as Meng et al. 2023 do)."""
 
-    def __init__(self, den, scale: float, num_classes: Optional[int], schedule):
+    def __init__(self, den, scale: float, num_classes: int | None, schedule):
         self.den, self.scale, self.k, self.schedule = den, scale, num_classes, schedule
         self.fn = den
         if num_classes and scale != 1.0:
@@ -116,9 +143,14 @@ def oracle_teacher(cfg: DictConfig, method: str):
         raise UserError("teacher=oracle needs model=NAME for the student's network (e.g. model=tiny)")
     dataset = to_dict(cfg.dataset) if cfg.dataset is not None else dataset_config("gmm")
     if dataset["name"] != "gmm":
-        raise UserError(f"teacher=oracle needs dataset=gmm: it is that mixture's exact denoiser (got dataset={dataset['name']!r})")
-    schedule = to_dict(cfg.schedule) if cfg.schedule is not None else {"kind": "linear", "T": 1000, "beta_start": 1e-4,
-                                                                        "beta_end": 0.02, "scale_with_T": True}
+        raise UserError(
+            f"teacher=oracle needs dataset=gmm: it is that mixture's exact denoiser (got dataset={dataset['name']!r})"
+        )
+    schedule = (
+        to_dict(cfg.schedule)
+        if cfg.schedule is not None
+        else {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02, "scale_with_T": True}
+    )
     sched = schedule_from_config(schedule)
     mixture = build_mixture(dataset)
     teacher = None if method == "ect" else Guided(GMMDenoiser(mixture, sched), 1.0, None, sched)
@@ -147,7 +179,9 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
     from diffuse.pipeline.runtime import inference_network, resolve_runtime
 
     if cfg.model is not None:
-        raise UserError("model= cannot be given with a checkpoint teacher: the student is a copy of the teacher's network")
+        raise UserError(
+            "model= cannot be given with a checkpoint teacher: the student is a copy of the teacher's network"
+        )
     if cfg.schedule is not None:
         raise UserError("schedule= cannot be given with a checkpoint teacher: the student keeps the teacher's schedule")
     path = resolve_ckpt_path(cfg.teacher, key="teacher")
@@ -155,17 +189,23 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
     tn = network_from_checkpoint(ckpt, use_ema=cfg.use_ema, where=str(path))
     conf = tn.config
     if conf.get("autoencoder") is not None:
-        raise UserError(f"teacher={path} is a latent model (trained with autoencoder=): distillation takes a pixel-space "
-                        "teacher; its student would need the teacher's latents, which distill does not encode")
+        raise UserError(
+            f"teacher={path} is a latent model (trained with autoencoder=): distillation takes a pixel-space "
+            "teacher; its student would need the teacher's latents, which distill does not encode"
+        )
     o = dict(conf.get("objective") or {})
     if o.get("kind", "diffusion") == "edm":
         # The student starts as a copy of the teacher and is trained as a plain network: it would misread F.
-        raise UserError(f"teacher={path} is EDM-preconditioned (objective.kind=edm): distillation takes a plain diffusion "
-                        "model (objective.kind=diffusion) as its teacher")
+        raise UserError(
+            f"teacher={path} is EDM-preconditioned (objective.kind=edm): distillation takes a plain diffusion "
+            "model (objective.kind=diffusion) as its teacher"
+        )
     if o.get("kind", "diffusion") != "diffusion":
         raise UserError(f"teacher={path} is a consistency model: distil a diffusion model")
     if o.get("mask_training"):
-        raise UserError(f"teacher={path} was trained with masks (objective.mask_training): distil a plain diffusion model")
+        raise UserError(
+            f"teacher={path} was trained with masks (objective.mask_training): distil a plain diffusion model"
+        )
     if "dataset" not in conf or "trainer" not in conf:
         raise UserError(f"teacher={path} records no training data (made by diffuse convert?): give dataset=NAME")
     dataset = to_dict(cfg.dataset) if cfg.dataset is not None else conf["dataset"]
@@ -173,12 +213,20 @@ def checkpoint_teacher(cfg: DictConfig, method: str):
 
     c, r, _ = dataset_shape(dataset)
     if (c, r) != (tn.net.in_channels, tn.net.resolution):
-        raise UserError(f"teacher={path} makes {tn.net.in_channels}x{tn.net.resolution}x{tn.net.resolution} images, dataset="
-                        f"{dataset['name']} is {c}x{r}x{r}: the student learns the teacher's images")
+        raise UserError(
+            f"teacher={path} makes {tn.net.in_channels}x{tn.net.resolution}x{tn.net.resolution} images, dataset="
+            f"{dataset['name']} is {c}x{r}x{r}: the student learns the teacher's images"
+        )
     o = {**o, "kind": "diffusion"}
-    for key, default in (("weighting", "simple"), ("min_snr_gamma", 5.0), ("p_uncond", 0.1), ("mask_training", False),
-                         ("mask_kinds", {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2}), ("learn_sigma", False),
-                         ("vlb_weight", 0.001)):
+    for key, default in (
+        ("weighting", "simple"),
+        ("min_snr_gamma", 5.0),
+        ("p_uncond", 0.1),
+        ("mask_training", False),
+        ("mask_kinds", {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2}),
+        ("learn_sigma", False),
+        ("vlb_weight", 0.001),
+    ):
         o.setdefault(key, default)  # checkpoints of diffuse convert carry fewer objective keys
     rt = resolve_runtime(to_dict(cfg.runtime))
     teacher_net = inference_network(tn.net, rt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,14 +17,33 @@ from diffuse.diffusion.inpainting import MaskConditioned, condition_on, replace_
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import SELF_STEPPING, STOCHASTIC
 from diffuse.diffusion.samplers.ddim import ddim_invert
-from diffuse.errors import UserError, check_choice, check_number
-from diffuse.images import (from_uint8, grid_upscale, image_files, image_mask_pairs, load_keep_mask, load_model_image,
-                            make_grid, resize, save_png, to_uint8)
+from diffuse.errors import UserError
+from diffuse.images import (
+    from_uint8,
+    grid_upscale,
+    image_files,
+    image_mask_pairs,
+    load_keep_mask,
+    load_model_image,
+    make_grid,
+    resize,
+    save_png,
+    to_uint8,
+)
 from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.job import SamplingJob
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import (
+    checking_runtime,
+    model_of,
+    runtime_of,
+    sampling_job_of,
+    save_resolved_config,
+    to_dict,
+    write_json,
+)
+from diffuse.validate import check_choice, check_number
 
 METHODS = ("sdedit", "invert")
 
@@ -47,7 +66,7 @@ class EditPlan:
     job: SamplingJob  # model, guided denoiser, sampler plan, labels of the n edits
     conditioned: bool  # the network sees the kept pixels (a mask-trained model, with --mask)
     fixed_point_iters: int = 0
-    source_y: Optional[int] = None  # the label the image is inverted with (None: an unconditional model)
+    source_y: int | None = None  # the label the image is inverted with (None: an unconditional model)
     round_trip: bool = False
 
 
@@ -70,13 +89,19 @@ def prepare(cfg: DictConfig, checking: bool = False):
             raise UserError(f"edit.{key}={ec[key]!r} is not allowed: true or false")
     if ec["conditioned"] not in ("auto", True, False):
         raise UserError(f"edit.conditioned={ec['conditioned']!r} is not allowed: auto, true or false")
-    fpi = check_number("edit.fixed_point_iters", ec["fixed_point_iters"], minimum=0, integer=True) if method == "invert" else 0
+    fpi = (
+        check_number("edit.fixed_point_iters", ec["fixed_point_iters"], minimum=0, integer=True)
+        if method == "invert"
+        else 0
+    )
     pairs = edit_pairs(cfg.image, cfg.mask)
     rt = runtime_of(cfg, images=n * len(pairs))
     model = model_of(cfg, checking_runtime(rt) if checking else rt)
     if model.autoencoder is not None:
-        raise UserError(f"ckpt={cfg.ckpt} is a latent model (autoencoder {model.autoencoder.path}): diffuse edit works in "
-                        "pixel space and does not take one; inpaint it with diffuse inpaint, or edit with a pixel model")
+        raise UserError(
+            f"ckpt={cfg.ckpt} is a latent model (autoencoder {model.autoencoder.path}): diffuse edit works in "
+            "pixel space and does not take one; inpaint it with diffuse inpaint, or edit with a pixel model"
+        )
     job = sampling_job_of(cfg, model, n)
     masked = pairs[0][1] is not None
     check_sampler(job, method, strength, masked, n)
@@ -92,15 +117,28 @@ def prepare(cfg: DictConfig, checking: bool = False):
         img = load_model_image(img_path, model.shape, ec["resize"], "edit.resize")
         keep = load_keep_mask(mask_path, img_path, (img.shape[2], img.shape[1]), ec["mask_invert"]) if masked else None
         loaded.append((img, keep))
-    plan = EditPlan(n, seed, method, strength, t0, levels, job, conditioned, fpi, source_y,
-                    bool(ec.get("round_trip")) and method == "invert")
+    plan = EditPlan(
+        n,
+        seed,
+        method,
+        strength,
+        t0,
+        levels,
+        job,
+        conditioned,
+        fpi,
+        source_y,
+        bool(ec.get("round_trip")) and method == "invert",
+    )
     return plan, pairs, loaded, rt
 
 
-def edit_pairs(image, mask) -> list[tuple[Path, Optional[Path]]]:
+def edit_pairs(image, mask) -> list[tuple[Path, Path | None]]:
     """(image, mask or None) files; two images whose results would share a file name are refused."""
     image = Path(str(image))
-    pairs = image_mask_pairs(image, Path(str(mask))) if mask not in (None, "") else [(p, None) for p in image_files(image)]
+    pairs = (
+        image_mask_pairs(image, Path(str(mask))) if mask not in (None, "") else [(p, None) for p in image_files(image)]
+    )
     stems: dict[str, Path] = {}
     for p, _ in pairs:
         other = stems.setdefault(p.stem, p)
@@ -112,40 +150,54 @@ def edit_pairs(image, mask) -> list[tuple[Path, Optional[Path]]]:
 def check_sampler(job: SamplingJob, method: str, strength: float, masked: bool, n: int) -> None:
     plan = job.plan
     if plan.options.get("afs") and (method == "invert" or strength < 1):
-        raise UserError("sampler.afs=true takes eps = x_T at the first level, which holds for pure noise only; an edit "
-                        "starts from the image at t0: set sampler.afs=false")
+        raise UserError(
+            "sampler.afs=true takes eps = x_T at the first level, which holds for pure noise only; an edit "
+            "starts from the image at t0: set sampler.afs=false"
+        )
     if method == "invert":
         if plan.name in STOCHASTIC or (plan.name == "ddim" and plan.options.get("eta", 0.0) > 0):
-            raise UserError(f"edit.method=invert needs a deterministic sampler: sampler={plan.name}"
-                            f"{' with eta > 0' if plan.name == 'ddim' else ''} is stochastic, so its output is not a function "
-                            "of the inverted latent; choose ddim (eta=0), dpm_solver, unipc, ipndm, deis, euler or heun")
+            raise UserError(
+                f"edit.method=invert needs a deterministic sampler: sampler={plan.name}"
+                f"{' with eta > 0' if plan.name == 'ddim' else ''} is stochastic, so its output is not a function "
+                "of the inverted latent; choose ddim (eta=0), dpm_solver, unipc, ipndm, deis, euler or heun"
+            )
         if plan.name in SELF_STEPPING:
-            raise UserError(f"edit.method=invert needs the levels it regenerates over: sampler={plan.name} chooses its own "
-                            "steps; choose ddim (eta=0), dpm_solver, unipc, ipndm, deis, euler or heun")
+            raise UserError(
+                f"edit.method=invert needs the levels it regenerates over: sampler={plan.name} chooses its own "
+                "steps; choose ddim (eta=0), dpm_solver, unipc, ipndm, deis, euler or heun"
+            )
     if masked and plan.options.get("per_sample") and n > 1:
-        raise UserError(f"sampler={plan.name} with per_sample=true cannot follow a mask on {n} edits at once: set "
-                        "sampler.per_sample=false")
+        raise UserError(
+            f"sampler={plan.name} with per_sample=true cannot follow a mask on {n} edits at once: set "
+            "sampler.per_sample=false"
+        )
 
 
 def use_conditioned(choice, denoiser, masked: bool) -> bool:
     trained = isinstance(getattr(denoiser, "net", None), MaskConditioned)
     if choice is True:
         if not trained:
-            raise UserError("edit.conditioned=true needs a model trained with objective.mask_training=true; this one "
-                            "was not: use edit.conditioned=auto or false")
+            raise UserError(
+                "edit.conditioned=true needs a model trained with objective.mask_training=true; this one "
+                "was not: use edit.conditioned=auto or false"
+            )
         if not masked:
             raise UserError("edit.conditioned=true needs --mask: the kept pixels are what the network is shown")
     return masked and trained and choice in ("auto", True)
 
 
-def source_label(label, num_classes: Optional[int]) -> Optional[int]:
+def source_label(label, num_classes: int | None) -> int | None:
     """The label the image is inverted with: the given class, else the null label of a class-conditional model."""
     if label is None:
         return num_classes or None
     if not num_classes:
-        raise UserError(f"edit.source_label={label!r} needs a class-conditional model (model.num_classes); this one is unconditional")
+        raise UserError(
+            f"edit.source_label={label!r} needs a class-conditional model (model.num_classes); this one is unconditional"
+        )
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
-        raise UserError(f"edit.source_label={label!r} is not allowed: classes are 0..{num_classes - 1} (null: unconditional)")
+        raise UserError(
+            f"edit.source_label={label!r} is not allowed: classes are 0..{num_classes - 1} (null: unconditional)"
+        )
     return label
 
 
@@ -157,7 +209,7 @@ class Edits:
     nfe: int  # denoiser calls for this image, every pass included
     nfe_inversion: int = 0
     nfe_round_trip: int = 0
-    rmse: Optional[float] = None  # the plain round trip's RMS error, in [-1, 1] units
+    rmse: float | None = None  # the plain round trip's RMS error, in [-1, 1] units
 
 
 def edit(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
@@ -178,7 +230,11 @@ def edit(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
                 save_png(res.full[j], out / f"{img_path.stem}_{j:02d}.png")
             row = [res.shown.unsqueeze(0)]
             if masked:
-                row.append(torch.where(resized_keep(keep_full, res.shown.shape[-2:]), res.shown, torch.full_like(res.shown, 255)).unsqueeze(0))
+                row.append(
+                    torch.where(
+                        resized_keep(keep_full, res.shown.shape[-2:]), res.shown, torch.full_like(res.shown, 255)
+                    ).unsqueeze(0)
+                )
             rows.append(torch.cat([*row, res.model]))
             arrays.append(res.model)
             if counts is None and res.nfe:
@@ -198,8 +254,18 @@ def edit(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
             npz["arr_1"] = job.labels.repeat(len(done)).to(torch.int64).numpy()
         atomic_write(out / "samples.npz", lambda tmp: _savez(tmp, npz))
     nfe, nfe_inv, nfe_rt = counts or (0, 0, 0)  # 0 when strength 0 left nothing to do
-    info = {"method": plan.method, "strength": plan.strength, "t0": plan.t0, "levels": len(plan.levels),
-            "images": done, "n": n, "mask": masked, "conditioned": plan.conditioned, "nfe": nfe, **job.info()}
+    info = {
+        "method": plan.method,
+        "strength": plan.strength,
+        "t0": plan.t0,
+        "levels": len(plan.levels),
+        "images": done,
+        "n": n,
+        "mask": masked,
+        "conditioned": plan.conditioned,
+        "nfe": nfe,
+        **job.info(),
+    }
     if job.labels is not None:
         info["labels"] = job.labels.tolist()
     if plan.method == "invert":
@@ -207,11 +273,16 @@ def edit(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         if plan.round_trip:
             info.update(nfe_round_trip=nfe_rt, reconstruction_rmse=rmse)
     if not complete:  # edit.json lists the images done; the others were never started
-        info["not_done"] = [str(p) for p, _ in pairs[len(done):]]
+        info["not_done"] = [str(p) for p, _ in pairs[len(done) :]]
     write_json(out / "edit.json", info)
     if not complete:
-        console.print(stop.line(f"{len(done)} of {len(pairs)} image(s) edited, in {out}; the other {len(pairs) - len(done)} "
-                                "are listed in edit.json (not_done): run again on them"), markup=False)
+        console.print(
+            stop.line(
+                f"{len(done)} of {len(pairs)} image(s) edited, in {out}; the other {len(pairs) - len(done)} "
+                "are listed in edit.json (not_done): run again on them"
+            ),
+            markup=False,
+        )
         return {**info, "stopped": True}
     line = f"edited {len(done)} image(s) x {n} ({plan.method}, strength {plan.strength:g}: t0={plan.t0}, NFE {nfe} per image)"
     if rmse:
@@ -226,7 +297,7 @@ def resized_keep(keep_full: torch.Tensor, hw) -> torch.Tensor:
     return resize(keep_full.float(), tuple(hw), "nearest") > 0.5
 
 
-def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: Optional[torch.Tensor], *, first: int, device) -> Edits:
+def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: torch.Tensor | None, *, first: int, device) -> Edits:
     """n edits of one image (uint8 C x H x W at its own size; keep_full: its kept pixels, or None), drawn at the
     model's size from noise streams first, first + 1, ...; kept pixels are exactly the input's."""
     job, n = plan.job, plan.n
@@ -236,7 +307,9 @@ def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: Optional[torch.Tens
     scaled = (H, W) != (h, w)
     shown = resize(img, (h, w), "bilinear").round().clamp(0, 255).to(torch.uint8) if scaled else img
     if plan.t0 < 0:  # strength 0: nothing is noised, the image is the edit
-        return Edits(img.unsqueeze(0).expand(n, -1, -1, -1).clone(), shown.unsqueeze(0).expand(n, -1, -1, -1).clone(), shown, 0)
+        return Edits(
+            img.unsqueeze(0).expand(n, -1, -1, -1).clone(), shown.unsqueeze(0).expand(n, -1, -1, -1).clone(), shown, 0
+        )
     x0 = from_uint8(shown).unsqueeze(0).to(device)
     keep = resized_keep(keep_full, (h, w)).unsqueeze(0).to(device) if keep_full is not None else None
     base = condition_on(model.denoiser, x0, keep) if plan.conditioned else model.denoiser
@@ -249,8 +322,19 @@ def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: Optional[torch.Tens
     if plan.method == "sdedit":
         noise = randn((n, c, h, w), gen, device)
         hook = replace_hook(x0, keep, schedule, gen) if keep is not None else None
-        x = sdedit(fn, den, x0, job.plan.timesteps, schedule, strength=plan.strength, noise=noise, generator=gen, y=y,
-                   hook=hook, **options)
+        x = sdedit(
+            fn,
+            den,
+            x0,
+            job.plan.timesteps,
+            schedule,
+            strength=plan.strength,
+            noise=noise,
+            generator=gen,
+            y=y,
+            hook=hook,
+            **options,
+        )
     else:
         y_src = torch.full((1,), plan.source_y, dtype=torch.long, device=device) if plan.source_y is not None else None
         path: dict = {}
@@ -260,15 +344,31 @@ def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: Optional[torch.Tens
             return x_t
 
         inv = CountingDenoiser(base)
-        latent = ddim_invert(inv, x0, plan.levels, schedule, y=y_src, fixed_point_iters=plan.fixed_point_iters,
-                             hook=record if keep is not None else None)
+        latent = ddim_invert(
+            inv,
+            x0,
+            plan.levels,
+            schedule,
+            y=y_src,
+            fixed_point_iters=plan.fixed_point_iters,
+            hook=record if keep is not None else None,
+        )
         inv_calls = inv.calls
         if plan.round_trip:
             back = CountingDenoiser(base)
             rec = fn(back, latent, plan.levels, schedule, generator=PerSample(plan.seed, [first]), y=y_src, **options)
             rt_calls, rmse = back.calls, float((rec.double() - x0.double()).pow(2).mean().sqrt())
         hook = trajectory_hook(path, x0, keep) if keep is not None else None
-        x = fn(den, latent.expand(n, -1, -1, -1).contiguous(), plan.levels, schedule, generator=gen, y=y, hook=hook, **options)
+        x = fn(
+            den,
+            latent.expand(n, -1, -1, -1).contiguous(),
+            plan.levels,
+            schedule,
+            generator=gen,
+            y=y,
+            hook=hook,
+            **options,
+        )
     edits = to_uint8(x.float().cpu())
     full = resize(edits, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8) if scaled else edits
     if keep_full is not None:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse import distributed
 from diffuse.console import console
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
 from diffuse.images import describe_shape, from_uint8, open_images, sample_info, to_uint8
 from diffuse.metrics import image_scores, likelihood, manifold
 from diffuse.metrics.extraction import FeatureStore, assemble, cat, features_in_chunks, sample_features
@@ -30,8 +31,9 @@ from diffuse.metrics.features import build_extractor, check_metrics_config
 from diffuse.metrics.references import Reference, reference_stats, resolve_reference
 from diffuse.pipeline.runtime import Runtime
 from diffuse.pipeline.sampling import CountingDenoiser
-from diffuse.signals import StopRequest, Stopped
+from diffuse.signals import Stopped, StopRequest
 from diffuse.tasks.common import dataset_config, job_of, model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.validate import check_number
 
 # n=null with a model: the standard sample count of published FIDs (50000 samples against the training set).
 STANDARD_N = 50000
@@ -40,8 +42,17 @@ STANDARD_N = 50000
 class Evaluation:
     """What the metrics draw on, each part built on first use and then kept."""
 
-    def __init__(self, cfg: DictConfig, rt: Runtime, d: distributed.Dist, n: Optional[int], *, out: Optional[Path] = None,
-                 stop: Optional[StopRequest] = None, resume: bool = False):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        rt: Runtime,
+        d: distributed.Dist,
+        n: int | None,
+        *,
+        out: Path | None = None,
+        stop: StopRequest | None = None,
+        resume: bool = False,
+    ):
         self.cfg, self.rt, self.d, self.n = cfg, rt, d, n
         # out: where generated samples' features are kept as they are computed (None: not kept); stop: looked at
         # between sampling batches; resume: go on from the features kept in out.
@@ -51,7 +62,7 @@ class Evaluation:
         self.m = check_metrics_config(to_dict(cfg.metrics))
         self.info: dict[str, Any] = {}
         self.samples = self.job = None
-        self.shape: Optional[tuple] = None
+        self.shape: tuple | None = None
         if cfg.samples not in (None, ""):
             self.samples = open_images(cfg.samples, "samples")
             if n is not None and n > self.samples.n:
@@ -80,8 +91,10 @@ class Evaluation:
 
         ref = resolve_reference(self.cfg.ref, to_dict(self.cfg.dataset), named_dataset)
         if self.shape is not None and ref.shape is not None and tuple(ref.shape) != tuple(self.shape):
-            raise UserError(f"the samples are {describe_shape(self.shape)}, the reference {ref.desc} is {describe_shape(ref.shape)}: "
-                            "samples and reference must have the same resolution and channel count")
+            raise UserError(
+                f"the samples are {describe_shape(self.shape)}, the reference {ref.desc} is {describe_shape(ref.shape)}: "
+                "samples and reference must have the same resolution and channel count"
+            )
         if ref.shape is not None:
             self.extractor.check_shape(ref.shape[0], ref.shape[1])
         return ref
@@ -95,7 +108,9 @@ class Evaluation:
         """Features of the n samples, in index order, on every rank."""
         bs = int(self.m["batch_size"])
         if self.samples is not None:
-            return sample_features(self.extractor, self.samples, self.n, self.d, bs, f"sample features ({self.n} images)")
+            return sample_features(
+                self.extractor, self.samples, self.n, self.d, bs, f"sample features ({self.n} images)"
+            )
         mine = list(range(self.d.rank, self.n, self.d.world))
         store = FeatureStore(self.features_dir, self.extractor) if self.features_dir is not None else None
         kept_idx, kept, kept_nfe = store.load(mine) if store and self.resume else ([], {}, 0)
@@ -122,9 +137,16 @@ class Evaluation:
 
         job = dataclasses.replace(self.job, denoiser=counter)
         with self.stop.deferred() if self.stop else nullcontext():
-            drawn = job.generate(todo, device=self.rt.device, batch_size=self.cfg.batch_size, progress=self.d.main,
-                                 keep=False, fixed_shape=self.rt.compile and not self.job.model.is_oracle, on_batch=on_batch,
-                                 stop=self.stop)
+            drawn = job.generate(
+                todo,
+                device=self.rt.device,
+                batch_size=self.cfg.batch_size,
+                progress=self.d.main,
+                keep=False,
+                fixed_shape=self.rt.compile and not self.job.model.is_oracle,
+                on_batch=on_batch,
+                stop=self.stop,
+            )
             # Every rank stops if one does, before the gather they would share; the finished batches are kept.
             if distributed.any_rank(drawn.stopped, self.d, self.rt.device):
                 raise Stopped("sampling")
@@ -132,7 +154,7 @@ class Evaluation:
         self.info["nfe"] = max(p[2] for p in parts)  # a rank that found all its features kept drew none
         return assemble([(i, f) for i, f, _ in parts], self.n)
 
-    def another_set(self, k: int) -> "Evaluation":
+    def another_set(self, k: int) -> Evaluation:
         """Sample set k of metrics.seeds: the same model, sampler and reference (extractor and statistics shared),
         its images drawn with seed + k, its features kept in features/set{k}."""
         ev = copy.copy(self)
@@ -159,8 +181,10 @@ class Evaluation:
             raise UserError("--metric bpd/nll needs the model: ckpt=FILE|RUN_DIR (or model=oracle dataset=gmm)")
         model = model_of(self.cfg, dataclasses.replace(self.rt, autocast=None, compile=False, cuda_graphs=False))
         if model.autoencoder is not None:
-            raise UserError(f"--metric bpd/nll is not defined for a latent model (ckpt={self.cfg.ckpt}): its bound is on the "
-                            "latents, not on the images' pixels; score it with --metric fid/kid")
+            raise UserError(
+                f"--metric bpd/nll is not defined for a latent model (ckpt={self.cfg.ckpt}): its bound is on the "
+                "latents, not on the images' pixels; score it with --metric fid/kid"
+            )
         return model
 
     @cached_property
@@ -170,11 +194,15 @@ class Evaluation:
         from diffuse.data import build_dataset, dataset_shape, held_out
 
         if self.cfg.dataset is None:
-            raise UserError("--metric bpd/nll needs dataset=NAME: the data whose likelihood is measured (its test split)")
+            raise UserError(
+                "--metric bpd/nll needs dataset=NAME: the data whose likelihood is measured (its test split)"
+            )
         dcfg, what = held_out(to_dict(self.cfg.dataset))
         c, r, _ = dataset_shape(dcfg)
         if (c, r, r) != tuple(self.likelihood_model.shape):
-            raise UserError(f"dataset={dcfg['name']} is {describe_shape((c, r, r))}, the model takes {describe_shape(self.likelihood_model.shape)}: they must match")
+            raise UserError(
+                f"dataset={dcfg['name']} is {describe_shape((c, r, r))}, the model takes {describe_shape(self.likelihood_model.shape)}: they must match"
+            )
         ds = build_dataset(dcfg)
         n = self.likelihood_config["n"]
         if n is not None and n > len(ds):
@@ -185,17 +213,26 @@ class Evaluation:
 
 # ------------------------------------------------------------------------------------------------------ metrics
 
+
 def _fid(ev: Evaluation) -> dict[str, float]:
     feats, dim = ev.features["pool"], ev.extractor.dim
     if ev.d.main and min(len(feats), ev.ref_stats.n) <= dim:
-        console.print(f"warning: FID from {min(len(feats), ev.ref_stats.n)} images of {dim}-d features: the covariance is singular "
-                      f"and the value unreliable; use more than {dim} images (50000 is the standard)", markup=False)
+        console.print(
+            f"warning: FID from {min(len(feats), ev.ref_stats.n)} images of {dim}-d features: the covariance is singular "
+            f"and the value unreliable; use more than {dim} images (50000 is the standard)",
+            markup=False,
+        )
     return {"fid": image_scores.fid(ev.ref_stats, feats)}
 
 
 def _kid(ev: Evaluation) -> dict[str, float]:
-    mean, std, size = image_scores.kid(ev.ref_stats.features, ev.features["pool"], subsets=ev.m["kid_subsets"],
-                                       subset_size=ev.m["kid_subset_size"], seed=ev.m["seed"])
+    mean, std, size = image_scores.kid(
+        ev.ref_stats.features,
+        ev.features["pool"],
+        subsets=ev.m["kid_subsets"],
+        subset_size=ev.m["kid_subset_size"],
+        seed=ev.m["seed"],
+    )
     return {"kid": mean, "kid_std": std, "kid_subset_size": size}
 
 
@@ -235,24 +272,50 @@ def _likelihood(ev: Evaluation, kind: str) -> dict[str, float]:
     # Class-conditional networks are scored unconditionally: the null label.
     y_null = model.num_classes if (model.num_classes and not model.is_oracle) else None
     learned = model.learned_variance
-    out = likelihood.score(model.denoiser, x, model.schedule, kind=kind, lc=lc, y_null=y_null, d=ev.d, device=ev.rt.device,
-                           learned_variance=learned)
+    out = likelihood.score(
+        model.denoiser,
+        x,
+        model.schedule,
+        kind=kind,
+        lc=lc,
+        y_null=y_null,
+        d=ev.d,
+        device=ev.rt.device,
+        learned_variance=learned,
+    )
     if kind == "nll" and model.is_oracle:
         from diffuse.data import build_mixture
         from diffuse.metrics.mixture import mixture_nll
 
         out["nll_exact"] = float(mixture_nll(build_mixture(to_dict(ev.cfg.dataset)), x).mean())
-    ev.info["likelihood"] = {"data": desc, "n": int(x.shape[0]), **{k: lc[k] for k in ("methods", "ode_steps", "hutchinson", "probe", "sigma_min", "seed")},
-                             "variance": likelihood.resolve_variance(lc["variance"], learned)}
+    ev.info["likelihood"] = {
+        "data": desc,
+        "n": int(x.shape[0]),
+        **{k: lc[k] for k in ("methods", "ode_steps", "hutchinson", "probe", "sigma_min", "seed")},
+        "variance": likelihood.resolve_variance(lc["variance"], learned),
+    }
     return out
 
 
 METRICS: dict[str, Callable[[Evaluation], dict[str, float]]] = {
-    "fid": _fid, "kid": _kid, "is": _is, "fd": _fd, "pr": _pr, "dc": _dc,
-    "bpd": lambda ev: _likelihood(ev, "bpd"), "nll": lambda ev: _likelihood(ev, "nll"),
+    "fid": _fid,
+    "kid": _kid,
+    "is": _is,
+    "fd": _fd,
+    "pr": _pr,
+    "dc": _dc,
+    "bpd": lambda ev: _likelihood(ev, "bpd"),
+    "nll": lambda ev: _likelihood(ev, "nll"),
 }
 LIKELIHOOD_METRICS = {"bpd", "nll"}
-FEATURE_METRICS = {"fid", "kid", "is", "fd", "pr", "dc"}  # their reference, shapes and extractor are checked before any work
+FEATURE_METRICS = {
+    "fid",
+    "kid",
+    "is",
+    "fd",
+    "pr",
+    "dc",
+}  # their reference, shapes and extractor are checked before any work
 NEEDS_REFERENCE = {"fid", "kid", "fd", "pr", "dc"}
 
 
@@ -290,8 +353,10 @@ def score_sets(ev: Evaluation, names: list[str], seeds: int) -> dict[str, Any]:
         vals = [v[key] for _, v in per_set]
         out[f"{key}_min"], out[f"{key}_mean"] = min(vals), math.fsum(vals) / len(vals)
     ev.info["seeds"] = [evk.info["seed"] for evk, _ in per_set]
-    ev.info["sets"] = [{"seed": evk.info["seed"], "nfe": evk.info.get("nfe"), "metrics": {k: v[k] for k in sample_keys}}
-                       for evk, v in per_set]
+    ev.info["sets"] = [
+        {"seed": evk.info["seed"], "nfe": evk.info.get("nfe"), "metrics": {k: v[k] for k in sample_keys}}
+        for evk, v in per_set
+    ]
     return out
 
 
@@ -303,6 +368,7 @@ def _with_seed(job, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------------- run
+
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     with StopRequest() as stop:  # from the start: nothing in an evaluation swallows a signal
@@ -317,22 +383,37 @@ def prepare(cfg: DictConfig, out: Path):
     if cfg.samples not in (None, "") and has_model:
         raise UserError("samples= and ckpt=/model= cannot both be given: score existing samples or generate new ones")
     if cfg.samples in (None, "") and not has_model and not cfg.save_ref:
-        raise UserError("nothing to evaluate: give ckpt=FILE|RUN_DIR (or model=oracle dataset=gmm) to generate samples, or samples=DIR|FILE.npz")
+        raise UserError(
+            "nothing to evaluate: give ckpt=FILE|RUN_DIR (or model=oracle dataset=gmm) to generate samples, or samples=DIR|FILE.npz"
+        )
     if "is" in names and cfg.metrics.features != "inception":
-        raise UserError(f"--metric is needs metrics.features=inception (the ImageNet classifier's logits), not {cfg.metrics.features!r}")
+        raise UserError(
+            f"--metric is needs metrics.features=inception (the ImageNet classifier's logits), not {cfg.metrics.features!r}"
+        )
     n = None if cfg.n is None else check_number("n", cfg.n, minimum=1, integer=True)
     if not isinstance(cfg.resume, bool):
         raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
     generating = has_model and scoring_samples
     seeds = check_number("metrics.seeds", cfg.metrics.seeds, minimum=1, integer=True)
     if seeds > 1 and not (has_model and set(names) & FEATURE_METRICS):
-        raise UserError(f"metrics.seeds={seeds} scores {seeds} sample sets drawn from a model: it needs ckpt= (or model=oracle) "
-                        f"and a sample metric ({', '.join(sorted(FEATURE_METRICS))}), not samples= or a likelihood alone")
+        raise UserError(
+            f"metrics.seeds={seeds} scores {seeds} sample sets drawn from a model: it needs ckpt= (or model=oracle) "
+            f"and a sample metric ({', '.join(sorted(FEATURE_METRICS))}), not samples= or a likelihood alone"
+        )
     for metric, key in (("pr", "pr_k"), ("dc", "dc_k")):  # before any sampling: the sets are cut to at most n
         k = cfg.metrics.get(key)
-        if metric in names and generating and n is not None and isinstance(k, int) and not isinstance(k, bool) and k >= n:
-            raise UserError(f"metrics.{key}={k} is not allowed with n={n}: --metric {metric}'s k-NN radii need more than k "
-                            f"images in each set (n={k + 1} or more, or a smaller metrics.{key})")
+        if (
+            metric in names
+            and generating
+            and n is not None
+            and isinstance(k, int)
+            and not isinstance(k, bool)
+            and k >= n
+        ):
+            raise UserError(
+                f"metrics.{key}={k} is not allowed with n={n}: --metric {metric}'s k-NN radii need more than k "
+                f"images in each set (n={k + 1} or more, or a smaller metrics.{key})"
+            )
     if cfg.resume and generating:
         check_resume(cfg, out)
     return names, generating, n
@@ -345,7 +426,9 @@ def score(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     try:
         # Sampling batches are the safe points (their features are kept); any other phase is stopped where it is.
         with stop.immediately():
-            ev = Evaluation(cfg, rt, d, (n or STANDARD_N) if generating else n, out=out, stop=stop, resume=bool(cfg.resume))
+            ev = Evaluation(
+                cfg, rt, d, (n or STANDARD_N) if generating else n, out=out, stop=stop, resume=bool(cfg.resume)
+            )
             # Everything that can be refused is checked before the first image is drawn.
             if cfg.save_ref or (ev.shape is not None and set(names) & NEEDS_REFERENCE):
                 ev.reference  # noqa: B018
@@ -367,11 +450,17 @@ def score(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         return {}
     result = {"metrics": values, **({"n": ev.n} if ev.shape is not None else {}), **ev.info}
     if not set(names) & FEATURE_METRICS:  # likelihood alone draws no samples: no sampler, steps or n of samples
-        result = {k: v for k, v in result.items() if k not in ("n", "sampler", "steps", "seed", "nfe", "guidance_scale")}
+        result = {
+            k: v for k, v in result.items() if k not in ("n", "sampler", "steps", "seed", "nfe", "guidance_scale")
+        }
     else:
         result.update({"features": ev.extractor.name, "weights_sha256": ev.extractor.sha256})
     if set(names) & NEEDS_REFERENCE:
-        result["reference"] = {"source": ev.reference.desc, "n": ev.ref_stats.n, "kid_features": int(ev.ref_stats.features.shape[0])}
+        result["reference"] = {
+            "source": ev.reference.desc,
+            "n": ev.ref_stats.n,
+            "kid_features": int(ev.ref_stats.features.shape[0]),
+        }
     write_json(out / "metrics.json", result)
     if generating:
         FeatureStore(out / "features").clear()
@@ -381,7 +470,20 @@ def score(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
 
 # What must be the same for resume=true to keep the features of an earlier run's samples (n and batch_size may
 # change: image i depends only on (seed, i)); the feature extractor is checked on each kept file.
-RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "schedule", "cascade", "condition")
+RESUME_KEYS = (
+    "ckpt",
+    "seed",
+    "label",
+    "labels",
+    "use_ema",
+    "sampler",
+    "steps",
+    "guidance",
+    "model",
+    "schedule",
+    "cascade",
+    "condition",
+)
 
 
 def check_resume(cfg: DictConfig, out: Path) -> None:
@@ -390,17 +492,21 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
         return
     old, new = to_dict(OmegaConf.load(old_path)), to_dict(cfg)
     # A run dir from before cascades has no cascade/condition keys: it drew without them, as the defaults do.
-    keys = [(k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k)) for k in RESUME_KEYS]
+    keys = [
+        (k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k)) for k in RESUME_KEYS
+    ]
     if cfg.model is not None:  # model=oracle is the dataset's mixture; with a checkpoint, dataset is the reference only
         keys.append(("dataset", old.get("dataset"), new.get("dataset")))
     keys.append(("runtime.precision", (old.get("runtime") or {}).get("precision"), new["runtime"]["precision"]))
     for key, before, now in keys:
         if before != now:
-            raise UserError(f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
-                            "the features kept would not be this run's samples' (use another hydra.run.dir)")
+            raise UserError(
+                f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
+                "the features kept would not be this run's samples' (use another hydra.run.dir)"
+            )
 
 
-def stopped_early(out: Path, stop: StopRequest, d: distributed.Dist, n_generated: Optional[int]) -> dict[str, Any]:
+def stopped_early(out: Path, stop: StopRequest, d: distributed.Dist, n_generated: int | None) -> dict[str, Any]:
     """The line of an evaluation a signal stopped: what it kept (generated samples' features) and how to go on."""
     if not d.main:
         return {"stopped": True}
@@ -408,8 +514,12 @@ def stopped_early(out: Path, stop: StopRequest, d: distributed.Dist, n_generated
         console.print(stop.line("nothing of this evaluation is kept: run it again"), markup=False)
         return {"stopped": True}
     kept = sum(FeatureStore(p).count() for p in [out / "features", *sorted((out / "features").glob("set*"))])
-    console.print(stop.line(f"features of {kept} of {n_generated} generated images kept in {out / 'features'}", "eval", out.resolve()),
-                  markup=False)
+    console.print(
+        stop.line(
+            f"features of {kept} of {n_generated} generated images kept in {out / 'features'}", "eval", out.resolve()
+        ),
+        markup=False,
+    )
     return {"stopped": True, "kept": kept}
 
 

@@ -10,16 +10,25 @@ import torch
 from omegaconf import DictConfig
 
 from diffuse.console import console, warn
-from diffuse.diffusion.inpainting import METHODS, condition_on, paste, repaint, repaint_nfe, replace_hook, require_mask_conditioned
+from diffuse.diffusion.inpainting import (
+    METHODS,
+    condition_on,
+    paste,
+    repaint,
+    repaint_nfe,
+    replace_hook,
+    require_mask_conditioned,
+)
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import STEPS
-from diffuse.errors import UserError, check_choice, check_number
+from diffuse.errors import UserError
 from diffuse.images import from_uint8, image_mask_pairs, load_image_and_mask, make_grid, resize, save_png, to_uint8
 from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.job import as_distilled, prepare_sampling
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.validate import check_choice, check_number
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -44,20 +53,33 @@ def prepare(cfg: DictConfig, checking: bool = False):
     if method == "conditioned":
         require_mask_conditioned(model.denoiser)
     sampler, steps = as_distilled(model, to_dict(cfg.sampler), cfg.steps)
-    job = prepare_sampling(model, sampler=sampler, steps=steps if steps is not None else DEFAULT_STEPS, guidance=to_dict(cfg.guidance),
-                           label=cfg.label, labels=cfg.labels, n=n, seed=seed, verify=cfg.verify)
+    job = prepare_sampling(
+        model,
+        sampler=sampler,
+        steps=steps if steps is not None else DEFAULT_STEPS,
+        guidance=to_dict(cfg.guidance),
+        label=cfg.label,
+        labels=cfg.labels,
+        n=n,
+        seed=seed,
+        verify=cfg.verify,
+    )
     plan, steps = job.plan, job.plan.steps
     if method == "conditioned" and job.guidance.free_scale != 1.0 and job.labels is not None and model.num_classes:
         key = "guidance.cfg_scale" if job.guidance.name == "classifier" else "guidance.scale"
-        raise UserError(f"{key}={job.guidance.free_scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
-                        "network is told the known pixels per image, guidance would double the batch; use scale 1 or inpaint=replace")
+        raise UserError(
+            f"{key}={job.guidance.free_scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
+            "network is told the known pixels per image, guidance would double the batch; use scale 1 or inpaint=replace"
+        )
     if method == "repaint":  # its options are checked before anything is written
         if "jump_length" not in ic:
             raise UserError("inpaint.method=repaint needs RePaint's options: choose the method with inpaint=repaint")
         repaint_nfe(steps, ic["jump_length"], ic["resamples"], ic["jump_last"])
         if plan.name not in STEPS:
             raise UserError(f"sampler={plan.name!r} cannot drive repaint: choose one of {', '.join(sorted(STEPS))}")
-    loaded = [load_image_and_mask(i, m, model.image_shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs]
+    loaded = [
+        load_image_and_mask(i, m, model.image_shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs
+    ]
     return n, seed, steps, ic, method, pairs, loaded, rt, model, job
 
 
@@ -80,7 +102,9 @@ def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         for j in range(n):
             save_png(res[j], out / f"{stem}_{j:02d}.png")
         masked = torch.where(keep_full, img, torch.full_like(img, 255))
-        save_png(make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2), out / f"{stem}_strip.png")
+        save_png(
+            make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2), out / f"{stem}_strip.png"
+        )
         results.append(str(img_path))
     info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **model.source}
     if job.labels is not None:
@@ -88,18 +112,34 @@ def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     if method == "repaint":
         info.update(jump_length=ic["jump_length"], resamples=ic["resamples"], jump_last=ic["jump_last"])
     if len(results) < len(pairs):  # inpaint.json lists the images done; the others were never started
-        info["not_done"] = [str(p) for p, _ in pairs[len(results):]]
+        info["not_done"] = [str(p) for p, _ in pairs[len(results) :]]
     write_json(out / "inpaint.json", info)
     if len(results) < len(pairs):
-        console.print(stop.line(f"{len(results)} of {len(pairs)} image(s) inpainted, in {out}; the other {len(pairs) - len(results)} "
-                                "are listed in inpaint.json (not_done): run again on them"), markup=False)
+        console.print(
+            stop.line(
+                f"{len(results)} of {len(pairs)} image(s) inpainted, in {out}; the other {len(pairs) - len(results)} "
+                "are listed in inpaint.json (not_done): run again on them"
+            ),
+            markup=False,
+        )
         return {**info, "stopped": True}
     console.print(f"inpainted {len(results)} image(s) x {n} ({method}, {steps} steps, NFE {nfe} per image batch)")
     return info
 
 
-def complete(model, job, method: str, ic: dict, img: torch.Tensor, keep_full: torch.Tensor, *, n: int, seed: int,
-             first: int, device) -> tuple[torch.Tensor, int]:
+def complete(
+    model,
+    job,
+    method: str,
+    ic: dict,
+    img: torch.Tensor,
+    keep_full: torch.Tensor,
+    *,
+    n: int,
+    seed: int,
+    first: int,
+    device,
+) -> tuple[torch.Tensor, int]:
     """n completions (uint8, at the image's own size, known pixels exactly the input's) of one image, drawn at the
     model's size from noise streams first, first + 1, ... (completion j with label job.labels[j]); and the
     denoiser calls they took."""
@@ -130,8 +170,21 @@ def complete(model, job, method: str, ic: dict, img: torch.Tensor, keep_full: to
     den = CountingDenoiser(guided)
     y = job.labels.to(device) if job.labels is not None else None
     if method == "repaint":
-        x = repaint(den, x_T, plan.timesteps, model.schedule, known, keep, jump_length=ic["jump_length"],
-                    resamples=ic["resamples"], jump_last=ic["jump_last"], step=plan.name, generator=gen, y=y, **plan.options)
+        x = repaint(
+            den,
+            x_T,
+            plan.timesteps,
+            model.schedule,
+            known,
+            keep,
+            jump_length=ic["jump_length"],
+            resamples=ic["resamples"],
+            jump_last=ic["jump_last"],
+            step=plan.name,
+            generator=gen,
+            y=y,
+            **plan.options,
+        )
     else:
         x = plan(den, x_T, generator=gen, y=y, hook=replace_hook(known, keep, model.schedule, gen))
     if model.autoencoder is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,15 +13,29 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse import distributed
 from diffuse.checkpoint import atomic_write, remove_stale_temps
 from diffuse.console import console
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
 from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.validate import check_number
 
 # What must be the same for resume=true to keep the images an earlier run wrote (n and batch_size may change:
 # image i depends only on (seed, i)).
-RESUME_KEYS = ("ckpt", "seed", "label", "labels", "use_ema", "sampler", "steps", "guidance", "model", "dataset", "schedule",
-               "cascade", "condition")
+RESUME_KEYS = (
+    "ckpt",
+    "seed",
+    "label",
+    "labels",
+    "use_ema",
+    "sampler",
+    "steps",
+    "guidance",
+    "model",
+    "dataset",
+    "schedule",
+    "cascade",
+    "condition",
+)
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -66,8 +80,15 @@ def draw(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
                 save_png(img, images_dir / f"{todo[start + j]:06d}.png")
 
     try:
-        drawn = job.generate(todo, device=rt.device, batch_size=batch_size, on_batch=write_batch, progress=d.main,
-                             fixed_shape=rt.compile and not job.model.is_oracle, stop=stop)
+        drawn = job.generate(
+            todo,
+            device=rt.device,
+            batch_size=batch_size,
+            on_batch=write_batch,
+            progress=d.main,
+            fixed_shape=rt.compile and not job.model.is_oracle,
+            stop=stop,
+        )
         # Every rank stops if one does (each has written its finished batches), before the gather they would share.
         stopped = distributed.any_rank(drawn.stopped, d, rt.device)
         if not stopped:
@@ -121,11 +142,18 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     # runtime.precision changes the images (bf16 rounds differently); the other runtime switches do not.
     old_precision = (old.get("runtime") or {}).get("precision", old.get("precision"))
     # A run dir from before cascades has no cascade/condition keys: it drew without them, as the defaults do.
-    for key, before, now in [*((k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k)) for k in RESUME_KEYS),
-                             ("runtime.precision", old_precision, new["runtime"]["precision"])]:
+    for key, before, now in [
+        *(
+            (k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k))
+            for k in RESUME_KEYS
+        ),
+        ("runtime.precision", old_precision, new["runtime"]["precision"]),
+    ]:
         if before != now:
-            raise UserError(f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
-                            "the images written would not be this run's (use another hydra.run.dir)")
+            raise UserError(
+                f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
+                "the images written would not be this run's (use another hydra.run.dir)"
+            )
 
 
 def written_images(images_dir: Path, indices: list[int], shape) -> dict[int, torch.Tensor]:
@@ -139,7 +167,9 @@ def written_images(images_dir: Path, indices: list[int], shape) -> dict[int, tor
     return found
 
 
-def save_outputs(images: torch.Tensor, labels: Optional[torch.Tensor], out: Path, *, save_images: bool, save_npz: bool, grid_n: int) -> None:
+def save_outputs(
+    images: torch.Tensor, labels: torch.Tensor | None, out: Path, *, save_images: bool, save_npz: bool, grid_n: int
+) -> None:
     u8 = to_uint8(images)
     if grid_n > 0 and len(u8):
         save_png(make_grid(u8[:grid_n]), out / "grid.png", upscale=grid_upscale(u8.shape[-1]))

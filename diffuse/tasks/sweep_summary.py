@@ -74,7 +74,11 @@ def summarize(sweep_dir: Path, since: float = 0.0) -> list[dict]:
     from rich.table import Table
 
     # The table shows what varies; what every job shares goes on one line below it.
-    shown = [c for c in columns if c == "job" or c in metrics and not c.endswith("_subset_size") or len({_cell(r.get(c)) for r in rows}) > 1]
+    shown = [
+        c
+        for c in columns
+        if c == "job" or c in metrics and not c.endswith("_subset_size") or len({_cell(r.get(c)) for r in rows}) > 1
+    ]
     table = Table(title=f"sweep {sweep_dir}", title_justify="left")
     for c in shown:
         table.add_column(c, justify="left" if c in ("sampler", "features") else "right", no_wrap=True)
@@ -104,7 +108,9 @@ def plot_metric(rows: list[dict], metric: str, path: Path) -> Path | None:
     if not series:
         return None
     nfes = [x for s in series.values() for x, _ in s]
-    line_plot(series, path, title=f"{metric} against NFE", xlabel="NFE", ylabel=metric, log_x=max(nfes) / min(nfes) >= 4)
+    line_plot(
+        series, path, title=f"{metric} against NFE", xlabel="NFE", ylabel=metric, log_x=max(nfes) / min(nfes) >= 4
+    )
     return path
 
 

@@ -38,5 +38,7 @@ def check(cfg: DictConfig, out: Path) -> None:
 
 def check_model_arch(cfg: DictConfig) -> None:
     if cfg.model.get("arch") in ("autoencoder", "taesd"):
-        raise UserError(f"model.arch={cfg.model.get('arch')!r} is an autoencoder, not a denoiser: diffuse in its latent "
-                        "space with diffuse train autoencoder=FILE (diffuse train-ae trains a KL one)")
+        raise UserError(
+            f"model.arch={cfg.model.get('arch')!r} is an autoencoder, not a denoiser: diffuse in its latent "
+            "space with diffuse train autoencoder=FILE (diffuse train-ae trains a KL one)"
+        )

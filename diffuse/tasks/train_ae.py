@@ -13,10 +13,11 @@ import torch
 from omegaconf import DictConfig
 
 from diffuse.console import console
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
 from diffuse.tasks.common import to_dict, train_then_measure, write_json
 from diffuse.training.autoencoder import AutoencoderObjective, check_ae_objective
 from diffuse.training.trainer import Trainer, check_config
+from diffuse.validate import check_number
 
 KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
 
@@ -24,15 +25,21 @@ KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     def setup():
         train_cfg, loss_cfg = prepare(cfg)
-        return (train_cfg, lambda tr: AutoencoderObjective(tr, loss_cfg),
-                lambda tr: held_out_psnr(tr, train_cfg["dataset"], cfg.eval_n, cfg.grid_n, out))
+        return (
+            train_cfg,
+            lambda tr: AutoencoderObjective(tr, loss_cfg),
+            lambda tr: held_out_psnr(tr, train_cfg["dataset"], cfg.eval_n, cfg.grid_n, out),
+        )
 
     result, report = train_then_measure(cfg, out, setup, "train-ae", "the held-out PSNR")
     if report is None:
         return result
     write_json(out / "ae.json", report)
-    console.print(f"held-out reconstruction PSNR {report['psnr']:.2f} dB over {report['n']} images "
-                  f"({report['held_out']}); latents {'x'.join(map(str, report['latent_shape']))}", markup=False)
+    console.print(
+        f"held-out reconstruction PSNR {report['psnr']:.2f} dB over {report['n']} images "
+        f"({report['held_out']}); latents {'x'.join(map(str, report['latent_shape']))}",
+        markup=False,
+    )
     return {**result, "psnr": report["psnr"]}
 
 
@@ -48,7 +55,9 @@ def prepare(cfg: DictConfig) -> tuple[dict, dict]:
     if dataset["name"] == "gmm":
         raise UserError("dataset=gmm is not allowed: its draws are not images (an autoencoder learns 8-bit images)")
     if ae.get("arch") != "autoencoder":
-        raise UserError(f"autoencoder.arch={ae.get('arch')!r} is not allowed: train-ae trains the KL autoencoder (arch: autoencoder)")
+        raise UserError(
+            f"autoencoder.arch={ae.get('arch')!r} is not allowed: train-ae trains the KL autoencoder (arch: autoencoder)"
+        )
     channels, resolution, _ = dataset_shape(dataset)
     keys = {**{k: f"autoencoder.{k}" for k in ae}, **KEYS}
     meta_network({**ae, "resolution": resolution, "in_channels": channels}, keys=keys)  # one line naming a bad key
@@ -59,8 +68,15 @@ def prepare(cfg: DictConfig) -> tuple[dict, dict]:
     composed = _train_defaults()
     trainer = {**to_dict(cfg.trainer), "sample_n": 0}
     objective = {**to_dict(composed.objective), "p_uncond": 0.0, "mask_training": False}
-    train_cfg = {"model": ae, "schedule": to_dict(composed.schedule), "objective": objective, "dataset": dataset,
-                 "trainer": trainer, "sampler": to_dict(composed.sampler), "runtime": to_dict(cfg.runtime)}
+    train_cfg = {
+        "model": ae,
+        "schedule": to_dict(composed.schedule),
+        "objective": objective,
+        "dataset": dataset,
+        "trainer": trainer,
+        "sampler": to_dict(composed.sampler),
+        "runtime": to_dict(cfg.runtime),
+    }
     return train_cfg, loss
 
 
@@ -104,11 +120,20 @@ def held_out_psnr(trainer: Trainer, dataset: dict, n: int, grid_n: int, out: Pat
     values = psnr(orig, rec)
     k = min(grid_n, n)
     if k:
-        save_png(make_grid(torch.cat([orig[:k], rec[:k]]), nrow=k), out / "reconstructions.png", upscale=grid_upscale(orig.shape[-1]))
+        save_png(
+            make_grid(torch.cat([orig[:k], rec[:k]]), nrow=k),
+            out / "reconstructions.png",
+            upscale=grid_upscale(orig.shape[-1]),
+        )
     res = orig.shape[-1]
-    return {"held_out": f"dataset {dcfg['name']} ({what})", "n": n, "step": trainer.step,
-            "psnr": float(values.clamp(max=99.0).mean()), "factor": net.factor,
-            "latent_shape": [net.latent_channels, res // net.factor, res // net.factor]}
+    return {
+        "held_out": f"dataset {dcfg['name']} ({what})",
+        "n": n,
+        "step": trainer.step,
+        "psnr": float(values.clamp(max=99.0).mean()),
+        "factor": net.factor,
+        "latent_shape": [net.latent_channels, res // net.factor, res // net.factor],
+    }
 
 
 def check(cfg: DictConfig, out: Path) -> None:

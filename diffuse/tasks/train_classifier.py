@@ -13,10 +13,11 @@ import torch
 from omegaconf import DictConfig
 
 from diffuse.console import console
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
 from diffuse.tasks.common import to_dict, train_then_measure, write_json
 from diffuse.training.classifier import ClassifierObjective
 from diffuse.training.trainer import Trainer, check_config
+from diffuse.validate import check_number
 
 # The classifier's constructor arguments as the user names them here; resolution and channels are the dataset's.
 KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
@@ -46,27 +47,50 @@ def prepare(cfg: DictConfig) -> tuple[dict, dict]:
     if dataset.get("name") not in DATASETS:
         raise UserError(f"dataset={dataset.get('name')!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
     if clf.get("arch") != "classifier":
-        raise UserError(f"classifier.arch={clf.get('arch')!r} is not allowed: train-classifier trains the classifier network (arch: classifier)")
+        raise UserError(
+            f"classifier.arch={clf.get('arch')!r} is not allowed: train-classifier trains the classifier network (arch: classifier)"
+        )
     channels, resolution, classes = dataset_shape(dataset)
     if not classes or classes < 2:
-        raise UserError(f"dataset={dataset['name']} has {classes or 'no'} class labels: a classifier needs a labelled dataset "
-                        "of at least two classes (a folder dataset: one subfolder per class)")
+        raise UserError(
+            f"dataset={dataset['name']} has {classes or 'no'} class labels: a classifier needs a labelled dataset "
+            "of at least two classes (a folder dataset: one subfolder per class)"
+        )
     if clf.get("num_classes") not in (None, classes):
-        raise UserError(f"classifier.num_classes={clf['num_classes']!r} does not fit dataset={dataset['name']}, which has "
-                        f"{classes} classes (null takes the dataset's)")
+        raise UserError(
+            f"classifier.num_classes={clf['num_classes']!r} does not fit dataset={dataset['name']}, which has "
+            f"{classes} classes (null takes the dataset's)"
+        )
     clf["num_classes"] = classes
     keys = {**{k: f"classifier.{k}" for k in clf}, **KEYS}
     meta_network({**clf, "resolution": resolution, "in_channels": channels}, keys=keys)  # one line naming a bad key
     schedule = schedule_from_config(to_dict(cfg.schedule))
     ts = to_dict(cfg.accuracy_t)
-    if not isinstance(ts, list) or not ts or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < schedule.T for t in ts):
-        raise UserError(f"accuracy_t={ts!r} is not allowed: give a list of timesteps, integers from 0 to {schedule.T - 1}")
+    if (
+        not isinstance(ts, list)
+        or not ts
+        or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < schedule.T for t in ts)
+    ):
+        raise UserError(
+            f"accuracy_t={ts!r} is not allowed: give a list of timesteps, integers from 0 to {schedule.T - 1}"
+        )
     n = check_number("accuracy_n", cfg.accuracy_n, minimum=1, integer=True)
     trainer = {**to_dict(cfg.trainer), "sample_n": 0}  # a classifier draws nothing
     composed = _train_defaults()
-    objective = {**to_dict(composed.objective), "p_uncond": 0.0, "mask_training": False}  # the Trainer's label dropout: off
-    train_cfg = {"model": clf, "schedule": to_dict(cfg.schedule), "objective": objective, "dataset": dataset,
-                 "trainer": trainer, "sampler": to_dict(composed.sampler), "runtime": to_dict(cfg.runtime)}
+    objective = {
+        **to_dict(composed.objective),
+        "p_uncond": 0.0,
+        "mask_training": False,
+    }  # the Trainer's label dropout: off
+    train_cfg = {
+        "model": clf,
+        "schedule": to_dict(cfg.schedule),
+        "objective": objective,
+        "dataset": dataset,
+        "trainer": trainer,
+        "sampler": to_dict(composed.sampler),
+        "runtime": to_dict(cfg.runtime),
+    }
     return train_cfg, {"t": ts, "n": n}
 
 
@@ -106,14 +130,22 @@ def held_out_accuracy(trainer: Trainer, dataset: dict, held: dict) -> dict:
                 logits = net(q_sample(trainer.schedule, xb, tb, nb), tb)
             correct += int((logits.argmax(1).cpu() == y[s : s + 500]).sum())
         acc[str(t)] = correct / n
-    return {"held_out": f"dataset {dcfg['name']} ({what})", "n": n, "step": trainer.step, "num_classes": trainer.net.num_classes,
-            "chance": float(torch.bincount(y).max()) / n, "accuracy": acc}
+    return {
+        "held_out": f"dataset {dcfg['name']} ({what})",
+        "n": n,
+        "step": trainer.step,
+        "num_classes": trainer.net.num_classes,
+        "chance": float(torch.bincount(y).max()) / n,
+        "accuracy": acc,
+    }
 
 
 def print_accuracy(report: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"held-out accuracy, {report['held_out']}, n={report['n']}, step {report['step']}", title_justify="left")
+    table = Table(
+        title=f"held-out accuracy, {report['held_out']}, n={report['n']}, step {report['step']}", title_justify="left"
+    )
     table.add_column("t", justify="right")
     table.add_column("accuracy", justify="right")
     for t, a in report["accuracy"].items():

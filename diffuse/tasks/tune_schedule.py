@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -18,13 +18,14 @@ from diffuse.console import console, progress_bar
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers.common import sigma_of, time_list
 from diffuse.diffusion.timesteps import sigma_timesteps
-from diffuse.errors import UserError, check_choice, check_number
+from diffuse.errors import UserError
 from diffuse.pipeline.conditioning import Guidance, sample_labels
 from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import LOSSES, SearchState, check_tunable, key, log_rms, mse, sigmas_of, tune_levels
 from diffuse.plot import line_plot
-from diffuse.signals import StopRequest, Stopped
+from diffuse.signals import Stopped, StopRequest
 from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.validate import check_choice, check_number
 
 
 class Setup(NamedTuple):
@@ -39,14 +40,17 @@ class Setup(NamedTuple):
     stock: Any  # the solver's plan with its stock levels
     reference: Any
     identity: dict  # what tune_state.json must match for resume=true
-    state: Optional[SearchState]
+    state: SearchState | None
 
 
 def prepare(cfg: DictConfig, out: Path, checking: bool = False) -> Setup:
     """Everything run() refuses before it writes anything. checking=True (cli.check_overrides, for every job of a -m
     sweep before the first starts) loads the model on the CPU."""
     steps = check_number("steps", cfg.steps, minimum=2, integer=True)
-    n, n_eval = check_number("n", cfg.n, minimum=1, integer=True), check_number("n_eval", cfg.n_eval, minimum=1, integer=True)
+    n, n_eval = (
+        check_number("n", cfg.n, minimum=1, integer=True),
+        check_number("n_eval", cfg.n_eval, minimum=1, integer=True),
+    )
     batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
     seed = check_number("seed", cfg.seed, integer=True)
     t = to_dict(cfg.tune)
@@ -59,16 +63,28 @@ def prepare(cfg: DictConfig, out: Path, checking: bool = False) -> Setup:
     model = model_of(cfg, checking_runtime(rt) if checking else rt)
     if cfg.write_ckpt and model.source.get("ckpt_verified") == "none":
         # Rewriting it would give content nobody verified a valid hash.
-        raise UserError(f"write_ckpt=true would record the schedule in {model.source['ckpt']}, which carries no hash (loaded "
-                        "with verify=false): pass write_ckpt=false, the schedule is written to schedule.json all the same")
+        raise UserError(
+            f"write_ckpt=true would record the schedule in {model.source['ckpt']}, which carries no hash (loaded "
+            "with verify=false): pass write_ckpt=false, the schedule is written to schedule.json all the same"
+        )
     sampler_cfg = to_dict(cfg.sampler)
     stock = plan_sampler(sampler_cfg, steps, model.schedule, model.clip_x0, model.tuned, model.learned_variance)
     check_tunable(stock.name, stock.options)
-    reference = plan_sampler(t["reference"], t["reference_steps"], model.schedule, model.clip_x0,
-                             learned_variance=model.learned_variance)
+    reference = plan_sampler(
+        t["reference"], t["reference_steps"], model.schedule, model.clip_x0, learned_variance=model.learned_variance
+    )
     check_tunable(reference.name, reference.options)
-    identity = {"sampler": sampler_cfg, "steps": steps, "n": n, "n_eval": n_eval, "seed": seed, "reference": t["reference"],
-                "reference_steps": t["reference_steps"], "loss": t["loss"], **model.source}
+    identity = {
+        "sampler": sampler_cfg,
+        "steps": steps,
+        "n": n,
+        "n_eval": n_eval,
+        "seed": seed,
+        "reference": t["reference"],
+        "reference_steps": t["reference_steps"],
+        "loss": t["loss"],
+        **model.source,
+    }
     state = previous_state(out, identity) if cfg.resume else None
     return Setup(steps, n, n_eval, batch_size, seed, t, rt, model, stock, reference, identity, state)
 
@@ -81,7 +97,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
             with stop.immediately():
                 return tune(cfg, out)
         except Stopped:
-            kept = "the search after its last finished sweep (tune_state.json)" if (out / "tune_state.json").is_file() else "nothing"
+            kept = (
+                "the search after its last finished sweep (tune_state.json)"
+                if (out / "tune_state.json").is_file()
+                else "nothing"
+            )
             console.print(stop.line(f"{kept} is kept", "tune-schedule", out.resolve()), markup=False)
             return {"stopped": True}
 
@@ -109,36 +129,76 @@ def tune(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     stock_sigmas = torch.tensor([sigma_of(model.schedule, s) for s in time_list(stock.timesteps)], dtype=torch.float64)
     with progress_bar(True, TextColumn("{task.fields[loss]} {task.fields[value]:.4g}")) as bar:
-        task = bar.add_task(f"tuning {stock.name} at {steps} steps", total=t["iterations"],
-                            completed=state.iteration if state else 0, loss=t["loss"], value=state.loss if state else float("nan"))
+        task = bar.add_task(
+            f"tuning {stock.name} at {steps} steps",
+            total=t["iterations"],
+            completed=state.iteration if state else 0,
+            loss=t["loss"],
+            value=state.loss if state else float("nan"),
+        )
 
         def checkpoint_state(s: SearchState) -> None:
             write_json(out / "tune_state.json", {"identity": identity, "state": s.to_json()})
             bar.update(task, completed=s.iteration, value=s.loss)
 
-        state = tune_levels(lambda sigmas: run_levels(sigmas, x_tune), ref_tune, model.schedule, stock_sigmas, loss=t["loss"],
-                            delta=t["delta"], min_delta=t["min_delta"], iterations=t["iterations"], state=state,
-                            on_iteration=checkpoint_state)
+        state = tune_levels(
+            lambda sigmas: run_levels(sigmas, x_tune),
+            ref_tune,
+            model.schedule,
+            stock_sigmas,
+            loss=t["loss"],
+            delta=t["delta"],
+            min_delta=t["min_delta"],
+            iterations=t["iterations"],
+            state=state,
+            on_iteration=checkpoint_state,
+        )
     checkpoint_state(state)
     tuned = sigmas_of(state.params, model.schedule)
     result = {
-        "sampler": stock.name, "steps": steps, "sigmas": tuned.tolist(),
-        "timesteps": sigma_timesteps(model.schedule, tuned).tolist(), "stock_sigmas": stock_sigmas.tolist(),
-        "options": stock.options, "reference": {"sampler": reference.name, "steps": reference.steps},
-        "loss": t["loss"], "tune": {"stock": errors(run_levels(stock_sigmas, x_tune), ref_tune), "tuned": errors(run_levels(tuned, x_tune), ref_tune)},
-        "heldout": {"stock": errors(run_levels(stock_sigmas, x_eval), ref_eval), "tuned": errors(run_levels(tuned, x_eval), ref_eval)},
-        "n": n, "n_eval": n_eval, "seed": seed, "iterations": state.iteration, "evals": state.evals, **model.source,
+        "sampler": stock.name,
+        "steps": steps,
+        "sigmas": tuned.tolist(),
+        "timesteps": sigma_timesteps(model.schedule, tuned).tolist(),
+        "stock_sigmas": stock_sigmas.tolist(),
+        "options": stock.options,
+        "reference": {"sampler": reference.name, "steps": reference.steps},
+        "loss": t["loss"],
+        "tune": {
+            "stock": errors(run_levels(stock_sigmas, x_tune), ref_tune),
+            "tuned": errors(run_levels(tuned, x_tune), ref_tune),
+        },
+        "heldout": {
+            "stock": errors(run_levels(stock_sigmas, x_eval), ref_eval),
+            "tuned": errors(run_levels(tuned, x_eval), ref_eval),
+        },
+        "n": n,
+        "n_eval": n_eval,
+        "seed": seed,
+        "iterations": state.iteration,
+        "evals": state.evals,
+        **model.source,
     }
     write_json(out / "schedule.json", result)
-    line_plot({"stock": list(enumerate(stock_sigmas.log10().tolist())), "tuned": list(enumerate(tuned.log10().tolist()))},
-              out / "levels.png", title=f"{stock.name}, {steps} steps: noise levels", xlabel="step", ylabel="log10 sigma")
+    line_plot(
+        {"stock": list(enumerate(stock_sigmas.log10().tolist())), "tuned": list(enumerate(tuned.log10().tolist()))},
+        out / "levels.png",
+        title=f"{stock.name}, {steps} steps: noise levels",
+        xlabel="step",
+        ylabel="log10 sigma",
+    )
     if "ckpt" in model.source and cfg.write_ckpt:
         record_in_checkpoint(Path(model.source["ckpt"]), result)
     h = result["heldout"]
-    console.print(f"{stock.name} at {steps} steps against {reference.name} at {reference.steps} steps, {n_eval} held-out x_T: "
-                  f"geometric-mean error stock {h['stock']['geomean']:.4g}, tuned {h['tuned']['geomean']:.4g}; "
-                  f"RMS stock {h['stock']['rms']:.4g}, tuned {h['tuned']['rms']:.4g} ({state.evals} evaluations of the schedule)")
-    console.print(f"use it: sampler={stock.name} steps={steps} sampler.schedule=" + ("tuned" if "ckpt" in model.source and cfg.write_ckpt else str(out / "schedule.json")))
+    console.print(
+        f"{stock.name} at {steps} steps against {reference.name} at {reference.steps} steps, {n_eval} held-out x_T: "
+        f"geometric-mean error stock {h['stock']['geomean']:.4g}, tuned {h['tuned']['geomean']:.4g}; "
+        f"RMS stock {h['stock']['rms']:.4g}, tuned {h['tuned']['rms']:.4g} ({state.evals} evaluations of the schedule)"
+    )
+    console.print(
+        f"use it: sampler={stock.name} steps={steps} sampler.schedule="
+        + ("tuned" if "ckpt" in model.source and cfg.write_ckpt else str(out / "schedule.json"))
+    )
     return result
 
 
@@ -154,11 +214,15 @@ def previous_state(out: Path, identity: dict) -> SearchState | None:
         return None
     saved = json.loads(path.read_text())
     if saved.get("identity") != json.loads(json.dumps(identity)):
-        raise UserError(f"resume=true but {path} was made for another model, solver, steps, seed or reference: use another hydra.run.dir")
+        raise UserError(
+            f"resume=true but {path} was made for another model, solver, steps, seed or reference: use another hydra.run.dir"
+        )
     return SearchState.from_json(saved["state"])
 
 
-def references(out: Path, resume: bool, solve, x_tune: torch.Tensor, x_eval: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def references(
+    out: Path, resume: bool, solve, x_tune: torch.Tensor, x_eval: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference solver's outputs from the tune and held-out x_T, computed once per run dir (the expensive part)."""
     path = out / "reference.safetensors"
     if resume and path.is_file():
@@ -174,7 +238,12 @@ def references(out: Path, resume: bool, solve, x_tune: torch.Tensor, x_eval: tor
 def record_in_checkpoint(path: Path, result: dict) -> None:
     """The checkpoint rewritten (atomically) with the schedule in its metadata, under "sampler/steps"."""
     ckpt = load_checkpoint(path, report=lambda line: None)  # a format-1 file was named when the model was loaded
-    ckpt.tuned = {**ckpt.tuned, key(result["sampler"], result["steps"]): {k: result[k] for k in ("sampler", "steps", "sigmas", "options", "loss", "heldout")}}
+    ckpt.tuned = {
+        **ckpt.tuned,
+        key(result["sampler"], result["steps"]): {
+            k: result[k] for k in ("sampler", "steps", "sigmas", "options", "loss", "heldout")
+        },
+    }
     save_checkpoint(path, ckpt)
     console.print(f"recorded in {path} as {key(result['sampler'], result['steps'])}")
 

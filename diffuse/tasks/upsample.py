@@ -11,12 +11,22 @@ from omegaconf import DictConfig
 
 from diffuse.console import console
 from diffuse.diffusion.noise import PerSample, randn, sample_seed
-from diffuse.errors import UserError, check_number
-from diffuse.images import from_uint8, grid_upscale, image_files, load_model_image, make_grid, resize, save_png, to_uint8
+from diffuse.errors import UserError
+from diffuse.images import (
+    from_uint8,
+    grid_upscale,
+    image_files,
+    load_model_image,
+    make_grid,
+    resize,
+    save_png,
+    to_uint8,
+)
 from diffuse.pipeline.cascade import conditioned, plan_superres, run_stage
 from diffuse.pipeline.model import load_model
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.validate import check_number
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -29,7 +39,9 @@ def prepare(cfg: DictConfig, checking: bool = False):
     if cfg.image in (None, ""):
         raise UserError("--image PATH is required: an image file, or a folder of images")
     if cfg.ckpt in (None, ""):
-        raise UserError("ckpt= is required: a super-resolution checkpoint (diffuse train condition=lowres) or its run dir")
+        raise UserError(
+            "ckpt= is required: a super-resolution checkpoint (diffuse train condition=lowres) or its run dir"
+        )
     n = check_number("n", cfg.n, minimum=1, integer=True)
     seed = check_number("seed", cfg.seed, integer=True)
     if cfg.steps is not None:
@@ -38,13 +50,23 @@ def prepare(cfg: DictConfig, checking: bool = False):
         raise UserError(f"resize={cfg.resize!r} is not allowed: true or false")
     files = image_files(Path(str(cfg.image)))
     rt = runtime_of(cfg, images=n * len(files))
-    model = load_model(ckpt=cfg.ckpt, model=None, dataset=None, schedule=None, use_ema=cfg.use_ema,
-                       runtime=checking_runtime(rt) if checking else rt, verify=cfg.verify, superres=True)
+    model = load_model(
+        ckpt=cfg.ckpt,
+        model=None,
+        dataset=None,
+        schedule=None,
+        use_ema=cfg.use_ema,
+        runtime=checking_runtime(rt) if checking else rt,
+        verify=cfg.verify,
+        superres=True,
+    )
     stage = plan_superres(model, to_dict(cfg.sampler), cfg.steps, to_dict(cfg.condition).get("aug_level"), False)
     if cfg.label is not None:
         k = model.num_classes
         if not k:
-            raise UserError(f"label={cfg.label!r} needs a class-conditional model (model.num_classes); this one is unconditional")
+            raise UserError(
+                f"label={cfg.label!r} needs a class-conditional model (model.num_classes); this one is unconditional"
+            )
         if isinstance(cfg.label, bool) or not isinstance(cfg.label, int) or not 0 <= cfg.label < k:
             raise UserError(f"label {cfg.label!r} is not allowed: classes are 0..{k - 1}")
     low = stage.model.lowres["from_resolution"]
@@ -77,22 +99,39 @@ def upsample(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         for j in range(n):
             save_png(res[j], out / f"{path.stem}_{j:02d}.png")
             written.append(f"{path.stem}_{j:02d}.png")
-        big = img.repeat_interleave(stage.factor, -1).repeat_interleave(stage.factor, -2)  # the input, enlarged as it is
+        big = img.repeat_interleave(stage.factor, -1).repeat_interleave(
+            stage.factor, -2
+        )  # the input, enlarged as it is
         rows.append(torch.cat([big[None], res]))
     if rows:
         grid = make_grid(torch.cat(rows), nrow=n + 1)
         save_png(grid, out / "grid.png", upscale=grid_upscale(stage.model.shape[-1]))
-    info = {"images": len(rows), "n": n, "sampler": stage.plan.name, "steps": stage.plan.steps, "nfe": nfe,
-            "aug_level": stage.aug_level, "seed": seed, **stage.model.source}
+    info = {
+        "images": len(rows),
+        "n": n,
+        "sampler": stage.plan.name,
+        "steps": stage.plan.steps,
+        "nfe": nfe,
+        "aug_level": stage.aug_level,
+        "seed": seed,
+        **stage.model.source,
+    }
     if len(rows) < len(images):  # stopped: what is left, for the user to run again on
-        info["not_done"] = [str(p) for p, _ in images[len(rows):]]
+        info["not_done"] = [str(p) for p, _ in images[len(rows) :]]
     write_json(out / "upsample.json", info)
     if stop.requested and len(rows) < len(images):
-        console.print(stop.line(f"{len(rows)} of {len(images)} images upsampled into {out}; the other {len(images) - len(rows)} "
-                                "are listed in upsample.json (not_done): run again on them"), markup=False)
+        console.print(
+            stop.line(
+                f"{len(rows)} of {len(images)} images upsampled into {out}; the other {len(images) - len(rows)} "
+                "are listed in upsample.json (not_done): run again on them"
+            ),
+            markup=False,
+        )
         return {**info, "stopped": True}
-    console.print(f"upsampled {len(rows)} image(s) x {n} ({stage.plan.name}, {stage.plan.steps} steps, aug level "
-                  f"{stage.aug_level:g}, NFE {nfe} each)")
+    console.print(
+        f"upsampled {len(rows)} image(s) x {n} ({stage.plan.name}, {stage.plan.steps} steps, aug level "
+        f"{stage.aug_level:g}, NFE {nfe} each)"
+    )
     return info
 
 

@@ -24,18 +24,17 @@ torchrun it is wrapped in DDP like the autoencoder.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from diffuse.errors import UserError, check_choice, check_number
+from diffuse.errors import UserError
 from diffuse.nets.autoencoder import PatchDiscriminator, patch_size_after
 from diffuse.training.objectives import DiffusionObjective
+from diffuse.validate import check_choice, check_number
 
 RECON = ("l1", "l2")
 
 
-def check_ae_objective(o: dict, resolution: Optional[int] = None) -> None:
+def check_ae_objective(o: dict, resolution: int | None = None) -> None:
     """loss.*; with the resolution, also that the discriminator's patches are not empty at it."""
     check_choice("loss.recon", o["recon"], RECON)
     check_number("loss.kl_weight", o["kl_weight"], minimum=0)
@@ -46,8 +45,10 @@ def check_ae_objective(o: dict, resolution: Optional[int] = None) -> None:
     if resolution is not None and o["disc_weight"] > 0 and patch_size_after(resolution, o["disc_layers"]) < 1:
         deepest = max((n for n in range(1, 12) if patch_size_after(resolution, n) >= 1), default=None)
         allowed = f"at most {deepest}" if deepest else "none fits"
-        raise UserError(f"loss.disc_layers={o['disc_layers']} is not allowed for {resolution}-pixel images: the "
-                        f"discriminator would leave no patch to judge ({allowed}; or a larger dataset.resolution)")
+        raise UserError(
+            f"loss.disc_layers={o['disc_layers']} is not allowed for {resolution}-pixel images: the "
+            f"discriminator would leave no patch to judge ({allowed}; or a larger dataset.resolution)"
+        )
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -55,14 +56,16 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
-def ae_loss(model, x0: torch.Tensor, noise: torch.Tensor, recon: str, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ae_loss(
+    model, x0: torch.Tensor, noise: torch.Tensor, recon: str, kl_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample loss, per-sample reconstruction error) of the autoencoder `model` on x0."""
     xr, mean, logvar = model(x0, noise)
     return recon_kl(xr, mean, logvar, x0, recon, kl_weight)
 
 
 def recon_kl(xr, mean, logvar, x0: torch.Tensor, recon: str, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    diff = (xr.float() - x0.float())
+    diff = xr.float() - x0.float()
     err = (diff.abs() if recon == "l1" else diff.square()).flatten(1).mean(1)
     pixels = x0[0].numel()
     return err + kl_weight * kl_divergence(mean.float(), logvar.float()) / pixels, err.detach()
@@ -102,8 +105,12 @@ class AutoencoderObjective(DiffusionObjective):
         if tr.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.disc_model = DistributedDataParallel(self.disc, device_ids=[tr.device.index] if tr.device.type == "cuda" else None)
-        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=tr.tcfg["lr"], betas=(0.5, 0.9), weight_decay=0.0, fused=True)
+            self.disc_model = DistributedDataParallel(
+                self.disc, device_ids=[tr.device.index] if tr.device.type == "cuda" else None
+            )
+        self.disc_opt = torch.optim.AdamW(
+            self.disc.parameters(), lr=tr.tcfg["lr"], betas=(0.5, 0.9), weight_decay=0.0, fused=True
+        )
 
     def disc_on(self, step: int) -> bool:
         return self.disc is not None and step >= int(self.cfg["disc_start"])
@@ -141,7 +148,7 @@ class AutoencoderObjective(DiffusionObjective):
         self.disc.train()
         with torch.autocast(tr.device.type, dtype=tr.amp, enabled=tr.amp is not None):
             logits = self.disc_model(torch.cat([x0, xr]))
-            d_loss = hinge_d_loss(logits[: len(x0)], logits[len(x0):])
+            d_loss = hinge_d_loss(logits[: len(x0)], logits[len(x0) :])
         self.disc_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         # As the trainer's own step: a non-finite gradient (all-reduced under DDP) leaves P and its moments alone.
@@ -164,12 +171,17 @@ class AutoencoderObjective(DiffusionObjective):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The open interval's values (a run resumed inside an interval logs what an uninterrupted one does), and
         the discriminator's weights and AdamW moments."""
-        out = {f"interval_{key}": torch.stack(held).float()
-               for key, held in (("recon", self.errors), ("disc", self.disc_losses), ("adv", self.adv_losses)) if held}
+        out = {
+            f"interval_{key}": torch.stack(held).float()
+            for key, held in (("recon", self.errors), ("disc", self.disc_losses), ("adv", self.adv_losses))
+            if held
+        }
         if self.disc is not None:
             out.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
             for idx, pstate in self.disc_opt.state_dict()["state"].items():
-                out.update({f"disc_optim.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in pstate.items()})
+                out.update(
+                    {f"disc_optim.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in pstate.items()}
+                )
         return out
 
     def load(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -182,15 +194,19 @@ class AutoencoderObjective(DiffusionObjective):
         self.errors, self.disc_losses, self.adv_losses = held["recon"], held["disc"], held["adv"]
         if self.disc is None:
             return  # a discriminator the run had is dropped: loss.disc_weight=0 continues without it
-        weights = {k[len("disc."):]: v for k, v in tensors.items() if k.startswith("disc.")}
+        weights = {k[len("disc.") :]: v for k, v in tensors.items() if k.startswith("disc.")}
         if not weights:
-            raise UserError("cannot resume with loss.disc_weight > 0: the checkpoint holds no discriminator (it was "
-                            "trained with loss.disc_weight=0); resume with loss.disc_weight=0, or start a new run")
+            raise UserError(
+                "cannot resume with loss.disc_weight > 0: the checkpoint holds no discriminator (it was "
+                "trained with loss.disc_weight=0); resume with loss.disc_weight=0, or start a new run"
+            )
         try:
             self.disc.load_state_dict(weights)
         except RuntimeError:
-            raise UserError("cannot resume: the checkpoint's discriminator does not fit loss.disc_ch / loss.disc_layers "
-                            "of this run; resume with the values it was trained with") from None
+            raise UserError(
+                "cannot resume: the checkpoint's discriminator does not fit loss.disc_ch / loss.disc_layers "
+                "of this run; resume with the values it was trained with"
+            ) from None
         moments: dict[int, dict] = {}
         for name, v in tensors.items():
             if name.startswith("disc_optim."):

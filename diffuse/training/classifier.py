@@ -4,8 +4,6 @@ batch like the diffusion objectives; and the training accuracy of each log inter
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from diffuse import distributed
@@ -20,7 +18,7 @@ class ClassifierObjective(DiffusionObjective):
     def __init__(self, trainer):
         super().__init__(trainer)
         self.accuracies: list[torch.Tensor] = []
-        self._read: Optional[tuple[int, dict]] = None  # (step, status) of the last read
+        self._read: tuple[int, dict] | None = None  # (step, status) of the last read
 
     def loss(self, model, x0, y, bs, sl):
         tr = self.tr

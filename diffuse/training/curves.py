@@ -56,19 +56,37 @@ def _thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def curve_panels(records: list[dict]) -> list[Panel]:
     train = [r for r in records if "loss" in r]
-    loss = [(r["step"], r["loss"]) for r in train if isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"]) and r["loss"] > 0]
+    loss = [
+        (r["step"], r["loss"])
+        for r in train
+        if isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"]) and r["loss"] > 0
+    ]
     panels = []
     p = Panel("training loss", xlabel="step", log_y=True)
     if loss:
         steps, values = zip(*loss)
         smoothed = [math.exp(v) for v in smooth([math.log(v) for v in values], smoothing_half_width(len(values)))]
-        p.series = [Series(_thin(loss), "per interval", (150, 184, 220), "dots"),
-                    Series(_thin(list(zip(steps, smoothed))), "smoothed", COLORS[0], "line")]
+        p.series = [
+            Series(_thin(loss), "per interval", (150, 184, 220), "dots"),
+            Series(_thin(list(zip(steps, smoothed))), "smoothed", COLORS[0], "line"),
+        ]
     panels.append(p)
-    panels.append(Panel("learning rate", [Series(_thin([(r["step"], r["lr"]) for r in train if "lr" in r]), None, COLORS[2], "line")],
-                        xlabel="step"))
-    ips = Panel("images/s", [Series(_thin([(r["step"], r["images_per_s"]) for r in train if "images_per_s" in r]), None, COLORS[1], "line")],
-                xlabel="step")
+    panels.append(
+        Panel(
+            "learning rate",
+            [Series(_thin([(r["step"], r["lr"]) for r in train if "lr" in r]), None, COLORS[2], "line")],
+            xlabel="step",
+        )
+    )
+    ips = Panel(
+        "images/s",
+        [
+            Series(
+                _thin([(r["step"], r["images_per_s"]) for r in train if "images_per_s" in r]), None, COLORS[1], "line"
+            )
+        ],
+        xlabel="step",
+    )
     skipped = [(r["step"], r["skipped"]) for r in train if r.get("skipped")]
     if skipped:  # steps skipped for a non-finite loss: marked where they happened
         ips.title = f"images/s ({sum(s for _, s in skipped)} step(s) skipped, in red)"

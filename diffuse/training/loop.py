@@ -9,13 +9,21 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from rich.progress import TextColumn
 
 from diffuse import distributed
-from diffuse.checkpoint import ENVIRONMENT_ERRNOS, atomic_write, check_verify, load_checkpoint, load_newest_valid, remove_stale_temps, resolve_ckpt_path
+from diffuse.checkpoint import (
+    ENVIRONMENT_ERRNOS,
+    atomic_write,
+    check_verify,
+    load_checkpoint,
+    load_newest_valid,
+    remove_stale_temps,
+    resolve_ckpt_path,
+)
 from diffuse.console import console, err_console, progress_bar
 from diffuse.errors import RunStopped, UserError
 from diffuse.signals import StopRequest
@@ -32,7 +40,9 @@ def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
     verify=false lets a checkpoint without a hash load (said in one line); a damaged one never does."""
     verify = check_verify(verify)
     out = trainer.out
-    if value == "auto":  # a job that may be a restart (torchrun --max-restarts, a requeued cluster job): go on if it can
+    if (
+        value == "auto"
+    ):  # a job that may be a restart (torchrun --max-restarts, a requeued cluster job): go on if it can
         value = any((out / "checkpoints").glob("*.safetensors")) if (out / "checkpoints").is_dir() else False
     if value in (False, None, "", "false"):
         return
@@ -40,11 +50,17 @@ def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
     if in_place or Path(str(value)).is_dir():
         root = out if in_place else Path(str(value))
         ckdir = root / "checkpoints" if (root / "checkpoints").is_dir() or in_place else root
-        ckpt, src = load_newest_valid(ckdir, report=lambda line: err_console.print(line, markup=False), verify=verify,
-                                      asked="resume=true" if in_place else f"resume={value}")
+        ckpt, src = load_newest_valid(
+            ckdir,
+            report=lambda line: err_console.print(line, markup=False),
+            verify=verify,
+            asked="resume=true" if in_place else f"resume={value}",
+        )
     else:
         if not Path(str(value)).expanduser().exists():  # a typo of a mode reads as a path: name the modes too
-            raise UserError(f"resume={str(value)!r} does not exist: give true, false, auto, or a checkpoint file or run dir")
+            raise UserError(
+                f"resume={str(value)!r} does not exist: give true, false, auto, or a checkpoint file or run dir"
+            )
         src = resolve_ckpt_path(value, key="resume")
         ckpt = load_checkpoint(src, verify=verify)
     trainer.load(ckpt, src)
@@ -56,7 +72,7 @@ def resume(trainer: Trainer, value: Any, verify: Any = True) -> None:
     console.print(f"resumed from {src} at step {trainer.step}")
 
 
-def fit(trainer: Trainer, stop: Optional[StopRequest] = None, command: str = "train") -> dict[str, Any]:
+def fit(trainer: Trainer, stop: StopRequest | None = None, command: str = "train") -> dict[str, Any]:
     """Phases 2 and 3: train to trainer.steps (or a stop signal), then save and draw the final grid. `stop`: the
     request the task installed as it started (a signal while the network was built stops here, at the resumed
     step, with a checkpoint); None installs one now. `command`: the one a stopped run's line says to resume with."""
@@ -66,8 +82,11 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None, command: str = "tr
     console.print(trainer.describe())
     evaluate = build_eval(trainer, trainer.metrics_cfg)  # before the first step: a refusal costs no training
     fields = (TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"))
-    with (nullcontext(stop) if stop is not None else StopRequest()) as stop, progress_bar(True, *fields) as bar, \
-            MetricsLog(trainer) as log:
+    with (
+        nullcontext(stop) if stop is not None else StopRequest() as stop,
+        progress_bar(True, *fields) as bar,
+        MetricsLog(trainer) as log,
+    ):
         task = bar.add_task("train", total=t["steps"], completed=trainer.step, loss=float("nan"), ips=0.0)
         stopped = distributed.any_rank(stop.requested, trainer.dist, trainer.device)
         while not stopped and trainer.step < t["steps"]:
@@ -76,8 +95,13 @@ def fit(trainer: Trainer, stop: Optional[StopRequest] = None, command: str = "tr
             if step % t["log_every"] == 0 or step == t["steps"]:
                 rec = log.write(step)
                 stage = status_text(rec)  # the record holds the interval's status: a second read would find it spent
-                bar.update(task, completed=step, loss=rec["loss"], ips=rec["images_per_s"],
-                           description=f"train ({stage})" if stage else "train")
+                bar.update(
+                    task,
+                    completed=step,
+                    loss=rec["loss"],
+                    ips=rec["images_per_s"],
+                    description=f"train ({stage})" if stage else "train",
+                )
             # Before the checkpoint of the same step: a run resumed from it has its evaluation logged already.
             if evaluate is not None and step % t["eval_every"] == 0:
                 log.write_eval(step, evaluate())
@@ -114,14 +138,16 @@ def stop_agreed(trainer: Trainer, stop: StopRequest, step: int) -> bool:
     return step % trainer.tcfg["log_every"] == 0 and distributed.any_rank(stop.requested, trainer.dist, trainer.device)
 
 
-def save(trainer: Trainer, log: "MetricsLog") -> Optional[Path]:
+def save(trainer: Trainer, log: MetricsLog) -> Path | None:
     """A checkpoint that also carries the open metrics interval: a run resumed from it logs the records a run
     never stopped logs (every rank calls this at the same step)."""
     trainer.interval = log.pending()
     return trainer.save()
 
 
-def finish(trainer: Trainer, log: "MetricsLog", stop: StopRequest, stopped: bool, command: str = "train") -> dict[str, Any]:
+def finish(
+    trainer: Trainer, log: MetricsLog, stop: StopRequest, stopped: bool, command: str = "train"
+) -> dict[str, Any]:
     t = trainer.tcfg
     if not stopped and trainer.step == t["steps"] and log.losses:
         log.write(trainer.step)  # resumed at the last step from a checkpoint whose interval was still open
@@ -160,8 +186,10 @@ class MetricsLog:
         opened = _checked_interval(trainer.interval.get("interval"))
         if opened:  # resumed inside a log interval: its first steps were taken before the checkpoint
             # Losses are float32 (diffusion_loss's dtype) and JSON keeps a float32 value exactly.
-            self.losses = [torch.tensor(float("nan") if v is None else v, dtype=torch.float32, device=trainer.device)
-                           for v in opened["losses"]]
+            self.losses = [
+                torch.tensor(float("nan") if v is None else v, dtype=torch.float32, device=trainer.device)
+                for v in opened["losses"]
+            ]
             self.skipped_logged = int(opened["skipped"])
             trainer.nonfinite[2] = max(int(trainer.nonfinite[2]), int(opened["longest"]))
 
@@ -173,10 +201,15 @@ class MetricsLog:
             return {}
         tr = self.trainer
         per_step = distributed.mean(torch.stack(self.losses).float(), tr.dist).tolist()
-        return {"interval": {"losses": [v if math.isfinite(v) else None for v in per_step],
-                             "skipped": self.skipped_logged, "longest": int(tr.nonfinite[2])}}
+        return {
+            "interval": {
+                "losses": [v if math.isfinite(v) else None for v in per_step],
+                "skipped": self.skipped_logged,
+                "longest": int(tr.nonfinite[2]),
+            }
+        }
 
-    def __enter__(self) -> "MetricsLog":
+    def __enter__(self) -> MetricsLog:
         tr = self.trainer
         self.file = open(self.path if tr.dist.main else os.devnull, "a")
         # A resumed run's curves go on from its earlier records (resume has cut them at its step).
@@ -214,7 +247,10 @@ class MetricsLog:
         start = time.perf_counter()
         try:
             write_curves(self.records, self.trainer.out / "curves.png")
-        except (OSError, UserError) as e:  # a picture is not worth stopping a run for: said once, then drawn when it can be
+        except (
+            OSError,
+            UserError,
+        ) as e:  # a picture is not worth stopping a run for: said once, then drawn when it can be
             if not self.curves_failed:
                 err_console.print(f"warning: curves.png not written: {e}", markup=False)
             self.curves_failed = True
@@ -226,8 +262,11 @@ class MetricsLog:
         self.t_last += result.get("seconds", 0.0)
         self._append({"step": step, "eval": result}, force=True)
         self.tracker.scalars(step, {f"eval/{k}": v for k, v in result.items() if k in ("fid", "nfe", "seconds")})
-        console.print(f"step {step}: FID {result['fid']:.4g} ({result['n']} EMA samples, {result['features']} features, "
-                      f"{result['seconds']:.1f} s)", markup=False)
+        console.print(
+            f"step {step}: FID {result['fid']:.4g} ({result['n']} EMA samples, {result['features']} features, "
+            f"{result['seconds']:.1f} s)",
+            markup=False,
+        )
 
     def image(self, step: int) -> None:
         grid = getattr(self.trainer, "last_grid", None)
@@ -247,27 +286,39 @@ class MetricsLog:
         now = time.perf_counter()
         ips = (step - self.step_last) * tr.tcfg["batch_size"] / max(now - self.t_last, 1e-9)
         self.t_last, self.step_last = now, step
-        rec = {"step": step, "loss": self.last_loss, "lr": tr.lr_at(step - 1), "images_per_s": ips,
-               "skipped": skipped - self.skipped_logged, **tr.objective.status()}
+        rec = {
+            "step": step,
+            "loss": self.last_loss,
+            "lr": tr.lr_at(step - 1),
+            "images_per_s": ips,
+            "skipped": skipped - self.skipped_logged,
+            **tr.objective.status(),
+        }
         self.skipped_logged = skipped
         self._append(rec, force=step == tr.tcfg["steps"])
-        self.tracker.scalars(step, {f"train/{k}": v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))})
+        self.tracker.scalars(
+            step, {f"train/{k}": v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        )
         limit = tr.tcfg["max_nonfinite"]
         if longest >= limit:
             raise RunStopped(nonfinite_message(tr, step, longest, limit))
         if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
             stage = status_text(rec)
-            console.print(f"step {step}/{tr.tcfg['steps']} loss {self.last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s"
-                          + (f" {stage}" if stage else ""))
+            console.print(
+                f"step {step}/{tr.tcfg['steps']} loss {self.last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s"
+                + (f" {stage}" if stage else "")
+            )
         return rec
 
 
-def _checked_interval(value: Any) -> Optional[dict]:
+def _checked_interval(value: Any) -> dict | None:
     """A checkpoint's open interval as MetricsLog reads it; a checkpoint is user input, so its shape is checked."""
     if value is None:
         return None
     losses = value.get("losses") if isinstance(value, dict) else None
-    ints = isinstance(value, dict) and all(isinstance(value.get(k), int) and value[k] >= 0 for k in ("skipped", "longest"))
+    ints = isinstance(value, dict) and all(
+        isinstance(value.get(k), int) and value[k] >= 0 for k in ("skipped", "longest")
+    )
     if not (isinstance(losses, list) and ints and all(v is None or isinstance(v, (int, float)) for v in losses)):
         raise UserError("cannot resume: the checkpoint's metrics interval (diffuse.extra 'interval') is malformed")
     return value
@@ -278,17 +329,24 @@ def storage_stopped(e: OSError, path: Path, trainer: Trainer) -> Exception:
     if e.errno not in ENVIRONMENT_ERRNOS:
         return e
     where = f"resume from {trainer.last_saved[0]}" if trainer.last_saved else "no checkpoint was written in this run"
-    err = UserError(f"cannot write {path}: {e.strerror or os.strerror(e.errno)}; training stopped at step {trainer.step} ({where})")
+    err = UserError(
+        f"cannot write {path}: {e.strerror or os.strerror(e.errno)}; training stopped at step {trainer.step} ({where})"
+    )
     err.keep_outputs = True
     return err
 
 
 def nonfinite_message(trainer: Trainer, step: int, longest: int, limit: int) -> str:
-    where = (f"the last checkpoint, {trainer.last_saved[0]} (step {trainer.last_saved[1]}), holds weights from before them"
-             if trainer.last_saved else "no checkpoint was written in this run")
-    return (f"training stopped at step {step}: {longest} steps in a row had a non-finite loss or gradient "
-            f"(trainer.max_nonfinite={limit}); they were skipped, {where}. A lower trainer.lr, trainer.grad_clip "
-            f"or runtime.precision=fp32 may help")
+    where = (
+        f"the last checkpoint, {trainer.last_saved[0]} (step {trainer.last_saved[1]}), holds weights from before them"
+        if trainer.last_saved
+        else "no checkpoint was written in this run"
+    )
+    return (
+        f"training stopped at step {step}: {longest} steps in a row had a non-finite loss or gradient "
+        f"(trainer.max_nonfinite={limit}); they were skipped, {where}. A lower trainer.lr, trainer.grad_clip "
+        f"or runtime.precision=fp32 may help"
+    )
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from diffuse.diffusion import consistency as cm
 from diffuse.diffusion import distillation as pd
-from diffuse.diffusion.objectives import diffusion_loss, edm_loss, edm_sigmas
 from diffuse.diffusion.noise import sample_seed
+from diffuse.diffusion.objectives import diffusion_loss, edm_loss, edm_sigmas
 from diffuse.diffusion.prediction import EDMDenoiser, NetworkDenoiser
-from diffuse.errors import UserError, check_choice, check_number
+from diffuse.errors import UserError
+from diffuse.validate import check_choice, check_number
 
 KINDS = ("diffusion", "consistency", "edm")
 
@@ -42,18 +43,34 @@ class DiffusionObjective:
         t = torch.randint(0, tr.schedule.T, (bs,), generator=tr.noise_gen, device=gdev)[sl].to(tr.device)
         noise = torch.randn((bs, *x0.shape[1:]), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
         # The loss covers every pixel, known ones included (see README: mask-conditioned training).
-        return diffusion_loss(model, x0, tr.schedule, prediction=o["prediction"], weighting=o["weighting"],
-                              min_snr_gamma=o["min_snr_gamma"], y=y, t=t, noise=noise, learn_sigma=o["learn_sigma"],
-                              vlb_weight=o["vlb_weight"], discretized=tr.data.is_8bit)
+        return diffusion_loss(
+            model,
+            x0,
+            tr.schedule,
+            prediction=o["prediction"],
+            weighting=o["weighting"],
+            min_snr_gamma=o["min_snr_gamma"],
+            y=y,
+            t=t,
+            noise=noise,
+            learn_sigma=o["learn_sigma"],
+            vlb_weight=o["vlb_weight"],
+            discretized=tr.data.is_8bit,
+        )
 
     def after_step(self) -> None:
         pass
 
     def denoiser(self, net, autocast=None):
-        return NetworkDenoiser(net, self.tr.ocfg["prediction"], self.tr.schedule, autocast_dtype=autocast,
-                               learn_sigma=self.tr.ocfg["learn_sigma"])
+        return NetworkDenoiser(
+            net,
+            self.tr.ocfg["prediction"],
+            self.tr.schedule,
+            autocast_dtype=autocast,
+            learn_sigma=self.tr.ocfg["learn_sigma"],
+        )
 
-    def grid_steps(self) -> Optional[int]:
+    def grid_steps(self) -> int | None:
         return None  # the trainer's sample_steps
 
     def status(self) -> dict:
@@ -88,8 +105,15 @@ class EDMObjective(DiffusionObjective):
     def loss(self, model, x0, y, bs, sl):
         tr, o = self.tr, self.tr.ocfg
         gdev = tr.noise_gen.device
-        sigma = edm_sigmas(bs, tr.noise_gen, p_mean=o["p_mean"], p_std=o["p_std"], sigma_min=self.sigma_range[0],
-                           sigma_max=self.sigma_range[1], device=gdev)[sl].to(tr.device)
+        sigma = edm_sigmas(
+            bs,
+            tr.noise_gen,
+            p_mean=o["p_mean"],
+            p_std=o["p_std"],
+            sigma_min=self.sigma_range[0],
+            sigma_max=self.sigma_range[1],
+            device=gdev,
+        )[sl].to(tr.device)
         noise = torch.randn((bs, *x0.shape[1:]), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
         return edm_loss(model, x0, tr.schedule, sigma, noise, sigma_data=self.sigma_data, y=y)
 
@@ -101,11 +125,15 @@ def check_edm(o: dict) -> None:
     """The keys of objective=edm. Its network's target and loss weight are fixed by the preconditioning, so
     prediction and weighting only record them (x0: D predicts the clean image; edm: Karras's lambda)."""
     if o["prediction"] != "x0":
-        raise UserError(f"objective.prediction={o['prediction']!r} is not allowed with objective.kind=edm: the "
-                        "preconditioned D(x; sigma) predicts x0 (its network regresses (x0 - c_skip x~) / c_out); leave it x0")
+        raise UserError(
+            f"objective.prediction={o['prediction']!r} is not allowed with objective.kind=edm: the "
+            "preconditioned D(x; sigma) predicts x0 (its network regresses (x0 - c_skip x~) / c_out); leave it x0"
+        )
     if o["weighting"] != "edm":
-        raise UserError(f"objective.weighting={o['weighting']!r} is not allowed with objective.kind=edm: its loss weight "
-                        "is Karras et al.'s lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; leave it edm")
+        raise UserError(
+            f"objective.weighting={o['weighting']!r} is not allowed with objective.kind=edm: its loss weight "
+            "is Karras et al.'s lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; leave it edm"
+        )
     check_number("objective.sigma_data", o["sigma_data"], minimum=0, exclusive_min=True)
     check_number("objective.p_mean", o["p_mean"])
     check_number("objective.p_std", o["p_std"], minimum=0, exclusive_min=True)
@@ -147,8 +175,19 @@ class ProgressiveObjective(DiffusionObjective):
         gdev = tr.noise_gen.device
         index = torch.randint(0, self.steps, (bs,), generator=tr.noise_gen, device=gdev)[sl].to(tr.device)
         noise = torch.randn((bs, *x0.shape[1:]), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
-        return pd.progressive_loss(model, tr.ocfg["prediction"], self.teacher, x0, tr.schedule, self.grid, self.steps, index,
-                                   noise, weighting=self.weighting, y=y)
+        return pd.progressive_loss(
+            model,
+            tr.ocfg["prediction"],
+            self.teacher,
+            x0,
+            tr.schedule,
+            self.grid,
+            self.steps,
+            index,
+            noise,
+            weighting=self.weighting,
+            y=y,
+        )
 
     def after_step(self) -> None:
         tr = self.tr
@@ -158,7 +197,9 @@ class ProgressiveObjective(DiffusionObjective):
         if tr.step % self.per_round or tr.step // self.per_round >= len(self.rounds):
             return
         finished = self.rounds[tr.step // self.per_round - 1]
-        self.on_round(finished, self.sampling(finished))  # the student of `finished` steps, saved before it becomes the teacher
+        self.on_round(
+            finished, self.sampling(finished)
+        )  # the student of `finished` steps, saved before it becomes the teacher
         self.teacher_net = frozen(tr.ema)
         self.teacher = self.denoiser(self.teacher_net)
         tr.reset_optimizer()
@@ -170,18 +211,26 @@ class ProgressiveObjective(DiffusionObjective):
     def status(self) -> dict:
         return {"round": self.round + 1, "rounds": len(self.rounds), "student_steps": self.steps}
 
-    def sampling(self, steps: Optional[int] = None) -> dict:
+    def sampling(self, steps: int | None = None) -> dict:
         """What the student's checkpoint records: DDIM over its own levels (explicit, as spacings other than
         trailing could not rebuild them from the step count)."""
         steps = steps or self.steps
         levels = pd.student_levels(self.grid, steps)
-        return {"sampler": "ddim", "steps": steps, "timesteps": [int(v) if not levels.is_floating_point() else float(v) for v in levels]}
+        return {
+            "sampler": "ddim",
+            "steps": steps,
+            "timesteps": [int(v) if not levels.is_floating_point() else float(v) for v in levels],
+        }
 
     def tensors(self):
-        return {f"teacher.{k}": v for k, v in self.teacher_net.state_dict().items()} if self.teacher_net is not None else {}
+        return (
+            {f"teacher.{k}": v for k, v in self.teacher_net.state_dict().items()}
+            if self.teacher_net is not None
+            else {}
+        )
 
     def load(self, tensors, state):
-        teacher = {k[len("teacher."):]: v for k, v in tensors.items() if k.startswith("teacher.")}
+        teacher = {k[len("teacher.") :]: v for k, v in tensors.items() if k.startswith("teacher.")}
         if teacher:
             self.teacher_net = frozen(self.tr.ema)
             self.teacher_net.load_state_dict(teacher)
@@ -198,15 +247,19 @@ def check_progressive(d: dict, steps: int) -> list[int]:
     check_choice("distill.weighting", d["weighting"], pd.WEIGHTINGS)
     check_choice("distill.spacing", d["spacing"], pd.SPACINGS)
     if steps < len(rounds):
-        raise UserError(f"trainer.steps={steps} is fewer than the {len(rounds)} rounds from {d['start_steps']} to "
-                        f"{d['target_steps']} steps: give each round at least one step")
+        raise UserError(
+            f"trainer.steps={steps} is fewer than the {len(rounds)} rounds from {d['start_steps']} to "
+            f"{d['target_steps']} steps: give each round at least one step"
+        )
     return rounds
 
 
 def check_consistency(o: dict, method: str) -> None:
     """The consistency keys of an objective config (objective=consistency, or a distillation method's)."""
     if o["mask_training"]:
-        raise UserError("objective.mask_training=true is for diffusion objectives: a consistency model is not trained with masks")
+        raise UserError(
+            "objective.mask_training=true is for diffusion objectives: a consistency model is not trained with masks"
+        )
     check_number("objective.target_decay", o["target_decay"], minimum=0, maximum=1)
     check_number("objective.sigma_data", o["sigma_data"], minimum=0, exclusive_min=True)
     check_choice("objective.loss", o["loss"], cm.LOSSES)
@@ -219,7 +272,9 @@ def check_consistency(o: dict, method: str) -> None:
     for key in ("levels_start", "levels_end"):
         check_number(f"objective.{key}", o[key], minimum=2, integer=True)
     if o["levels_end"] < o["levels_start"]:
-        raise UserError(f"objective.levels_end={o['levels_end']} is not allowed: at least levels_start={o['levels_start']}")
+        raise UserError(
+            f"objective.levels_end={o['levels_end']} is not allowed: at least levels_start={o['levels_start']}"
+        )
 
 
 class ConsistencyObjective(DiffusionObjective):
@@ -230,7 +285,7 @@ class ConsistencyObjective(DiffusionObjective):
     sqrt-growing N(k) and uniform pairs; CT: iCT's doubling N(k) and log-normal pairs), or for ect a log-normal
     sigma_hi and sigma_lo = sigma_hi (1 - delta), delta halving every tenth of the run."""
 
-    def __init__(self, trainer, teacher=None, method: Optional[str] = None):
+    def __init__(self, trainer, teacher=None, method: str | None = None):
         super().__init__(trainer)
         o = trainer.ocfg
         self.o = o
@@ -242,14 +297,18 @@ class ConsistencyObjective(DiffusionObjective):
         self._levels: dict = {}
 
     def denoiser(self, net, autocast=None):
-        return cm.ConsistencyDenoiser(net, self.o["prediction"], self.tr.schedule, self.sigma_data, autocast_dtype=autocast)
+        return cm.ConsistencyDenoiser(
+            net, self.o["prediction"], self.tr.schedule, self.sigma_data, autocast_dtype=autocast
+        )
 
     def grid_steps(self) -> int:
         return 1
 
     def status(self) -> dict:
         if self.method == "ect":
-            return {"ect_delta": self.o["ect_delta"] / 2 ** math.floor(10 * self.tr.step / max(self.tr.tcfg["steps"], 1))}
+            return {
+                "ect_delta": self.o["ect_delta"] / 2 ** math.floor(10 * self.tr.step / max(self.tr.tcfg["steps"], 1))
+            }
         return {"levels": len(self.levels()[0])}
 
     def levels(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,31 +361,51 @@ class ConsistencyObjective(DiffusionObjective):
             x_lo = cm.heun_step(self.teacher, x_hi, s_hi, s_lo, t_hi, t_lo, y)
         else:
             x_lo = x0 + shaped(s_lo) * z
-        f = cm.consistency_fn(model, self.o["prediction"], tr.schedule, x_hi / shaped((1 + s_hi**2).sqrt()), t_hi, y,
-                              sigma_data=self.sigma_data)
+        f = cm.consistency_fn(
+            model,
+            self.o["prediction"],
+            tr.schedule,
+            x_hi / shaped((1 + s_hi**2).sqrt()),
+            t_hi,
+            y,
+            sigma_data=self.sigma_data,
+        )
         with torch.no_grad():
             target_net = self.target_net if self.target_net is not None else model
-            f_target = cm.consistency_fn(target_net, self.o["prediction"], tr.schedule, x_lo / shaped((1 + s_lo**2).sqrt()),
-                                         t_lo, y, sigma_data=self.sigma_data)
+            f_target = cm.consistency_fn(
+                target_net,
+                self.o["prediction"],
+                tr.schedule,
+                x_lo / shaped((1 + s_lo**2).sqrt()),
+                t_lo,
+                y,
+                sigma_data=self.sigma_data,
+            )
         return cm.pair_distance(f, f_target, self.o["loss"]) * weight.to(torch.float32)
 
     @torch.no_grad()
     def after_step(self) -> None:
         if self.target_net is None:
             return
-        torch._foreach_lerp_(list(self.target_net.parameters()), [p.detach() for p in self.tr.net.parameters()], 1 - self.target_decay)
+        torch._foreach_lerp_(
+            list(self.target_net.parameters()), [p.detach() for p in self.tr.net.parameters()], 1 - self.target_decay
+        )
 
     def sampling(self) -> dict:
         return {"sampler": "consistency", "steps": 1}
 
     def tensors(self):
-        return {f"target.{k}": v for k, v in self.target_net.state_dict().items()} if self.target_net is not None else {}
+        return (
+            {f"target.{k}": v for k, v in self.target_net.state_dict().items()} if self.target_net is not None else {}
+        )
 
     def load(self, tensors, state):
-        target = {k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")}
+        target = {k[len("target.") :]: v for k, v in tensors.items() if k.startswith("target.")}
         if self.target_net is not None:
             if not target:
-                raise UserError("cannot resume: the checkpoint holds no target network, which this consistency run keeps")
+                raise UserError(
+                    "cannot resume: the checkpoint holds no target network, which this consistency run keeps"
+                )
             self.target_net.load_state_dict(target)
 
     def config(self) -> dict:

@@ -5,8 +5,6 @@ the whole global batch, this rank's slice kept: a resume continues them exactly,
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from diffuse.diffusion.superres import LowResConditioned, augment, downsample
@@ -14,21 +12,27 @@ from diffuse.errors import UserError
 from diffuse.pipeline.cascade import check_condition
 
 
-def lowres_condition(cond: Optional[dict], model: dict, objective: dict, resolution: int) -> Optional[dict]:
+def lowres_condition(cond: dict | None, model: dict, objective: dict, resolution: int) -> dict | None:
     """A training run's condition group, checked against its network and objective: None, or the checked keys."""
     checked = check_condition(cond, resolution)
     if checked is None:
         return None
     if model.get("arch") != "unet":
-        raise UserError(f"condition=lowres needs model.arch=unet (it embeds the augmentation level), not {model.get('arch')!r}")
+        raise UserError(
+            f"condition=lowres needs model.arch=unet (it embeds the augmentation level), not {model.get('arch')!r}"
+        )
     if objective.get("mask_training"):
         raise UserError("condition=lowres and objective.mask_training=true cannot be combined: choose one conditioning")
     if objective.get("kind", "diffusion") not in ("diffusion", "edm"):
-        raise UserError(f"condition=lowres needs objective.kind=diffusion or edm, not {objective.get('kind')!r}: a consistency "
-                        "model's target network is called without the low-resolution image")
+        raise UserError(
+            f"condition=lowres needs objective.kind=diffusion or edm, not {objective.get('kind')!r}: a consistency "
+            "model's target network is called without the low-resolution image"
+        )
     if objective.get("learn_sigma"):
-        raise UserError("condition=lowres with objective.learn_sigma=true is not supported: the variance channels would be "
-                        "read without the low-resolution image; train it with fixed variances")
+        raise UserError(
+            "condition=lowres with objective.learn_sigma=true is not supported: the variance channels would be "
+            "read without the low-resolution image; train it with fixed variances"
+        )
     return checked
 
 
@@ -45,7 +49,9 @@ class LowResTraining:
         """`model` told each example's augmented low-resolution image (x0: this rank's slice of the global batch)."""
         gdev = gen.device
         low = downsample(x0, self.factor)
-        level = (torch.rand((bs,), generator=gen, device=gdev, dtype=torch.float64) * self.cond["aug_max"])[sl].to(x0.device)
+        level = (torch.rand((bs,), generator=gen, device=gdev, dtype=torch.float64) * self.cond["aug_max"])[sl].to(
+            x0.device
+        )
         noise = torch.randn((bs, *low.shape[1:]), generator=gen, device=gdev, dtype=x0.dtype)[sl].to(x0.device)
         return LowResConditioned(model, self.factor).with_lowres(augment(low, level, noise), level)
 

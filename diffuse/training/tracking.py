@@ -14,27 +14,29 @@ import socket
 import sys
 import uuid
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 import torch
 
 from diffuse.console import console
-from diffuse.errors import UserError, check_choice
+from diffuse.errors import UserError
+from diffuse.validate import check_choice
 
 LOGGERS = ("none", "tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
-def check_logger(cfg: Optional[dict]) -> dict:
+def check_logger(cfg: dict | None) -> dict:
     """The logger group, and its package installed: refused before the first step, not at the first log line."""
     cfg = dict(cfg or {"name": "none"})
     name = cfg.get("name", "none")
     check_choice("logger", name, LOGGERS)
     if name in PACKAGES and not installed(PACKAGES[name]):
-        raise UserError(f"logger={name} needs the {PACKAGES[name]} package, which is not installed: "
-                        f"pip install 'diffuse[{name}]' (or logger=none)")
+        raise UserError(
+            f"logger={name} needs the {PACKAGES[name]} package, which is not installed: "
+            f"pip install 'diffuse[{name}]' (or logger=none)"
+        )
     if name == "wandb":
         check_choice("logger.mode", cfg.get("mode", "auto"), WANDB_MODES)
     return cfg
@@ -103,9 +105,17 @@ class WandbTracker(Tracker):
         id_file = wdir / "run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:16]
         id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=cfg.get("project") or "diffuse", entity=cfg.get("entity"), name=cfg.get("run_name") or out.name,
-                              dir=str(out), config=config, id=run_id, resume="allow", mode=wandb_mode(cfg.get("mode", "auto"), wdir),
-                              tags=list(cfg.get("tags") or []))
+        self.run = wandb.init(
+            project=cfg.get("project") or "diffuse",
+            entity=cfg.get("entity"),
+            name=cfg.get("run_name") or out.name,
+            dir=str(out),
+            config=config,
+            id=run_id,
+            resume="allow",
+            mode=wandb_mode(cfg.get("mode", "auto"), wdir),
+            tags=list(cfg.get("tags") or []),
+        )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(dict(values), step=step)
@@ -120,7 +130,7 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if sys.exc_info()[1] is None else 1)
 
 
-def wandb_mode(mode: str, wdir: Path) -> Optional[str]:
+def wandb_mode(mode: str, wdir: Path) -> str | None:
     """auto: WANDB_MODE when set (wandb reads it itself: None), else online if the server (WANDB_BASE_URL) answers
     and there are credentials, offline if not; any other value as given."""
     if mode != "auto":
@@ -136,7 +146,9 @@ def wandb_mode(mode: str, wdir: Path) -> Optional[str]:
         why = "no W&B credentials (WANDB_API_KEY or `wandb login`)"
     if why is None:
         return "online"
-    console.print(f"wandb: {why}: logging offline into {wdir}; `wandb sync {wdir}/offline-run-*` uploads it later", markup=False)
+    console.print(
+        f"wandb: {why}: logging offline into {wdir}; `wandb sync {wdir}/offline-run-*` uploads it later", markup=False
+    )
     return "offline"
 
 
@@ -159,13 +171,15 @@ def has_credentials(host: str) -> bool:
         return False
 
 
-def build_tracker(cfg: Optional[dict], out: Path, config: dict, main: bool, start: int = 0) -> Tracker:
+def build_tracker(cfg: dict | None, out: Path, config: dict, main: bool, start: int = 0) -> Tracker:
     """start: the step the run (re)starts from, 0 for a fresh one."""
     cfg = check_logger(cfg)
     if not main or cfg["name"] == "none":
         return Tracker()
     if cfg["name"] == "tensorboard":
-        return TensorBoardTracker(Path(str(cfg["dir"])).expanduser() if cfg.get("dir") else out / "tensorboard", config, start)
+        return TensorBoardTracker(
+            Path(str(cfg["dir"])).expanduser() if cfg.get("dir") else out / "tensorboard", config, start
+        )
     return WandbTracker(cfg, out, config)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,16 +18,17 @@ from diffuse.diffusion.inpainting import MaskConditioned, mask_context
 from diffuse.diffusion.masks import check_mask_kinds, draw_masks
 from diffuse.diffusion.objectives import WEIGHTINGS
 from diffuse.diffusion.prediction import PREDICTIONS
-from diffuse.errors import UserError, check_choice, check_number
+from diffuse.errors import UserError
 from diffuse.fastpath import compile_network, set_attention
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
 from diffuse.nets import build_network, check_model_config
 from diffuse.pipeline.model import schedule_from_config
 from diffuse.pipeline.runtime import resolve_runtime
 from diffuse.pipeline.sampling import generate, plan_sampler
-from diffuse.training.superres import network_io
 from diffuse.training.evaluation import check_eval_config
+from diffuse.training.superres import network_io
 from diffuse.training.tracking import check_logger
+from diffuse.validate import check_choice, check_number
 
 
 def validate_trainer(t: dict) -> None:
@@ -69,12 +69,14 @@ def validate_objective(o: dict) -> None:
         raise UserError(f"objective.learn_sigma={o['learn_sigma']!r} is not allowed: it must be true or false")
     if o["learn_sigma"]:
         if o["kind"] != "diffusion":
-            raise UserError(f"objective.learn_sigma=true is not allowed with objective.kind={o['kind']}: learned variances "
-                            "(Nichol & Dhariwal 2021) are for diffusion training (objective=simple, min_snr or vlb)")
+            raise UserError(
+                f"objective.learn_sigma=true is not allowed with objective.kind={o['kind']}: learned variances "
+                "(Nichol & Dhariwal 2021) are for diffusion training (objective=simple, min_snr or vlb)"
+            )
         check_number("objective.vlb_weight", o["vlb_weight"], minimum=0)
 
 
-def output_channels(o: dict, channels: int) -> Optional[int]:
+def output_channels(o: dict, channels: int) -> int | None:
     """The network's output channels when they are not its input's: the image's C beside a mask-conditioned input
     (2C + 1), doubled with learned variances (objective.learn_sigma)."""
     if o.get("learn_sigma"):
@@ -89,7 +91,9 @@ def superres_of(cfg: dict, resolution: int):
     # before the condition's keys: with an autoencoder, `resolution` is the latent side, which the user never typed
     c = cfg.get("condition")
     if isinstance(c, dict) and c.get("name") not in (None, "none") and cfg.get("autoencoder"):
-        raise UserError("condition=lowres with autoencoder= is not supported: super-resolution models are trained on pixels")
+        raise UserError(
+            "condition=lowres with autoencoder= is not supported: super-resolution models are trained on pixels"
+        )
     cond = lowres_condition(cfg.get("condition"), cfg["model"], cfg["objective"], resolution)
     return LowResTraining(cond) if cond is not None else None
 
@@ -100,7 +104,9 @@ def check_latent_cache(value) -> None:
         return
     p = Path(str(value)).expanduser()
     if p.exists() and not p.is_dir():
-        raise UserError(f"latent_cache={str(value)!r} is not allowed: it is a file; give a folder for the encoded dataset")
+        raise UserError(
+            f"latent_cache={str(value)!r} is not allowed: it is a file; give a folder for the encoded dataset"
+        )
     parent = p
     while not parent.exists():
         parent = parent.parent
@@ -138,7 +144,9 @@ def check_config(cfg: dict):
     schedule = schedule_from_config(cfg["schedule"])
     model, data = cfg["model"], cfg["dataset"]
     if model.get("arch") == "oracle":
-        raise UserError("model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)")
+        raise UserError(
+            "model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)"
+        )
     check_model_config(model)
     if data.get("name") not in DATASETS:
         raise UserError(f"dataset={data.get('name')!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
@@ -153,7 +161,9 @@ def check_config(cfg: dict):
     plan_sampler(cfg["sampler"], t["sample_steps"], schedule, data["name"] != "gmm")
     k = model.get("num_classes")
     if k and (not classes or classes > k):
-        raise UserError(f"model.num_classes={k} does not fit dataset={data['name']!r}, which has {classes or 'no'} classes")
+        raise UserError(
+            f"model.num_classes={k} does not fit dataset={data['name']!r}, which has {classes or 'no'} classes"
+        )
     net = {**model, "resolution": resolution, "in_channels": channels}
     if o["mask_training"]:
         net.update(in_channels=2 * channels + 1)
@@ -169,8 +179,10 @@ def check_config(cfg: dict):
             raise
         # the network's resolution is the latents' side, not the dataset.resolution the user typed
         msg = str(e).replace(f"dataset.resolution={resolution} ", f"the latent side {resolution} ")
-        raise UserError(f"with autoencoder= the network sees {resolution}x{resolution} latents of dataset.resolution="
-                        f"{data.get('resolution')}: {msg}") from None
+        raise UserError(
+            f"with autoencoder= the network sees {resolution}x{resolution} latents of dataset.resolution="
+            f"{data.get('resolution')}: {msg}"
+        ) from None
     return rt, schedule
 
 
@@ -178,20 +190,25 @@ class Trainer:
     """One training run, built from the composed train config (model, dataset, schedule, objective, trainer,
     sampler, runtime)."""
 
-    def __init__(self, cfg: dict | DictConfig, out: Path, make_objective=None, init_weights: Optional[dict] = None):
+    def __init__(self, cfg: dict | DictConfig, out: Path, make_objective=None, init_weights: dict | None = None):
         """make_objective(trainer) -> the objective (default: by objective.kind, diffusion or consistency training);
         init_weights: the network's starting weights (a distillation student starts as its teacher)."""
         cfg = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
         self.out = out
         self.tcfg, self.ocfg = cfg["trainer"], cfg["objective"]
-        self.logger_cfg, self.metrics_cfg = cfg.get("logger"), cfg.get("metrics")  # training.tracking, training.evaluation
+        self.logger_cfg, self.metrics_cfg = (
+            cfg.get("logger"),
+            cfg.get("metrics"),
+        )  # training.tracking, training.evaluation
         rt, self.schedule = check_config(cfg)
         self.runtime = rt
         self.device = rt.device
         self.dist = distributed.setup(self.device.type)
         if self.tcfg["batch_size"] % self.dist.world:
-            raise UserError(f"trainer.batch_size={self.tcfg['batch_size']} does not split over {self.dist.world} processes: "
-                            "it is the global batch and must be a multiple of the world size")
+            raise UserError(
+                f"trainer.batch_size={self.tcfg['batch_size']} does not split over {self.dist.world} processes: "
+                "it is the global batch and must be a multiple of the world size"
+            )
         self.amp = rt.autocast
         model_cfg = cfg["model"]
         self.data = build_dataset(cfg["dataset"])
@@ -216,7 +233,9 @@ class Trainer:
             self.model_cfg.update(out_channels=output_channels(self.ocfg, self.data.channels))
         k = model_cfg.get("num_classes")
         if k and (not self.data.num_classes or self.data.num_classes > k):
-            raise UserError(f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes")
+            raise UserError(
+                f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes"
+            )
         seed = self.tcfg["seed"]
         torch.manual_seed(seed)  # the initial weights follow from the seed alone
         self.net = build_network(self.model_cfg)
@@ -231,7 +250,9 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if rt.compile:
             self.model = compile_network(self.model, rt.compile_mode)
         self.data = self.data.to(self.device) if rt.data_on_device else self.data
@@ -244,7 +265,7 @@ class Trainer:
         # Non-finite steps: [skipped in all, current run in a row, longest run since last read]. Kept on the
         # device and read at log steps, so the guard adds no per-step host sync.
         self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)
-        self.last_saved: Optional[tuple[Path, int]] = None
+        self.last_saved: tuple[Path, int] | None = None
         self.interval: dict = {}  # the open metrics.jsonl interval (training.loop), checkpointed for an exact resume
         self.config = {
             "model": self.model_cfg,
@@ -264,7 +285,10 @@ class Trainer:
     def reset_optimizer(self) -> None:
         # Fused on every device: its found_inf input lets a non-finite step be skipped on the device itself.
         self.opt = torch.optim.AdamW(
-            self.net.parameters(), lr=self.tcfg["lr"], weight_decay=self.tcfg["weight_decay"], fused=True,
+            self.net.parameters(),
+            lr=self.tcfg["lr"],
+            weight_decay=self.tcfg["weight_decay"],
+            fused=True,
         )
 
     # -- checkpoint state ----------------------------------------------------------------------------------
@@ -274,28 +298,44 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         skipped, run, _ = self.nonfinite.tolist()
         return Checkpoint(
-            config=self.config, step=self.step, model=self.net.state_dict(), ema=self.ema.state_dict(),
-            optim=self.opt.state_dict(), rng=rng, extra={"skipped": skipped, "nonfinite_run": run, **self.interval},
+            config=self.config,
+            step=self.step,
+            model=self.net.state_dict(),
+            ema=self.ema.state_dict(),
+            optim=self.opt.state_dict(),
+            rng=rng,
+            extra={"skipped": skipped, "nonfinite_run": run, **self.interval},
             aux=self.objective.tensors(),
         )
 
     def load(self, ckpt: Checkpoint, path: Path) -> None:
         if not ckpt.rng or any(k not in ckpt.rng for k in ("data", "noise", "torch")) or ckpt.optim is None:
-            raise UserError(f"cannot resume from {path}: it holds weights only (no optimizer or RNG state, e.g. made by "
-                            "diffuse convert), so the run it came from cannot be continued exactly; sample from it instead")
+            raise UserError(
+                f"cannot resume from {path}: it holds weights only (no optimizer or RNG state, e.g. made by "
+                "diffuse convert), so the run it came from cannot be continued exactly; sample from it instead"
+            )
         if ckpt.config.get("model") != self.model_cfg:
-            raise UserError(f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}")
+            raise UserError(
+                f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}"
+            )
         # The schedule is compared by what it is (its betas): a key added to the config since is not a difference.
         same_schedule = torch.equal(schedule_from_config(ckpt.config.get("schedule")).betas, self.schedule.betas)
         if not same_schedule or objective_key(ckpt.config.get("objective")) != objective_key(self.ocfg):
             raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
         if ckpt.config.get("condition") != self.config.get("condition"):
-            raise UserError(f"cannot resume from {path}: it was trained with condition {ckpt.config.get('condition')}, "
-                            f"this run has {self.config.get('condition')}")
-        ae_then, ae_now = (ckpt.config.get("autoencoder") or {}).get("hash"), (self.config.get("autoencoder") or {}).get("hash")
+            raise UserError(
+                f"cannot resume from {path}: it was trained with condition {ckpt.config.get('condition')}, "
+                f"this run has {self.config.get('condition')}"
+            )
+        ae_then, ae_now = (
+            (ckpt.config.get("autoencoder") or {}).get("hash"),
+            (self.config.get("autoencoder") or {}).get("hash"),
+        )
         if ae_then != ae_now:
-            raise UserError(f"cannot resume from {path}: it was trained on the latents of autoencoder {ae_then and ae_then[:12]}, "
-                            f"this run on those of {ae_now and ae_now[:12]}")
+            raise UserError(
+                f"cannot resume from {path}: it was trained on the latents of autoencoder {ae_then and ae_then[:12]}, "
+                f"this run on those of {ae_now and ae_now[:12]}"
+            )
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
         self.opt.load_state_dict(ckpt.optim)
@@ -314,7 +354,7 @@ class Trainer:
         self.interval = {"interval": ckpt.extra["interval"]} if ckpt.extra.get("interval") else {}
         self.objective.load(ckpt.aux, ckpt.extra)
 
-    def save(self) -> Optional[Path]:
+    def save(self) -> Path | None:
         """checkpoints/step_NNNNNNN.safetensors (unless keep=0) and last.safetensors, the same state in both;
         then the numbered ones beyond the newest `keep` (the one just written always among them) go."""
         if not self.dist.main:  # only rank 0 writes
@@ -328,15 +368,19 @@ class Trainer:
         except UserError as e:  # e.g. the disk is full: what was written before stays (the writes are atomic)
             if self.last_saved is None:
                 raise
-            err = UserError(f"{e}; the last checkpoint written, {self.last_saved[0]} (step {self.last_saved[1]}), is kept")
+            err = UserError(
+                f"{e}; the last checkpoint written, {self.last_saved[0]} (step {self.last_saved[1]}), is kept"
+            )
             err.keep_outputs = True
             raise err from None
         self.last_saved = (last, self.step)
         if keep > 0:
             # Oldest first; files of a step beyond this one are left from a timeline a resume abandoned (a
             # damaged checkpoint passed over) and go before any older valid one.
-            others = sorted((p for p in numbered_checkpoints(ckdir) if p != path),
-                            key=lambda p: (numbered_step(p) <= self.step, numbered_step(p)))
+            others = sorted(
+                (p for p in numbered_checkpoints(ckdir) if p != path),
+                key=lambda p: (numbered_step(p) <= self.step, numbered_step(p)),
+            )
             for old in others[: max(0, len(others) - (keep - 1))]:
                 old.unlink(missing_ok=True)
         return path or last
@@ -413,7 +457,7 @@ class Trainer:
         return finite
 
     @torch.no_grad()
-    def update_ema(self, finite: Optional[torch.Tensor] = None) -> None:
+    def update_ema(self, finite: torch.Tensor | None = None) -> None:
         decay = self.tcfg["ema_decay"]
         if self.tcfg["ema_warmup"]:
             decay = min(decay, (1 + self.step) / (10 + self.step))
@@ -431,27 +475,44 @@ class Trainer:
             b_ema.copy_(b)
 
     # -- periodic outputs ---------------------------------------------------------------------------------
-    def sample_grid(self) -> Optional[Path]:
+    def sample_grid(self) -> Path | None:
         """samples/step_NNNNNNN.png and grid.png from the EMA network, the same images (seed) every time."""
         n = self.tcfg["sample_n"]
         if n == 0 or not self.dist.main:
             return None
         net = MaskConditioned(self.ema) if self.mask_probs is not None else self.ema  # nothing known: plain sampling
         if self.lowres is not None:  # the data's first low-resolution images, the same every time
-            net = self.lowres.grid_model(self.ema, self.data.batch(torch.arange(n) % len(self.data))[0].to(self.device), self.tcfg["seed"])
+            net = self.lowres.grid_model(
+                self.ema, self.data.batch(torch.arange(n) % len(self.data))[0].to(self.device), self.tcfg["seed"]
+            )
         den = self.objective.denoiser(net, self.amp)
         steps = self.objective.grid_steps()
         learned = den.variance_output if getattr(den, "learn_sigma", False) else None
         if steps is not None or learned is not None:
-            plan = plan_sampler(self.sampler_cfg, steps if steps is not None else self.tcfg["sample_steps"], self.schedule,
-                                self.data.is_8bit, learned_variance=learned)
+            plan = plan_sampler(
+                self.sampler_cfg,
+                steps if steps is not None else self.tcfg["sample_steps"],
+                self.schedule,
+                self.data.is_8bit,
+                learned_variance=learned,
+            )
         else:
             plan = self.plan
         shape = (self.data.channels, self.data.resolution, self.data.resolution)
         labels = (torch.arange(n) % self.data.num_classes) if self.net.num_classes else None
         decode = self.latent.decode if self.latent is not None else None  # latent samples are shown as images
-        x = generate(den, plan, shape=shape, seed=self.tcfg["seed"], device=self.device, batch_size=n if self.lowres else min(n, 256),
-                     indices=list(range(n)), labels=labels, progress=False, decode=decode).images
+        x = generate(
+            den,
+            plan,
+            shape=shape,
+            seed=self.tcfg["seed"],
+            device=self.device,
+            batch_size=n if self.lowres else min(n, 256),
+            indices=list(range(n)),
+            labels=labels,
+            progress=False,
+            decode=decode,
+        ).images
         grid = make_grid(to_uint8(x))
         self.last_grid = grid  # for the logger (training.tracking)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
@@ -461,11 +522,17 @@ class Trainer:
 
     def describe(self) -> str:
         n_params = sum(p.numel() for p in self.net.parameters())
-        return (f"training {self.model_cfg['arch']} ({n_params / 1e6:.2f}M parameters) on {self.data.name} "
-                f"({len(self.data)} images, {self.data.resolution}x{self.data.resolution}"
-                + (f" latents of {self.data.channels} channels, scale factor {self.latent.scale_factor:.4g}" if self.latent else "")
-                + f") on {self.device}"
-                + (f" x {self.dist.world} processes" if self.dist.enabled else ""))
+        return (
+            f"training {self.model_cfg['arch']} ({n_params / 1e6:.2f}M parameters) on {self.data.name} "
+            f"({len(self.data)} images, {self.data.resolution}x{self.data.resolution}"
+            + (
+                f" latents of {self.data.channels} channels, scale factor {self.latent.scale_factor:.4g}"
+                if self.latent
+                else ""
+            )
+            + f") on {self.device}"
+            + (f" x {self.dist.world} processes" if self.dist.enabled else "")
+        )
 
 
 def default_objective(trainer: Trainer):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -21,9 +22,19 @@ from diffuse.diffusion.samplers.ipndm import ipndm
 from diffuse.diffusion.samplers.unipc import unipc
 
 SAMPLERS: dict[str, Callable] = {
-    "ddpm": ddpm, "ddim": ddim, "euler": euler, "heun": heun, "euler_ancestral": euler_ancestral,
-    "dpm_solver": dpm_solver, "dpm_solver_3m": dpm_solver_3m, "dpm_solver_2m_sde": dpm_solver_2m_sde,
-    "dpm_solver_3m_sde": dpm_solver_3m_sde, "unipc": unipc, "ipndm": ipndm, "deis": deis, "adaptive": adaptive,
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "heun": heun,
+    "euler_ancestral": euler_ancestral,
+    "dpm_solver": dpm_solver,
+    "dpm_solver_3m": dpm_solver_3m,
+    "dpm_solver_2m_sde": dpm_solver_2m_sde,
+    "dpm_solver_3m_sde": dpm_solver_3m_sde,
+    "unipc": unipc,
+    "ipndm": ipndm,
+    "deis": deis,
+    "adaptive": adaptive,
     "consistency": consistency,
 }
 # Samplers whose output is not a function of x_T alone (ddim too, when eta > 0).

@@ -69,7 +69,8 @@ from diffuse.diffusion.samplers.common import (
     time_list,
 )
 from diffuse.diffusion.schedule import Schedule
-from diffuse.errors import UserError, check_number
+from diffuse.errors import UserError
+from diffuse.validate import check_number
 
 THETA = 0.9  # safety factor of the step-size update (the paper's theta)
 SNAP = 1e-9  # a step that ends this close (in lambda) to the interval's end ends on it exactly
@@ -106,15 +107,31 @@ def adaptive(
     if not ts:
         return x_T
     if hook is not None and per_sample and x_T.shape[0] > 1:
-        raise UserError("sampler.per_sample=true cannot be used with a step hook (inpainting) on a batch of more than one "
-                        "image: its images sit at different timesteps; set sampler.per_sample=false")
+        raise UserError(
+            "sampler.per_sample=true cannot be used with a step hook (inpainting) on a batch of more than one "
+            "image: its images sit at different timesteps; set sampler.per_sample=false"
+        )
 
     start, end = Level(ts[0], schedule), Level(ts[-1], schedule)
     x, nfe = x_T, 0
     if end.lam > start.lam + SNAP:
-        x, nfe = _integrate(denoiser, x, start, end, schedule, order=order, rtol=rtol, atol=atol, h_init=h_init,
-                            max_nfe=max_nfe, per_sample=per_sample, y=y, clip_x0=clip_x0,
-                            dynamic_percentile=dynamic_percentile, hook=hook)
+        x, nfe = _integrate(
+            denoiser,
+            x,
+            start,
+            end,
+            schedule,
+            order=order,
+            rtol=rtol,
+            atol=atol,
+            h_init=h_init,
+            max_nfe=max_nfe,
+            per_sample=per_sample,
+            y=y,
+            clip_x0=clip_x0,
+            dynamic_percentile=dynamic_percentile,
+            hook=hook,
+        )
     eps = denoiser(x, batch_time(end.t, x), y)
     x = threshold_x0((x - end.sigma * eps) / end.alpha, clip_x0, dynamic_percentile)
     if hook is not None:
@@ -131,12 +148,12 @@ class _Levels:
         self.t, self.alpha, self.sigma, self.lam = t, alpha, sigma, lam
 
     @classmethod
-    def full(cls, level: Level, n: int) -> "_Levels":
+    def full(cls, level: Level, n: int) -> _Levels:
         f = lambda v: torch.full((n,), float(v), dtype=torch.float64)  # noqa: E731
         return cls(f(level.t), f(level.alpha), f(level.sigma), f(level.lam))
 
     @classmethod
-    def at(cls, lam: torch.Tensor, end: Level, schedule: Schedule) -> "_Levels":
+    def at(cls, lam: torch.Tensor, end: Level, schedule: Schedule) -> _Levels:
         """The levels at log-SNR `lam` (the end exactly when within SNAP of it); alpha and sigma are those of the
         timestep the denoiser is handed, so that the solver and the network agree on where x is."""
         t = schedule.t_from_sigma(torch.exp(-lam.clamp(max=end.lam)))
@@ -147,9 +164,15 @@ class _Levels:
         pick = lambda v, e: torch.where(snap, torch.full_like(v, float(e)), v)  # noqa: E731
         return cls(pick(t, end.t), pick(alpha, end.alpha), pick(sigma, end.sigma), pick(got, end.lam))
 
-    def where(self, mask: torch.Tensor, other: "_Levels") -> "_Levels":
-        return _Levels(*(torch.where(mask, a, b) for a, b in
-                         zip((self.t, self.alpha, self.sigma, self.lam), (other.t, other.alpha, other.sigma, other.lam))))
+    def where(self, mask: torch.Tensor, other: _Levels) -> _Levels:
+        return _Levels(
+            *(
+                torch.where(mask, a, b)
+                for a, b in zip(
+                    (self.t, self.alpha, self.sigma, self.lam), (other.t, other.alpha, other.sigma, other.lam)
+                )
+            )
+        )
 
 
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -192,13 +215,30 @@ def step_pair(D, x, cur: _Levels, nxt: _Levels, schedule: Schedule, end: Level, 
     hd2 = _col(2 / (r2 * (r2 - r1)), x) * g2 - _col(2 / (r1 * (r2 - r1)), x) * g1  # ~ h^2 D''
     c2 = hh + torch.expm1(-hh)
     c3 = -(torch.expm1(-hh) + hh - hh**2 / 2)  # 1 - h + h^2/2 - e^-h, summed so that it keeps its digits at small h
-    x_high = (_first_order(x, cur, nxt, d_s, hh) + _col(nxt.alpha * c2 / hh, x) * hd1
-              + _col(nxt.alpha * c3 / hh**2, x) * hd2)
+    x_high = (
+        _first_order(x, cur, nxt, d_s, hh) + _col(nxt.alpha * c2 / hh, x) * hd1 + _col(nxt.alpha * c3 / hh**2, x) * hd2
+    )
     return x_low, x_high
 
 
-def _integrate(denoiser, x, start: Level, end: Level, schedule, *, order, rtol, atol, h_init, max_nfe, per_sample,
-               y, clip_x0, dynamic_percentile, hook):
+def _integrate(
+    denoiser,
+    x,
+    start: Level,
+    end: Level,
+    schedule,
+    *,
+    order,
+    rtol,
+    atol,
+    h_init,
+    max_nfe,
+    per_sample,
+    y,
+    clip_x0,
+    dynamic_percentile,
+    hook,
+):
     B = x.shape[0]
 
     def times(lv: _Levels):
@@ -223,8 +263,10 @@ def _integrate(denoiser, x, start: Level, end: Level, schedule, *, order, rtol, 
     while not bool(done.all()):
         if nfe + order + 1 > max_nfe:
             i = int((~done).nonzero()[0, 0])
-            raise UserError(f"sampler.max_nfe={max_nfe} was spent before the end of the interval (image {i} at lambda "
-                            f"{float(cur.lam[i]):.3g} of {end.lam:.3g}): raise it, or loosen sampler.rtol / sampler.atol")
+            raise UserError(
+                f"sampler.max_nfe={max_nfe} was spent before the end of the interval (image {i} at lambda "
+                f"{float(cur.lam[i]):.3g} of {end.lam:.3g}): raise it, or loosen sampler.rtol / sampler.atol"
+            )
         active = ~done
         # Images that are done stay at the end: evaluated there (one batch shape for the network) and ignored.
         nxt = _Levels.at(torch.where(active, cur.lam + h, cur.lam), end, schedule).where(active, cur)
@@ -236,8 +278,10 @@ def _integrate(denoiser, x, start: Level, end: Level, schedule, *, order, rtol, 
         err = torch.where(active, err, torch.zeros_like(err))
         if not bool(torch.isfinite(err).all()):
             i = int((~torch.isfinite(err)).nonzero()[0, 0])
-            raise UserError(f"sampler adaptive: the denoiser gave non-finite values (image {i}, near t={float(nxt.t[i]):.4g}), "
-                            "so no step size can be chosen")
+            raise UserError(
+                f"sampler adaptive: the denoiser gave non-finite values (image {i}, near t={float(nxt.t[i]):.4g}), "
+                "so no step size can be chosen"
+            )
         if not per_sample:
             err = torch.where(active, err.max(), err)
         accept = active & (err <= 1)

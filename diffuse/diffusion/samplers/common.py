@@ -74,8 +74,9 @@ def check_percentile(p) -> float:
     return float(p)
 
 
-def ode_steps(denoiser, x_T, timesteps, schedule, *, second_order: bool, y, clip_x0: bool,
-              dynamic_percentile: float, hook):
+def ode_steps(
+    denoiser, x_T, timesteps, schedule, *, second_order: bool, y, clip_x0: bool, dynamic_percentile: float, hook
+):
     """The loop shared by euler and heun (Karras et al. 2022, Algorithm 1 with S_churn = 0): it works on
     x~ = x_t / sqrt(alpha_bar_t) and hands the denoiser (and the hook) x_t = x~ / sqrt(1 + sigma^2)."""
     ts = time_list(timesteps)

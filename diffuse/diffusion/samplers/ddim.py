@@ -36,7 +36,9 @@ def ddim(
     # Above 1, sigma^2 exceeds 1 - alpha_bar_s at some steps: more noise than x_s holds, so the direction term would
     # need a negative variance (and clamping it to 0 leaves samples too noisy).
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta <= 1):  # also refuses NaN
-        raise UserError(f"sampler.eta={eta!r} is not allowed: it must be in [0, 1] (0 deterministic, 1 DDPM's posterior noise)")
+        raise UserError(
+            f"sampler.eta={eta!r} is not allowed: it must be in [0, 1] (0 deterministic, 1 DDPM's posterior noise)"
+        )
     x = x_T
     for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
         eps = denoiser(x, batch_time(t, x), y)
@@ -46,8 +48,17 @@ def ddim(
     return x
 
 
-def ddim_step(x, eps, ab_t: float, ab_s: float, *, last: bool, eta: float = 0.0, clip_x0: bool = False,
-              generator: Generator = None) -> torch.Tensor:
+def ddim_step(
+    x,
+    eps,
+    ab_t: float,
+    ab_s: float,
+    *,
+    last: bool,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+    generator: Generator = None,
+) -> torch.Tensor:
     """One DDIM step (eq. 12) from alpha_bar_t to alpha_bar_s given the denoiser's eps; no noise when `last`."""
     x0 = predict_x0(eps, x, ab_t, clip_x0)
     if clip_x0:  # keep eps consistent with the clipped x0 (the direction term uses it)

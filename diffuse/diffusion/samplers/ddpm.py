@@ -27,10 +27,14 @@ def resolve_variance(variance, learned_variance) -> str:
     if variance is None:
         return "learned" if learned_variance is not None else "beta"
     if variance not in VARIANCES:
-        raise UserError(f"sampler.variance={variance!r} is not allowed: choose one of {', '.join(VARIANCES)} (or null: the model's)")
+        raise UserError(
+            f"sampler.variance={variance!r} is not allowed: choose one of {', '.join(VARIANCES)} (or null: the model's)"
+        )
     if variance == "learned" and learned_variance is None:
-        raise UserError("sampler.variance=learned needs a model trained with objective.learn_sigma=true: this one has fixed "
-                        "variances; choose beta or beta_tilde (or null)")
+        raise UserError(
+            "sampler.variance=learned needs a model trained with objective.learn_sigma=true: this one has fixed "
+            "variances; choose beta or beta_tilde (or null)"
+        )
     return variance
 
 
@@ -56,15 +60,26 @@ def ddpm(
         tt = batch_time(t, x)
         eps = denoiser(x, tt, y)
         v_raw = learned_variance(x, tt, y) if variance == "learned" and nxt >= 0 else None
-        x = ddpm_step(x, eps, ab_t, ab_s, last=nxt < 0, variance=variance, clip_x0=clip_x0, generator=generator,
-                      v_raw=v_raw)
+        x = ddpm_step(
+            x, eps, ab_t, ab_s, last=nxt < 0, variance=variance, clip_x0=clip_x0, generator=generator, v_raw=v_raw
+        )
         if hook is not None:
             x = hook(x, nxt)
     return x
 
 
-def ddpm_step(x, eps, ab_t: float, ab_s: float, *, last: bool, variance: str = "beta_tilde", clip_x0: bool = False,
-              generator: Generator = None, v_raw=None) -> torch.Tensor:
+def ddpm_step(
+    x,
+    eps,
+    ab_t: float,
+    ab_s: float,
+    *,
+    last: bool,
+    variance: str = "beta_tilde",
+    clip_x0: bool = False,
+    generator: Generator = None,
+    v_raw=None,
+) -> torch.Tensor:
     """One ancestral step from alpha_bar_t to alpha_bar_s given the denoiser's eps (and for variance="learned"
     the network's v_raw at x); no noise when `last`."""
     x0 = predict_x0(eps, x, ab_t, clip_x0)

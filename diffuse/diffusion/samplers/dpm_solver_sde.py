@@ -43,11 +43,25 @@ from diffuse.diffusion.samplers.common import check_flag, check_percentile, data
 from diffuse.diffusion.samplers.dpm_solver import analytic_first_step
 from diffuse.diffusion.samplers.dpm_solver_3m import step_order
 from diffuse.diffusion.schedule import Schedule
-from diffuse.errors import check_number
+from diffuse.validate import check_number
 
 
-def _multistep_sde(denoiser, x_T, timesteps, schedule, *, max_order, eta, lower_order_final, dynamic_percentile,
-                   afs, generator, y, clip_x0, hook):
+def _multistep_sde(
+    denoiser,
+    x_T,
+    timesteps,
+    schedule,
+    *,
+    max_order,
+    eta,
+    lower_order_final,
+    dynamic_percentile,
+    afs,
+    generator,
+    y,
+    clip_x0,
+    hook,
+):
     eta = float(check_number("sampler.eta", eta, minimum=0))
     dynamic_percentile = check_percentile(dynamic_percentile)
     lower_order_final = check_flag("lower_order_final", lower_order_final)
@@ -106,9 +120,21 @@ def dpm_solver_2m_sde(
     clip_x0: bool = False,
     hook=None,
 ) -> torch.Tensor:
-    return _multistep_sde(denoiser, x_T, timesteps, schedule, max_order=2, eta=eta, lower_order_final=lower_order_final,
-                          dynamic_percentile=dynamic_percentile, afs=afs, generator=generator, y=y, clip_x0=clip_x0,
-                          hook=hook)
+    return _multistep_sde(
+        denoiser,
+        x_T,
+        timesteps,
+        schedule,
+        max_order=2,
+        eta=eta,
+        lower_order_final=lower_order_final,
+        dynamic_percentile=dynamic_percentile,
+        afs=afs,
+        generator=generator,
+        y=y,
+        clip_x0=clip_x0,
+        hook=hook,
+    )
 
 
 @torch.no_grad()
@@ -127,6 +153,18 @@ def dpm_solver_3m_sde(
     clip_x0: bool = False,
     hook=None,
 ) -> torch.Tensor:
-    return _multistep_sde(denoiser, x_T, timesteps, schedule, max_order=3, eta=eta, lower_order_final=lower_order_final,
-                          dynamic_percentile=dynamic_percentile, afs=afs, generator=generator, y=y, clip_x0=clip_x0,
-                          hook=hook)
+    return _multistep_sde(
+        denoiser,
+        x_T,
+        timesteps,
+        schedule,
+        max_order=3,
+        eta=eta,
+        lower_order_final=lower_order_final,
+        dynamic_percentile=dynamic_percentile,
+        afs=afs,
+        generator=generator,
+        y=y,
+        clip_x0=clip_x0,
+        hook=hook,
+    )

@@ -30,5 +30,14 @@ def euler(
     hook=None,
 ) -> torch.Tensor:
     dynamic_percentile = check_percentile(dynamic_percentile)
-    return ode_steps(denoiser, x_T, timesteps, schedule, second_order=False, y=y, clip_x0=clip_x0,
-                     dynamic_percentile=dynamic_percentile, hook=hook)
+    return ode_steps(
+        denoiser,
+        x_T,
+        timesteps,
+        schedule,
+        second_order=False,
+        y=y,
+        clip_x0=clip_x0,
+        dynamic_percentile=dynamic_percentile,
+        hook=hook,
+    )

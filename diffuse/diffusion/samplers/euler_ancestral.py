@@ -24,7 +24,7 @@ import torch
 from diffuse.diffusion.noise import Generator, randn_like
 from diffuse.diffusion.samplers.common import batch_time, check_percentile, sigma_of, threshold_x0, time_list
 from diffuse.diffusion.schedule import Schedule
-from diffuse.errors import check_number
+from diffuse.validate import check_number
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
