@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffuse.checkpoint import atomic_write
 from diffuse.errors import UserError
+from diffuse.io import atomic_write
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from diffuse.checkpoint import atomic_write
+from diffuse.io import atomic_write
 
 COLORS = [
     (31, 119, 180),

@@ -245,7 +245,7 @@ def test_files_follow_the_umask(umask, tmp_path, monkeypatch, one_thread):
 
 
 def test_atomic_write_reads_the_umask_at_write_time(tmp_path):
-    from diffuse.checkpoint import atomic_write
+    from diffuse.io import atomic_write
 
     old = os.umask(0o027)
     try:

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from diffuse import distributed
-from diffuse.checkpoint import atomic_write, read_metadata, remove_stale_temps
+from diffuse.checkpoint import read_metadata
 from diffuse.console import progress_bar, warn
 from diffuse.errors import UserError
 from diffuse.images import ImageSource
+from diffuse.io import atomic_write, remove_stale_temps
 from diffuse.metrics.image_scores import MomentAccumulator
 
 

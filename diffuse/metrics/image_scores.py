@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffuse.checkpoint import atomic_write, read_metadata
+from diffuse.checkpoint import read_metadata
 from diffuse.errors import UserError
+from diffuse.io import atomic_write
 
 KIND = "ref_stats"
 

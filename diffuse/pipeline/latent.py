@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffuse.checkpoint import HASH_KEY, atomic_write, load_checkpoint, read_metadata, resolve_ckpt_path
+from diffuse.checkpoint import HASH_KEY, load_checkpoint, read_metadata, resolve_ckpt_path
 from diffuse.errors import UserError
+from diffuse.io import atomic_write
 from diffuse.nets import AUTOENCODERS
 
 ENCODE_BATCH = 256

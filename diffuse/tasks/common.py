@@ -197,7 +197,7 @@ def write_record(cfg: DictConfig, out: Path) -> None:
     """.hydra/{config,hydra,overrides}.yaml, as Hydra writes them: the job's config and Hydra's, unresolved."""
     from hydra.core.hydra_config import HydraConfig
 
-    from diffuse.checkpoint import atomic_write
+    from diffuse.io import atomic_write
 
     hydra_cfg = HydraConfig.instance().cfg
     texts = {
@@ -219,7 +219,7 @@ def _snapshot(out: Path) -> dict[Path, bytes]:
 
 
 def _restore(kept: dict[Path, bytes]) -> None:
-    from diffuse.checkpoint import atomic_write
+    from diffuse.io import atomic_write
 
     for p, data in kept.items():
         if not p.is_file() or p.read_bytes() != data:
@@ -407,16 +407,10 @@ def _remove_fresh_dir(root: Path) -> None:
 def save_resolved_config(cfg: DictConfig, out: Path) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes
         return
-    from diffuse.checkpoint import atomic_write
+    from diffuse.io import atomic_write
 
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from diffuse.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + os.linesep))
 
 
 def train_then_measure(

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffuse.checkpoint import atomic_write
 from diffuse.console import console, progress_bar
 from diffuse.diffusion.edit import check_strength, sdedit, start_timestep, trajectory_hook, truncate
 from diffuse.diffusion.inpainting import MaskConditioned, condition_on, replace_hook
@@ -30,19 +29,12 @@ from diffuse.images import (
     save_png,
     to_uint8,
 )
+from diffuse.io import atomic_write, write_json
 from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.job import SamplingJob
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import (
-    checking_runtime,
-    model_of,
-    runtime_of,
-    sampling_job_of,
-    save_resolved_config,
-    to_dict,
-    write_json,
-)
+from diffuse.tasks.common import checking_runtime, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict
 from diffuse.validate import check_choice, check_number
 
 METHODS = ("sdedit", "invert")

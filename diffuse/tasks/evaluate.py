@@ -25,6 +25,7 @@ from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.images import describe_shape, from_uint8, open_images, sample_info, to_uint8
+from diffuse.io import write_json
 from diffuse.metrics import image_scores, likelihood, manifold
 from diffuse.metrics.extraction import FeatureStore, assemble, cat, features_in_chunks, sample_features
 from diffuse.metrics.features import build_extractor, check_metrics_config
@@ -32,7 +33,7 @@ from diffuse.metrics.references import Reference, reference_stats, resolve_refer
 from diffuse.pipeline.runtime import Runtime
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import dataset_config, job_of, model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import dataset_config, job_of, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_number
 
 # n=null with a model: the standard sample count of published FIDs (50000 samples against the training set).

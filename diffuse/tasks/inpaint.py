@@ -23,11 +23,12 @@ from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import STEPS
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, image_mask_pairs, load_image_and_mask, make_grid, resize, save_png, to_uint8
+from diffuse.io import write_json
 from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.job import as_distilled, prepare_sampling
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_choice, check_number
 
 

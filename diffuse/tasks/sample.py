@@ -11,12 +11,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse import distributed
-from diffuse.checkpoint import atomic_write, remove_stale_temps
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
+from diffuse.io import atomic_write, remove_stale_temps, write_json
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_number
 
 # What must be the same for resume=true to keep the images an earlier run wrote (n and batch_size may change:

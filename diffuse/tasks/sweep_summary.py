@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from diffuse.checkpoint import atomic_write
+from diffuse.io import atomic_write
 
 # Columns of the summary, in this order when present; the metric values follow.
 _INFO = ("job", "sampler", "steps", "nfe", "seed", "guidance_scale", "classifier_scale", "n", "features")

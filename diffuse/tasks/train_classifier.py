@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from diffuse.console import console
 from diffuse.errors import UserError
-from diffuse.tasks.common import to_dict, train_then_measure, write_json
+from diffuse.io import write_json
+from diffuse.tasks.common import to_dict, train_then_measure
 from diffuse.training.classifier import ClassifierObjective
 from diffuse.training.trainer import Trainer, check_config
 from diffuse.validate import check_number

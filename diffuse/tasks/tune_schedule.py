@@ -13,18 +13,19 @@ from omegaconf import DictConfig
 from rich.progress import TextColumn
 from safetensors.torch import load_file, save_file
 
-from diffuse.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.console import console, progress_bar
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers.common import sigma_of, time_list
 from diffuse.diffusion.timesteps import sigma_timesteps
 from diffuse.errors import UserError
+from diffuse.io import atomic_write, write_json
 from diffuse.pipeline.conditioning import Guidance, sample_labels
 from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import LOSSES, SearchState, check_tunable, key, log_rms, mse, sigmas_of, tune_levels
 from diffuse.plot import line_plot
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_choice, check_number
 
 

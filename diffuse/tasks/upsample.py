@@ -22,10 +22,11 @@ from diffuse.images import (
     save_png,
     to_uint8,
 )
+from diffuse.io import write_json
 from diffuse.pipeline.cascade import conditioned, plan_superres, run_stage
 from diffuse.pipeline.model import load_model
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, runtime_of, save_resolved_config, to_dict, write_json
+from diffuse.tasks.common import checking_runtime, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_number
 
 

@@ -15,17 +15,10 @@ import torch
 from rich.progress import TextColumn
 
 from diffuse import distributed
-from diffuse.checkpoint import (
-    ENVIRONMENT_ERRNOS,
-    atomic_write,
-    check_verify,
-    load_checkpoint,
-    load_newest_valid,
-    remove_stale_temps,
-    resolve_ckpt_path,
-)
+from diffuse.checkpoint import check_verify, load_checkpoint, load_newest_valid, resolve_ckpt_path
 from diffuse.console import console, err_console, progress_bar
 from diffuse.errors import RunStopped, UserError
+from diffuse.io import ENVIRONMENT_ERRNOS, atomic_write, remove_stale_temps
 from diffuse.signals import StopRequest
 from diffuse.training.curves import read_records, write_curves
 from diffuse.training.evaluation import build_eval
