@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ run: $(STAMP)
 	$(VENV)/bin/diffuse sample ckpt=outputs/quickstart n=64 steps=50 sampler=ddim seed=0 hydra.run.dir=outputs/quickstart/sample
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=25
+
+# ruff (pinned here): formatting, and the lint rules in pyproject.toml.
+lint: $(STAMP)
+	$(PIP) install -q 'ruff==0.17.6'
+	$(VENV)/bin/ruff format --check diffuse tests bench conf
+	$(VENV)/bin/ruff check diffuse tests bench conf
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info
