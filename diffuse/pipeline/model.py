@@ -196,7 +196,7 @@ def network_from_checkpoint(
         raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
     schedule = schedule_from_config(conf["schedule"], where=where)
     if conf.get("condition") is not None and not superres:
-        from diffuse.pipeline.cascade import superres_refusal
+        from diffuse.pipeline.condition import superres_refusal
 
         raise superres_refusal(conf, where)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
@@ -259,7 +259,7 @@ def load_model(
     lowres = {}
     if tn.config.get("condition") is not None:
         from diffuse.diffusion.superres import LowResConditioned
-        from diffuse.pipeline.cascade import check_condition
+        from diffuse.pipeline.condition import check_condition
 
         lowres = check_condition(tn.config["condition"], tn.net.resolution, where=str(path)) or {}
         if lowres:

@@ -9,7 +9,7 @@ import torch
 
 from diffuse.diffusion.superres import LowResConditioned, augment, downsample
 from diffuse.errors import UserError
-from diffuse.pipeline.cascade import check_condition
+from diffuse.pipeline.condition import check_condition
 
 
 def lowres_condition(cond: dict | None, model: dict, objective: dict, resolution: int) -> dict | None:

@@ -40,7 +40,6 @@ KNOWN_UPWARD = {
     ("diffuse.conf", "diffuse.rundir"),
 }
 KNOWN_CIRCLES = [
-    ["diffuse.pipeline.cascade", "diffuse.pipeline.model"],
     ["diffuse.convert", "diffuse.convert_autoencoder", "diffuse.convert_taesd"],
 ]
 KNOWN_LONG = {
