@@ -1,8 +1,6 @@
 """The one family of value checks every layer uses: each returns the value it checked, or raises a UserError of
 one line, `NAME=VALUE is not allowed: WHAT IS`. NAME is the key as the user knows it (`sampler.eta`,
-`model.ch_mult`, `FILE: model.ch`), so a message never blames a key the user did not type.
-
-Config values arrive typed (YAML, Hydra); `text_*` checks take the strings a command line gives."""
+`model.ch_mult`, `FILE: model.ch`), so a message never blames a key the user did not type."""
 
 from __future__ import annotations
 
@@ -42,68 +40,3 @@ def check_choice(name: str, value, allowed: Iterable):
     if value not in allowed:
         raise refuse(name, value, f"choose one of {', '.join(map(str, allowed))}")
     return value
-
-
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise refuse(name, value, "true or false")
-    return value
-
-
-def check_int_range(name: str, value, lo: int, hi: int, why: str = "") -> int:
-    """An integer in [lo, hi]."""
-    if not _is_int(value) or not lo <= value <= hi:
-        raise refuse(name, value, f"it must be an integer from {lo} to {hi:,}" + (f" ({why})" if why else ""))
-    return value
-
-
-def check_optional_int_range(name: str, value, lo: int, hi: int, null_means: str) -> int | None:
-    """null (meaning `null_means`) or an integer in [lo, hi]."""
-    if value is None:
-        return None
-    if not _is_int(value) or not lo <= value <= hi:
-        raise refuse(name, value, f"it must be null ({null_means}) or an integer from {lo} to {hi:,}")
-    return value
-
-
-def check_positive_int(name: str, value, maximum: int | None = None) -> int:
-    if not _is_int(value) or value < 1 or (maximum is not None and value > maximum):
-        raise refuse(name, value, "it must be a positive integer" + (f" up to {maximum:,}" if maximum else ""))
-    return value
-
-
-def check_interval(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    """A finite number in the interval from lo to hi, each end open or closed."""
-    ok = _is_number(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise refuse(name, value, f"it must be a number in {span}")
-    return value
-
-
-def check_int_list(name: str, value, lo: int, hi: int, max_len: int, nonempty: bool = True) -> list[int]:
-    """A list of at most max_len integers (at least one if nonempty), each in [lo, hi]."""
-    ok = isinstance(value, (list, tuple)) and (len(value) >= 1 or not nonempty) and len(value) <= max_len
-    ok = ok and all(_is_int(x) and lo <= x <= hi for x in value)
-    if not ok:
-        size = f"1 to {max_len}" if nonempty else f"at most {max_len}"
-        raise refuse(name, value, f"it must be a list of {size} integers, each from {lo} to {hi:,}")
-    return list(value)
-
-
-def text_int_range(name: str, text: str, lo: int, hi: int) -> int:
-    """An integer in [lo, hi] written as a command-line string."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not lo <= value <= hi:
-        raise UserError(f"{name}={text!r} is not allowed: an integer from {lo} to {hi:,}")
-    return value
-
-
-def text_flag(name: str, text: str) -> bool:
-    """true or false (any case) written as a command-line string."""
-    if text.lower() not in ("true", "false"):
-        raise refuse(name, text, "true or false")
-    return text.lower() == "true"
