@@ -2,6 +2,6 @@
 
 # Hydra imports this package to read its configs: the run dirs' ${stamp:...} is there before any is resolved,
 # in every process that composes them (a launched job's too).
-from diffuse.rundir import register as _register
+from diffuse.rundir.stamp import register as _register
 
 _register()

@@ -84,3 +84,13 @@ def remove_stale_temps(directory: Path) -> list[Path]:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + os.linesep))
+
+
+def save_resolved_config(cfg, out: Path) -> None:
+    """RUN/config.yaml: the job's config with every interpolation resolved, as the run used it (rank 0 writes)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from omegaconf import OmegaConf
 
-from diffuse import rundir
+from diffuse.rundir import stamp
 from diffuse.errors import UserError
 from diffuse.tasks import train
 from tests.conftest import compose
@@ -40,8 +40,8 @@ def run_dir_of(rank: int, started: float, store, monkeypatch) -> str:
     """hydra.run.dir as rank `rank` of a 2-process job resolves it, its clock reading `started`."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
-    monkeypatch.delenv(rundir.ENV, raising=False)
-    monkeypatch.setattr(rundir, "run_store", store)
+    monkeypatch.delenv(stamp.ENV, raising=False)
+    monkeypatch.setattr(stamp, "run_store", store)
     monkeypatch.setattr(time, "time", lambda: started)
     return str(compose_hydra("train", []).hydra.run.dir)
 
@@ -62,24 +62,24 @@ def test_one_process_keeps_its_clock_and_an_exported_stamp_wins(monkeypatch):
     t0 = time.mktime((2026, 3, 4, 5, 6, 7, 0, 0, -1))
     env = {"WORLD_SIZE": "1"}
     assert (
-        rundir.agree("%Y-%m-%d_%H-%M-%S", env, lambda: pytest.fail("no store alone"), lambda: t0)
+        stamp.agree("%Y-%m-%d_%H-%M-%S", env, lambda: pytest.fail("no store alone"), lambda: t0)
         == "2026-03-04_05-06-07"
     )
-    env = {"WORLD_SIZE": "8", "RANK": "3", rundir.ENV: "job-42"}
-    assert rundir.agree("%H", env, lambda: None, lambda: t0) == "job-42"
+    env = {"WORLD_SIZE": "8", "RANK": "3", stamp.ENV: "job-42"}
+    assert stamp.agree("%H", env, lambda: None, lambda: t0) == "job-42"
 
 
 def test_ranks_without_a_store_are_refused_in_one_line_naming_the_ways_out(monkeypatch):
-    from diffuse.cli import check_overrides
+    from diffuse.overrides import check_overrides
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    monkeypatch.delenv(rundir.ENV, raising=False)
+    monkeypatch.delenv(stamp.ENV, raising=False)
     with pytest.raises(UserError) as e:
         check_overrides("train", [])
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("hydra.run.dir=") and "cannot agree" in msg and rundir.ENV in msg
+    assert "\n" not in msg and msg.startswith("hydra.run.dir=") and "cannot agree" in msg and stamp.ENV in msg
     check_overrides("train", ["hydra.run.dir=/tmp/shared/run"])  # a dir given is nothing to agree on
 
 
@@ -104,7 +104,7 @@ def test_resume_auto_starts_a_new_run_and_continues_a_restarted_one(tmp_path):
 
 def test_the_slurm_launcher_composes_with_the_train_config():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'diffuse[slurm]'")
-    from diffuse.cli import check_overrides
+    from diffuse.overrides import check_overrides
 
     overrides = [
         "hydra/launcher=submitit_slurm",
@@ -125,5 +125,5 @@ def test_the_slurm_launcher_composes_with_the_train_config():
     )
     assert launcher["submitit_folder"] == "/shared/sweep/.submitit/%j"  # the job logs sit in the sweep dir
     # The checks diffuse runs before a sweep starts pass it: every job of the product is composed and checked.
-    check_overrides("train", ["-m", *overrides, "trainer.seed=0,1", "trainer.steps=10"], train.check)
+    check_overrides("train", ["-m", *overrides, "trainer.seed=0,1", "trainer.steps=10"], train)
     check_overrides("eval", ["-m", *overrides, "model=oracle", "dataset=gmm", "steps=2,4", "n=8"])

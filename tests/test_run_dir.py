@@ -1,4 +1,4 @@
-"""A run dir is one live process's (diffuse.runlock), unusable run dirs and output paths are one line before any
+"""A run dir is one live process's (diffuse.rundir.lock), unusable run dirs and output paths are one line before any
 work, a refused command leaves its run dir as it was (.hydra/ included), a -m sweep is checked job by job before
 its first job, and under torchrun a bad input is one line with exit 2 from every rank. In process through the
 real CLI where possible; two real processes (a holder, then one refused; a SIGKILLed holder) and one torchrun
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from diffuse import runlock
+from diffuse.rundir import lock
 from diffuse.checkpoint import load_checkpoint
 from diffuse.cli import app
 
@@ -85,7 +85,7 @@ def test_a_run_dir_held_by_a_live_process_refuses_every_command_and_nothing_chan
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text("the first run's record\n")
     (run / "config.yaml").write_text("the first run's config\n")
-    holder = runlock.acquire(run, "diffuse train")  # another open file: flock refuses this process too
+    holder = lock.acquire(run, "diffuse train")  # another open file: flock refuses this process too
     try:
         before = _state(run)
         args = [a.format(img=image) for a in COMMANDS[command]]
@@ -94,14 +94,14 @@ def test_a_run_dir_held_by_a_live_process_refuses_every_command_and_nothing_chan
         assert _state(run) == before
     finally:
         holder.release()
-    assert not (run / runlock.LOCK_NAME).exists()  # a holder that ends removes its lock
+    assert not (run / lock.LOCK_NAME).exists()  # a holder that ends removes its lock
 
 
 def test_a_stale_lock_is_taken_over_with_one_warning(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     dead = {"pid": 2**22 + 1, "host": "gone", "command": "diffuse sample", "started": "2026-01-01 00:00:00"}
-    (run / runlock.LOCK_NAME).write_text(json.dumps(dead))  # left by a killed run: nobody holds its flock
+    (run / lock.LOCK_NAME).write_text(json.dumps(dead))  # left by a killed run: nobody holds its flock
     r = _invoke(["sample", *ORACLE, "n=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch)
     assert r.exit_code == 0, (r.stdout, r.stderr)
     warnings = r.stderr.strip().splitlines()
@@ -109,25 +109,25 @@ def test_a_stale_lock_is_taken_over_with_one_warning(tmp_path, monkeypatch):
         f"warning: run dir {run} was locked by diffuse sample (pid {2**22 + 1} on gone, since 2026-01-01 00:00:00), "
         "which holds it no more (killed?): taking it over"
     ]
-    assert (run / "grid.png").is_file() and not (run / runlock.LOCK_NAME).exists()
+    assert (run / "grid.png").is_file() and not (run / lock.LOCK_NAME).exists()
 
 
 def test_check_free_sees_a_holder_without_taking_or_writing(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    runlock.check_free(run)  # no lock file: free, and none is made
+    lock.check_free(run)  # no lock file: free, and none is made
     assert not any(run.iterdir())
-    holder = runlock.acquire(run, "diffuse eval")
+    holder = lock.acquire(run, "diffuse eval")
     try:
-        with pytest.raises(runlock.UserError, match="is in use by diffuse eval"):
-            runlock.check_free(run)
-        with pytest.raises(runlock.UserError, match="is in use by diffuse eval"):
-            runlock.acquire(run, "diffuse eval")
-        info = json.loads((run / runlock.LOCK_NAME).read_text())
+        with pytest.raises(lock.UserError, match="is in use by diffuse eval"):
+            lock.check_free(run)
+        with pytest.raises(lock.UserError, match="is in use by diffuse eval"):
+            lock.acquire(run, "diffuse eval")
+        info = json.loads((run / lock.LOCK_NAME).read_text())
         assert info["pid"] == os.getpid() and info["command"] == "diffuse eval"
     finally:
         holder.release()
-    runlock.acquire(run, "diffuse eval").release()  # released: free again
+    lock.acquire(run, "diffuse eval").release()  # released: free again
 
 
 def _cli(*args, cwd):
@@ -188,7 +188,7 @@ def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_pat
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=60)
-    assert (run / runlock.LOCK_NAME).is_file()  # SIGKILL runs no cleanup; the kernel dropped the flock
+    assert (run / lock.LOCK_NAME).is_file()  # SIGKILL runs no cleanup; the kernel dropped the flock
     step = load_checkpoint(run / "checkpoints" / "last.safetensors").step
     r = _invoke(
         [
@@ -213,7 +213,7 @@ def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_pat
     assert load_checkpoint(run / "checkpoints" / "last.safetensors").step == step + 1
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 2))  # each step logged once: the refused run wrote none
-    assert not (run / runlock.LOCK_NAME).exists()
+    assert not (run / lock.LOCK_NAME).exists()
 
 
 def test_torchrun_ranks_share_the_lock_and_a_refusal_is_one_line_exit_2_from_every_rank(tmp_path):
@@ -221,7 +221,7 @@ def test_torchrun_ranks_share_the_lock_and_a_refusal_is_one_line_exit_2_from_eve
     holds, the job prints one line and every rank exits 2 (torchrun itself then exits 1 with its own report)."""
     run = tmp_path / "run"
     run.mkdir()
-    holder = runlock.acquire(run, "diffuse sample")
+    holder = lock.acquire(run, "diffuse sample")
     try:
         before = _state(run)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -483,13 +483,13 @@ def test_one_bad_value_refuses_the_whole_sweep_before_its_first_job(sweep, needl
 
 def test_a_sweep_with_a_job_dir_in_use_is_refused_before_its_first_job(tmp_path, monkeypatch):
     (tmp_path / "sw" / "1").mkdir(parents=True)
-    holder = runlock.acquire(tmp_path / "sw" / "1", "diffuse sample")
+    holder = lock.acquire(tmp_path / "sw" / "1", "diffuse sample")
     try:
         r = _invoke(
             ["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch
         )
         _one_error(r, f"-m job #1 (seed=1): run dir {tmp_path / 'sw' / '1'} is in use by diffuse sample")
-        holder2 = runlock.acquire(tmp_path / "sw", "diffuse sample -m")  # the whole sweep dir held: refused likewise
+        holder2 = lock.acquire(tmp_path / "sw", "diffuse sample -m")  # the whole sweep dir held: refused likewise
         try:
             r = _invoke(
                 ["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"],
@@ -506,8 +506,8 @@ def test_a_sweep_with_a_job_dir_in_use_is_refused_before_its_first_job(tmp_path,
 
 def test_a_good_sweep_runs_every_job_each_in_its_own_locked_dir(tmp_path, monkeypatch):
     held = []
-    real = runlock.acquire
-    monkeypatch.setattr(runlock, "acquire", lambda d, c: held.append(Path(d)) or real(d, c))
+    real = lock.acquire
+    monkeypatch.setattr(lock, "acquire", lambda d, c: held.append(Path(d)) or real(d, c))
     r = _invoke(
         ["sample", "-m", *ORACLE, "n=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}"], tmp_path, monkeypatch
     )
@@ -518,14 +518,14 @@ def test_a_good_sweep_runs_every_job_each_in_its_own_locked_dir(tmp_path, monkey
         assert (sw / job / "grid.png").is_file() and (sw / job / ".hydra" / "overrides.yaml").read_text().count(
             "seed="
         ) == 1
-    assert (sw / "multirun.yaml").is_file() and not list(sw.rglob(runlock.LOCK_NAME))
+    assert (sw / "multirun.yaml").is_file() and not list(sw.rglob(lock.LOCK_NAME))
 
 
 def test_tune_schedule_does_not_write_into_a_checkpoint_whose_run_is_live(trained, tmp_path, monkeypatch):
     """write_ckpt=true writes the tuned levels into the checkpoint at the end: refused before the work while the
     run that owns the checkpoint holds its dir."""
     run = _copy(trained, tmp_path / "train")
-    holder = runlock.acquire(run, "diffuse train")
+    holder = lock.acquire(run, "diffuse train")
     try:
         before = _state(run)
         r = _invoke(

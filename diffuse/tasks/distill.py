@@ -259,3 +259,21 @@ def check(cfg: DictConfig, out: Path) -> None:
         check_progressive(d, setup.train_cfg["trainer"]["steps"])
     else:
         check_consistency(setup.train_cfg["objective"], "ect" if d["method"] == "ect" else "cd")
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts): what train writes, and
+# each progressive round's student.
+OUTPUTS = (
+    "checkpoints/",
+    "samples/",
+    "config.yaml",
+    "metrics.jsonl",
+    "grid.png",
+    "checkpoints/last.safetensors",
+    "checkpoints/step_*.safetensors",
+    "samples/step_*.png",
+    "curves.png",
+    "tensorboard/",
+    "wandb/",
+    "checkpoints/student_*steps.safetensors",
+)

@@ -375,3 +375,7 @@ def _savez(path: Path, arrays: dict) -> None:
 
 def check(cfg: DictConfig, out: Path) -> None:
     prepare(cfg, checking=True)
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts).
+OUTPUTS = ("config.yaml", "edit.json", "grid.png", "samples.npz", "*.png")

@@ -32,6 +32,7 @@ from diffuse.metrics.features import build_extractor, check_metrics_config
 from diffuse.metrics.references import Reference, reference_stats, resolve_reference
 from diffuse.pipeline.runtime import Runtime
 from diffuse.pipeline.sampling import CountingDenoiser
+from diffuse.rundir.outputs import check_file_target
 from diffuse.signals import Stopped, StopRequest
 from diffuse.tasks.common import dataset_config, job_of, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_number
@@ -565,3 +566,14 @@ def check(cfg: DictConfig, out: Path) -> None:
     ev = Evaluation(cfg, rt, distributed.Dist(), (n or STANDARD_N) if generating else n)
     if set(names) & LIKELIHOOD_METRICS:
         ev.likelihood_config  # noqa: B018
+
+
+# What the command writes into its run dir, and a -m sweep into its sweep dir besides Hydra's multirun.yaml (the
+# summary of tasks/sweep_summary.py); rundir.outputs checks them before the work starts.
+OUTPUTS = ("features/", "config.yaml", "metrics.json")
+SWEEP_OUTPUTS = ("summary.csv", "summary.md", "*_vs_nfe.png")
+
+
+def check_targets(cfg: DictConfig, out: Path) -> None:
+    if cfg.save_ref not in (None, ""):
+        check_file_target(Path(str(cfg.save_ref)).expanduser(), "--save-ref")

@@ -198,3 +198,7 @@ def complete(
 
 def check(cfg: DictConfig, out: Path) -> None:
     prepare(cfg, checking=True)
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts).
+OUTPUTS = ("config.yaml", "inpaint.json", "*.png")

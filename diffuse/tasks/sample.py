@@ -187,3 +187,7 @@ def _savez(path: Path, arrays: dict) -> None:
 
 def check(cfg: DictConfig, out: Path) -> None:
     prepare(cfg, out, checking=True)
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts).
+OUTPUTS = ("images/", "config.yaml", "sample.json", "grid.png", "samples.npz", "images/*.png")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.io import write_json
+from diffuse.rundir.outputs import check_checkpoint_dir
 from diffuse.tasks.common import to_dict, train_then_measure
 from diffuse.training.autoencoder import AutoencoderObjective, check_ae_objective
 from diffuse.training.trainer import Trainer, check_config
@@ -141,3 +142,19 @@ def check(cfg: DictConfig, out: Path) -> None:
     """What run() refuses before its first step (cli.check_overrides runs it for every job of a -m sweep)."""
     train_cfg, _ = prepare(cfg)
     check_config(train_cfg)
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts).
+OUTPUTS = (
+    "checkpoints/",
+    "config.yaml",
+    "metrics.jsonl",
+    "ae.json",
+    "reconstructions.png",
+    "checkpoints/last.safetensors",
+    "checkpoints/step_*.safetensors",
+)
+
+
+def check_targets(cfg: DictConfig, out: Path) -> None:
+    check_checkpoint_dir(out)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from rich.progress import TextColumn
 from safetensors.torch import load_file, save_file
 
-from diffuse.checkpoint import load_checkpoint, save_checkpoint
+from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path, save_checkpoint
 from diffuse.console import console, progress_bar
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers.common import sigma_of, time_list
@@ -24,6 +24,8 @@ from diffuse.pipeline.conditioning import Guidance, sample_labels
 from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import LOSSES, SearchState, check_tunable, key, log_rms, mse, sigmas_of, tune_levels
 from diffuse.plot import line_plot
+from diffuse.rundir.lock import check_free
+from diffuse.rundir.outputs import check_dir_target
 from diffuse.signals import Stopped, StopRequest
 from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_choice, check_number
@@ -251,3 +253,24 @@ def record_in_checkpoint(path: Path, result: dict) -> None:
 
 def check(cfg: DictConfig, out: Path) -> None:
     prepare(cfg, out, checking=True)
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts).
+OUTPUTS = ("config.yaml", "schedule.json", "levels.png", "tune_state.json", "reference.safetensors")
+
+
+def check_targets(cfg: DictConfig, out: Path) -> None:
+    """With write_ckpt=true the schedule is written into the checkpoint at the end: its folder must take the write,
+    and the run that owns it must not be writing it meanwhile (its next save would drop the schedule)."""
+    if not cfg.write_ckpt or cfg.ckpt in (None, ""):
+        return
+    ckpt = resolve_ckpt_path(cfg.ckpt).resolve()
+    check_dir_target(
+        ckpt.parent, f"ckpt={cfg.ckpt}: its folder {ckpt.parent} (write_ckpt=true writes the schedule into it)"
+    )
+    owner = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    if owner != out.resolve():
+        try:
+            check_free(owner)
+        except UserError as e:
+            raise UserError(f"ckpt={cfg.ckpt}: {e} (write_ckpt=false leaves the checkpoint alone)") from None

@@ -138,3 +138,7 @@ def upsample(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
 
 def check(cfg: DictConfig, out: Path) -> None:
     prepare(cfg, checking=True)
+
+
+# What the command writes into its run dir (rundir.outputs: checked before the work starts).
+OUTPUTS = ("config.yaml", "upsample.json", "grid.png", "*.png")

@@ -31,20 +31,15 @@ FLOORS = [
     ("diffuse.interop", "diffuse.training"),
     ("diffuse.rundir",),
     ("diffuse.tasks",),
-    ("diffuse.overrides", "diffuse.conf_help", "diffuse.cli", "diffuse.__main__", "diffuse"),
+    ("diffuse.overrides", "diffuse.commands", "diffuse.conf_help", "diffuse.cli", "diffuse.__main__", "diffuse"),
 ]
 # Known debt of issue 25, measured when this test was written: each entry leaves the list when its room is rebuilt,
 # and nothing may join it.
-KNOWN_UPWARD = {
-    ("diffuse.tasks.common", "diffuse.runlock"),
-    ("diffuse.conf", "diffuse.rundir"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES = [
     ["diffuse.convert", "diffuse.convert_autoencoder", "diffuse.convert_taesd"],
 ]
 KNOWN_LONG = {
-    "diffuse/cli.py",
-    "diffuse/cli.py::check_overrides",
     "diffuse/cli.py::convert",
     "diffuse/convert.py",
     "diffuse/convert.py::unet_config",

@@ -2,7 +2,7 @@
 
 Hydra's ${now:...} is each process's own clock: under torchrun, ranks that start in different seconds would each
 resolve their own outputs/train/<time> and write apart. ${stamp:...} is the first rank's time, agreed through
-the torchrun agent's key-value store (the one torch.distributed's env:// rendezvous and diffuse.runlock use),
+the torchrun agent's key-value store (the one torch.distributed's env:// rendezvous and diffuse.rundir.lock use),
 every node included. The key is the run's (TORCHELASTIC_RUN_ID) and not the attempt's, so that a job torchrun
 restarts after losing a node (--max-restarts) comes back to the same run dir, where resume=auto continues it.
 

@@ -319,7 +319,7 @@ def _unusable(path: Path, e: OSError) -> UserError:
 
 class SweepLock(Callback):
     """Hydra callback (conf/hydra/default.yaml): a -m sweep holds its sweep dir from before Hydra writes
-    multirun.yaml there until the sweep ends; each job then locks its own subdir (tasks.common.guarded)."""
+    multirun.yaml there until the sweep ends; each job then locks its own subdir (rundir.guard.guarded)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

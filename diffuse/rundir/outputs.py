@@ -1,0 +1,105 @@
+"""The paths a command writes, checked before the work starts: a directory where a file goes, or a file where a
+directory goes, would otherwise fail only when the file is written, after the work. Each task module declares its
+own OUTPUTS (a name ending in / is a directory, a glob names numbered files) and, where it writes elsewhere too, a
+check_targets(cfg, out)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+from omegaconf import DictConfig
+
+from diffuse.errors import UserError
+
+# Hydra's record of a run, written by rundir.guard into every run dir.
+RECORD_DIR = ".hydra"
+RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def who(command: str) -> str:
+    """How a message names the command (train_ae -> diffuse train-ae)."""
+    return f"diffuse {command.replace('_', '-')}"
+
+
+def check_outputs(command: str, task: ModuleType, cfg: DictConfig, out: Path) -> None:
+    """One line if a path the command writes cannot be written: the wrong kind of entry is there, a directory it
+    writes into is not writable, or one of the task's own targets (check_targets) is refused."""
+    check_paths(out, (*task.OUTPUTS, f"{RECORD_DIR}/", *(f"{RECORD_DIR}/{n}" for n in RECORD)), who(command))
+    targets = getattr(task, "check_targets", None)
+    if targets is not None:
+        targets(cfg, out)
+
+
+def check_sweep_outputs(command: str, task: ModuleType, sweep_dir: Path) -> None:
+    """What a -m sweep writes into its sweep dir: Hydra's multirun.yaml, and the task's SWEEP_OUTPUTS (eval's
+    summary)."""
+    check_paths(sweep_dir, ("multirun.yaml", *getattr(task, "SWEEP_OUTPUTS", ())), f"{who(command)} -m")
+
+
+def check_paths(root: Path, patterns, who: str) -> None:
+    for pattern in patterns:
+        want_dir = pattern.endswith("/")
+        name = pattern.rstrip("/")
+        found = root.glob(name) if any(c in name for c in "*?[") else [root / name]
+        for p in found:
+            if want_dir and os.path.lexists(p) and not p.is_dir():
+                raise UserError(
+                    f"{p} is not a directory: {who} writes into a directory {p.name}/ there; move it away, or choose another run dir"
+                )
+            if want_dir and p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+                raise UserError(f"{p} is not writable: {who} writes into it")
+            if not want_dir and p.is_dir():
+                raise UserError(
+                    f"{p} is a directory: {who} writes a file {p.name} there; move it away, or choose another run dir"
+                )
+
+
+def check_checkpoint_dir(out: Path) -> None:
+    """A training command's checkpoints/: a file that is not a diffuse checkpoint where training writes (or prunes)
+    checkpoints is one line; such a file is never overwritten."""
+    ckdir = out / "checkpoints"
+    for p in [ckdir / "last.safetensors", *sorted(ckdir.glob("step_*.safetensors"))]:
+        if p.is_file() and not is_diffuse_checkpoint(p):
+            raise UserError(
+                f"{p} is not a diffuse checkpoint: training would overwrite it; move it away, or choose another hydra.run.dir"
+            )
+
+
+def check_dir_target(path: Path, label: str) -> None:
+    """One line unless `path` is a writable directory or can be made one (what Hydra's mkdir of a run dir needs);
+    `label` names it for the user (hydra.run.dir=PATH)."""
+    p = Path(os.path.abspath(path))
+    existing = p
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is not a directory" if existing == p else f"cannot be created: {existing} is not a directory"
+        raise UserError(f"{label} {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == p else f"cannot be created: {existing} is not writable"
+        raise UserError(f"{label} {what}")
+
+
+def check_file_target(path: Path, key: str) -> None:
+    """One line unless a file can be written at `path`."""
+    if path.is_dir():
+        raise UserError(f"{key} {path} is a directory: give a file name")
+    check_dir_target(path.parent, f"{key} {path}: its folder {path.parent}")
+
+
+def is_diffuse_checkpoint(path: Path) -> bool:
+    """Whether `path`'s safetensors header names it a diffuse checkpoint. Its tensors may still be damaged: resume
+    passes over those, and training rewrites them; anything else is somebody else's file."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100 << 20:
+                return False
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and any(str(k).startswith("diffuse.") for k in meta)
