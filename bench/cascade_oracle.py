@@ -11,7 +11,7 @@ component 0 leaves the choice between them to their weights; cosine schedule, DP
     cascade       the mixture's 4 x 4 oracle, then the super-resolution oracle at level 0.2, truncated or not: the
                   cascade's images against the 8 x 8 mixture itself (frequency z-scores, mean errors, std ratios)
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/cascade_oracle.py [N]
+    OMP_NUM_THREADS=1 python -m bench.cascade_oracle [N]
 """
 
 import math

@@ -9,7 +9,7 @@ DDPM over all 1000 levels (variance beta), n images per label, every label. Per 
 component (worst label and mean over labels), and for it the worst mean error (RMS, in its stds) and the range of
 its std ratio; the floor row is what n exact draws of the component show.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/classifier_guidance.py [N] [--markdown]
+    OMP_NUM_THREADS=1 python -m bench.classifier_guidance [N] [--markdown]
 """
 
 import sys

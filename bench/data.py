@@ -1,6 +1,6 @@
 """Loader throughput against a training step's consumption. A benchmark: it prints figures, it does not judge.
 
-    PYTHONPATH=. python bench/data.py [--device cpu|cuda] [--batch 128] [--model tiny]
+    python -m bench.data [--device cpu|cuda] [--batch 128] [--model tiny]
 
 Loader: ImageDataset.batch (index, flip on the device, uint8 -> [-1, 1]) on the shapes dataset and on a synthetic
 in-memory CIFAR-sized dataset (50000 x 3 x 32 x 32). Consumption: images/s of one real Trainer step on a model.

@@ -1,14 +1,13 @@
 """Side-by-side grids of a teacher and its distilled student from the same x_T: the teacher by DDIM at 50 steps and
 at the student's steps, the student at its own. Each panel is what `diffuse sample ckpt=... seed=0` draws.
 
-    PYTHONPATH=. python bench/distill_grids.py --teacher outputs/quickstart --student outputs/quickstart_distill \
+    python -m bench.distill_grids --teacher outputs/quickstart --student outputs/quickstart_distill \
         --out docs/distill_shapes.png [--n 16] [--n-rms 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,20 +15,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.distill_table import compose  # noqa: E402
+from bench.commands import sample
 from diffuse.checkpoint import (
-    load_checkpoint,  # noqa: E402
-    resolve_ckpt_path,  # noqa: E402
+    load_checkpoint,
+    resolve_ckpt_path,
 )
 
 
 def panel(
     ckpt: Path, steps: int | None, n: int, grid_n: int, work: Path, sampler: str = "ddim"
 ) -> tuple[Image.Image, dict, np.ndarray]:
-    from diffuse.tasks import sample
-
     over = [
         f"ckpt={ckpt}",
         f"n={n}",
@@ -40,7 +35,7 @@ def panel(
         "save_images=false",
         "save_npz=true",
     ]
-    info = sample.run(compose("sample", [*over, *([f"steps={steps}"] if steps else [])]), work)
+    info = sample([*over, *([f"steps={steps}"] if steps else [])], work)
     return Image.open(work / "grid.png").convert("RGB"), info, np.load(work / "samples.npz")["arr_0"].astype(np.float64)
 
 

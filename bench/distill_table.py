@@ -7,28 +7,26 @@ The mixture: four components over 1 x 8 x 8 (stds 0.05, 0.1, 0.15, 0.2), the lin
 max |freq z| / worst mean error (in stds) / worst |std ratio - 1| over the components (bench/sampler_table.py's
 figures); the floor row is what n exact samples give.
 
-    PYTHONPATH=. python bench/distill_table.py [--steps 15000] [--cd-steps 8000] [--n 4000] [--out outputs/bench_distill]
+    python -m bench.distill_table [--steps 15000] [--cd-steps 8000] [--n 4000] [--out outputs/bench_distill]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.sampler_table import config_options, summary  # noqa: E402
-from diffuse.data.gmm import default_mixture  # noqa: E402
-from diffuse.diffusion.oracle import GMMDenoiser  # noqa: E402
-from diffuse.diffusion.samplers import SAMPLERS  # noqa: E402
-from diffuse.diffusion.schedule import make_schedule  # noqa: E402
-from diffuse.diffusion.timesteps import sampler_timesteps  # noqa: E402
-from diffuse.pipeline.model import load_model  # noqa: E402
-from diffuse.pipeline.runtime import resolve_runtime  # noqa: E402
+from bench.commands import run_command
+from bench.sampler_table import config_options, summary
+from diffuse.data.gmm import default_mixture
+from diffuse.diffusion.oracle import GMMDenoiser
+from diffuse.diffusion.samplers import SAMPLERS
+from diffuse.diffusion.schedule import make_schedule
+from diffuse.diffusion.timesteps import sampler_timesteps
+from diffuse.pipeline.model import load_model
+from diffuse.pipeline.runtime import resolve_runtime
 
 STUDENT = [
     "model=tiny",
@@ -58,22 +56,20 @@ def compose(name: str, overrides: list[str]):
 
 
 def distil(out: Path, overrides: list[str]) -> float:
-    """Runs `diffuse distill` in process unless its run dir is already complete; the seconds it took (kept in
+    """Runs `diffuse distill` unless its run dir is already complete; the seconds it took (kept in
     bench_seconds.txt beside the run, so a rerun of the table reports them)."""
-    from diffuse.tasks import distill
-
     record = out / "bench_seconds.txt"
     if not (out / "checkpoints" / "last.safetensors").is_file():
         t0 = time.time()
-        distill.run(compose("distill", [*STUDENT, "teacher=oracle", *overrides]), out)
+        run_command("distill", [*STUDENT, "teacher=oracle", *overrides], out)
         record.write_text(f"{time.time() - t0:.0f}\n")
     return float(record.read_text()) if record.is_file() else float("nan")
 
 
 def sample_student(path: Path, x_T: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
     """The student as `diffuse sample ckpt=PATH sampler=NAME steps=N` draws it (its recorded levels included), in float."""
+    from diffuse.pipeline.config import to_dict
     from diffuse.pipeline.job import prepare_sampling
-    from diffuse.tasks.common import to_dict
 
     cfg = compose("sample", [f"ckpt={path}", f"sampler={sampler}", "runtime.device=cpu"])
     model = load_model(

@@ -9,7 +9,7 @@ Per strength and sampler: the exact posterior weights, then (responsibility-weig
     std ratio    the components' spreads over their posterior stds (min - max)
 over the components of posterior weight >= 0.05. The floor row is n exact draws of the posterior.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/edit_oracle.py [N] [--markdown]
+    OMP_NUM_THREADS=1 python -m bench.edit_oracle [N] [--markdown]
 """
 
 import sys

@@ -20,7 +20,7 @@ at one NFE (DPM-Solver++(2M), 20 steps, seed 0), and scored by `diffuse eval --m
 A floor row scores n real images of the test split the same way. Every stage is skipped when its output exists and
 a training stopped part-way is resumed, so rerunning the script after the classifier appears only scores.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/edm_fmnist.py [--steps 1500] [--batch 32] [--n 2000]
+    OMP_NUM_THREADS=1 python -m bench.edm_fmnist [--steps 1500] [--batch 32] [--n 2000]
         [--out outputs/bench_edm_fmnist] [--classifier outputs/fmnist_classifier] [--markdown]
 """
 

@@ -1,6 +1,6 @@
 """Throughput of the FID Inception-v3 feature extractor: images/s, and the time 50k samples would take.
 
-    python bench/eval_features.py [--device cuda] [--batch 200] [--images 1000] [--resolution 32]
+    python -m bench.eval_features [--device cuda] [--batch 200] [--images 1000] [--resolution 32]
 
 Speed does not depend on the weight values: without the published file this runs with random weights.
 """

@@ -2,7 +2,7 @@
 A benchmark: it prints figures; an input that ends in anything but a tensor or a UserError stops it with the
 traceback (hypothesis prints the shrunk input).
 
-    PYTHONPATH=. python bench/fuzz_readers.py [--n 5000] [--seed 0]
+    python -m bench.fuzz_readers [--n 5000] [--seed 0]
 
 Inputs (tests/test_fuzz_readers.py image_files): a quarter random bytes; the rest PNG, JPEG, WebP, GIF, BMP and
 TIFF images of 16 mode/format kinds (L, RGB, RGBA, P, I;16, LA, 1, CMYK, F ...), intact, cut short, with bytes

@@ -8,7 +8,7 @@ Per method: NFE, the total variation between the completions' component frequenc
 weights, and for the most probable component the filled pixels' mean error (RMS, in units of its std) and std
 ratio (sample std / true std).
 
-    PYTHONPATH=. python bench/inpaint_table.py [N]
+    python -m bench.inpaint_table [N]
 """
 
 import sys

@@ -1,7 +1,7 @@
 """The README's latent-diffusion picture: a pixel-space model's samples beside an autoencoder's reconstructions of
 held-out images and a latent model's samples, each what `diffuse sample` / `diffuse train-ae` writes.
 
-    PYTHONPATH=. python bench/latent_grids.py --pixel outputs/quickstart --ae outputs/latent_demo/ae \
+    python -m bench.latent_grids --pixel outputs/quickstart --ae outputs/latent_demo/ae \
         --latent outputs/latent_demo/ldm --out docs/latent_shapes.png [--n 16]
 """
 
@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.distill_table import compose  # noqa: E402
+from bench.commands import sample
 
 
 def samples(ckpt: Path, n: int, work: Path) -> tuple[Image.Image, dict]:
-    from diffuse.tasks import sample
-
     over = [
         f"ckpt={ckpt}",
         f"n={n}",
@@ -33,7 +28,7 @@ def samples(ckpt: Path, n: int, work: Path) -> tuple[Image.Image, dict]:
         "runtime.device=cpu",
         "save_images=false",
     ]
-    info = sample.run(compose("sample", over), work)
+    info = sample(over, work)
     return Image.open(work / "grid.png").convert("RGB"), info
 
 

@@ -14,7 +14,7 @@ the one of the EDM table), and the same with objective.learn_sigma=true (L_hybri
 
 Stages are skipped when their outputs exist; a stopped training resumes.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/learned_variance.py [--steps 1500] [--batch 32] [--n 1000]
+    OMP_NUM_THREADS=1 python -m bench.learned_variance [--steps 1500] [--batch 32] [--n 1000]
         [--bpd-n 100] [--sample-steps 50 20] [--out outputs/bench_edm_fmnist] [--classifier outputs/fmnist_classifier]
         [--markdown]
 """

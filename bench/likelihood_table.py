@@ -8,7 +8,7 @@ over the dequantization bins and over the decoder's centred bins vs ode_bpd and 
 Per row: the mean, its difference from the exact value with the standard error of that difference, the
 network calls (NFE, a jvp counted as one) and the CPU seconds.
 
-    PYTHONPATH=. python bench/likelihood_table.py [N] [CHANNELS] [RESOLUTION]
+    python -m bench.likelihood_table [N] [CHANNELS] [RESOLUTION]
 """
 
 import math

@@ -11,30 +11,26 @@ NFE is counted by wrapping the denoiser. "tuned" rows use levels from diffuse.pi
 `diffuse tune-schedule` runs, tune.loss=logrms), tuned on 512 other x_T against dpm_solver_3m at 500 steps. Each of
 our solvers runs with the options its config gives it (conf/sampler/NAME.yaml: UniPC order 2 bh2, iPNDM order 3, ...).
 
-    PYTHONPATH=. python bench/sampler_table.py [--n 20000] [--nfe 5 10 15 20 50] [--markdown] [--no-tuned]
+    python -m bench.sampler_table [--n 20000] [--nfe 5 10 15 20 50] [--markdown] [--no-tuned]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffuse.data.gmm import default_mixture  # noqa: E402
-from diffuse.diffusion.oracle import GMMDenoiser  # noqa: E402
-from diffuse.diffusion.samplers import SAMPLERS, STOCHASTIC  # noqa: E402
-from diffuse.diffusion.samplers.common import sigma_of, time_list  # noqa: E402
-from diffuse.diffusion.schedule import make_schedule  # noqa: E402
-from diffuse.diffusion.timesteps import sampler_timesteps, sigma_timesteps  # noqa: E402
-from diffuse.metrics.mixture import mixture_fit  # noqa: E402
-from diffuse.pipeline.sampling import CountingDenoiser  # noqa: E402
-from diffuse.pipeline.tuning import sigmas_of, tune_levels  # noqa: E402
+from diffuse.data.gmm import default_mixture
+from diffuse.diffusion.oracle import GMMDenoiser
+from diffuse.diffusion.samplers import SAMPLERS, STOCHASTIC
+from diffuse.diffusion.samplers.common import sigma_of, time_list
+from diffuse.diffusion.schedule import make_schedule
+from diffuse.diffusion.timesteps import sampler_timesteps, sigma_timesteps
+from diffuse.metrics.mixture import mixture_fit
+from diffuse.pipeline.sampling import CountingDenoiser
+from diffuse.pipeline.tuning import sigmas_of, tune_levels
 
 SPACINGS = {"karras": 7.0, "logsnr": 1.0, "polyexp": 2.0, "trailing": None}
 TUNED = ("dpm_solver", "dpm_solver_3m", "unipc", "ipndm", "deis")

@@ -1,8 +1,8 @@
 """ddpm_cifar10 (Ho et al.'s CIFAR-10 U-Net, 35.7M parameters, 32x32) against diffusers' UNet2DModel of the same
 configuration, in one process, on one device, at one batch size. A benchmark: it prints figures, it judges nothing.
 
-    PYTHONPATH=. python bench/throughput.py --device cpu --batch 8
-    PYTHONPATH=. python bench/throughput.py                      # CUDA if present: batch 256, compiled
+    python -m bench.throughput --device cpu --batch 8
+    python -m bench.throughput                      # CUDA if present: batch 256, compiled
 
 Needs the `bench` extra (diffusers). Both networks hold the same weights: the diffusers model is built at random,
 saved, and imported with `diffuse convert`'s code; their outputs are compared before timing.

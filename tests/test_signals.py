@@ -256,15 +256,15 @@ def test_sample_stops_between_batches_and_resume_gives_the_straight_files(tmp_pa
 
 
 def test_sample_stopped_before_its_first_batch_keeps_nothing_and_says_so(tmp_path, monkeypatch, capsys):
-    from diffuse.tasks import common
+    from diffuse.pipeline import config
 
-    real = common.model_of
+    real = config.model_of
 
     def model_of(*a):
         raise_sigterm()  # while the model loads
         return real(*a)
 
-    monkeypatch.setattr(common, "model_of", model_of)
+    monkeypatch.setattr(config, "model_of", model_of)
     assert sample.run(compose("sample", [*ORACLE, "n=4", "save_images=false"]), tmp_path / "o")["stopped"]
     assert "stopped by signal (SIGTERM): no image kept (save_images=false): run it again" in capsys.readouterr().out
 

@@ -71,19 +71,7 @@ KNOWN_LONG = {
     "diffuse/training/trainer.py::__init__",
 }
 KNOWN_BENCH = {
-    "sampler_table.py: edits sys.path",
-    "distill_grids.py: edits sys.path",
-    "latent_grids.py: edits sys.path",
-    "distill_table.py: edits sys.path",
     "throughput.py: edits sys.path",
-    "distill_grids.py: imports diffuse.tasks",
-    "latent_grids.py: imports diffuse.tasks",
-    "distill_table.py: imports diffuse.tasks",
-    "distill_table.py: imports diffuse.tasks.common",
-    "distill_table.py: imports diffuse.tasks.common.to_dict",
-    "distill_grids.py: imports diffuse.tasks.sample",
-    "latent_grids.py: imports diffuse.tasks.sample",
-    "distill_table.py: imports diffuse.tasks.distill",
 }
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
