@@ -40,3 +40,48 @@ def check_choice(name: str, value, allowed: Iterable):
     if value not in allowed:
         raise refuse(name, value, f"choose one of {', '.join(map(str, allowed))}")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise refuse(name, value, "true or false")
+    return value
+
+
+def check_int_in(name: str, value, lo: int, hi: int, why: str = "") -> int:
+    """An integer from lo to hi (inclusive); `why` says where the bound comes from."""
+    if not _is_int(value) or not lo <= value <= hi:
+        raise refuse(name, value, f"it must be an integer from {lo} to {hi:,}" + (f" ({why})" if why else ""))
+    return value
+
+
+def check_optional_int_in(name: str, value, lo: int, hi: int, null_means: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or not lo <= value <= hi:
+        raise refuse(name, value, f"it must be null ({null_means}) or an integer from {lo} to {hi:,}")
+    return value
+
+
+def check_positive_int(name: str, value, maximum: int | None = None) -> int:
+    if not _is_int(value) or value < 1 or (maximum is not None and value > maximum):
+        raise refuse(name, value, "it must be a positive integer" + (f" up to {maximum:,}" if maximum else ""))
+    return value
+
+
+def check_number_in(name: str, value, lo: float, hi: float, *, hi_open: bool, lo_open: bool = False) -> float:
+    """A finite number in an interval, each end open or closed, named as such: [0, 1)."""
+    ok = _is_number(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise refuse(
+            name, value, f"it must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        )
+    return value
+
+
+def check_int_list(name: str, value, lo: int, hi: int, max_len: int, *, nonempty: bool) -> list[int]:
+    ok = isinstance(value, (list, tuple)) and (len(value) >= 1 or not nonempty) and len(value) <= max_len
+    if not (ok and all(_is_int(x) and lo <= x <= hi for x in value)):
+        size = f"1 to {max_len}" if nonempty else f"at most {max_len}"
+        raise refuse(name, value, f"it must be a list of {size} integers, each from {lo} to {hi:,}")
+    return list(value)

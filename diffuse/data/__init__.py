@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from diffuse.errors import UserError
+from diffuse.validate import check_flag, check_number, check_positive_int
 
 # A dataset is held in memory whole (uint8; float32 for the mixture), so its size is bounded before it is built:
 # 64 GiB is more than any machine this runs on gives a dataset, and a typo (size=10^9) fails in one line, not
@@ -207,27 +208,15 @@ def build_dataset(cfg) -> ImageDataset:
 
 def positive_int(cfg, key: str, maximum: int | None = None) -> int:
     """dataset.<key>, a positive integer up to `maximum` (by default its entry in LIMITS, if any)."""
-    val = cfg.get(key)
-    top = maximum or LIMITS.get(key)
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1 or (top is not None and val > top):
-        raise UserError(
-            f"dataset.{key}={val!r} is not allowed: it must be a positive integer" + (f" up to {top:,}" if top else "")
-        )
-    return val
+    return check_positive_int(f"dataset.{key}", cfg.get(key), maximum or LIMITS.get(key))
 
 
 def integer(cfg, key: str) -> int:
-    val = cfg.get(key)
-    if isinstance(val, bool) or not isinstance(val, int):
-        raise UserError(f"dataset.{key}={val!r} is not allowed: it must be an integer")
-    return val
+    return check_number(f"dataset.{key}", cfg.get(key), integer=True)
 
 
 def flag(cfg, key: str) -> bool:
-    val = cfg.get(key, False)
-    if not isinstance(val, bool):
-        raise UserError(f"dataset.{key}={val!r} is not allowed: true or false")
-    return val
+    return check_flag(f"dataset.{key}", cfg.get(key, False))
 
 
 def held_out(cfg: dict) -> tuple[dict, str]:

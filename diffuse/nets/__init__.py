@@ -22,6 +22,7 @@ from diffuse.nets.layers import DOWNSAMPLE_PADS, TIME_EMBEDDINGS
 from diffuse.nets.taesd import ACTIVATIONS as TAESD_ACTIVATIONS
 from diffuse.nets.taesd import UPSAMPLE_MODES, TinyAutoencoder
 from diffuse.nets.unet import UNet
+from diffuse.validate import check_flag, check_int_in, check_int_list, check_number_in, check_optional_int_in, refuse
 
 # "classifier" is the noise-aware classifier of classifier guidance (diffuse train-classifier), "autoencoder" the
 # image <-> latent map of latent diffusion (diffuse train-ae), "taesd" the tiny autoencoder (imported from diffusers'
@@ -63,40 +64,25 @@ class _Check:
         return self.keys.get(arg, f"model.{arg}")
 
     def fail(self, arg: str, allowed: str) -> UserError:
-        return UserError(f"{self.prefix}{self.key(arg)}={self.cfg[arg]!r} is not allowed: {allowed}")
+        return refuse(self.name(arg), self.cfg[arg], allowed)
+
+    def name(self, arg: str) -> str:
+        return f"{self.prefix}{self.key(arg)}"
 
     def integer(self, arg: str, lo: int, hi: int, why: str = "") -> int:
-        v = self.cfg[arg]
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise self.fail(arg, f"it must be an integer from {lo} to {hi:,}" + (f" ({why})" if why else ""))
-        return v
+        return check_int_in(self.name(arg), self.cfg[arg], lo, hi, why)
 
     def optional_integer(self, arg: str, lo: int, hi: int, null_means: str) -> int | None:
-        if self.cfg[arg] is None:
-            return None
-        v = self.cfg[arg]
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise self.fail(arg, f"it must be null ({null_means}) or an integer from {lo} to {hi:,}")
-        return v
+        return check_optional_int_in(self.name(arg), self.cfg[arg], lo, hi, null_means)
 
     def number(self, arg: str, lo: float, hi: float, hi_open: bool, lo_open: bool = False) -> float:
-        v = self.cfg[arg]
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        if not ok:
-            raise self.fail(
-                arg, f"it must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            )
-        return v
+        return check_number_in(self.name(arg), self.cfg[arg], lo, hi, hi_open=hi_open, lo_open=lo_open)
 
     def int_list(self, arg: str, lo: int, hi: int, max_len: int, nonempty: bool) -> list[int]:
-        v = self.cfg[arg]
-        ok = isinstance(v, (list, tuple)) and (len(v) >= 1 or not nonempty) and len(v) <= max_len
-        ok = ok and all(not isinstance(x, bool) and isinstance(x, int) and lo <= x <= hi for x in v)
-        if not ok:
-            size = f"1 to {max_len}" if nonempty else f"at most {max_len}"
-            raise self.fail(arg, f"it must be a list of {size} integers, each from {lo} to {hi:,}")
-        return list(v)
+        return check_int_list(self.name(arg), self.cfg[arg], lo, hi, max_len, nonempty=nonempty)
+
+    def flag(self, arg: str) -> bool:
+        return check_flag(self.name(arg), self.cfg[arg])
 
 
 def _check_io(c: _Check) -> None:
@@ -110,10 +96,8 @@ def _check_io(c: _Check) -> None:
 def _check_unet(c: _Check) -> None:
     _check_io(c)
     _check_levels(c)
-    if not isinstance(c.cfg["aug_embedding"], bool):
-        raise c.fail("aug_embedding", "true or false")
-    if not isinstance(c.cfg["scale_shift"], bool):
-        raise c.fail("scale_shift", "true or false")
+    c.flag("aug_embedding")
+    c.flag("scale_shift")
     if c.cfg["time_embedding"] not in TIME_EMBEDDINGS:
         raise c.fail("time_embedding", f"choose one of {', '.join(TIME_EMBEDDINGS)}")
     c.number("norm_eps", 0.0, 1.0, hi_open=True, lo_open=True)
@@ -189,7 +173,6 @@ def _check_dit(c: _Check) -> None:
 
 
 def _check_autoencoder(c: _Check) -> None:
-    cfg = c.cfg
     ch = c.integer("ch", 1, MAX_WIDTH)
     mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
     if ch * max(mult) > MAX_WIDTH:
@@ -202,8 +185,7 @@ def _check_autoencoder(c: _Check) -> None:
     c.integer("groups", 1, MAX_WIDTH)
     c.number("dropout", 0.0, 1.0, hi_open=True)
     for key in ("mid_attention", "quant_conv", "post_quant_conv"):
-        if not isinstance(cfg[key], bool):
-            raise c.fail(key, "true or false")
+        c.flag(key)
     _check_codec_images(c, "ch_mult", mult)
 
 

@@ -5,6 +5,7 @@ Loading any model needs these, and the cascade builds on them: they sit below bo
 from __future__ import annotations
 
 from diffuse.errors import UserError
+from diffuse.validate import check_flag
 
 CONDITIONS = ("none", "lowres")
 
@@ -32,8 +33,7 @@ def check_condition(cond: dict | None, resolution: int, where: str = "") -> dict
                 f"{prefix}condition.{key}={v!r} is not allowed: it must be a number in [0, 1] "
                 "(the augmentation level: 0 the image itself, 1 pure noise)"
             )
-    if not isinstance(cond.get("truncated"), bool):
-        raise UserError(f"{prefix}condition.truncated={cond.get('truncated')!r} is not allowed: true or false")
+    check_flag(f"{prefix}condition.truncated", cond.get("truncated"))
     return {
         "name": "lowres",
         "from_resolution": low,

@@ -12,6 +12,7 @@ import torch
 from diffuse.diffusion.guidance import CLASSIFIER_MODES, cfg_denoiser, check_guidance, classifier_guided
 from diffuse.errors import UserError
 from diffuse.pipeline.model import Model
+from diffuse.validate import check_flag
 
 GUIDANCE = ("cfg", "classifier", "none")
 # The most images one command draws. 200 times the 50000 of a standard FID; every command holds a label per
@@ -66,8 +67,7 @@ def parse_guidance(g: dict | None) -> Guidance:
         ) from None
     if g["mode"] not in CLASSIFIER_MODES:
         raise UserError(f"guidance.mode={g['mode']!r} is not allowed: choose one of {', '.join(CLASSIFIER_MODES)}")
-    if not isinstance(g["use_ema"], bool):
-        raise UserError(f"guidance.use_ema={g['use_ema']!r} is not allowed: true or false")
+    check_flag("guidance.use_ema", g["use_ema"])
     if g["classifier"] in (None, ""):
         raise UserError(
             "guidance=classifier needs guidance.classifier=FILE|RUN_DIR (a diffuse train-classifier checkpoint), "
