@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffuse.nets.layers import AttnBlock, ResBlock, attention, group_norm, timestep_embedding
-from diffuse.nets.unet import encoder
+from diffuse.nets.layers import ResBlock, attention, group_norm, timestep_embedding
+from diffuse.nets.unet import Blocks, embedding_mlp, encoder
 
 
 class AttentionPool(nn.Module):
@@ -67,19 +67,14 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         self.ch = ch
         temb_dim = 4 * ch
-        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.temb = embedding_mlp(ch, temb_dim)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        blocks = Blocks(temb_dim, dropout, groups, heads)
         self.down, chans, res = encoder(
-            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, temb_dim, dropout, groups, heads, downsample_pad
+            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, blocks, downsample_pad
         )
         cur = chans[-1]
-        self.mid = nn.ModuleList(
-            [
-                ResBlock(cur, cur, temb_dim, dropout, groups),
-                AttnBlock(cur, heads, groups),
-                ResBlock(cur, cur, temb_dim, dropout, groups),
-            ]
-        )
+        self.mid = blocks.middle(cur)
         self.norm_out = group_norm(cur, groups)
         self.pool = AttentionPool(cur, res * res, heads)
         self.head = nn.Linear(cur, num_classes)

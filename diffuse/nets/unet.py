@@ -11,6 +11,7 @@ samples against.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +20,30 @@ from torch import nn
 from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """What every residual and attention block of one network shares."""
+
+    temb_dim: int
+    dropout: float
+    groups: int
+    heads: int
+    norm_eps: float = 1e-6
+    scale_shift: bool = False
+
+    def res(self, cin: int, cout: int) -> ResBlock:
+        return ResBlock(cin, cout, self.temb_dim, self.dropout, self.groups, self.norm_eps, self.scale_shift)
+
+    def attn(self, channels: int) -> AttnBlock:
+        return AttnBlock(channels, self.heads, self.groups, self.norm_eps)
+
+    def middle(self, channels: int) -> nn.ModuleList:
+        """The middle block: res, attention, res."""
+        return nn.ModuleList([self.res(channels, channels), self.attn(channels), self.res(channels, channels)])
+
+
 def encoder(
-    ch: int,
-    ch_mult,
-    num_res_blocks: int,
-    attn_resolutions,
-    resolution: int,
-    temb_dim: int,
-    dropout: float,
-    groups: int,
-    heads: int,
-    downsample_pad: str,
-    norm_eps: float = 1e-6,
-    scale_shift: bool = False,
+    ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int, blocks: Blocks, downsample_pad: str
 ) -> tuple[nn.ModuleList, list[int], int]:
     """The U-Net's down path (shared with the noise-aware classifier, whose weights it therefore names alike): the
     blocks, the channels of every skip (conv_in's first), and the resolution it ends at."""
@@ -39,10 +51,10 @@ def encoder(
     cur, res = ch, resolution
     for level, mult in enumerate(ch_mult):
         for _ in range(num_res_blocks):
-            block = nn.ModuleList([ResBlock(cur, ch * mult, temb_dim, dropout, groups, norm_eps, scale_shift)])
+            block = nn.ModuleList([blocks.res(cur, ch * mult)])
             cur = ch * mult
             if res in attn_resolutions:
-                block.append(AttnBlock(cur, heads, groups, norm_eps))
+                block.append(blocks.attn(cur))
             down.append(block)
             chans.append(cur)
         if level != len(ch_mult) - 1:
@@ -50,6 +62,32 @@ def encoder(
             chans.append(cur)
             res //= 2
     return down, chans, res
+
+
+def decoder(
+    ch: int, ch_mult, num_res_blocks: int, attn_resolutions, res: int, chans: list[int], blocks: Blocks
+) -> tuple[nn.ModuleList, int]:
+    """The up path: each level's res blocks (each taking a skip from `chans`, consumed from the end), attention at
+    attn_resolutions, an upsample between levels; and the channels it ends with."""
+    chans = list(chans)
+    cur = chans[-1]
+    up = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(ch_mult))):
+        for _ in range(num_res_blocks + 1):
+            block = nn.ModuleList([blocks.res(cur + chans.pop(), ch * mult)])
+            cur = ch * mult
+            if res in attn_resolutions:
+                block.append(blocks.attn(cur))
+            up.append(block)
+        if level != 0:
+            up.append(nn.ModuleList([Upsample(cur)]))
+            res *= 2
+    return up, cur
+
+
+def embedding_mlp(ch: int, dim: int) -> nn.Sequential:
+    """Sinusoidal features of width ch to the embedding width: Linear, SiLU, Linear."""
+    return nn.Sequential(nn.Linear(ch, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
 class UNet(nn.Module):
@@ -83,52 +121,18 @@ class UNet(nn.Module):
         # norms, their [cos, sin] embedding, and t rescaled to 0..1000 when T differs (rescale_timesteps).
         self.time_embedding, self.time_scale = time_embedding, time_scale
         temb_dim = 4 * ch
-        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.temb = embedding_mlp(ch, temb_dim)
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         # A super-resolution model's conditioning-augmentation level, embedded like t (Ho et al. 2021, section 4.2).
-        self.aug_emb = (
-            nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)) if aug_embedding else None
-        )
+        self.aug_emb = embedding_mlp(ch, temb_dim) if aug_embedding else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        blocks = Blocks(temb_dim, dropout, groups, heads, norm_eps, scale_shift)
         self.down, chans, res = encoder(
-            ch,
-            ch_mult,
-            num_res_blocks,
-            attn_resolutions,
-            resolution,
-            temb_dim,
-            dropout,
-            groups,
-            heads,
-            downsample_pad,
-            norm_eps,
-            scale_shift,
+            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, blocks, downsample_pad
         )
-        cur = chans[-1]
-
-        self.mid = nn.ModuleList(
-            [
-                ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift),
-                AttnBlock(cur, heads, groups, norm_eps),
-                ResBlock(cur, cur, temb_dim, dropout, groups, norm_eps, scale_shift),
-            ]
-        )
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList(
-                    [ResBlock(cur + chans.pop(), ch * mult, temb_dim, dropout, groups, norm_eps, scale_shift)]
-                )
-                cur = ch * mult
-                if res in attn_resolutions:
-                    block.append(AttnBlock(cur, heads, groups, norm_eps))
-                self.up.append(block)
-            if level != 0:
-                self.up.append(nn.ModuleList([Upsample(cur)]))
-                res *= 2
-
+        self.mid = blocks.middle(chans[-1])
+        self.up, cur = decoder(ch, ch_mult, num_res_blocks, attn_resolutions, res, chans, blocks)
         self.norm_out = group_norm(cur, groups, norm_eps)
         self.conv_out = nn.Conv2d(cur, self.out_channels, 3, padding=1)
 

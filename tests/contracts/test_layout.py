@@ -54,7 +54,6 @@ KNOWN_LONG = {
     "diffuse/metrics/likelihood.py",
     "diffuse/metrics/likelihood.py::ode_nll",
     "diffuse/metrics/likelihood.py::score",
-    "diffuse/nets/unet.py::__init__",
     "diffuse/pipeline/model.py::network_from_checkpoint",
     "diffuse/pipeline/model.py::load_model",
     "diffuse/plot.py::_draw_panel",
