@@ -194,7 +194,8 @@ def train(out, *extra):
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     out = tmp_path_factory.mktemp("clf")
-    result = train(out, "trainer.steps=40", "trainer.log_every=10", "trainer.ckpt_every=20")
+    # 60 steps: at 40 the held-out accuracy sits near the 0.6 the test asks, on one side or the other by machine.
+    result = train(out, "trainer.steps=60", "trainer.log_every=10", "trainer.ckpt_every=20")
     return out, result
 
 
@@ -204,16 +205,17 @@ def test_train_classifier_learns_and_logs_accuracy(classifier):
     assert report["accuracy"] == result["accuracy"] and report["n"] == 400 and report["num_classes"] == 4
     assert report["accuracy"]["0"] > 0.6 > report["chance"], report  # chance: the most frequent class, ~0.3
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [10, 20, 30, 40] and all(
+    assert [r["step"] for r in recs] == [10, 20, 30, 40, 50, 60] and all(
         0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in recs
     )
     assert recs[-1]["loss"] < recs[0]["loss"]
     ck = load_checkpoint(out / "checkpoints" / "last.safetensors")
-    assert ck.config["model"]["arch"] == "classifier" and ck.config["model"]["num_classes"] == 4 and ck.step == 40
+    assert ck.config["model"]["arch"] == "classifier" and ck.config["model"]["num_classes"] == 4 and ck.step == 60
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "last.safetensors",
         "step_0000020.safetensors",
         "step_0000040.safetensors",
+        "step_0000060.safetensors",
     ]
 
 
@@ -330,7 +332,7 @@ def test_a_trained_classifier_steers_an_unconditional_model_and_its_refusals(cla
     info = draw(tmp_path / "a", *base, "guidance.scale=3", "label=1")
     assert (
         info["classifier"].endswith("last.safetensors")
-        and info["classifier_step"] == 40
+        and info["classifier_step"] == 60
         and "guidance_scale" not in info
     )
     assert np.load(tmp_path / "a" / "samples.npz")["arr_1"].tolist() == [1] * 6
