@@ -324,3 +324,41 @@ def check_verify(value: Any) -> bool:
 
 def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+# The objective YAML of each kind: what a checkpoint written before a key existed (or by diffuse convert, which
+# records only what the source tells) is read as having. Training writes every key, so its checkpoints are unchanged.
+OBJECTIVE_FILES = {"diffusion": "simple.yaml", "edm": "edm.yaml", "consistency": "consistency.yaml"}
+
+
+def objective_defaults(kind: str) -> dict:
+    """conf/objective/<kind's file>, over simple.yaml (the defaults list those files start from)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    folder = files("diffuse.conf") / "objective"
+    merged = {}
+    for name in dict.fromkeys(("simple.yaml", OBJECTIVE_FILES[kind])):
+        part = OmegaConf.to_container(OmegaConf.create((folder / name).read_text()), resolve=True)
+        part.pop("defaults", None)
+        merged.update(part)
+    return merged
+
+
+def complete_config(config: dict) -> dict:
+    """A checkpoint's config with what older and converted checkpoints lack filled in, once, where it is read: the
+    objective's keys from the YAML of its kind (kind itself: diffusion), data.is_8bit (true). A value that is there
+    is kept as it is, for the readers' checks to judge; a config whose objective or data is not a mapping, or whose
+    kind is unknown, is left to them too."""
+    config = dict(config)
+    objective = config.get("objective")
+    if objective is None or isinstance(objective, dict):
+        objective = {"kind": "diffusion", **(objective or {})}
+        if objective["kind"] in OBJECTIVE_FILES:
+            objective = {**objective_defaults(objective["kind"]), **objective}
+        config["objective"] = objective
+    data = config.get("data")
+    if data is None or isinstance(data, dict):
+        config["data"] = {"is_8bit": True, **(data or {})}
+    return config

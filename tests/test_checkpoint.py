@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,27 @@ def test_atomic_write_reads_the_umask_at_write_time(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o640
+
+
+def test_complete_config_fills_what_old_and_converted_checkpoints_lack_from_the_objective_yaml():
+    from omegaconf import OmegaConf
+
+    from diffuse.checkpoint import complete_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "objective"
+    simple = OmegaConf.to_container(OmegaConf.load(conf / "simple.yaml"))
+    edm = {**simple, **OmegaConf.to_container(OmegaConf.load(conf / "edm.yaml"))}
+    edm.pop("defaults")
+    # What diffuse convert records for a diffusers DDPM: the kind and the variance keys are not there.
+    converted = {"model": {"arch": "unet"}, "objective": {"prediction": "eps", "weighting": "simple"}}
+    done = complete_config(converted)
+    assert done["objective"] == {**simple, "prediction": "eps", "weighting": "simple"}
+    assert done["objective"]["kind"] == "diffusion" and done["objective"]["learn_sigma"] is False
+    assert done["data"] == {"is_8bit": True} and done["model"] == converted["model"]
+    assert converted["objective"] == {"prediction": "eps", "weighting": "simple"}  # the caller's dict is untouched
+    # Each kind from its own file; a key that is there is kept whatever it holds (the readers' checks judge it).
+    old_edm = complete_config({"objective": {"kind": "edm", "sigma_data": 0.25, "learn_sigma": "yes"}})
+    assert old_edm["objective"] == {**edm, "sigma_data": 0.25, "learn_sigma": "yes"}
+    assert complete_config({"objective": {"kind": "flow"}})["objective"] == {"kind": "flow"}  # unknown: refused later
+    assert complete_config({"objective": [1], "data": 3}) == {"objective": [1], "data": 3}
+    assert complete_config({"data": {"is_8bit": False}})["data"] == {"is_8bit": False}
