@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 from omegaconf import OmegaConf
 
-from diffuse.rundir import stamp
 from diffuse.errors import UserError
+from diffuse.rundir import stamp
 from diffuse.tasks import train
 from tests.conftest import compose
 

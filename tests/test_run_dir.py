@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from diffuse.rundir import lock
 from diffuse.checkpoint import load_checkpoint
 from diffuse.cli import app
+from diffuse.rundir import lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,6 @@ the number of processes that share the work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
@@ -54,7 +53,7 @@ class PerSample:
         return [g.get_state() for g in self.generators]
 
 
-Generator = Union[torch.Generator, PerSample, None]
+Generator = torch.Generator | PerSample | None
 
 
 def randn(shape: Sequence[int], generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
