@@ -66,7 +66,6 @@ KNOWN_LONG = {
     "diffuse/tasks/edit.py::edit",
     "diffuse/tasks/edit.py::edit_image",
     "diffuse/tasks/inpaint.py::complete",
-    "diffuse/tasks/tune_schedule.py::tune",
     "diffuse/training/objectives.py",
     "diffuse/training/trainer.py",
     "diffuse/training/trainer.py::__init__",
