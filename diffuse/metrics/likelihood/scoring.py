@@ -47,32 +47,20 @@ def resolve_variance(variance: str | None, learned_variance) -> str:
     return variance
 
 
-def _estimate(method: str, kind: str, denoiser, x, schedule, *, y, generator, lc: dict, variance, learned_variance):
+def _estimate(method: str, kind: str, denoiser, x, schedule, y, generator, lc: dict, variance, learned_variance):
     """One batch's per-example figures by one method, with the `likelihood` group's settings for it."""
     if method == "vlb":
         fn = vlb_bpd if kind == "bpd" else vlb_nll
-        return fn(
-            denoiser,
-            x,
-            schedule,
-            y=y,
-            generator=generator,
-            variance=variance,
-            batch_t=lc["batch_t"],
-            learned_variance=learned_variance,
-        )
-    fn = ode_bpd if kind == "bpd" else ode_nll
-    return fn(
-        denoiser,
-        x,
-        schedule,
-        y=y,
-        generator=generator,
-        hutchinson=lc["hutchinson"],
-        probe=lc["probe"],
-        steps=lc["ode_steps"],
-        sigma_min=lc["sigma_min"],
-    )
+        opts = {"variance": variance, "batch_t": lc["batch_t"], "learned_variance": learned_variance}
+    else:
+        fn = ode_bpd if kind == "bpd" else ode_nll
+        opts = {
+            "hutchinson": lc["hutchinson"],
+            "probe": lc["probe"],
+            "steps": lc["ode_steps"],
+            "sigma_min": lc["sigma_min"],
+        }
+    return fn(denoiser, x, schedule, y=y, generator=generator, **opts)
 
 
 def _mean_and_sem(name: str, mine: list[torch.Tensor], d) -> dict[str, float]:
@@ -127,8 +115,7 @@ def score(
             y = None if y_null is None else torch.full((len(idx),), y_null, dtype=torch.long, device=device)
             for m in methods:
                 gen = PerSample(lc["seed"], idx)
-                opts = dict(lc=lc, variance=variance, learned_variance=learned_variance)
-                per[m].append(_estimate(m, kind, denoiser, xb, schedule, y=y, generator=gen, **opts))
+                per[m].append(_estimate(m, kind, denoiser, xb, schedule, y, gen, lc, variance, learned_variance))
                 bar.advance(tasks[m], len(idx) * d.world)
     out: dict[str, float] = {}
     for m in methods:
