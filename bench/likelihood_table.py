@@ -20,7 +20,9 @@ import torch
 from diffuse.data.gmm import GaussianMixture, default_mixture
 from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.schedule import make_schedule
-from diffuse.metrics.likelihood import LN2, ode_bpd, ode_nll, vlb_bpd, vlb_nll
+from diffuse.metrics.likelihood.ode import ode_bpd, ode_nll
+from diffuse.metrics.likelihood.units import LN2
+from diffuse.metrics.likelihood.vlb import vlb_bpd, vlb_nll
 from diffuse.metrics.mixture import mixture_interval_nll, mixture_nll
 
 

@@ -338,7 +338,7 @@ def test_bpd_is_on_the_8bit_grid_and_bounded_by_the_vlb(tmp_path):
     (a bound in expectation, so within its noise above it), and the bound is above both."""
     from diffuse.data import build_mixture
     from diffuse.images import from_uint8, to_uint8
-    from diffuse.metrics.likelihood import LN2, grid_index
+    from diffuse.metrics.likelihood.units import LN2, grid_index
     from diffuse.metrics.mixture import mixture_interval_nll
 
     r = run_eval([*LIK, "metric=[bpd]", "likelihood.n=64", "likelihood.hutchinson=0"], tmp_path / "a")

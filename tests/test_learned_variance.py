@@ -17,7 +17,7 @@ from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers import ddpm
 from diffuse.diffusion.schedule import make_schedule, q_sample
 from diffuse.images import from_uint8
-from diffuse.metrics import likelihood
+from diffuse.metrics.likelihood import vlb
 from diffuse.nets import build_network, drop_variance_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,9 +116,9 @@ def test_bound_term_equals_the_likelihood_modules_terms_at_learned_variances():
         v_raw = den.variance_output(x_t, t)
         ours = vlb_term(x0, x_t, t, eps, v_raw, sched, discretized=True) * x0[0].numel()
         if ts[0] == 0:
-            ref = likelihood.decoder_nll(x0, x_t, eps, sched, True, v_raw)
+            ref = vlb.decoder_nll(x0, x_t, eps, sched, True, v_raw)
         else:
-            ref = likelihood.kl_terms(x0, x_t, eps, t, sched, "learned", v_raw)
+            ref = vlb.kl_terms(x0, x_t, eps, t, sched, "learned", v_raw)
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
     # the variance channels really vary: the learned bound is not a fixed one in disguise
     assert v_raw.std() > 0.01
@@ -129,8 +129,8 @@ def test_learned_bound_at_beta_tilde_ends_equals_the_fixed_bound():
     _, net = learned_net(v_const=-1.0)
     den = NetworkDenoiser(as64(net), "eps", sched, learn_sigma=True)
     x = grid_data(3, seed=2)
-    fixed = likelihood.vlb_bpd(den, x, sched, generator=PerSample(0, [0, 1, 2]), variance="beta_tilde", batch_t=8)
-    learned = likelihood.vlb_bpd(
+    fixed = vlb.vlb_bpd(den, x, sched, generator=PerSample(0, [0, 1, 2]), variance="beta_tilde", batch_t=8)
+    learned = vlb.vlb_bpd(
         den,
         x,
         sched,
@@ -141,7 +141,7 @@ def test_learned_bound_at_beta_tilde_ends_equals_the_fixed_bound():
     )
     torch.testing.assert_close(learned, fixed, rtol=1e-10, atol=0)
     with pytest.raises(Exception, match="learned variances"):
-        likelihood.vlb_bpd(den, x, sched, variance="learned")
+        vlb.vlb_bpd(den, x, sched, variance="learned")
 
 
 def test_hybrid_loss_stops_the_mean_gradient_in_its_bound_term():

@@ -10,20 +10,15 @@ from diffuse.data.gmm import GaussianMixture, default_mixture
 from diffuse.diffusion.oracle import GMMDenoiser
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
-from diffuse.metrics.likelihood import (
+from diffuse.metrics.likelihood.ode import ode_bpd, ode_nll
+from diffuse.metrics.likelihood.units import (
     LN2,
     bpd_from_dequantized_nll,
-    decoder_nll,
     dequantize,
     discretized_gaussian_log_likelihood,
     grid_index,
-    kl_terms,
-    ode_bpd,
-    ode_nll,
-    vlb_bpd,
-    vlb_nll,
-    vlb_terms,
 )
+from diffuse.metrics.likelihood.vlb import decoder_nll, kl_terms, vlb_bpd, vlb_nll, vlb_terms
 from diffuse.metrics.mixture import mixture_interval_nll, mixture_nll
 
 
@@ -303,7 +298,7 @@ def test_bad_arguments_are_refused():
 def test_bound_terms_refuse_t_below_zero():
     """t = -1 is clean data: no KL term or reverse variance lives there, and a table index would silently
     wrap round to t = T-1."""
-    from diffuse.metrics.likelihood import reverse_variance
+    from diffuse.metrics.likelihood.vlb import reverse_variance
 
     sched = make_schedule("linear", T=10)
     assert reverse_variance(sched, torch.tensor([9, 0]), "beta").tolist() == [

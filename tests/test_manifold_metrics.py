@@ -105,7 +105,7 @@ def test_seeds_need_a_model_to_draw_from(fx, tmp_path):  # noqa: F811
 
 
 def test_seeds_resume_keeps_every_sets_features(fx, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from diffuse.tasks import evaluate
+    from diffuse.tasks import evaluation
     from tests.test_signals import _stop_at_batch
 
     args = [
@@ -120,7 +120,7 @@ def test_seeds_resume_keeps_every_sets_features(fx, tmp_path, monkeypatch, capsy
     ]
     straight = run_eval(args, tmp_path / "straight")
     run = tmp_path / "run"
-    _stop_at_batch(monkeypatch, evaluate, 3)  # the first batch of the second set
+    _stop_at_batch(monkeypatch, evaluation, 3)  # the first batch of the second set
     assert run_eval(args, run) == {"stopped": True, "kept": 12}
     assert "features of 12 of 16 generated images kept" in capsys.readouterr().out
     assert len(list((run / "features" / "set1").glob("*.safetensors"))) == 1

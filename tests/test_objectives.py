@@ -56,7 +56,7 @@ def test_vlb_weights(kind):
 def test_vlb_weight_is_the_kl_term():
     """With beta-tilde as the reverse variance, the vlb weight times the mean squared eps error is T times the
     KL term L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) per dimension (Ho et al. eq. 5 and 12)."""
-    from diffuse.metrics.likelihood import kl_terms
+    from diffuse.metrics.likelihood.vlb import kl_terms
 
     s = make_schedule("linear")
     g = torch.Generator().manual_seed(0)

@@ -16,8 +16,9 @@ import torch
 from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.errors import UserError
 from diffuse.metrics.extraction import FeatureStore
+from diffuse.metrics.likelihood import scoring
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks import evaluate, inpaint, sample
+from diffuse.tasks import evaluate, evaluation, inpaint, sample
 from diffuse.tasks import train as train_task
 from diffuse.training import objectives as objectives_module
 from diffuse.training import trainer as trainer_module
@@ -312,7 +313,7 @@ def test_eval_keeps_features_per_batch_and_resume_gives_the_straight_metrics(tmp
     args = [*fx, *ORACLE, "metric=[fid,kid]", "n=40", "batch_size=8"]
     straight = evaluate.run(compose("eval", args), tmp_path / "straight")
     run = tmp_path / "run"
-    _stop_at_batch(monkeypatch, evaluate, 3)
+    _stop_at_batch(monkeypatch, evaluation, 3)
     capsys.readouterr()
     assert evaluate.run(compose("eval", args), run) == {"stopped": True, "kept": 24}
     out = capsys.readouterr().out
@@ -358,7 +359,7 @@ def test_eval_resume_with_every_feature_kept_draws_nothing(tmp_path, monkeypatch
     assert evaluate.run(compose("eval", [*args, "metrics.cache=false"]), run) == {"stopped": True, "kept": 12}
     monkeypatch.setattr(references, "reference_features", real)
     generated = []
-    monkeypatch.setattr(evaluate, "features_in_chunks", lambda *a: generated.append(1))
+    monkeypatch.setattr(evaluation, "features_in_chunks", lambda *a: generated.append(1))
     resumed = evaluate.run(compose("eval", [*args, "resume=true"]), run)
     assert not generated and resumed["metrics"] == pytest.approx(straight["metrics"], rel=1e-6) and resumed["nfe"] == 4
 
@@ -369,7 +370,7 @@ def test_eval_likelihood_is_stopped_where_it_is(tmp_path, monkeypatch, capsys):
         time.sleep(30)  # a long estimate that never looks at the request
         raise AssertionError("not stopped")
 
-    monkeypatch.setattr(evaluate.likelihood, "score", score)
+    monkeypatch.setattr(scoring, "score", score)
     t0 = time.time()
     args = [
         "model=oracle",

@@ -15,27 +15,10 @@ from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
 from diffuse.io import atomic_write, remove_stale_temps, write_json
+from diffuse.pipeline.resume import SAMPLING_KEYS, first_change
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_number
-
-# What must be the same for resume=true to keep the images an earlier run wrote (n and batch_size may change:
-# image i depends only on (seed, i)).
-RESUME_KEYS = (
-    "ckpt",
-    "seed",
-    "label",
-    "labels",
-    "use_ema",
-    "sampler",
-    "steps",
-    "guidance",
-    "model",
-    "dataset",
-    "schedule",
-    "cascade",
-    "condition",
-)
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -141,19 +124,13 @@ def check_resume(cfg: DictConfig, out: Path) -> None:
     old, new = to_dict(OmegaConf.load(old_path)), to_dict(cfg)
     # runtime.precision changes the images (bf16 rounds differently); the other runtime switches do not.
     old_precision = (old.get("runtime") or {}).get("precision", old.get("precision"))
-    # A run dir from before cascades has no cascade/condition keys: it drew without them, as the defaults do.
-    for key, before, now in [
-        *(
-            (k, old.get(k, new.get(k)) if k in ("cascade", "condition") else old.get(k), new.get(k))
-            for k in RESUME_KEYS
-        ),
-        ("runtime.precision", old_precision, new["runtime"]["precision"]),
-    ]:
-        if before != now:
-            raise UserError(
-                f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
-                "the images written would not be this run's (use another hydra.run.dir)"
-            )
+    change = first_change(old, new, SAMPLING_KEYS, ("runtime.precision", old_precision, new["runtime"]["precision"]))
+    if change is not None:
+        key, before, now = change
+        raise UserError(
+            f"resume=true but {old_path} has {key}={before!r} and this run {key}={now!r}: "
+            "the images written would not be this run's (use another hydra.run.dir)"
+        )
 
 
 def written_images(images_dir: Path, indices: list[int], shape) -> dict[int, torch.Tensor]:

@@ -110,19 +110,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def tune(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    steps, n, n_eval, batch_size, seed, t, rt, model, stock, reference, identity, state = prepare(cfg, out)
+    setup = prepare(cfg, out)
+    steps, n, n_eval, _, seed, t, _, model, stock, reference, _, _ = setup
     save_resolved_config(cfg, out)
-    labels = sample_labels(model, Guidance(), None, None, max(n, n_eval))
-
-    def solve(plan, timesteps, x: torch.Tensor) -> torch.Tensor:
-        """plan's solver over `timesteps` from every x_T, batch by batch (x_T row i has label i)."""
-        parts = []
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size].to(rt.device)
-            y = labels[s : s + batch_size].to(rt.device) if labels is not None else None
-            parts.append(plan.fn(model.denoiser, xb, timesteps, model.schedule, y=y, **plan.options).float().cpu())
-        return torch.cat(parts)
-
+    solve = batched_solver(setup, sample_labels(model, Guidance(), None, None, max(n, n_eval)))
     x_tune = randn((n, *model.shape), PerSample(seed, range(n)), "cpu")
     x_eval = randn((n_eval, *model.shape), PerSample(seed + 1, range(n_eval)), "cpu")
     ref_tune, ref_eval = references(out, cfg.resume, lambda x: solve(reference, reference.timesteps, x), x_tune, x_eval)
@@ -131,32 +122,7 @@ def tune(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return solve(stock, sigma_timesteps(model.schedule, sigmas), x)
 
     stock_sigmas = torch.tensor([sigma_of(model.schedule, s) for s in time_list(stock.timesteps)], dtype=torch.float64)
-    with progress_bar(True, TextColumn("{task.fields[loss]} {task.fields[value]:.4g}")) as bar:
-        task = bar.add_task(
-            f"tuning {stock.name} at {steps} steps",
-            total=t["iterations"],
-            completed=state.iteration if state else 0,
-            loss=t["loss"],
-            value=state.loss if state else float("nan"),
-        )
-
-        def checkpoint_state(s: SearchState) -> None:
-            write_json(out / "tune_state.json", {"identity": identity, "state": s.to_json()})
-            bar.update(task, completed=s.iteration, value=s.loss)
-
-        state = tune_levels(
-            lambda sigmas: run_levels(sigmas, x_tune),
-            ref_tune,
-            model.schedule,
-            stock_sigmas,
-            loss=t["loss"],
-            delta=t["delta"],
-            min_delta=t["min_delta"],
-            iterations=t["iterations"],
-            state=state,
-            on_iteration=checkpoint_state,
-        )
-    checkpoint_state(state)
+    state = search(setup, out, lambda sigmas: run_levels(sigmas, x_tune), ref_tune, stock_sigmas)
     tuned = sigmas_of(state.params, model.schedule)
     result = {
         "sampler": stock.name,
@@ -183,6 +149,62 @@ def tune(cfg: DictConfig, out: Path) -> dict[str, Any]:
         **model.source,
     }
     write_json(out / "schedule.json", result)
+    publish(cfg, out, setup, result, stock_sigmas, tuned)
+    return result
+
+
+def batched_solver(setup: Setup, labels: torch.Tensor | None):
+    """solve(plan, timesteps, x): plan's solver over `timesteps` from every x_T, batch by batch (x_T row i has
+    label i), on the CPU."""
+    model, rt, batch_size = setup.model, setup.rt, setup.batch_size
+
+    def solve(plan, timesteps, x: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s : s + batch_size].to(rt.device)
+            y = labels[s : s + batch_size].to(rt.device) if labels is not None else None
+            parts.append(plan.fn(model.denoiser, xb, timesteps, model.schedule, y=y, **plan.options).float().cpu())
+        return torch.cat(parts)
+
+    return solve
+
+
+def search(setup: Setup, out: Path, run_tune, ref_tune: torch.Tensor, stock_sigmas: torch.Tensor) -> SearchState:
+    """The pattern search from the stock levels (or from setup.state, resumed) with its progress bar, the state
+    written to tune_state.json after every sweep and at the end."""
+    t, state, stock = setup.tune, setup.state, setup.stock
+    with progress_bar(True, TextColumn("{task.fields[loss]} {task.fields[value]:.4g}")) as bar:
+        task = bar.add_task(
+            f"tuning {stock.name} at {setup.steps} steps",
+            total=t["iterations"],
+            completed=state.iteration if state else 0,
+            loss=t["loss"],
+            value=state.loss if state else float("nan"),
+        )
+
+        def checkpoint_state(s: SearchState) -> None:
+            write_json(out / "tune_state.json", {"identity": setup.identity, "state": s.to_json()})
+            bar.update(task, completed=s.iteration, value=s.loss)
+
+        state = tune_levels(
+            run_tune,
+            ref_tune,
+            setup.model.schedule,
+            stock_sigmas,
+            loss=t["loss"],
+            delta=t["delta"],
+            min_delta=t["min_delta"],
+            iterations=t["iterations"],
+            state=state,
+            on_iteration=checkpoint_state,
+        )
+    checkpoint_state(state)
+    return state
+
+
+def publish(cfg: DictConfig, out: Path, setup: Setup, result: dict, stock_sigmas, tuned: torch.Tensor) -> None:
+    """levels.png, the schedule recorded in the checkpoint (write_ckpt=true) and the lines that say how to use it."""
+    stock, steps, reference, model = setup.stock, setup.steps, setup.reference, setup.model
     line_plot(
         {"stock": list(enumerate(stock_sigmas.log10().tolist())), "tuned": list(enumerate(tuned.log10().tolist()))},
         out / "levels.png",
@@ -194,15 +216,15 @@ def tune(cfg: DictConfig, out: Path) -> dict[str, Any]:
         record_in_checkpoint(Path(model.source["ckpt"]), result)
     h = result["heldout"]
     console.print(
-        f"{stock.name} at {steps} steps against {reference.name} at {reference.steps} steps, {n_eval} held-out x_T: "
-        f"geometric-mean error stock {h['stock']['geomean']:.4g}, tuned {h['tuned']['geomean']:.4g}; "
-        f"RMS stock {h['stock']['rms']:.4g}, tuned {h['tuned']['rms']:.4g} ({state.evals} evaluations of the schedule)"
+        f"{stock.name} at {steps} steps against {reference.name} at {reference.steps} steps, {setup.n_eval} held-out "
+        f"x_T: geometric-mean error stock {h['stock']['geomean']:.4g}, tuned {h['tuned']['geomean']:.4g}; "
+        f"RMS stock {h['stock']['rms']:.4g}, tuned {h['tuned']['rms']:.4g} ({result['evals']} evaluations of the "
+        "schedule)"
     )
     console.print(
         f"use it: sampler={stock.name} steps={steps} sampler.schedule="
         + ("tuned" if "ckpt" in model.source and cfg.write_ckpt else str(out / "schedule.json"))
     )
-    return result
 
 
 def errors(x: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -218,7 +240,8 @@ def previous_state(out: Path, identity: dict) -> SearchState | None:
     saved = json.loads(path.read_text())
     if saved.get("identity") != json.loads(json.dumps(identity)):
         raise UserError(
-            f"resume=true but {path} was made for another model, solver, steps, seed or reference: use another hydra.run.dir"
+            f"resume=true but {path} was made for another model, solver, steps, seed or reference: "
+            "use another hydra.run.dir"
         )
     return SearchState.from_json(saved["state"])
 
