@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffuse.checkpoint import load_checkpoint
-from diffuse.convert import DEFAULT_SCHEDULE, convert_diffusers, schedule_config
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
+from diffuse.interop.convert import convert_diffusers
+from diffuse.interop.diffusers_unet import DEFAULT_SCHEDULE, schedule_config
 from diffuse.pipeline.model import network_from_checkpoint
 from diffuse.tasks.common import to_dict
 
@@ -257,7 +258,9 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
     from diffuse.tasks import sample as sample_task
 
     write_model(tmp_path / "m", SMALL)
-    r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'c.safetensors'}", cwd=tmp_path)
+    r = _cli(
+        "convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "c.safetensors"), cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'c.safetensors'}"
     sample_task.run(
@@ -273,7 +276,9 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
         )
 
     (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "m" / "diffusion_pytorch_model.bin")
-    r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'd.safetensors'}", cwd=tmp_path)
+    r = _cli(
+        "convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "d.safetensors"), cwd=tmp_path
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "refused" in lines[0], r.stderr
     assert not (tmp_path / "d.safetensors").exists()
@@ -347,7 +352,7 @@ def test_num_train_timesteps_out_of_bounds_are_refused(tmp_path, monkeypatch, T)
 
 
 def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
-    import diffuse.convert as convert
+    import diffuse.interop.convert as convert
 
     write_model(tmp_path / "m", SMALL)
     (tmp_path / "dir.safetensors").mkdir()
@@ -367,7 +372,7 @@ def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeyp
     from diffuse.cli import app
 
     r = CliRunner().invoke(
-        app, ["convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'dir.safetensors'}"]
+        app, ["convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "dir.safetensors")]
     )
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "is a directory" in lines[0], r.stderr

@@ -174,7 +174,7 @@ def convert(tmp_path, net, monkeypatch, *opts, fmt="improved-diffusion"):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(src))
     out = tmp_path / "ours.safetensors"
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["convert", "--from", fmt, str(src), f"out={out}", *opts], catch_exceptions=False)
+    r = CliRunner().invoke(app, ["convert", "--from", fmt, str(src), "--out", str(out), *opts], catch_exceptions=False)
     return r, out
 
 
@@ -182,13 +182,13 @@ CASES = {
     # improved-diffusion's CIFAR-10 flags in small: learned sigma, scale-shift, legacy heads, T = 4000 rescaled
     "improved": (
         dict(classes=None, ss=True, legacy=True, heads=2, time_scale=1000 / 4000, mult=(1, 2), attn_ds=(2,)),
-        ["resolution=8", "schedule=cosine", "T=4000", "heads=2"],
+        ["--resolution", "8", "--schedule", "cosine", "--T", "4000", "--heads", "2"],
         "improved-diffusion",
     ),
     # guided-diffusion's: class-conditional, new attention order, num_head_channels, no rescale
     "guided": (
         dict(classes=5, ss=True, legacy=False, heads=lambda c: c // 16, cout=3, mult=(1, 2, 2), attn_ds=(2, 4)),
-        ["resolution=8", "schedule=linear", "head_channels=16", "attention_order=new"],
+        ["--resolution", "8", "--schedule", "linear", "--head-channels", "16", "--attention-order", "new"],
         "guided-diffusion",
     ),
 }
@@ -229,11 +229,16 @@ def test_converted_learned_sigma_model_samples_ancestrally(tmp_path, monkeypatch
 @pytest.mark.parametrize(
     "mutate,opts,needle",
     [
-        (None, ["schedule=cosine"], "resolution= is required"),
-        (None, ["resolution=8"], "schedule=None is not allowed"),
-        (None, ["resolution=8", "schedule=cosine", "heads=3"], "does not split into 3 heads"),
-        (None, ["resolution=8", "schedule=cosine", "num_heads=2"], "'num_heads=2' is not an argument"),
-        ("extra", ["resolution=8", "schedule=cosine", "heads=2"], "has no place in our U-Net"),
+        (None, ["--schedule", "cosine"], "--resolution is required"),
+        (None, ["--resolution", "8"], "--schedule is required"),
+        (None, ["--resolution", "8", "--schedule", "cosine", "--heads", "3"], "does not split into 3 heads"),
+        (None, ["--resolution", "8", "--schedule", "cosine", "--num-heads", "2"], "No such option: --num-heads"),
+        (
+            None,
+            ["--resolution", "8", "--schedule", "cosine", "num_heads=2"],
+            "unexpected extra argument(s) (num_heads=2) (its options are --NAME VALUE",
+        ),
+        ("extra", ["--resolution", "8", "--schedule", "cosine", "--heads", "2"], "has no place in our U-Net"),
     ],
 )
 def test_refusals_are_one_line(mutate, opts, needle, tmp_path, monkeypatch):
@@ -246,7 +251,7 @@ def test_refusals_are_one_line(mutate, opts, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(
         app,
-        ["convert", "--from", "improved-diffusion", str(src), f"out={tmp_path / 'o.safetensors'}", *opts],
+        ["convert", "--from", "improved-diffusion", str(src), "--out", str(tmp_path / "o.safetensors"), *opts],
         catch_exceptions=False,
     )
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -264,9 +269,12 @@ def test_pickles_are_refused_unopened(tmp_path, monkeypatch):
             "--from",
             "improved-diffusion",
             str(bad),
-            f"out={tmp_path / 'o.safetensors'}",
-            "resolution=8",
-            "schedule=cosine",
+            "--out",
+            str(tmp_path / "o.safetensors"),
+            "--resolution",
+            "8",
+            "--schedule",
+            "cosine",
         ],
         catch_exceptions=False,
     )
