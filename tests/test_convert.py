@@ -106,6 +106,8 @@ def test_reference_network_matches_diffusers(tmp_path, compose_cfg):
         "scale_with_T": False,
     }
     assert prediction == "eps" and schedule.T == 1000
+    simple = to_dict(compose_cfg("train", ["objective=simple"]).objective)
+    assert ckpt.config["objective"] == {k: simple[k] for k in ("prediction", "weighting", "min_snr_gamma", "p_uncond")}
     assert abs(float(schedule.betas[0]) - 1e-4) < 1e-12 and abs(float(schedule.betas[-1]) - 0.02) < 1e-12
 
 
@@ -376,3 +378,25 @@ def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeyp
     )
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "is a directory" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [["--resolution", "8"], ["--schedule", "cosine"], ["--no-rescale-timesteps"], ["--prediction", "x0"]],
+)
+def test_the_adm_options_are_refused_with_a_diffusers_folder(tmp_path, opts):
+    from typer.testing import CliRunner
+
+    from diffuse.cli import app
+
+    write_model(tmp_path / "m", SMALL)
+    args = ["convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "o.safetensors"), *opts]
+    r = CliRunner().invoke(app, args)
+    lines = r.stderr.strip().splitlines()
+    flag = opts[0].replace("--no-", "--")
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == (
+        f"error: {flag} is an option of --from improved-diffusion and guided-diffusion: "
+        "a diffusers folder's config.json says what it sets"
+    )
+    assert not (tmp_path / "o.safetensors").exists()
