@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffuse.convert import convert_diffusers  # noqa: E402
+from diffuse.interop.convert import convert_diffusers  # noqa: E402
 from diffuse.nets.flops import forward_flops  # noqa: E402
 
 REFERENCE = {  # google/ddpm-cifar10-32's unet/config.json

@@ -189,7 +189,7 @@ COMMANDS = (
         None,
         """Import pretrained weights as a diffuse checkpoint.
 
-        diffuse convert --from diffusers PATH_OR_DIR out=FILE.safetensors
+        diffuse convert --from diffusers PATH_OR_DIR --out FILE.safetensors
 
         Maps a diffusers UNet2DModel of Ho et al.'s DDPM architecture (e.g. google/ddpm-cifar10-32: config.json and
         diffusion_pytorch_model.safetensors; pickled .bin files are refused) onto diffuse's U-Net, with its linear
@@ -197,12 +197,13 @@ COMMANDS = (
         folder (the Stable Diffusion VAE family, or a pipeline folder holding only vae/) or an AutoencoderTiny one
         (TAESD) becomes an autoencoder checkpoint for `diffuse train autoencoder=FILE.safetensors`.
 
-        diffuse convert --from improved-diffusion MODEL.safetensors out=FILE.safetensors resolution=32 schedule=cosine
-        [T=4000] [heads=4 | head_channels=64] [attention_order=legacy|new] [rescale_timesteps=true|false] [prediction=eps|x0]
+        diffuse convert --from improved-diffusion MODEL.safetensors --out FILE.safetensors --resolution 32
+        --schedule cosine [--T 4000] [--heads 4 | --head-channels 64] [--attention-order legacy|new]
+        [--rescale-timesteps | --no-rescale-timesteps] [--prediction eps|x0]
 
         Maps Nichol & Dhariwal's U-Net (improved-diffusion, or guided-diffusion's with --from guided-diffusion), learned
         variances included, from a safetensors state dict (their .pt pickles are refused: save the state dict with
-        safetensors first); the flags the weights cannot tell are given as key=value.
+        safetensors first); the flags the weights cannot tell are the options marked ADM.
         """,
     ),
     Command(
@@ -211,7 +212,7 @@ COMMANDS = (
         None,
         """Export a checkpoint for another toolkit.
 
-        diffuse export --to diffusers ckpt=FILE|RUN_DIR out=DIR [use_ema=false]
+        diffuse export --to diffusers --ckpt FILE|RUN_DIR --out DIR [--no-ema]
 
         Writes a diffusers pipeline folder (model_index.json, unet/ as a UNet2DModel in safetensors, scheduler/ with
         the model's betas and prediction type) that DDPMPipeline.from_pretrained(DIR) loads. A network diffusers

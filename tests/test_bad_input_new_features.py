@@ -103,7 +103,7 @@ CASES = [
     (["upsample", "--image", "{d}/twins", f"ckpt={S}", "steps=2"], "a.jpg and a.png would both write a_00.png"),
     # exported, then diffusers could not build it (GroupNorm(32, 16))
     (
-        ["export", "--to", "diffusers", f"ckpt={B}", "out={tmp}/pipe"],
+        ["export", "--to", "diffusers", "--ckpt", B, "--out", "{tmp}/pipe"],
         "a 16-channel layer (model.ch=16) that 32 norm groups",
     ),
     # "does not exist (or is not a file)" for a folder that exists
@@ -113,9 +113,12 @@ CASES = [
             "--from",
             "improved-diffusion",
             "{d}/base",
-            "out={tmp}/x.safetensors",
-            "resolution=4",
-            "schedule=cosine",
+            "--out",
+            "{tmp}/x.safetensors",
+            "--resolution",
+            "4",
+            "--schedule",
+            "cosine",
         ],
         "{d}/base is a folder: --from improved-diffusion takes the network's .safetensors file",
     ),
@@ -160,9 +163,12 @@ def test_export_to_an_unwritable_place_is_one_line(runs, tmp_path, monkeypatch):
     """/proc refuses a new folder even to root (a chmod 555 folder would not): this was a FileNotFoundError
     traceback from mkdtemp, and a parent made by the export stayed behind."""
     for out in ("/proc/pipe", "/proc/a/b/pipe"):
-        r = _invoke(["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={out}"], tmp_path, monkeypatch)
+        r = _invoke(
+            ["export", "--to", "diffusers", "--ckpt", str(runs / "base32"), "--out", out], tmp_path, monkeypatch
+        )
         assert (
-            r.exit_code == 2 and r.stderr.strip() == f"error: out={out!r} cannot be written: No such file or directory"
+            r.exit_code == 2
+            and r.stderr.strip() == f"error: --out={out!r} cannot be written: No such file or directory"
         ), r.stderr
 
 
@@ -192,9 +198,9 @@ def test_slurm_launcher_without_slurm_is_one_line(tmp_path, monkeypatch):
     [
         (
             "convert",
-            ["resolution=", "schedule=", "head_channels=", "out=FILE.safetensors"],
+            ["--resolution", "--schedule", "--head-channels", "--out FILE.safetensors"],
         ),  # was a FileNotFoundError traceback
-        ("export", ["ckpt=", "out=DIR", "use_ema="]),
+        ("export", ["--ckpt", "--out DIR", "--no-ema"]),
         ("train-ae", ["loss.kl_weight=", "loss.disc_weight=", "autoencoder.* with autoencoder=kl_f4", "resume="]),
         ("upsample", ["ckpt=", "n=", "resize=", "condition.aug_level="]),
         ("train", ["trainer.eval_every=", "logger.mode=", "condition.aug_max=", "autoencoder=", "resume="]),
@@ -229,20 +235,20 @@ def test_export_and_convert_stopped_by_sigterm_leave_nothing(runs, tmp_path, mon
     pipe = tmp_path.parent / f"{tmp_path.name}_pipe"  # a whole export, to convert back
     assert (
         _invoke(
-            ["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={pipe}"], tmp_path, monkeypatch
+            ["export", "--to", "diffusers", "--ckpt", str(runs / "base32"), "--out", str(pipe)], tmp_path, monkeypatch
         ).exit_code
         == 0
     )
     _signal_during(monkeypatch, safetensors.torch, "save_file")
     r = _invoke(
-        ["export", "--to", "diffusers", f"ckpt={runs / 'base32'}", f"out={tmp_path / 'a' / 'pipe'}"],
+        ["export", "--to", "diffusers", "--ckpt", str(runs / "base32"), "--out", str(tmp_path / "a" / "pipe")],
         tmp_path,
         monkeypatch,
     )
     assert r.exit_code == 0 and "stopped by signal (SIGTERM): nothing written" in r.stdout, (r.stdout, r.stderr)
     assert list(tmp_path.iterdir()) == []
     r = _invoke(
-        ["convert", "--from", "diffusers", str(pipe), f"out={tmp_path / 'x.safetensors'}"], tmp_path, monkeypatch
+        ["convert", "--from", "diffusers", str(pipe), "--out", str(tmp_path / "x.safetensors")], tmp_path, monkeypatch
     )
     assert r.exit_code == 0 and "stopped by signal (SIGTERM): nothing written" in r.stdout, (r.stdout, r.stderr)
     assert list(tmp_path.iterdir()) == []

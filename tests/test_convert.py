@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffuse.checkpoint import load_checkpoint
-from diffuse.convert import DEFAULT_SCHEDULE, convert_diffusers, schedule_config
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
+from diffuse.interop.convert import convert_diffusers
+from diffuse.interop.diffusers_unet import DEFAULT_SCHEDULE, schedule_config
 from diffuse.pipeline.model import network_from_checkpoint
 from diffuse.tasks.common import to_dict
 
@@ -105,6 +106,8 @@ def test_reference_network_matches_diffusers(tmp_path, compose_cfg):
         "scale_with_T": False,
     }
     assert prediction == "eps" and schedule.T == 1000
+    simple = to_dict(compose_cfg("train", ["objective=simple"]).objective)
+    assert ckpt.config["objective"] == {k: simple[k] for k in ("prediction", "weighting", "min_snr_gamma", "p_uncond")}
     assert abs(float(schedule.betas[0]) - 1e-4) < 1e-12 and abs(float(schedule.betas[-1]) - 0.02) < 1e-12
 
 
@@ -257,7 +260,9 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
     from diffuse.tasks import sample as sample_task
 
     write_model(tmp_path / "m", SMALL)
-    r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'c.safetensors'}", cwd=tmp_path)
+    r = _cli(
+        "convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "c.safetensors"), cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'c.safetensors'}"
     sample_task.run(
@@ -273,7 +278,9 @@ def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg
         )
 
     (tmp_path / "m" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "m" / "diffusion_pytorch_model.bin")
-    r = _cli("convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'd.safetensors'}", cwd=tmp_path)
+    r = _cli(
+        "convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "d.safetensors"), cwd=tmp_path
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "refused" in lines[0], r.stderr
     assert not (tmp_path / "d.safetensors").exists()
@@ -347,7 +354,7 @@ def test_num_train_timesteps_out_of_bounds_are_refused(tmp_path, monkeypatch, T)
 
 
 def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
-    import diffuse.convert as convert
+    import diffuse.interop.convert as convert
 
     write_model(tmp_path / "m", SMALL)
     (tmp_path / "dir.safetensors").mkdir()
@@ -367,7 +374,29 @@ def test_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeyp
     from diffuse.cli import app
 
     r = CliRunner().invoke(
-        app, ["convert", "--from", "diffusers", str(tmp_path / "m"), f"out={tmp_path / 'dir.safetensors'}"]
+        app, ["convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "dir.safetensors")]
     )
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "is a directory" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [["--resolution", "8"], ["--schedule", "cosine"], ["--no-rescale-timesteps"], ["--prediction", "x0"]],
+)
+def test_the_adm_options_are_refused_with_a_diffusers_folder(tmp_path, opts):
+    from typer.testing import CliRunner
+
+    from diffuse.cli import app
+
+    write_model(tmp_path / "m", SMALL)
+    args = ["convert", "--from", "diffusers", str(tmp_path / "m"), "--out", str(tmp_path / "o.safetensors"), *opts]
+    r = CliRunner().invoke(app, args)
+    lines = r.stderr.strip().splitlines()
+    flag = opts[0].replace("--no-", "--")
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == (
+        f"error: {flag} is an option of --from improved-diffusion and guided-diffusion: "
+        "a diffusers folder's config.json says what it sets"
+    )
+    assert not (tmp_path / "o.safetensors").exists()

@@ -174,7 +174,7 @@ def convert(tmp_path, net, monkeypatch, *opts, fmt="improved-diffusion"):
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(src))
     out = tmp_path / "ours.safetensors"
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["convert", "--from", fmt, str(src), f"out={out}", *opts], catch_exceptions=False)
+    r = CliRunner().invoke(app, ["convert", "--from", fmt, str(src), "--out", str(out), *opts], catch_exceptions=False)
     return r, out
 
 
@@ -182,13 +182,13 @@ CASES = {
     # improved-diffusion's CIFAR-10 flags in small: learned sigma, scale-shift, legacy heads, T = 4000 rescaled
     "improved": (
         dict(classes=None, ss=True, legacy=True, heads=2, time_scale=1000 / 4000, mult=(1, 2), attn_ds=(2,)),
-        ["resolution=8", "schedule=cosine", "T=4000", "heads=2"],
+        ["--resolution", "8", "--schedule", "cosine", "--T", "4000", "--heads", "2"],
         "improved-diffusion",
     ),
     # guided-diffusion's: class-conditional, new attention order, num_head_channels, no rescale
     "guided": (
         dict(classes=5, ss=True, legacy=False, heads=lambda c: c // 16, cout=3, mult=(1, 2, 2), attn_ds=(2, 4)),
-        ["resolution=8", "schedule=linear", "head_channels=16", "attention_order=new"],
+        ["--resolution", "8", "--schedule", "linear", "--head-channels", "16", "--attention-order", "new"],
         "guided-diffusion",
     ),
 }
@@ -229,11 +229,16 @@ def test_converted_learned_sigma_model_samples_ancestrally(tmp_path, monkeypatch
 @pytest.mark.parametrize(
     "mutate,opts,needle",
     [
-        (None, ["schedule=cosine"], "resolution= is required"),
-        (None, ["resolution=8"], "schedule=None is not allowed"),
-        (None, ["resolution=8", "schedule=cosine", "heads=3"], "does not split into 3 heads"),
-        (None, ["resolution=8", "schedule=cosine", "num_heads=2"], "'num_heads=2' is not an argument"),
-        ("extra", ["resolution=8", "schedule=cosine", "heads=2"], "has no place in our U-Net"),
+        (None, ["--schedule", "cosine"], "--resolution is required"),
+        (None, ["--resolution", "8"], "--schedule is required"),
+        (None, ["--resolution", "8", "--schedule", "cosine", "--heads", "3"], "does not split into 3 heads"),
+        (None, ["--resolution", "8", "--schedule", "cosine", "--num-heads", "2"], "No such option: --num-heads"),
+        (
+            None,
+            ["--resolution", "8", "--schedule", "cosine", "num_heads=2"],
+            "unexpected extra argument(s) (num_heads=2) (its options are --NAME VALUE",
+        ),
+        ("extra", ["--resolution", "8", "--schedule", "cosine", "--heads", "2"], "has no place in our U-Net"),
     ],
 )
 def test_refusals_are_one_line(mutate, opts, needle, tmp_path, monkeypatch):
@@ -246,7 +251,7 @@ def test_refusals_are_one_line(mutate, opts, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(
         app,
-        ["convert", "--from", "improved-diffusion", str(src), f"out={tmp_path / 'o.safetensors'}", *opts],
+        ["convert", "--from", "improved-diffusion", str(src), "--out", str(tmp_path / "o.safetensors"), *opts],
         catch_exceptions=False,
     )
     assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -264,10 +269,92 @@ def test_pickles_are_refused_unopened(tmp_path, monkeypatch):
             "--from",
             "improved-diffusion",
             str(bad),
-            f"out={tmp_path / 'o.safetensors'}",
-            "resolution=8",
-            "schedule=cosine",
+            "--out",
+            str(tmp_path / "o.safetensors"),
+            "--resolution",
+            "8",
+            "--schedule",
+            "cosine",
         ],
         catch_exceptions=False,
     )
     assert r.exit_code == 2 and "pickle" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts,needle",
+    [
+        (["--resolution", "0", "--schedule", "cosine"], "--resolution=0 is not allowed: it must be >= 1"),
+        (["--resolution", "8", "--schedule", "sigmoid"], "--schedule='sigmoid' is not allowed: choose one of linear"),
+        (["--resolution", "8", "--schedule", "cosine", "--T", "1"], "--T=1 is not allowed: it must be >= 2"),
+        (["--resolution", "8", "--schedule", "cosine", "--heads", "0"], "--heads=0 is not allowed: it must be >= 1"),
+        (
+            ["--resolution", "8", "--schedule", "cosine", "--heads", "2", "--head-channels", "16"],
+            "--heads and --head-channels cannot both be given",
+        ),
+        (
+            ["--resolution", "8", "--schedule", "cosine", "--attention-order", "old"],
+            "--attention-order='old' is not allowed: choose one of legacy, new",
+        ),
+        (
+            ["--resolution", "8", "--schedule", "cosine", "--prediction", "v"],
+            "--prediction='v' is not allowed: choose one of eps, x0",
+        ),
+        (["--resolution", "eight", "--schedule", "cosine"], "Invalid value for '--resolution'"),
+        (["--resolution", "8", "--schedule", "cosine", "--T"], "Option '--T' requires an argument"),
+    ],
+)
+def test_options_are_refused_in_one_line_before_the_weights_are_read(opts, needle, tmp_path, monkeypatch):
+    import safetensors
+
+    def forbidden(*a, **k):
+        raise AssertionError("the weights were read before the options were checked")
+
+    monkeypatch.setattr(safetensors, "safe_open", forbidden)
+    src = tmp_path / "adm.safetensors"
+    src.write_bytes(b"not read")
+    r = CliRunner().invoke(
+        app, ["convert", "--from", "improved-diffusion", str(src), "--out", str(tmp_path / "o.safetensors"), *opts]
+    )
+    assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adm.safetensors"]
+
+
+@pytest.mark.parametrize("fmt,rescale", [("improved-diffusion", True), ("guided-diffusion", False)])
+def test_options_default_to_the_formats_own_flags(fmt, rescale):
+    from diffuse.interop.adm import check_options
+
+    given = {"resolution": 8, "schedule": "cosine", "T": None, "heads": None, "prediction": None}
+    assert check_options(given, fmt) == {
+        "resolution": 8,
+        "schedule": "cosine",
+        "T": 1000,
+        "heads": 4,
+        "head_channels": None,
+        "attention_order": "legacy",
+        "rescale_timesteps": rescale,
+        "prediction": "eps",
+    }
+    o = check_options({**given, "head_channels": 16, "rescale_timesteps": not rescale}, fmt)
+    assert (o["heads"], o["head_channels"], o["rescale_timesteps"]) == (None, 16, not rescale)
+
+
+def test_the_recorded_schedule_and_objective_are_the_configs_of_their_names(tmp_path, monkeypatch, compose_cfg):
+    """What the weights do not record is what training with schedule=NAME objective=simple uses (their T aside;
+    ADM's cosine caps its betas at 0.999), and the options are recorded as given or defaulted."""
+    from diffuse.tasks.common import to_dict
+
+    kw, opts, _ = CASES["improved"]
+    r, out = convert(tmp_path, randomised(ADM(**kw)), monkeypatch, *opts, "--no-rescale-timesteps")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    config = load_checkpoint(out).config
+    assert config["schedule"] == {
+        **to_dict(compose_cfg("train", ["schedule=cosine"]).schedule),
+        "T": 4000,
+        "max_beta": 0.999,
+    }
+    simple = to_dict(compose_cfg("train", ["objective=simple"]).objective)
+    keys = ("prediction", "weighting", "min_snr_gamma", "p_uncond", "vlb_weight")
+    assert config["objective"] == {**{k: simple[k] for k in keys}, "learn_sigma": True}
+    assert config["source"]["options"]["rescale_timesteps"] is False and config["model"]["time_scale"] == 1.0

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from diffuse.checkpoint import load_checkpoint
-from diffuse.convert import convert_diffusers
 from diffuse.errors import UserError
+from diffuse.interop.convert import convert_diffusers
 from diffuse.pipeline.latent import load_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from diffuse.checkpoint import Checkpoint, save_checkpoint
 from diffuse.diffusion.prediction import NetworkDenoiser
 from diffuse.diffusion.samplers.ddim import ddim
 from diffuse.errors import UserError
-from diffuse.export import export_diffusers
+from diffuse.interop.export import export_diffusers
 from diffuse.nets import build_network
 from diffuse.pipeline.model import schedule_from_config
 
@@ -162,15 +162,19 @@ def test_cli_exports_and_refuses_with_exit_2(tmp_path):
     from diffuse.cli import app
 
     make_ckpt(tmp_path / "c.safetensors")
-    args = ["export", "--to", "diffusers", f"ckpt={tmp_path / 'c.safetensors'}"]
-    ok = CliRunner().invoke(app, [*args, f"out={tmp_path / 'pipe'}"])
+    args = ["export", "--to", "diffusers", "--ckpt", str(tmp_path / "c.safetensors")]
+    ok = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "pipe")])
     assert ok.exit_code == 0 and ok.output.strip() == f"wrote {tmp_path / 'pipe'}", ok.output
     assert {p.name for p in (tmp_path / "pipe").iterdir()} == {"model_index.json", "unet", "scheduler"}
     for extra, needle in (
-        (["out=" + str(tmp_path / "pipe")], "it exists and is not an empty folder"),
-        (["--to", "onnx", f"out={tmp_path / 'x'}"], "--to 'onnx' is not allowed: choose diffusers"),
-        ([f"out={tmp_path / 'x'}", "steps=3"], "'steps=3' is not an argument of export"),
-        ([], "out= is required"),
+        (["--out", str(tmp_path / "pipe")], "it exists and is not an empty folder"),
+        (["--to", "onnx", "--out", str(tmp_path / "x")], "--to 'onnx' is not allowed: choose diffusers"),
+        (["--out", str(tmp_path / "x"), "--steps", "3"], "No such option: --steps"),
+        (
+            ["--out", str(tmp_path / "x"), "steps=3"],
+            "unexpected extra argument(s) (steps=3) (its options are --NAME VALUE, not NAME=VALUE",
+        ),
+        ([], "Missing option '--out'"),
     ):
         r = CliRunner().invoke(app, [*args, *extra])
         assert r.exit_code == 2 and needle in r.output and r.output.count("\n") == 1, r.output

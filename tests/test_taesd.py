@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from diffuse.checkpoint import load_checkpoint
 from diffuse.cli import app
-from diffuse.convert import convert_diffusers
 from diffuse.errors import UserError
+from diffuse.interop.convert import convert_diffusers
 from diffuse.pipeline.latent import load_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,7 +156,7 @@ def test_cli_convert_train_on_taesd_latents_and_sample(tmp_path, monkeypatch):
     run = CliRunner().invoke
     r = run(
         app,
-        ["convert", "--from", "diffusers", str(tmp_path / "vae"), f"out={tmp_path / 'taesd.safetensors'}"],
+        ["convert", "--from", "diffusers", str(tmp_path / "vae"), "--out", str(tmp_path / "taesd.safetensors")],
         catch_exceptions=False,
     )
     assert r.exit_code == 0, r.output

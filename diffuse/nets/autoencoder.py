@@ -6,7 +6,7 @@ f = 2^(len(ch_mult) - 1). Each level of the encoder is num_res_blocks residual b
 then a stride-2 convolution (none after the last); the middle is block, self-attention, block; the decoder mirrors
 it with one block more per level and nearest-neighbour upsampling. There is no time embedding: this network
 never sees a noise level. The layout is the Stable Diffusion VAE's, so that diffusers' AutoencoderKL weights map
-onto it one tensor per tensor (diffuse/convert_autoencoder.py).
+onto it one tensor per tensor (diffuse/interop/diffusers_vae.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Export a diffuse checkpoint as a diffusers pipeline folder: the inverse of diffuse/convert.py.
+"""Export a diffuse checkpoint as a diffusers pipeline folder: the inverse of diffuse/interop/diffusers_unet.py.
 
-    diffuse export --to diffusers ckpt=FILE|RUN_DIR out=DIR
+    diffuse export --to diffusers --ckpt FILE|RUN_DIR --out DIR [--no-ema]
 
 DIR gets what `DDPMPipeline.from_pretrained(DIR)` reads: model_index.json, unet/config.json +
 unet/diffusion_pytorch_model.safetensors (a UNet2DModel) and scheduler/scheduler_config.json (a DDPMScheduler that
@@ -32,11 +32,12 @@ from typing import Any
 import torch
 
 from diffuse.errors import UserError
+from diffuse.interop.diffusers_unet import RESNET, TOP, unet_layout
+from diffuse.interop.weights import WEIGHTS, missing_parents
 
 # The version whose file layout and config keys this module writes (the one tests/test_export.py loads it with).
 DIFFUSERS_VERSION = "0.42.1"
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The U-Net options UNet2DModel has a setting for.
 MAPPED = {
     "resolution",
@@ -63,6 +64,46 @@ def refuse(where: str, what: str) -> UserError:
 def unet2d_config(model: dict, where: str, learn_sigma: bool = False) -> dict:
     """The UNet2DModel config.json of our U-Net config (as nets.build_network takes it); `learn_sigma`: its
     output is C mean channels and C variance channels."""
+    m = _unet_arguments(model, where, learn_sigma)
+    ch, mult, res = m["ch"], list(m["ch_mult"]), m["resolution"]
+    chans = [ch * k for k in mult]
+    attn_levels = [i for i in range(len(mult)) if res // 2**i in set(m["attn_resolutions"])]
+    down = ["AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(mult))]
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": res,
+        "in_channels": m["in_channels"],
+        "out_channels": m["out_channels"] or m["in_channels"],
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "freq_shift": 1,
+        "flip_sin_to_cos": False,
+        "down_block_types": down,
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
+        "block_out_channels": chans,
+        "layers_per_block": m["num_res_blocks"],
+        "mid_block_scale_factor": 1,
+        "downsample_padding": 0 if m["downsample_pad"] == "end" else 1,
+        "downsample_type": "conv",
+        "upsample_type": "conv",
+        "dropout": float(m["dropout"]),
+        "act_fn": "silu",
+        # the middle block always attends
+        "attention_head_dim": _head_dim(m["heads"], [chans[i] for i in attn_levels] + [chans[-1]], where),
+        "norm_num_groups": m["groups"],
+        "attn_norm_num_groups": None,
+        "norm_eps": 1e-6,
+        "resnet_time_scale_shift": "default",
+        "add_attention": True,
+        "class_embed_type": None,
+        "num_class_embeds": m["num_classes"] + 1 if m["num_classes"] else None,
+    }
+
+
+def _unet_arguments(model: dict, where: str, learn_sigma: bool) -> dict:
+    """Every argument of our U-Net for `model` (defaults filled in), or one line for what UNet2DModel lacks."""
     import inspect
 
     from diffuse.nets.unet import UNet
@@ -84,50 +125,18 @@ def unet2d_config(model: dict, where: str, learn_sigma: bool = False) -> dict:
     in_ch, out_ch = m["in_channels"], m["out_channels"] or m["in_channels"]
     if out_ch != (2 * in_ch if learn_sigma else in_ch):
         raise refuse(where, f"the network outputs {out_ch} channels for {in_ch} input channels (a conditioning input)")
-    ch, mult, res = m["ch"], list(m["ch_mult"]), m["resolution"]
-    chans = [ch * k for k in mult]
-    attn_levels = [i for i in range(len(mult)) if res // 2**i in set(m["attn_resolutions"])]
-    attn_widths = [chans[i] for i in attn_levels] + [chans[-1]]  # the middle block always attends
-    heads = m["heads"]
+    return m
+
+
+def _head_dim(heads: int, attn_widths: list[int], where: str) -> int | None:
+    """Diffusers fixes the width of a head where we fix their number: one width must fit every attention layer."""
     if heads == 1:
-        head_dim = None  # diffusers' null: one head as wide as its layer, at every layer
-    elif len({w // heads for w in attn_widths}) == 1 and all(w % heads == 0 for w in attn_widths):
-        head_dim = attn_widths[0] // heads
-    else:
-        raise refuse(
-            where, f"model.heads={heads} gives heads of different widths at attention layers of {attn_widths} channels"
-        )
-    down = ["AttnDownBlock2D" if i in attn_levels else "DownBlock2D" for i in range(len(mult))]
-    return {
-        "_class_name": "UNet2DModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": res,
-        "in_channels": in_ch,
-        "out_channels": out_ch,
-        "center_input_sample": False,
-        "time_embedding_type": "positional",
-        "freq_shift": 1,
-        "flip_sin_to_cos": False,
-        "down_block_types": down,
-        "mid_block_type": "UNetMidBlock2D",
-        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
-        "block_out_channels": chans,
-        "layers_per_block": m["num_res_blocks"],
-        "mid_block_scale_factor": 1,
-        "downsample_padding": 0 if m["downsample_pad"] == "end" else 1,
-        "downsample_type": "conv",
-        "upsample_type": "conv",
-        "dropout": float(m["dropout"]),
-        "act_fn": "silu",
-        "attention_head_dim": head_dim,
-        "norm_num_groups": m["groups"],
-        "attn_norm_num_groups": None,
-        "norm_eps": 1e-6,
-        "resnet_time_scale_shift": "default",
-        "add_attention": True,
-        "class_embed_type": None,
-        "num_class_embeds": m["num_classes"] + 1 if m["num_classes"] else None,
-    }
+        return None  # diffusers' null: one head as wide as its layer, at every layer
+    if len({w // heads for w in attn_widths}) == 1 and all(w % heads == 0 for w in attn_widths):
+        return attn_widths[0] // heads
+    raise refuse(
+        where, f"model.heads={heads} gives heads of different widths at attention layers of {attn_widths} channels"
+    )
 
 
 def scheduler_config(
@@ -176,102 +185,53 @@ def scheduler_config(
     return cfg
 
 
-_RES = {
-    "norm1": "norm1",
-    "conv1": "conv1",
-    "temb_proj": "time_emb_proj",
-    "norm2": "norm2",
-    "conv2": "conv2",
-    "skip": "conv_shortcut",
-}
-
-
 def diffusers_weights(sd: dict[str, torch.Tensor], net) -> dict[str, torch.Tensor]:
-    """Our U-Net's state dict under diffusers' UNet2DModel names (convert.map_weights read backwards)."""
-    from diffuse.nets.layers import AttnBlock, Downsample, ResBlock, Upsample
+    """Our U-Net's state dict under diffusers' UNet2DModel names (diffusers_unet.map_weights read backwards)."""
+    from diffuse.nets.layers import AttnBlock, ResBlock
 
     out: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> torch.Tensor:
         return sd[name].detach().to(torch.float32).contiguous()
 
-    def module(ours: str, mod, theirs: str) -> None:
+    for ours, theirs in TOP:
+        for part in ("weight", "bias"):
+            out[f"{theirs}.{part}"] = take(f"{ours}.{part}")
+    if net.label_emb is not None:
+        out["class_embedding.weight"] = take("label_emb.weight")
+    for ours, mod, theirs in unet_layout(net):
         if isinstance(mod, ResBlock):
             for name in mod.state_dict():
                 sub, _, part = name.partition(".")
-                out[f"{theirs}.{_RES[sub]}.{part}"] = take(f"{ours}.{name}")
+                out[f"{theirs}.{RESNET[sub]}.{part}"] = take(f"{ours}.{name}")
         elif isinstance(mod, AttnBlock):
-            out[f"{theirs}.group_norm.weight"], out[f"{theirs}.group_norm.bias"] = (
-                take(f"{ours}.norm.weight"),
-                take(f"{ours}.norm.bias"),
-            )
+            out[f"{theirs}.group_norm.weight"] = take(f"{ours}.norm.weight")
+            out[f"{theirs}.group_norm.bias"] = take(f"{ours}.norm.bias")
             w, b = take(f"{ours}.qkv.weight")[:, :, 0, 0], take(f"{ours}.qkv.bias")
             for x, wx, bx in zip("qkv", w.chunk(3), b.chunk(3)):
                 out[f"{theirs}.to_{x}.weight"], out[f"{theirs}.to_{x}.bias"] = wx.contiguous(), bx.contiguous()
             out[f"{theirs}.to_out.0.weight"] = take(f"{ours}.proj.weight")[:, :, 0, 0].contiguous()
             out[f"{theirs}.to_out.0.bias"] = take(f"{ours}.proj.bias")
-        elif isinstance(mod, (Downsample, Upsample)):
+        else:  # a resampler
             for part in ("weight", "bias"):
                 out[f"{theirs}.conv.{part}"] = take(f"{ours}.conv.{part}")
-
-    for ours, theirs in (
-        ("temb.0", "time_embedding.linear_1"),
-        ("temb.2", "time_embedding.linear_2"),
-        ("conv_in", "conv_in"),
-        ("norm_out", "conv_norm_out"),
-        ("conv_out", "conv_out"),
-    ):
-        for part in ("weight", "bias"):
-            out[f"{theirs}.{part}"] = take(f"{ours}.{part}")
-    if net.label_emb is not None:
-        out["class_embedding.weight"] = take("label_emb.weight")
-    # Our flat down/up lists, level by level: its resnets (each with its attention), then its resampler.
-    levels = sum(1 for b in net.down if isinstance(b[0], Downsample)) + 1
-    for path, blocks, resampler in (("down", net.down, "downsamplers"), ("up", net.up, "upsamplers")):
-        level, layer = 0, 0
-        for k, block in enumerate(blocks):
-            if isinstance(block[0], (Downsample, Upsample)):
-                module(f"{path}.{k}.0", block[0], f"{path}_blocks.{level}.{resampler}.0")
-                level, layer = level + 1, 0
-                continue
-            module(f"{path}.{k}.0", block[0], f"{path}_blocks.{level}.resnets.{layer}")
-            if len(block) > 1:
-                module(f"{path}.{k}.1", block[1], f"{path}_blocks.{level}.attentions.{layer}")
-            layer += 1
-        assert level == levels - 1, (path, level, levels)
-    module("mid.0", net.mid[0], "mid_block.resnets.0")
-    module("mid.1", net.mid[1], "mid_block.attentions.0")
-    module("mid.2", net.mid[2], "mid_block.resnets.1")
     return out
 
 
 def check_out_dir(out: Path) -> None:
-    """out=DIR: a folder that does not exist yet or is empty, in a writable place; checked before any work."""
+    """--out DIR: a folder that does not exist yet or is empty, in a writable place; checked before any work."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
-            f"out={str(out)!r} is not allowed: it exists and is not an empty folder (give a new folder for the pipeline)"
+            f"--out={str(out)!r} is not allowed: it exists and is not an empty folder "
+            "(give a new folder for the pipeline)"
         )
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    _, parent = missing_parents(out)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"out={str(out)!r} cannot be written: {parent} is not a writable folder")
+        raise UserError(f"--out={str(out)!r} cannot be written: {parent} is not a writable folder")
 
 
-def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
-    """Write the diffusers pipeline folder of the diffuse checkpoint `ckpt` (a file or a training run dir) to
-    `out`; returns `out`. Everything is written into a temporary folder beside `out` and renamed at the end."""
-    from safetensors.torch import save_file
-
-    from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path
-    from diffuse.pipeline.model import network_from_checkpoint
-
-    out = Path(out).expanduser()
-    check_out_dir(out)
-    path = resolve_ckpt_path(ckpt)
-    where = str(path)
-    loaded = load_checkpoint(path)
-    conf = loaded.config
+def check_exportable(conf: Any, where: str) -> dict:
+    """The checkpoint config's objective, or one line for a model a DDPMPipeline cannot run."""
     if isinstance(conf, dict) and isinstance(conf.get("model"), dict) and conf["model"].get("arch") == "classifier":
         raise refuse(where, "it is a noise-aware classifier, not a diffusion model")
     objective = (conf.get("objective") or {}) if isinstance(conf, dict) else {}
@@ -286,20 +246,41 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
         if isinstance(conf, dict) and conf.get(key) not in (None, {}, False):
             raise refuse(
                 where,
-                f"its config has {key} (a latent or super-resolution model: the network does not make images by itself)",
+                f"its config has {key} "
+                "(a latent or super-resolution model: the network does not make images by itself)",
             )
-    tn = network_from_checkpoint(loaded, use_ema=use_ema, where=where)
-    groups = conf["model"].get("groups", 32)
-    # our GroupNorm falls back to gcd(groups, width) on a width that `groups` does not divide; diffusers' U-Net uses
-    # norm_num_groups everywhere and would refuse to build (or normalise otherwise)
-    odd = next((g for g in tn.net.modules() if isinstance(g, torch.nn.GroupNorm) and g.num_groups != groups), None)
+    return objective
+
+
+def _check_norm_groups(net, model: dict, where: str) -> None:
+    """Our GroupNorm falls back to gcd(groups, width) on a width that `groups` does not divide; diffusers' U-Net
+    uses norm_num_groups everywhere and would refuse to build (or normalise otherwise)."""
+    groups = model.get("groups", 32)
+    odd = next((g for g in net.modules() if isinstance(g, torch.nn.GroupNorm) and g.num_groups != groups), None)
     if odd is not None:
         raise refuse(
             where,
-            f"a {odd.num_channels}-channel layer (model.ch={conf['model'].get('ch')}) that {groups} norm "
+            f"a {odd.num_channels}-channel layer (model.ch={model.get('ch')}) that {groups} norm "
             f"groups do not divide, normalised here in {odd.num_groups} (diffusers uses norm_num_groups={groups} "
             "at every layer)",
         )
+
+
+def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
+    """Write the diffusers pipeline folder of the diffuse checkpoint `ckpt` (a file or a training run dir) to
+    `out`; returns `out`."""
+    from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path
+    from diffuse.pipeline.model import network_from_checkpoint
+
+    out = Path(out).expanduser()
+    check_out_dir(out)
+    path = resolve_ckpt_path(ckpt, key="--ckpt")
+    where = str(path)
+    loaded = load_checkpoint(path)
+    conf = loaded.config
+    objective = check_exportable(conf, where)
+    tn = network_from_checkpoint(loaded, use_ema=use_ema, where=where)
+    _check_norm_groups(tn.net, conf["model"], where)
     learn_sigma = bool(objective.get("learn_sigma"))
     unet_cfg = unet2d_config(conf["model"], where, learn_sigma)
     sched_cfg = scheduler_config(
@@ -318,11 +299,17 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
         "scheduler": ["diffusers", "DDPMScheduler"],
         "unet": ["diffusers", "UNet2DModel"],
     }
-    made = []  # the parents this export creates, removed again if it does not finish
-    parent = out.parent
-    while not parent.exists():
-        made.append(parent)
-        parent = parent.parent
+    configs = {"unet/config.json": unet_cfg, "scheduler/scheduler_config.json": sched_cfg, "model_index.json": index}
+    return write_pipeline(out, configs, weights, meta)
+
+
+def write_pipeline(out: Path, configs: dict[str, dict], weights: dict[str, torch.Tensor], meta: dict) -> Path:
+    """The folder `out`: unet/ with `weights` (and `meta`), each of `configs` as JSON under its path. Everything
+    is written into a temporary folder beside `out` and renamed at the end; a failed write or a signal leaves
+    neither it nor the parents made for it behind."""
+    from safetensors.torch import save_file
+
+    made, _ = missing_parents(out)  # innermost first
     tmp = None
     try:
         for d in reversed(made):
@@ -330,20 +317,19 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         (tmp / "unet").mkdir()
         (tmp / "scheduler").mkdir()
-        (tmp / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
+        for name, config in configs.items():
+            (tmp / name).write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "unet" / WEIGHTS), metadata=meta)
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if out.is_dir():
             out.rmdir()  # empty, as check_out_dir made sure
         os.replace(tmp, out)
     except OSError as e:
-        raise UserError(f"out={str(out)!r} cannot be written: {e.strerror or e}") from None
+        raise UserError(f"--out={str(out)!r} cannot be written: {e.strerror or e}") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if not out.is_dir():
-            for d in made:  # innermost first; a failed write or a signal leaves no empty folders behind
+            for d in made:
                 if d.is_dir():
                     try:
                         d.rmdir()

@@ -1,7 +1,7 @@
 """Import a diffusers AutoencoderTiny (TAESD, e.g. madebyollin/taesd) as a diffuse `taesd` checkpoint, for
 `diffuse train autoencoder=FILE`.
 
-    diffuse convert --from diffusers PATH_OR_DIR out=FILE.safetensors
+    diffuse convert --from diffusers PATH_OR_DIR --out FILE.safetensors
 
 The folder is found as for AutoencoderKL (config.json + diffusion_pytorch_model.safetensors; a pipeline's vae/);
 only safetensors and JSON are read. The mapping is exact for AutoencoderTiny's whole design space as diffusers runs
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from diffuse import nets
-from diffuse.checkpoint import Checkpoint, save_checkpoint
 from diffuse.errors import UserError
+from diffuse.interop.weights import DiffusersConfig, mapped_weights, refuse_extra, save_converted
 from diffuse.nets.taesd import ACTIVATIONS, UPSAMPLE_MODES
 
 # AutoencoderTiny's constructor defaults (diffusers 0.42), which are madebyollin/taesd's settings.
@@ -54,20 +54,13 @@ DEFAULT_RESOLUTION = 512
 def taesd_config(dcfg: dict, where: str = "config.json") -> dict:
     """Our `taesd` arguments for a diffusers AutoencoderTiny config, or one line naming the first key we cannot
     reproduce exactly."""
-    unknown = sorted(k for k in dcfg if not k.startswith("_") and k not in DEFAULTS and k not in IGNORED)
-    if unknown:
-        raise UserError(f"{where}: key {unknown[0]!r} is not an AutoencoderTiny setting this converter knows")
-    c = {**DEFAULTS, **{k: v for k, v in dcfg.items() if not k.startswith("_")}}
-
-    def refuse(key: str, allowed: str):
-        raise UserError(f"{where}: {key}={c[key]!r} cannot be converted: diffuse's taesd needs {allowed}")
-
+    c = DiffusersConfig(dcfg, DEFAULTS, where=where, cls="an AutoencoderTiny", ours="taesd", ignored=IGNORED)
     act = c["act_fn"].lower() if isinstance(c["act_fn"], str) else c["act_fn"]
     act = "silu" if act == "swish" else act  # diffusers' two names for one function
     if act not in ACTIVATIONS:
-        refuse("act_fn", f"one of {', '.join(ACTIVATIONS)} (or swish)")
+        c.refuse("act_fn", f"one of {', '.join(ACTIVATIONS)} (or swish)")
     if c["upsample_fn"] not in UPSAMPLE_MODES:
-        refuse("upsample_fn", f"one of {', '.join(UPSAMPLE_MODES)}")
+        c.refuse("upsample_fn", f"one of {', '.join(UPSAMPLE_MODES)}")
     widths = {}
     for half in ("encoder", "decoder"):
         chans, blocks = f"{half}_block_out_channels", f"num_{half}_blocks"
@@ -76,19 +69,19 @@ def taesd_config(dcfg: dict, where: str = "config.json") -> dict:
             or not 1 <= len(c[blocks]) <= nets.MAX_LEVELS
             or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= nets.MAX_BLOCKS for n in c[blocks])
         ):
-            refuse(blocks, f"a list of 1 to {nets.MAX_LEVELS} integers, each from 0 to {nets.MAX_BLOCKS}")
+            c.refuse(blocks, f"a list of 1 to {nets.MAX_LEVELS} integers, each from 0 to {nets.MAX_BLOCKS}")
         w = c[chans]
         if not isinstance(w, list) or len(w) != len(c[blocks]):
-            refuse(chans, f"a list as long as {blocks} ({len(c[blocks])} entries)")
+            c.refuse(chans, f"a list as long as {blocks} ({len(c[blocks])} entries)")
         if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= nets.MAX_WIDTH for x in w):
-            refuse(chans, f"integers from 1 to {nets.MAX_WIDTH}")
+            c.refuse(chans, f"integers from 1 to {nets.MAX_WIDTH}")
         if len(set(w)) != 1:
             # Each stage's first conv reads the stage's own width, so diffusers' forward fails on unequal ones.
-            refuse(chans, "one width for every stage (AutoencoderTiny only runs with equal widths)")
+            c.refuse(chans, "one width for every stage (AutoencoderTiny only runs with equal widths)")
         widths[half] = w[0]
     for key in ("scaling_factor", "shift_factor"):
         if isinstance(c[key], bool) or not isinstance(c[key], (int, float)):
-            refuse(key, "a number")
+            c.refuse(key, "a number")
     model = {
         "arch": "taesd",
         "in_channels": c["in_channels"],
@@ -102,17 +95,12 @@ def taesd_config(dcfg: dict, where: str = "config.json") -> dict:
         "upsample_factor": c["upsampling_scaling_factor"],
         "scaling_factor": float(c["scaling_factor"]),
         "shift_factor": float(c["shift_factor"]),
-        "resolution": _resolution(c.get("sample_size")),
+        # Nothing checks a bad sample_size here: the network's own check names it.
+        "resolution": DEFAULT_RESOLUTION if c.side() is None else c.side(),
     }
     if c["out_channels"] != c["in_channels"]:
         model["out_channels"] = c["out_channels"]
     return model
-
-
-def _resolution(size) -> Any:
-    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
-        size = size[0]
-    return DEFAULT_RESOLUTION if size is None else size  # a bad sample_size is named by the network's check
 
 
 def tensor_names(model: dict) -> dict[str, str]:
@@ -157,9 +145,7 @@ def tensor_names(model: dict) -> dict[str, str]:
 def map_weights(sd: dict[str, torch.Tensor], net, model: dict) -> dict[str, torch.Tensor]:
     """Diffusers' AutoencoderTiny state dict renamed onto `net` (ours), checked name by name and shape by shape."""
     names = tensor_names(model)
-    extra = sorted(set(sd) - set(names.values()))
-    if extra:
-        raise UserError(f"weights have {extra[0]} (and {len(extra) - 1} more) that their config.json does not describe")
+    refuse_extra(set(sd) - set(names.values()))
     want = net.state_dict()
     out = {}
     for ours, t in want.items():
@@ -186,22 +172,11 @@ KEYS = {
 }
 
 
-def convert_taesd(config_path: Path, weights_path: Path, dcfg: dict, src: str | Path, out: Path) -> Path:
+def convert_taesd(config_path: Path, weights_path: Path, dcfg: dict, src, out: Path) -> Path:
     """Write the diffuse checkpoint of the AutoencoderTiny described by `dcfg` (config_path) to `out`."""
-    from diffuse.convert import mapped_weights
-
     where = str(config_path)
     model = taesd_config(dcfg, where)
     weights = mapped_weights(weights_path, model, lambda sd, net: map_weights(sd, net, model), where=where, keys=KEYS)
     full = {**DEFAULTS, **dcfg}
-    config = {
-        "model": model,
-        "data": {"is_8bit": True, "num_classes": None},
-        "source": {
-            "format": "diffusers",
-            "class": "AutoencoderTiny",
-            "path": str(Path(src).expanduser().resolve()),
-            **{k: full[k] for k in RECORDED},
-        },
-    }
-    return save_checkpoint(out, Checkpoint(config=config, step=0, model=weights))
+    source = {"format": "diffusers", "class": "AutoencoderTiny", **{k: full[k] for k in RECORDED}}
+    return save_converted(out, src, model, weights, source=source)
