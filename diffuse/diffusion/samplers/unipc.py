@@ -128,13 +128,7 @@ def unipc(
         q = min(order, i)
         if lower_order_final and n < 15:
             q = min(q, n - i)
-        x_pred, base, rs, ds = _predict(x, outs, lv, i, q, variant)
-        x0, eps = run.predict(x_pred, lv[i], dynamic_percentile)
-        x = x_pred
-        if corrector:  # UniC with the output just computed at the new level (r = 1): no extra evaluation
-            x = _combine(
-                base, lv[i], unipc_weights(lv[i].lam - lv[i - 1].lam, rs + [1.0], variant), ds + [x0 - outs[0]]
-            )
+        x, x0, eps = _step(run, x, outs, lv, i, q, variant, corrector, dynamic_percentile)
         outs = [x0] + outs[: order - 1]
         x = run.hooked(x, lv[i].t)
     last = lv[n - 1]
@@ -153,11 +147,16 @@ def _combine(base: torch.Tensor, cur: Level, weights: list[float], ds: list[torc
     return x
 
 
-def _predict(x: torch.Tensor, outs: list, lv: list[Level], i: int, q: int, variant: str):
-    """UniP-q from level i - 1 to i: (x_pred, the first-order base, the ratios r_m, the differences D_m)."""
+def _step(run: Run, x, outs: list, lv: list[Level], i: int, q: int, variant: str, corrector: bool, percentile):
+    """Level i - 1 -> i: UniP-q, the evaluation at the predicted point, and UniC-q with the output just computed
+    (r = 1: no extra evaluation). Returns x_i and (x_theta, eps) at the predicted point."""
     prev, cur = lv[i - 1], lv[i]
     h = cur.lam - prev.lam
     rs = [(lv[i - 1 - m].lam - prev.lam) / h for m in range(1, q)]
     ds = [outs[m] - outs[0] for m in range(1, q)]
     base = (cur.sigma / prev.sigma) * x - cur.alpha * math.expm1(-h) * outs[0]
-    return _combine(base, cur, unipc_weights(h, rs, variant), ds), base, rs, ds
+    x_pred = _combine(base, cur, unipc_weights(h, rs, variant), ds)
+    x0, eps = run.predict(x_pred, cur, percentile)
+    if not corrector:
+        return x_pred, x0, eps
+    return _combine(base, cur, unipc_weights(h, rs + [1.0], variant), ds + [x0 - outs[0]]), x0, eps
