@@ -22,6 +22,7 @@ import math
 import torch
 
 from diffuse.errors import UserError
+from diffuse.validate import refuse
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 
@@ -84,12 +85,12 @@ class Schedule:
 
 def _in_open_unit(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise UserError(f"schedule.{name}={value!r} is not allowed: it must be in (0, 1)")
+        raise refuse(f"schedule.{name}", value, "it must be in (0, 1)")
 
 
 def _finite(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"schedule.{name}={value!r} is not allowed: it must be a finite number")
+        raise refuse(f"schedule.{name}", value, "it must be a finite number")
 
 
 def make_schedule(
@@ -112,54 +113,70 @@ def make_schedule(
     """
     # One level leaves nothing to step between: every sampler's step count would have to be 1 and T at once.
     if isinstance(T, bool) or not isinstance(T, int) or T < 2:
-        raise UserError(f"schedule.T={T!r} is not allowed: it must be an integer >= 2 (the number of noise levels)")
+        raise refuse("schedule.T", T, "it must be an integer >= 2 (the number of noise levels)")
     _in_open_unit("max_beta", max_beta)
     if kind == "linear":
-        _in_open_unit("beta_start", beta_start)
-        _in_open_unit("beta_end", beta_end)
-        if not isinstance(scale_with_T, bool):
-            raise UserError(f"schedule.scale_with_T={scale_with_T!r} is not allowed: it must be true or false")
-        # Ho et al. use 1e-4..0.02 for T=1000; scaling by 1000/T keeps the end point's noise level for other T
-        # (Nichol & Dhariwal 2021, section 2.3 footnote), and is the identity at T=1000.
-        scale = 1000.0 / T if scale_with_T else 1.0
-        # Clipped like the others: at very small T the scaled end point would pass 1 (a negative alpha).
-        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=max_beta)
-        params = {"beta_start": beta_start, "beta_end": beta_end}
+        betas, params = _linear_betas(T, beta_start, beta_end, scale_with_T, max_beta)
     elif kind == "cosine":
-        _finite("cosine_s", cosine_s)
-        # s < 0 puts f's maximum inside the schedule: alpha_bar would rise above 1 before it falls.
-        if cosine_s < 0:
-            raise UserError(f"schedule.cosine_s={cosine_s!r} is not allowed: it must be >= 0")
-        # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
-        # betas clipped at max_beta to avoid the singularity at t = T.
-        steps = torch.arange(T + 1, dtype=torch.float64) / T
-        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-        ab = f / f[0]
-        betas = (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
-        params = {"cosine_s": cosine_s}
+        betas, params = _cosine_betas(T, cosine_s, max_beta)
     elif kind == "sigmoid":
-        for name, v in (("sigmoid_start", sigmoid_start), ("sigmoid_end", sigmoid_end), ("sigmoid_tau", sigmoid_tau)):
-            _finite(name, v)
-        # alpha_bar must fall with t: the sigmoid's argument has to rise from start to end.
-        if not sigmoid_start < sigmoid_end:
-            raise UserError(
-                f"schedule.sigmoid_start={sigmoid_start!r} is not allowed: it must be below "
-                f"schedule.sigmoid_end={sigmoid_end!r}"
-            )
-        if not sigmoid_tau > 0:
-            raise UserError(f"schedule.sigmoid_tau={sigmoid_tau!r} is not allowed: it must be > 0")
-        # Jabri et al. 2022 / Chen 2023: alpha_bar follows a shifted, rescaled sigmoid in t.
-        steps = torch.arange(T + 1, dtype=torch.float64) / T
-        v0 = torch.sigmoid(torch.tensor(sigmoid_start / sigmoid_tau, dtype=torch.float64))
-        v1 = torch.sigmoid(torch.tensor(sigmoid_end / sigmoid_tau, dtype=torch.float64))
-        out = torch.sigmoid((steps * (sigmoid_end - sigmoid_start) + sigmoid_start) / sigmoid_tau)
-        ab = (v1 - out) / (v1 - v0)
-        betas = (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
-        params = {"sigmoid_start": sigmoid_start, "sigmoid_end": sigmoid_end, "sigmoid_tau": sigmoid_tau}
+        betas, params = _sigmoid_betas(T, sigmoid_start, sigmoid_end, sigmoid_tau, max_beta)
     else:
-        raise UserError(f"schedule.kind={kind!r} is not allowed: choose one of {', '.join(SCHEDULES)}")
-    # The parameter checks above leave only float64 rounding (e.g. a sigmoid saturated over a stretch of t,
-    # where alpha_bar stops changing) to give a beta outside (0, max_beta].
+        raise refuse("schedule.kind", kind, f"choose one of {', '.join(SCHEDULES)}")
+    _check_betas(betas, kind, params, max_beta)
+    return Schedule(betas=betas)
+
+
+def _linear_betas(T: int, beta_start, beta_end, scale_with_T, max_beta: float) -> tuple[torch.Tensor, dict]:
+    _in_open_unit("beta_start", beta_start)
+    _in_open_unit("beta_end", beta_end)
+    if not isinstance(scale_with_T, bool):
+        raise refuse("schedule.scale_with_T", scale_with_T, "it must be true or false")
+    # Ho et al. use 1e-4..0.02 for T=1000; scaling by 1000/T keeps the end point's noise level for other T
+    # (Nichol & Dhariwal 2021, section 2.3 footnote), and is the identity at T=1000.
+    scale = 1000.0 / T if scale_with_T else 1.0
+    # Clipped like the others: at very small T the scaled end point would pass 1 (a negative alpha).
+    betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=max_beta)
+    return betas, {"beta_start": beta_start, "beta_end": beta_end}
+
+
+def _cosine_betas(T: int, cosine_s, max_beta: float) -> tuple[torch.Tensor, dict]:
+    _finite("cosine_s", cosine_s)
+    # s < 0 puts f's maximum inside the schedule: alpha_bar would rise above 1 before it falls.
+    if cosine_s < 0:
+        raise refuse("schedule.cosine_s", cosine_s, "it must be >= 0")
+    # Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
+    # betas clipped at max_beta to avoid the singularity at t = T.
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+    return _betas_of(f / f[0], max_beta), {"cosine_s": cosine_s}
+
+
+def _sigmoid_betas(T: int, start, end, tau, max_beta: float) -> tuple[torch.Tensor, dict]:
+    for name, v in (("sigmoid_start", start), ("sigmoid_end", end), ("sigmoid_tau", tau)):
+        _finite(name, v)
+    # alpha_bar must fall with t: the sigmoid's argument has to rise from start to end.
+    if not start < end:
+        raise refuse("schedule.sigmoid_start", start, f"it must be below schedule.sigmoid_end={end!r}")
+    if not tau > 0:
+        raise refuse("schedule.sigmoid_tau", tau, "it must be > 0")
+    # Jabri et al. 2022 / Chen 2023: alpha_bar follows a shifted, rescaled sigmoid in t.
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    v0 = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
+    v1 = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    out = torch.sigmoid((steps * (end - start) + start) / tau)
+    params = {"sigmoid_start": start, "sigmoid_end": end, "sigmoid_tau": tau}
+    return _betas_of((v1 - out) / (v1 - v0), max_beta), params
+
+
+def _betas_of(ab: torch.Tensor, max_beta: float) -> torch.Tensor:
+    """The betas of alpha_bar given at t = 0..T (ab[0] = 1, before the first step), clipped at max_beta."""
+    return (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+
+
+def _check_betas(betas: torch.Tensor, kind: str, params: dict, max_beta: float) -> None:
+    # The parameter checks leave only float64 rounding (e.g. a sigmoid saturated over a stretch of t, where
+    # alpha_bar stops changing) to give a beta outside (0, max_beta].
     bad = torch.nonzero(~((betas > 0) & (betas <= max_beta)))
     if bad.numel():
         i = int(bad[0, 0])
@@ -168,7 +185,6 @@ def make_schedule(
             f"{given} is not allowed for schedule.kind={kind}: it gives beta_{i}={float(betas[i])!r}, "
             f"outside (0, schedule.max_beta={max_beta!r}]"
         )
-    return Schedule(betas=betas)
 
 
 def coefficients(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +205,8 @@ def posterior(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. eq. 6-7.
 
-    mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+    mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+           + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
     var  = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
     """
     t = t.cpu().long()

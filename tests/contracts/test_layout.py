@@ -38,9 +38,6 @@ FLOORS = [
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES = []
 KNOWN_LONG = {
-    "diffuse/diffusion/samplers/adaptive.py::_integrate",
-    "diffuse/diffusion/samplers/unipc.py::unipc",
-    "diffuse/diffusion/schedule.py::make_schedule",
     "diffuse/pipeline/model.py::network_from_checkpoint",
     "diffuse/pipeline/model.py::load_model",
     "diffuse/plot.py::_draw_panel",

@@ -1,20 +1,17 @@
-"""Samplers: pure functions (denoiser, x_T, timesteps, schedule, ...) -> x_0. One file per algorithm."""
+"""Samplers: pure functions (denoiser, x_T, timesteps, schedule, ...) -> x_0. One file per algorithm or family
+(dpm_solver.py: the DPM-Solver++ ODE and SDE solvers); their common call and loops are in common.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
-
-import torch
 
 from diffuse.diffusion.samplers.adaptive import adaptive
+from diffuse.diffusion.samplers.common import StepHook  # noqa: F401  (the hook's type, for callers)
 from diffuse.diffusion.samplers.consistency import consistency
 from diffuse.diffusion.samplers.ddim import ddim, ddim_step
 from diffuse.diffusion.samplers.ddpm import ddpm, ddpm_step
 from diffuse.diffusion.samplers.deis import deis
-from diffuse.diffusion.samplers.dpm_solver import dpm_solver
-from diffuse.diffusion.samplers.dpm_solver_3m import dpm_solver_3m
-from diffuse.diffusion.samplers.dpm_solver_sde import dpm_solver_2m_sde, dpm_solver_3m_sde
+from diffuse.diffusion.samplers.dpm_solver import dpm_solver, dpm_solver_2m_sde, dpm_solver_3m, dpm_solver_3m_sde
 from diffuse.diffusion.samplers.euler import euler
 from diffuse.diffusion.samplers.euler_ancestral import euler_ancestral
 from diffuse.diffusion.samplers.heun import heun
@@ -44,11 +41,6 @@ SELF_STEPPING = {"adaptive"}
 # One step of a sampler, for algorithms that drive the reverse process themselves (RePaint):
 #     step(x, eps, alpha_bar_t, alpha_bar_s, *, last, <sampler options>, generator) -> x_s
 STEPS: dict[str, Callable] = {"ddpm": ddpm_step, "ddim": ddim_step}
-
-# A step hook sees the state after each step and may change it (inpainting pastes the known region here):
-#     hook(x, t_next) -> x, where t_next is the timestep x now belongs to (an int, or a float for fractional
-#     timesteps), or -1 once x is the final x_0.
-StepHook = Optional[Callable[[torch.Tensor, int], torch.Tensor]]
 
 
 def get_sampler(name: str) -> Callable:

@@ -56,15 +56,19 @@ x_low / x_high ~ the paper's lower- and higher-order solutions; theta, atol, rto
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from diffuse.diffusion.noise import Generator
 from diffuse.diffusion.samplers.common import (
     Level,
+    Run,
     batch_time,
     check_flag,
     check_order,
     check_percentile,
+    data_prediction,
+    sampler,
     threshold_x0,
     time_list,
 )
@@ -77,12 +81,20 @@ SNAP = 1e-9  # a step that ends this close (in lambda) to the interval's end end
 E_FLOOR = 1e-12  # an error estimate of exactly 0 would ask for an infinite step
 
 
-@torch.no_grad()
+class _Control(NamedTuple):
+    """The step-size control's options, checked."""
+
+    order: int
+    rtol: float
+    atol: float
+    h_init: float
+    max_nfe: int
+    per_sample: bool
+
+
+@sampler
 def adaptive(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
+    run: Run,
     *,
     order: int = 3,
     rtol: float = 0.05,
@@ -91,52 +103,32 @@ def adaptive(
     max_nfe: int = 1000,
     per_sample: bool = True,
     dynamic_percentile: float = 0.0,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
 ) -> torch.Tensor:
     order = check_order(order, (2, 3))
-    rtol = float(check_number("sampler.rtol", rtol, minimum=0))
-    atol = float(check_number("sampler.atol", atol, minimum=0, exclusive_min=True))
-    h_init = float(check_number("sampler.h_init", h_init, minimum=0, exclusive_min=True))
-    max_nfe = check_number("sampler.max_nfe", max_nfe, minimum=order + 1, integer=True)
-    per_sample = check_flag("per_sample", per_sample)
+    control = _Control(
+        order,
+        float(check_number("sampler.rtol", rtol, minimum=0)),
+        float(check_number("sampler.atol", atol, minimum=0, exclusive_min=True)),
+        float(check_number("sampler.h_init", h_init, minimum=0, exclusive_min=True)),
+        check_number("sampler.max_nfe", max_nfe, minimum=order + 1, integer=True),
+        check_flag("per_sample", per_sample),
+    )
     dynamic_percentile = check_percentile(dynamic_percentile)
-    ts = time_list(timesteps)
+    ts = time_list(run.timesteps)
     if not ts:
-        return x_T
-    if hook is not None and per_sample and x_T.shape[0] > 1:
+        return run.x_T
+    if run.hook is not None and control.per_sample and run.x_T.shape[0] > 1:
         raise UserError(
             "sampler.per_sample=true cannot be used with a step hook (inpainting) on a batch of more than one "
             "image: its images sit at different timesteps; set sampler.per_sample=false"
         )
 
-    start, end = Level(ts[0], schedule), Level(ts[-1], schedule)
-    x, nfe = x_T, 0
+    start, end = Level(ts[0], run.schedule), Level(ts[-1], run.schedule)
+    x = run.x_T
     if end.lam > start.lam + SNAP:
-        x, nfe = _integrate(
-            denoiser,
-            x,
-            start,
-            end,
-            schedule,
-            order=order,
-            rtol=rtol,
-            atol=atol,
-            h_init=h_init,
-            max_nfe=max_nfe,
-            per_sample=per_sample,
-            y=y,
-            clip_x0=clip_x0,
-            dynamic_percentile=dynamic_percentile,
-            hook=hook,
-        )
-    eps = denoiser(x, batch_time(end.t, x), y)
-    x = threshold_x0((x - end.sigma * eps) / end.alpha, clip_x0, dynamic_percentile)
-    if hook is not None:
-        x = hook(x, -1)
-    return x
+        x, _ = _integrate(run, x, start, end, control, dynamic_percentile)
+    x0, _ = data_prediction(run.denoiser, x, end, run.y, run.clip_x0, dynamic_percentile)
+    return run.hooked(x0, -1)
 
 
 class _Levels:
@@ -221,25 +213,8 @@ def step_pair(D, x, cur: _Levels, nxt: _Levels, schedule: Schedule, end: Level, 
     return x_low, x_high
 
 
-def _integrate(
-    denoiser,
-    x,
-    start: Level,
-    end: Level,
-    schedule,
-    *,
-    order,
-    rtol,
-    atol,
-    h_init,
-    max_nfe,
-    per_sample,
-    y,
-    clip_x0,
-    dynamic_percentile,
-    hook,
-):
-    B = x.shape[0]
+def _data_model(run: Run, x: torch.Tensor, start: Level, end: Level, dynamic_percentile: float):
+    """D(u, levels) -> x0_hat, each image at its own level."""
 
     def times(lv: _Levels):
         # One timestep for the whole batch keeps the caller's type (an integer end stays an integer step).
@@ -252,38 +227,49 @@ def _integrate(
         return lv.t.to(x.device)
 
     def D(u, lv: _Levels):
-        eps = denoiser(u, times(lv), y)
-        return threshold_x0((u - _col(lv.sigma, u) * eps) / _col(lv.alpha, u), clip_x0, dynamic_percentile)
+        eps = run.denoiser(u, times(lv), run.y)
+        return threshold_x0((u - _col(lv.sigma, u) * eps) / _col(lv.alpha, u), run.clip_x0, dynamic_percentile)
 
+    return D
+
+
+def _step_error(x_low, x_high, x_prev, control: _Control, active: torch.Tensor, nxt: _Levels) -> torch.Tensor:
+    """E per image (B,) on the CPU: the RMS of the embedded pair's difference over delta, 0 for images at rest,
+    the batch's largest for every moving image under batch control."""
+    delta = torch.maximum(torch.full_like(x_low, control.atol), control.rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+    err = ((x_high - x_low) / delta).flatten(1).to(torch.float64).pow(2).mean(1).sqrt().cpu()
+    err = torch.where(active, err, torch.zeros_like(err))
+    if not bool(torch.isfinite(err).all()):
+        i = int((~torch.isfinite(err)).nonzero()[0, 0])
+        raise UserError(
+            f"sampler adaptive: the denoiser gave non-finite values (image {i}, near t={float(nxt.t[i]):.4g}), "
+            "so no step size can be chosen"
+        )
+    return err if control.per_sample else torch.where(active, err.max(), err)
+
+
+def _integrate(run: Run, x, start: Level, end: Level, control: _Control, dynamic_percentile: float):
+    """x at `end` from x at `start` by accepted steps, and the NFE spent."""
+    D = _data_model(run, x, start, end, dynamic_percentile)
+    order, B = control.order, x.shape[0]
     cur = _Levels.full(start, B)
-    h = torch.full((B,), min(h_init, end.lam - start.lam), dtype=torch.float64)
+    h = torch.full((B,), min(control.h_init, end.lam - start.lam), dtype=torch.float64)
     done = torch.zeros(B, dtype=torch.bool)
     x_prev = x
     nfe = 0
     while not bool(done.all()):
-        if nfe + order + 1 > max_nfe:
+        if nfe + order + 1 > control.max_nfe:
             i = int((~done).nonzero()[0, 0])
             raise UserError(
-                f"sampler.max_nfe={max_nfe} was spent before the end of the interval (image {i} at lambda "
+                f"sampler.max_nfe={control.max_nfe} was spent before the end of the interval (image {i} at lambda "
                 f"{float(cur.lam[i]):.3g} of {end.lam:.3g}): raise it, or loosen sampler.rtol / sampler.atol"
             )
         active = ~done
         # Images that are done stay at the end: evaluated there (one batch shape for the network) and ignored.
-        nxt = _Levels.at(torch.where(active, cur.lam + h, cur.lam), end, schedule).where(active, cur)
-        x_low, x_high = step_pair(D, x, cur, nxt, schedule, end, order, active)
+        nxt = _Levels.at(torch.where(active, cur.lam + h, cur.lam), end, run.schedule).where(active, cur)
+        x_low, x_high = step_pair(D, x, cur, nxt, run.schedule, end, order, active)
         nfe += order
-
-        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
-        err = ((x_high - x_low) / delta).flatten(1).to(torch.float64).pow(2).mean(1).sqrt().cpu()
-        err = torch.where(active, err, torch.zeros_like(err))
-        if not bool(torch.isfinite(err).all()):
-            i = int((~torch.isfinite(err)).nonzero()[0, 0])
-            raise UserError(
-                f"sampler adaptive: the denoiser gave non-finite values (image {i}, near t={float(nxt.t[i]):.4g}), "
-                "so no step size can be chosen"
-            )
-        if not per_sample:
-            err = torch.where(active, err.max(), err)
+        err = _step_error(x_low, x_high, x_prev, control, active, nxt)
         accept = active & (err <= 1)
         acc = _col(accept, x).bool()
         hh = nxt.lam - cur.lam
@@ -292,7 +278,7 @@ def _integrate(
         cur = nxt.where(accept, cur)
         done = done | (accept & (cur.lam >= end.lam))
         h = torch.minimum(THETA * hh * err.clamp(min=E_FLOOR) ** (-1.0 / order), end.lam - cur.lam)
-        if hook is not None and bool(accept.any()):
+        if run.hook is not None and bool(accept.any()):
             # Every image moved together here (batch control, or a batch of one): one timestep for all.
-            x = hook(x, end.t if bool(done.all()) else float(cur.t[0]))
+            x = run.hook(x, end.t if bool(done.all()) else float(cur.t[0]))
     return x, nfe

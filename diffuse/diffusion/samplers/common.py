@@ -1,12 +1,72 @@
-"""Small helpers shared by the sampler loops."""
+"""What the sampler loops share: the common call (`sampler`, `Run`), the level walks, the data prediction, the
+one-evaluation multistep loop and the checks of the options every family takes."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
+from diffuse.diffusion.noise import Generator
 from diffuse.diffusion.schedule import Schedule
+from diffuse.validate import refuse
+
+# A step hook sees the state after each step and may change it (inpainting pastes the known region here):
+#     hook(x, t_next) -> x, where t_next is the timestep x now belongs to (an int, or a float for fractional
+#     timesteps), or -1 once x is the final x_0.
+StepHook = Callable[[torch.Tensor, int], torch.Tensor] | None
+
+
+class Run(NamedTuple):
+    """The arguments every sampler takes besides its own options."""
+
+    denoiser: Callable
+    x_T: torch.Tensor
+    timesteps: torch.Tensor
+    schedule: Schedule
+    generator: Generator
+    y: Any
+    clip_x0: bool
+    hook: StepHook
+
+    def hooked(self, x: torch.Tensor, t) -> torch.Tensor:
+        """x after the step hook, which sees it at the timestep it now belongs to (-1: the final x_0)."""
+        return x if self.hook is None else self.hook(x, t)
+
+    def predict(self, x: torch.Tensor, level: Level, dynamic_percentile: float = 0.0, *, afs: bool = False):
+        """(x0_hat, eps_hat) at `level` (data_prediction); with `afs` the analytic first step stands in for the
+        network."""
+        model = analytic_first_step if afs else self.denoiser
+        return data_prediction(model, x, level, self.y, self.clip_x0, dynamic_percentile)
+
+
+_P = inspect.Parameter
+_HEAD = [_P(n, _P.POSITIONAL_OR_KEYWORD) for n in ("denoiser", "x_T", "timesteps", "schedule")]
+_TAIL = [
+    _P(n, _P.KEYWORD_ONLY, default=d) for n, d in (("generator", None), ("y", None), ("clip_x0", False), ("hook", None))
+]
+
+
+def sampler(core: Callable, *, name: str | None = None) -> Callable:
+    """The public sampler of `core(run, *, <options>)`:
+        fn(denoiser, x_T, timesteps, schedule, *, <options>, generator=None, y=None, clip_x0=False, hook=None) -> x_0,
+    run without autograd. Its signature is the common arguments and core's options: the pipeline reads it to refuse
+    config keys a sampler does not take. `name` renames a core made by a factory (a family's members)."""
+
+    @functools.wraps(core)
+    def fn(denoiser, x_T, timesteps, schedule, *, generator=None, y=None, clip_x0=False, hook=None, **options):
+        with torch.no_grad():
+            return core(Run(denoiser, x_T, timesteps, schedule, generator, y, clip_x0, hook), **options)
+
+    if name is not None:
+        fn.__name__ = fn.__qualname__ = name
+    own = list(inspect.signature(core).parameters.values())[1:]
+    fn.__signature__ = inspect.Signature([*_HEAD, *own, *_TAIL], return_annotation=torch.Tensor)
+    return fn
 
 
 def step_pairs(timesteps: torch.Tensor, schedule: Schedule):
@@ -16,6 +76,18 @@ def step_pairs(timesteps: torch.Tensor, schedule: Schedule):
     for i, t in enumerate(ts):
         nxt = ts[i + 1] if i + 1 < len(ts) else -1
         yield t, nxt, alpha_bar_of(schedule, t), alpha_bar_of(schedule, nxt)
+
+
+def sigma_steps(timesteps: torch.Tensor, schedule: Schedule) -> list[tuple]:
+    """(t, t_next, sigma, sigma_next) along the timesteps in the sigma parametrization (Karras et al. 2022); the
+    step after the last goes to sigma = 0, t_next = -1."""
+    ts = time_list(timesteps)
+    out = []
+    for i, t in enumerate(ts):
+        last = i + 1 == len(ts)
+        nxt = -1 if last else ts[i + 1]
+        out.append((t, nxt, sigma_of(schedule, t), 0.0 if last else sigma_of(schedule, nxt)))
+    return out
 
 
 def predict_x0(eps: torch.Tensor, x: torch.Tensor, ab_t: float, clip_x0: bool) -> torch.Tensor:
@@ -66,46 +138,34 @@ def threshold_x0(x0: torch.Tensor, clip_x0: bool, dynamic_percentile: float = 0.
     return x0.clamp(-1, 1) if clip_x0 else x0
 
 
-def check_percentile(p) -> float:
-    from diffuse.errors import UserError
-
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p < 1):
-        raise UserError(f"sampler.dynamic_percentile={p!r} is not allowed: it must be in [0, 1) (0 turns it off)")
-    return float(p)
-
-
-def ode_steps(
-    denoiser, x_T, timesteps, schedule, *, second_order: bool, y, clip_x0: bool, dynamic_percentile: float, hook
-):
+def ode_steps(run: Run, *, second_order: bool, dynamic_percentile: float) -> torch.Tensor:
     """The loop shared by euler and heun (Karras et al. 2022, Algorithm 1 with S_churn = 0): it works on
     x~ = x_t / sqrt(alpha_bar_t) and hands the denoiser (and the hook) x_t = x~ / sqrt(1 + sigma^2)."""
-    ts = time_list(timesteps)
+    clip_x0 = run.clip_x0
 
     def to_d(xs, t, sigma):  # dx~/dsigma = (x~ - x0_hat) / sigma
         scale = (1 + sigma**2) ** -0.5  # sqrt(alpha_bar_t)
         x_t = xs * scale
-        eps = denoiser(x_t, batch_time(t, x_t), y)
+        eps = run.denoiser(x_t, batch_time(t, x_t), run.y)
         if not clip_x0 and not dynamic_percentile:
             return eps
         x0 = threshold_x0(xs - sigma * eps, clip_x0, dynamic_percentile)
         return (xs - x0) / sigma
 
-    if not ts:
-        return x_T
-    sigma = sigma_of(schedule, ts[0])
-    xs = x_T * (1 + sigma**2) ** 0.5
-    for i, t in enumerate(ts):
-        nxt = ts[i + 1] if i + 1 < len(ts) else -1
-        sigma_n = sigma_of(schedule, nxt) if i + 1 < len(ts) else 0.0
+    steps = sigma_steps(run.timesteps, run.schedule)
+    if not steps:
+        return run.x_T
+    xs = run.x_T * (1 + steps[0][2] ** 2) ** 0.5
+    for t, nxt, sigma, sigma_n in steps:
         d = to_d(xs, t, sigma)
         x_next = xs + (sigma_n - sigma) * d
         if second_order and sigma_n > 0:
             d2 = to_d(x_next, nxt, sigma_n)
             x_next = xs + (sigma_n - sigma) * 0.5 * (d + d2)
-        xs, sigma = x_next, sigma_n
-        if hook is not None:
-            x_t = hook(xs * (1 + sigma**2) ** -0.5, nxt)
-            xs = x_t * (1 + sigma**2) ** 0.5
+        xs = x_next
+        if run.hook is not None:
+            x_t = run.hook(xs * (1 + sigma_n**2) ** -0.5, nxt)
+            xs = x_t * (1 + sigma_n**2) ** 0.5
     return xs
 
 
@@ -143,17 +203,41 @@ def data_prediction(denoiser, x: torch.Tensor, level: Level, y, clip_x0: bool, d
     return x0, eps
 
 
-def check_flag(name: str, value) -> bool:
-    from diffuse.errors import UserError
+def analytic_first_step(x_t: torch.Tensor, t, y=None) -> torch.Tensor:
+    """The denoiser AFS puts in place of the network at the first level (Zhou et al. 2024, "Fast ODE-based
+    sampling for diffusion models in around 5 steps", section 3.3): at the noisiest level alpha ~ 0 and
+    sigma ~ 1, so x_T is itself the noise prediction, eps_hat(x_T) = x_T."""
+    return x_t
 
+
+def multistep(run: Run, step: Callable, *, afs: bool, dynamic_percentile: float = 0.0) -> torch.Tensor:
+    """The loop of the solvers that evaluate once per step (the DPM-Solver family, ipndm, deis): at each level
+    the denoiser's (x0_hat, eps_hat), AFS in place of the network at the first when asked, then
+    `step(i, x, x0_hat, eps_hat, cur, nxt) -> x` at the next level; the step to clean data is x0_hat itself, first
+    order as every solver here. The hook sees x after every step."""
+    path = levels(run.timesteps, run.schedule)
+    x = run.x_T
+    for i in range(len(path) - 1):
+        cur, nxt = path[i], path[i + 1]
+        x0, eps = run.predict(x, cur, dynamic_percentile, afs=afs and i == 0)
+        x = x0 if nxt.clean else step(i, x, x0, eps, cur, nxt)
+        x = run.hooked(x, nxt.t)
+    return x
+
+
+def check_percentile(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p < 1):
+        raise refuse("sampler.dynamic_percentile", p, "it must be in [0, 1) (0 turns it off)")
+    return float(p)
+
+
+def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise UserError(f"sampler.{name}={value!r} is not allowed: true or false")
+        raise refuse(f"sampler.{name}", value, "true or false")
     return value
 
 
 def check_order(value, allowed: tuple[int, ...]) -> int:
-    from diffuse.errors import UserError
-
     if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-        raise UserError(f"sampler.order={value!r} is not allowed: choose one of {', '.join(map(str, allowed))}")
+        raise refuse("sampler.order", value, f"choose one of {', '.join(map(str, allowed))}")
     return value

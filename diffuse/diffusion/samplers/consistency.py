@@ -1,6 +1,7 @@
 """Multistep consistency sampling, Song et al. 2023 ("Consistency Models"), Algorithm 1.
 
-    x0 <- f(x_T, t_1);  for each further level t_i:  x_{t_i} = sqrt(alpha_bar_i) x0 + sqrt(1 - alpha_bar_i) z,  x0 <- f(x_{t_i}, t_i)
+    x0 <- f(x_T, t_1);
+    for each further level t_i:  x_{t_i} = sqrt(alpha_bar_i) x0 + sqrt(1 - alpha_bar_i) z,  x0 <- f(x_{t_i}, t_i)
 
 f is read through the denoiser interface: a consistency model's denoiser (diffusion.consistency.ConsistencyDenoiser)
 returns the eps whose x0 prediction is f, so the same loop runs any model (for a diffusion model it is a crude
@@ -14,31 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.diffusion.noise import Generator, randn_like
-from diffuse.diffusion.samplers.common import data_prediction, levels
+from diffuse.diffusion.noise import randn_like
+from diffuse.diffusion.samplers.common import Run, levels, sampler
 
 
-@torch.no_grad()
-def consistency(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule,
-    *,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-) -> torch.Tensor:
-    lv = levels(timesteps, schedule)[:-1]
-    x = x_T
-    x0 = x_T
+@sampler
+def consistency(run: Run) -> torch.Tensor:
+    lv = levels(run.timesteps, run.schedule)[:-1]
+    x = run.x_T
+    x0 = run.x_T
     for i, level in enumerate(lv):
         if i > 0:  # back up to this level along the forward process from the current guess
-            x = level.alpha * x0 + level.sigma * randn_like(x0, generator)
-            if hook is not None:
-                x = hook(x, level.t)
-        x0, _ = data_prediction(denoiser, x, level, y, clip_x0)
-    if hook is not None and lv:
-        x0 = hook(x0, -1)
-    return x0
+            x = run.hooked(level.alpha * x0 + level.sigma * randn_like(x0, run.generator), level.t)
+        x0, _ = run.predict(x, level)
+    return run.hooked(x0, -1) if lv else x0

@@ -15,36 +15,23 @@ from __future__ import annotations
 import torch
 
 from diffuse.diffusion.noise import Generator, randn_like
-from diffuse.diffusion.samplers.common import batch_time, predict_x0, step_pairs
+from diffuse.diffusion.samplers.common import Run, batch_time, predict_x0, sampler, step_pairs
 from diffuse.diffusion.schedule import Schedule
 from diffuse.errors import UserError
+from diffuse.validate import refuse
 
 
-@torch.no_grad()
-def ddim(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
-    *,
-    eta: float = 0.0,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-) -> torch.Tensor:
+@sampler
+def ddim(run: Run, *, eta: float = 0.0) -> torch.Tensor:
     # Above 1, sigma^2 exceeds 1 - alpha_bar_s at some steps: more noise than x_s holds, so the direction term would
     # need a negative variance (and clamping it to 0 leaves samples too noisy).
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta <= 1):  # also refuses NaN
-        raise UserError(
-            f"sampler.eta={eta!r} is not allowed: it must be in [0, 1] (0 deterministic, 1 DDPM's posterior noise)"
-        )
-    x = x_T
-    for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
-        eps = denoiser(x, batch_time(t, x), y)
-        x = ddim_step(x, eps, ab_t, ab_s, last=nxt < 0, eta=eta, clip_x0=clip_x0, generator=generator)
-        if hook is not None:
-            x = hook(x, nxt)
+        raise refuse("sampler.eta", eta, "it must be in [0, 1] (0 deterministic, 1 DDPM's posterior noise)")
+    x = run.x_T
+    for t, nxt, ab_t, ab_s in step_pairs(run.timesteps, run.schedule):
+        eps = run.denoiser(x, batch_time(t, x), run.y)
+        x = ddim_step(x, eps, ab_t, ab_s, last=nxt < 0, eta=eta, clip_x0=run.clip_x0, generator=run.generator)
+        x = run.hooked(x, nxt)
     return x
 
 

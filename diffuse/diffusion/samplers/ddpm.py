@@ -14,8 +14,7 @@ import torch
 
 from diffuse.diffusion.bound import step_log_variance
 from diffuse.diffusion.noise import Generator, randn_like
-from diffuse.diffusion.samplers.common import batch_time, predict_x0, step_pairs
-from diffuse.diffusion.schedule import Schedule
+from diffuse.diffusion.samplers.common import Run, batch_time, predict_x0, sampler, step_pairs
 from diffuse.errors import UserError
 
 VARIANCES = ("beta", "beta_tilde", "learned")
@@ -38,33 +37,28 @@ def resolve_variance(variance, learned_variance) -> str:
     return variance
 
 
-@torch.no_grad()
-def ddpm(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
-    *,
-    variance: str | None = "beta_tilde",
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-    learned_variance=None,
-) -> torch.Tensor:
+@sampler
+def ddpm(run: Run, *, variance: str | None = "beta_tilde", learned_variance=None) -> torch.Tensor:
     """x_{t-1} = mu~(x_t, x0_hat) + sigma_t z, sigma_t^2 = beta_t ("beta"), beta-tilde_t ("beta_tilde") or the
     network's ("learned"); no noise on the last step."""
     variance = resolve_variance(variance, learned_variance)
-    x = x_T
-    for t, nxt, ab_t, ab_s in step_pairs(timesteps, schedule):
+    x = run.x_T
+    for t, nxt, ab_t, ab_s in step_pairs(run.timesteps, run.schedule):
         tt = batch_time(t, x)
-        eps = denoiser(x, tt, y)
-        v_raw = learned_variance(x, tt, y) if variance == "learned" and nxt >= 0 else None
+        eps = run.denoiser(x, tt, run.y)
+        v_raw = learned_variance(x, tt, run.y) if variance == "learned" and nxt >= 0 else None
         x = ddpm_step(
-            x, eps, ab_t, ab_s, last=nxt < 0, variance=variance, clip_x0=clip_x0, generator=generator, v_raw=v_raw
+            x,
+            eps,
+            ab_t,
+            ab_s,
+            last=nxt < 0,
+            variance=variance,
+            clip_x0=run.clip_x0,
+            generator=run.generator,
+            v_raw=v_raw,
         )
-        if hook is not None:
-            x = hook(x, nxt)
+        x = run.hooked(x, nxt)
     return x
 
 

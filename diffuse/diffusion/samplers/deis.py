@@ -31,8 +31,7 @@ import math
 import numpy as np
 import torch
 
-from diffuse.diffusion.noise import Generator
-from diffuse.diffusion.samplers.common import check_flag, check_order, data_prediction, levels
+from diffuse.diffusion.samplers.common import Run, check_flag, check_order, multistep, sampler, time_list
 from diffuse.diffusion.schedule import Schedule
 
 _GAUSS = np.polynomial.legendre.leggauss(8)
@@ -74,46 +73,21 @@ def tab_coefficients(schedule: Schedule, ts: list[float], order: int) -> list[li
     return coeffs
 
 
-@torch.no_grad()
-def deis(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
-    *,
-    order: int = 3,
-    afs: bool = False,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-) -> torch.Tensor:
+@sampler
+def deis(run: Run, *, order: int = 3, afs: bool = False) -> torch.Tensor:
     order = check_order(order, (1, 2, 3))
     afs = check_flag("afs", afs)
-    if len(timesteps) == 0:
-        return x_T
-    lv = levels(timesteps, schedule)
-    n = len(lv) - 1
-    coeffs = tab_coefficients(schedule, [float(l.t) for l in lv[:n]], order)
-    x, history = x_T, []
-    for i in range(n):
-        cur = lv[i]
-        # AFS: at the noisiest level x_t is almost pure noise, so the noise prediction is x_t itself.
-        fn = (lambda x_t, t, y_: x_t) if (afs and i == 0) else denoiser
-        x0, eps = data_prediction(fn, x, cur, y, clip_x0)
-        if i + 1 == n:
-            x, t_next = x0, -1
-        else:
-            nxt = lv[i + 1]
-            history = [eps] + history[: order - 1]
-            c = coeffs[i]
-            # sum_j C_ij = sigma~_{i+1} - sigma~_i exactly (the basis sums to one): C_i0 takes the remainder.
-            c0 = (nxt.sigma / nxt.alpha - cur.sigma / cur.alpha) - sum(c[1:])
-            d = c0 * history[0]
-            for cj, e in zip(c[1:], history[1:]):
-                d = d + cj * e
-            x = (nxt.alpha / cur.alpha) * x + nxt.alpha * d
-            t_next = nxt.t
-        if hook is not None:
-            x = hook(x, t_next)
-    return x
+    coeffs = tab_coefficients(run.schedule, [float(t) for t in time_list(run.timesteps)], order)
+    history = []  # the last `order` eps, newest first
+
+    def step(i, x, x0, eps, cur, nxt):
+        history[:] = [eps] + history[: order - 1]
+        c = coeffs[i]
+        # sum_j C_ij = sigma~_{i+1} - sigma~_i exactly (the basis sums to one): C_i0 takes the remainder.
+        c0 = (nxt.sigma / nxt.alpha - cur.sigma / cur.alpha) - sum(c[1:])
+        d = c0 * history[0]
+        for cj, e in zip(c[1:], history[1:]):
+            d = d + cj * e
+        return (nxt.alpha / cur.alpha) * x + nxt.alpha * d
+
+    return multistep(run, step, afs=afs)

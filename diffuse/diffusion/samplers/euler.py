@@ -12,32 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.diffusion.noise import Generator
-from diffuse.diffusion.samplers.common import check_percentile, ode_steps
+from diffuse.diffusion.samplers.common import Run, check_percentile, ode_steps, sampler
 
 
-@torch.no_grad()
-def euler(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule,
-    *,
-    dynamic_percentile: float = 0.0,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-) -> torch.Tensor:
-    dynamic_percentile = check_percentile(dynamic_percentile)
-    return ode_steps(
-        denoiser,
-        x_T,
-        timesteps,
-        schedule,
-        second_order=False,
-        y=y,
-        clip_x0=clip_x0,
-        dynamic_percentile=dynamic_percentile,
-        hook=hook,
-    )
+@sampler
+def euler(run: Run, *, dynamic_percentile: float = 0.0) -> torch.Tensor:
+    return ode_steps(run, second_order=False, dynamic_percentile=check_percentile(dynamic_percentile))

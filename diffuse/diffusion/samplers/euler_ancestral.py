@@ -21,9 +21,8 @@ import math
 
 import torch
 
-from diffuse.diffusion.noise import Generator, randn_like
-from diffuse.diffusion.samplers.common import batch_time, check_percentile, sigma_of, threshold_x0, time_list
-from diffuse.diffusion.schedule import Schedule
+from diffuse.diffusion.noise import randn_like
+from diffuse.diffusion.samplers.common import Run, batch_time, check_percentile, sampler, sigma_steps, threshold_x0
 from diffuse.validate import check_number
 
 
@@ -35,39 +34,23 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
 
 
-@torch.no_grad()
-def euler_ancestral(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
-    *,
-    eta: float = 1.0,
-    dynamic_percentile: float = 0.0,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-) -> torch.Tensor:
+@sampler
+def euler_ancestral(run: Run, *, eta: float = 1.0, dynamic_percentile: float = 0.0) -> torch.Tensor:
     eta = float(check_number("sampler.eta", eta, minimum=0))
     dynamic_percentile = check_percentile(dynamic_percentile)
-    ts = time_list(timesteps)
-    if not ts:
-        return x_T
-    sigma = sigma_of(schedule, ts[0])
-    xs = x_T * math.sqrt(1 + sigma**2)
-    for i, t in enumerate(ts):
-        nxt = ts[i + 1] if i + 1 < len(ts) else -1
-        sigma_n = sigma_of(schedule, nxt) if i + 1 < len(ts) else 0.0
+    steps = sigma_steps(run.timesteps, run.schedule)
+    if not steps:
+        return run.x_T
+    xs = run.x_T * math.sqrt(1 + steps[0][2] ** 2)
+    for t, nxt, sigma, sigma_n in steps:
         x_t = xs / math.sqrt(1 + sigma**2)
-        d = denoiser(x_t, batch_time(t, x_t), y)
-        if clip_x0 or dynamic_percentile:
-            d = (xs - threshold_x0(xs - sigma * d, clip_x0, dynamic_percentile)) / sigma
+        d = run.denoiser(x_t, batch_time(t, x_t), run.y)
+        if run.clip_x0 or dynamic_percentile:
+            d = (xs - threshold_x0(xs - sigma * d, run.clip_x0, dynamic_percentile)) / sigma
         down, up = ancestral_step(sigma, sigma_n, eta)
         xs = xs + (down - sigma) * d
         if up > 0:
-            xs = xs + up * randn_like(xs, generator)
-        sigma = sigma_n
-        if hook is not None:
-            xs = hook(xs / math.sqrt(1 + sigma**2), nxt) * math.sqrt(1 + sigma**2)
+            xs = xs + up * randn_like(xs, run.generator)
+        if run.hook is not None:
+            xs = run.hook(xs / math.sqrt(1 + sigma_n**2), nxt) * math.sqrt(1 + sigma_n**2)
     return xs

@@ -16,8 +16,8 @@ step by the Adams-Bashforth combination of the last q outputs eps_i, eps_{i-1}, 
 These are the constant-step coefficients, used as the paper does whatever the spacing. Once warm, a step on
 levels uniform in sigma~ has local error O(h^(q+1)); on other spacings the step-size changes add an O(h^3)
 term, and the first-order warm-up step leaves a global O(h^2) error of its own, so as the steps shrink the
-global order is 2 for every order >= 2 (tests/test_unipc_ipndm_deis.py measures it). The higher orders still pay off at few steps,
-where the constants matter more than the rate.
+global order is 2 for every order >= 2 (tests/test_unipc_ipndm_deis.py measures it). The higher orders still pay
+off at few steps, where the constants matter more than the rate.
 The step after the last timestep goes to clean data, sigma~ = 0, first order as every solver here: the output
 is x0_hat = x~ - sigma~ eps at the last level. NFE = number of timesteps (one fewer with `afs`: at the first
 level eps := x_T).
@@ -29,48 +29,21 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.diffusion.noise import Generator
-from diffuse.diffusion.samplers.common import check_flag, check_order, data_prediction, levels
-from diffuse.diffusion.schedule import Schedule
+from diffuse.diffusion.samplers.common import Run, check_flag, check_order, multistep, sampler
 
 # Adams-Bashforth coefficients, newest output first.
 AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-@torch.no_grad()
-def ipndm(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
-    *,
-    order: int = 4,
-    afs: bool = False,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
-) -> torch.Tensor:
+@sampler
+def ipndm(run: Run, *, order: int = 4, afs: bool = False) -> torch.Tensor:
     order = check_order(order, (1, 2, 3, 4))
     afs = check_flag("afs", afs)
-    if len(timesteps) == 0:
-        return x_T
-    lv = levels(timesteps, schedule)
-    n = len(lv) - 1
-    x, history = x_T, []
-    for i in range(n):
-        cur = lv[i]
-        # AFS: at the noisiest level x_t is almost pure noise, so the noise prediction is x_t itself.
-        fn = (lambda x_t, t, y_: x_t) if (afs and i == 0) else denoiser
-        x0, eps = data_prediction(fn, x, cur, y, clip_x0)
-        if i + 1 == n:
-            x, t_next = x0, -1
-        else:
-            nxt = lv[i + 1]
-            history = [eps] + history[: order - 1]
-            d = sum(c * e for c, e in zip(AB[len(history)], history))
-            x = nxt.alpha * (x / cur.alpha + (nxt.sigma / nxt.alpha - cur.sigma / cur.alpha) * d)
-            t_next = nxt.t
-        if hook is not None:
-            x = hook(x, t_next)
-    return x
+    history = []  # the last `order` eps, newest first
+
+    def step(i, x, x0, eps, cur, nxt):
+        history[:] = [eps] + history[: order - 1]
+        d = sum(c * e for c, e in zip(AB[len(history)], history))
+        return nxt.alpha * (x / cur.alpha + (nxt.sigma / nxt.alpha - cur.sigma / cur.alpha) * d)
+
+    return multistep(run, step, afs=afs)

@@ -51,17 +51,17 @@ import math
 
 import torch
 
-from diffuse.diffusion.noise import Generator
 from diffuse.diffusion.samplers.common import (
+    Level,
+    Run,
     check_flag,
     check_order,
     check_percentile,
-    data_prediction,
     levels,
+    sampler,
     threshold_x0,
 )
-from diffuse.diffusion.schedule import Schedule
-from diffuse.errors import UserError
+from diffuse.validate import check_choice
 
 VARIANTS = ("bh1", "bh2")
 
@@ -100,12 +100,9 @@ def unipc_weights(h: float, rs: list[float], variant: str) -> list[float]:
     return [ba / r for ba, r in zip(_solve(rows, g), rs)]
 
 
-@torch.no_grad()
+@sampler
 def unipc(
-    denoiser,
-    x_T: torch.Tensor,
-    timesteps: torch.Tensor,
-    schedule: Schedule,
+    run: Run,
     *,
     order: int = 2,
     variant: str = "bh2",
@@ -113,57 +110,53 @@ def unipc(
     corrector: bool = True,
     afs: bool = False,
     dynamic_percentile: float = 0.0,
-    generator: Generator = None,
-    y=None,
-    clip_x0: bool = False,
-    hook=None,
 ) -> torch.Tensor:
     order = check_order(order, (1, 2, 3))
-    if variant not in VARIANTS:
-        raise UserError(f"sampler.variant={variant!r} is not allowed: choose one of {', '.join(VARIANTS)}")
+    variant = check_choice("sampler.variant", variant, VARIANTS)
     lower_order_final = check_flag("lower_order_final", lower_order_final)
     corrector = check_flag("corrector", corrector)
     afs = check_flag("afs", afs)
     dynamic_percentile = check_percentile(dynamic_percentile)
-    if len(timesteps) == 0:
-        return x_T
-    lv = levels(timesteps, schedule)
+    if len(run.timesteps) == 0:
+        return run.x_T
+    lv = levels(run.timesteps, run.schedule)
     n = len(lv) - 1  # timesteps; lv[n] is the clean end
-
-    def predict(x, i):
-        # AFS: at the noisiest level x_t is almost pure noise, so the noise prediction is x_t itself.
-        fn = (lambda x_t, t, y_: x_t) if (afs and i == 0) else denoiser
-        return data_prediction(fn, x, lv[i], y, clip_x0, dynamic_percentile)
-
-    x = x_T
-    x0, eps = predict(x, 0)
+    x = run.x_T
+    x0, eps = run.predict(x, lv[0], dynamic_percentile, afs=afs)
     outs = [x0]  # x_theta at the last `order` levels, newest first, each taken at the predicted point
     for i in range(1, n):
-        prev, cur = lv[i - 1], lv[i]
-        h = cur.lam - prev.lam
         q = min(order, i)
         if lower_order_final and n < 15:
             q = min(q, n - i)
-        rs = [(lv[i - 1 - m].lam - prev.lam) / h for m in range(1, q)]
-        ds = [outs[m] - outs[0] for m in range(1, q)]
-        base = (cur.sigma / prev.sigma) * x - cur.alpha * math.expm1(-h) * outs[0]
-        x_pred = base
-        for w, d in zip(unipc_weights(h, rs, variant), ds):
-            x_pred = x_pred + cur.alpha * w * d
-        x0, eps = predict(x_pred, i)
-        x = x_pred
-        if corrector:  # UniC with the output just computed at the new level (r = 1): no extra evaluation
-            x = base
-            for w, d in zip(unipc_weights(h, rs + [1.0], variant), ds + [x0 - outs[0]]):
-                x = x + cur.alpha * w * d
+        x, x0, eps = _step(run, x, outs, lv, i, q, variant, corrector, dynamic_percentile)
         outs = [x0] + outs[: order - 1]
-        if hook is not None:
-            x = hook(x, cur.t)
+        x = run.hooked(x, lv[i].t)
     last = lv[n - 1]
     # x0_hat at the corrected point with the last eps: the predicted point's x0 shifted by the correction.
     x = (x - last.sigma * eps) / last.alpha
-    if clip_x0 or dynamic_percentile:
-        x = threshold_x0(x, clip_x0, dynamic_percentile)
-    if hook is not None:
-        x = hook(x, -1)
+    if run.clip_x0 or dynamic_percentile:
+        x = threshold_x0(x, run.clip_x0, dynamic_percentile)
+    return run.hooked(x, -1)
+
+
+def _combine(base: torch.Tensor, cur: Level, weights: list[float], ds: list[torch.Tensor]) -> torch.Tensor:
+    """base + alpha_i sum_m w_m D_m: the update of the predictor and of the corrector."""
+    x = base
+    for w, d in zip(weights, ds):
+        x = x + cur.alpha * w * d
     return x
+
+
+def _step(run: Run, x, outs: list, lv: list[Level], i: int, q: int, variant: str, corrector: bool, percentile):
+    """Level i - 1 -> i: UniP-q, the evaluation at the predicted point, and UniC-q with the output just computed
+    (r = 1: no extra evaluation). Returns x_i and (x_theta, eps) at the predicted point."""
+    prev, cur = lv[i - 1], lv[i]
+    h = cur.lam - prev.lam
+    rs = [(lv[i - 1 - m].lam - prev.lam) / h for m in range(1, q)]
+    ds = [outs[m] - outs[0] for m in range(1, q)]
+    base = (cur.sigma / prev.sigma) * x - cur.alpha * math.expm1(-h) * outs[0]
+    x_pred = _combine(base, cur, unipc_weights(h, rs, variant), ds)
+    x0, eps = run.predict(x_pred, cur, percentile)
+    if not corrector:
+        return x_pred, x0, eps
+    return _combine(base, cur, unipc_weights(h, rs + [1.0], variant), ds + [x0 - outs[0]]), x0, eps
