@@ -85,7 +85,10 @@ def test_cascade_sample_and_upsample(runs, tmp_path, compose_cfg):
     sample_task.run(compose_cfg("sample", args + ["batch_size=5"]), tmp_path / "a")
     sample_task.run(compose_cfg("sample", args + ["batch_size=2"]), tmp_path / "b")
     a, b = np.load(tmp_path / "a" / "samples.npz")["arr_0"], np.load(tmp_path / "b" / "samples.npz")["arr_0"]
-    assert a.shape == (5, 8, 8, 3) and np.array_equal(a, b)  # image i depends only on (seed, i), every stage
+    # Image i depends only on (seed, i), every stage: with other noise the images would differ nearly everywhere.
+    # The CPU kernels may round a pixel or two differently at another batch size, across a uint8 step.
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert a.shape == (5, 8, 8, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).sum())
     info = (tmp_path / "a" / "sample.json").read_text()
     assert '"cascade"' in info and '"aug_level": 0.1' in info and '"nfe": 6' in info
     # the aug level is a sampling choice: another one, other images; truncation stops the base early
