@@ -1,5 +1,7 @@
 # `make run`: install into .venv and train the quickstart (shapes, tiny U-Net, CPU-friendly), then sample it.
-# `make test`: install and run the test suite.
+# `make test`: install and run the test suite (the slowest 25 tests printed at the end).
+# `make test-fast`: the suite without the slow statistical checks and without child processes.
+# `make lint`: ruff's formatting and lint rules (pyproject.toml). `make docs`: the site, built strictly, offline.
 # torch is pinned and installed first: an unpinned torch requirement would pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-fast lint docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,11 +28,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests --durations=25
 
-# ruff (pinned here): formatting, and the lint rules in pyproject.toml.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow and not subprocess" --durations=10
+
 lint: $(STAMP)
-	$(PIP) install -q 'ruff==0.17.6'
-	$(VENV)/bin/ruff format --check diffuse tests bench conf
-	$(VENV)/bin/ruff check diffuse tests bench conf
+	$(VENV)/bin/ruff format --check diffuse tests bench conf docs
+	$(VENV)/bin/ruff check diffuse tests bench conf docs
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info
