@@ -103,7 +103,8 @@ def check_chain(base: Model, stages: Sequence[SuperRes]) -> None:
         # noised image sqrt(g) x + sqrt(1 - g) eps the super-resolution model was trained on.
         raise UserError(
             f"condition.truncated=true is not allowed after a latent base model ({base.source.get('ckpt')}): its "
-            "reverse process would stop in latent space, where x_t is not a noised image; use condition.truncated=false "
+            "reverse process would stop in latent space, where x_t is not a noised image; "
+            "use condition.truncated=false "
             "for the first super-resolution stage"
         )
     shape = base.image_shape

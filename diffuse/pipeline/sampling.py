@@ -116,7 +116,8 @@ def tuned_timesteps(sampler_cfg: dict, steps: int | None, schedule: Schedule, tu
         if entry is None:
             have = ", ".join(sorted(tuned)) or "none"
             raise UserError(
-                f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps (it has: {have}); "
+                f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps "
+                f"(it has: {have}); "
                 f"make one with diffuse tune-schedule sampler={name} steps={steps}"
             )
         where = "the model's"

@@ -178,7 +178,8 @@ def source_label(label, num_classes: int | None) -> int | None:
         return num_classes or None
     if not num_classes:
         raise UserError(
-            f"edit.source_label={label!r} needs a class-conditional model (model.num_classes); this one is unconditional"
+            f"edit.source_label={label!r} needs a class-conditional model (model.num_classes); "
+            "this one is unconditional"
         )
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
         raise UserError(

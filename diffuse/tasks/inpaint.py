@@ -46,6 +46,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     seed = check_number("seed", cfg.seed, integer=True)
     if cfg.steps is not None:
         check_number("steps", cfg.steps, minimum=1, integer=True)
+    default_steps = check_number("default_steps", cfg.default_steps, minimum=1, integer=True)
     ic = to_dict(cfg.inpaint)
     method = check_choice("inpaint.method", ic["method"], METHODS)
     pairs = image_mask_pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
@@ -57,7 +58,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     job = prepare_sampling(
         model,
         sampler=sampler,
-        steps=steps if steps is not None else DEFAULT_STEPS,
+        steps=steps if steps is not None else default_steps,
         guidance=to_dict(cfg.guidance),
         label=cfg.label,
         labels=cfg.labels,
@@ -70,7 +71,8 @@ def prepare(cfg: DictConfig, checking: bool = False):
         key = "guidance.cfg_scale" if job.guidance.name == "classifier" else "guidance.scale"
         raise UserError(
             f"{key}={job.guidance.free_scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
-            "network is told the known pixels per image, guidance would double the batch; use scale 1 or inpaint=replace"
+            "network is told the known pixels per image, guidance would double the batch; "
+            "use scale 1 or inpaint=replace"
         )
     if method == "repaint":  # its options are checked before anything is written
         if "jump_length" not in ic:
@@ -82,9 +84,6 @@ def prepare(cfg: DictConfig, checking: bool = False):
         load_image_and_mask(i, m, model.image_shape, bool(ic["resize"]), bool(ic["mask_invert"])) for i, m in pairs
     ]
     return n, seed, steps, ic, method, pairs, loaded, rt, model, job
-
-
-DEFAULT_STEPS = 50  # base reverse steps when steps= is left null (a distilled student: its own)
 
 
 def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
