@@ -190,7 +190,7 @@ def source_label(label, num_classes: int | None) -> int | None:
 
 @dataclass
 class Edits:
-    full: torch.Tensor  # uint8 n x C x H x W at the input's size
+    full: torch.Tensor | None  # uint8 n x C x H x W at the input's size (None once written: edit() keeps the rest)
     model: torch.Tensor  # uint8 n x C x h x w at the model's size (the grid and samples.npz)
     shown: torch.Tensor  # uint8 C x h x w: the input as the model saw it
     nfe: int  # denoiser calls for this image, every pass included
