@@ -340,6 +340,20 @@ def read_npz(path: Path) -> ImageSource:
     return ImageSource(f"{path}", t.shape[0], tuple(t.shape[1:]), array=t)
 
 
+def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """samples.npz as read_npz reads it (ADM style), whole or not at all: arr_0 the uint8 N x C x H x W `images`
+    as N x H x W x C, and arr_1 their labels as int64 when there are any."""
+    arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["arr_1"] = labels.to(torch.int64).numpy()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.savez on a path would append ".npz" to the temp name
+            np.savez(f, **arrays)
+
+    atomic_write(Path(path), write)
+
+
 def png_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix.lower() == ".png" and f.is_file())
 

@@ -122,21 +122,8 @@ def _draw_panel(
         return
     ax = _Axis([p[0] for p in pts], panel.log_x, round_ends=False)
     ay = _Axis([p[1] for p in pts], panel.log_y, round_ends=round_y)
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return left + ax(x) * (right - left), bottom - ay(y) * (bottom - top)
-
-    for yt in ay.ticks:
-        yy = bottom - ay(yt) * (bottom - top)
-        dr.line([left - 4, yy, left, yy], fill=(0, 0, 0))
-        dr.line([left + 1, yy, right - 1, yy], fill=(230, 230, 230))
-        dr.text((left - 6, yy), _label(yt), fill=(0, 0, 0), font=font, anchor="rm")
-    x_ticks = sorted({p[0] for p in pts}) if panel.data_ticks else ax.ticks
-    for xv in x_ticks:
-        xx = left + ax(xv) * (right - left)
-        dr.line([xx, bottom, xx, bottom + 4], fill=(0, 0, 0))
-        dr.text((xx, bottom + 6), _label(xv), fill=(0, 0, 0), font=font, anchor="mt")
-    dr.rectangle([left, top, right, bottom], outline=(0, 0, 0))  # over the grid lines that meet it
+    frame = (left, top, right, bottom)
+    _draw_ticks(dr, frame, ax, ay, sorted({p[0] for p in pts}) if panel.data_ticks else ax.ticks, font)
     if panel.xlabel:
         dr.text(
             ((left + right) / 2, y_bottom - 18),
@@ -147,8 +134,35 @@ def _draw_panel(
         )
     if panel.ylabel or ay.log:
         dr.text((x_left + 8, top - 20), panel.ylabel + (" (log scale)" if ay.log else ""), fill=(0, 0, 0), font=font)
+    _draw_series(dr, frame, ax, ay, panel.series, font, legend_outside)
+
+
+def _draw_ticks(dr: ImageDraw.ImageDraw, frame, ax: _Axis, ay: _Axis, x_ticks: list[float], font) -> None:
+    """The y ticks with their grid lines, the x ticks, and the frame (left, top, right, bottom) drawn over both."""
+    left, top, right, bottom = frame
+    for yt in ay.ticks:
+        yy = bottom - ay(yt) * (bottom - top)
+        dr.line([left - 4, yy, left, yy], fill=(0, 0, 0))
+        dr.line([left + 1, yy, right - 1, yy], fill=(230, 230, 230))
+        dr.text((left - 6, yy), _label(yt), fill=(0, 0, 0), font=font, anchor="rm")
+    for xv in x_ticks:
+        xx = left + ax(xv) * (right - left)
+        dr.line([xx, bottom, xx, bottom + 4], fill=(0, 0, 0))
+        dr.text((xx, bottom + 6), _label(xv), fill=(0, 0, 0), font=font, anchor="mt")
+    dr.rectangle([left, top, right, bottom], outline=(0, 0, 0))  # over the grid lines that meet it
+
+
+def _draw_series(
+    dr: ImageDraw.ImageDraw, frame, ax: _Axis, ay: _Axis, series: list[Series], font, legend_outside: bool
+) -> None:
+    """Each series' line and markers inside the frame (left, top, right, bottom), and the legend of those labelled."""
+    left, top, right, bottom = frame
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + ax(x) * (right - left), bottom - ay(y) * (bottom - top)
+
     shown = 0
-    for i, s in enumerate(panel.series):
+    for i, s in enumerate(series):
         color = s.color or COLORS[i % len(COLORS)]
         line = [
             px(x, y) for x, y in sorted(s.points) if math.isfinite(x) and math.isfinite(y) and (not ay.log or y > 0)

@@ -258,15 +258,15 @@ def test_upsample_stopped_lists_what_is_not_done(runs, tmp_path, monkeypatch):
     """A stopped upsample said '1 of 2 images upsampled' and its upsample.json did not say which were left."""
     import json
 
-    from diffuse.tasks import upsample as upsample_task
+    from diffuse.tasks import per_image
 
-    real = upsample_task.save_png
+    real = per_image.save_png
 
     def save(img, path, **k):
         real(img, path, **k)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(upsample_task, "save_png", save)
+    monkeypatch.setattr(per_image, "save_png", save)
     (tmp_path / "in").mkdir()
     for name in ("p.png", "q.png"):
         Image.open(runs / "imgs" / "low.png").save(tmp_path / "in" / name)

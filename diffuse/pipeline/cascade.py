@@ -17,7 +17,7 @@ from diffuse.diffusion.superres import aug_alpha_bar, aug_level_of, augment, con
 from diffuse.errors import UserError
 from diffuse.pipeline.condition import SuperResRefusal
 from diffuse.pipeline.model import Model
-from diffuse.pipeline.sampling import CountingDenoiser, SamplerPlan, Samples, plan_sampler
+from diffuse.pipeline.sampling import CountingDenoiser, SamplerPlan, Samples, in_batches, plan_sampler
 
 
 def load_cascade(paths: Any, load: Callable[[Any, bool], Model]) -> list[Model]:
@@ -103,7 +103,8 @@ def check_chain(base: Model, stages: Sequence[SuperRes]) -> None:
         # noised image sqrt(g) x + sqrt(1 - g) eps the super-resolution model was trained on.
         raise UserError(
             f"condition.truncated=true is not allowed after a latent base model ({base.source.get('ckpt')}): its "
-            "reverse process would stop in latent space, where x_t is not a noised image; use condition.truncated=false "
+            "reverse process would stop in latent space, where x_t is not a noised image; "
+            "use condition.truncated=false "
             "for the first super-resolution stage"
         )
     shape = base.image_shape
@@ -232,29 +233,15 @@ class CascadeJob:
         fixed_shape: bool = False,
         stop=None,
     ) -> Samples:
-        from diffuse.console import progress_bar
+        """Images `indices` through every stage, batch after batch as pipeline.sampling.generate draws them (image
+        i with label labels[i]); fixed_shape is taken as a SamplingJob takes it, and not applied."""
 
-        outs, nfe, stopped = [], 0, False
-        with progress_bar(progress) as bar:
-            task = bar.add_task(
-                f"cascade of {len(self.stages) + 1} ({self.plan.name}, {self.plan.describe_steps()})",
-                total=len(indices),
-            )
-            for start in range(0, len(indices), batch_size):
-                if stop is not None and stop.requested:
-                    stopped = True
-                    break
-                idx = indices[start : start + batch_size]
-                y = self.labels[idx].to(device) if self.labels is not None else None
-                x, calls = self.draw(idx, y, device)
-                x = x.float().cpu()
-                nfe = nfe or sum(calls)
-                if keep:
-                    outs.append(x)
-                if on_batch is not None:
-                    on_batch(start, x)
-                bar.advance(task, len(idx))
-        return Samples(torch.cat(outs) if outs else torch.empty(0, *self.model.shape), nfe, stopped)
+        def batch(start: int, idx: list[int]) -> tuple[torch.Tensor, int]:
+            x, calls = self.draw(idx, self.labels[idx].to(device) if self.labels is not None else None, device)
+            return x, sum(calls)
+
+        what = f"cascade of {len(self.stages) + 1} ({self.plan.name}, {self.plan.describe_steps()})"
+        return in_batches(batch, indices, batch_size, what, self.model.shape, on_batch, progress, keep, stop)
 
     def info(self) -> dict:
         out = self.base.info()

@@ -114,7 +114,8 @@ def schedule_from_config(cfg: dict | None, where: str = "") -> Schedule:
     unknown = sorted(set(cfg) - SCHEDULE_KEYS)
     if unknown:
         raise UserError(
-            f"{prefix}schedule.{unknown[0]} is not a schedule option: allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}"
+            f"{prefix}schedule.{unknown[0]} is not a schedule option: "
+            f"allowed are kind, {', '.join(sorted(SCHEDULE_KEYS))}"
         )
     for key, val in cfg.items():
         if key == "scale_with_T":
@@ -143,57 +144,11 @@ def network_from_checkpoint(
     Its config is user input: it is checked, the schedule bounded, and the network's shapes (on the meta device)
     compared with the weights in the file before the network is allocated. A super-resolution model (condition=lowres)
     is refused unless `superres`: it samples only given a low-resolution image."""
-    from diffuse.diffusion.prediction import PREDICTIONS
     from diffuse.nets import build_network
 
     conf = ckpt.config
-    if not isinstance(conf, dict) or "model" not in conf:
-        raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
-    if isinstance(conf["model"], dict) and conf["model"].get("arch") == "classifier":
-        raise UserError(
-            f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
-            "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier"
-        )
-    # before the schedule check: a converted autoencoder has no schedule, and what it is says more than what it lacks
-    if isinstance(conf["model"], dict) and conf["model"].get("arch") in ("autoencoder", "taesd"):
-        raise UserError(
-            f"{where} is an autoencoder (diffuse train-ae or convert), not a diffusion model: diffuse in its "
-            "latent space with diffuse train autoencoder=FILE"
-        )
-    if "schedule" not in conf:
-        raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
-    for part in ("objective", "data"):
-        if not isinstance(conf.get(part) or {}, dict):
-            raise UserError(f"{where}: its config's {part} is {type(conf[part]).__name__}, not a mapping")
-    objective = conf.get("objective") or {}
-    prediction = objective.get("prediction", "eps")
-    if prediction not in PREDICTIONS:
-        raise UserError(
-            f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}"
-        )
-    kind = objective.get("kind", "diffusion")
-    if kind not in ("diffusion", "consistency", "edm"):
-        raise UserError(f"{where}: objective.kind={kind!r} is not allowed: choose one of diffusion, consistency, edm")
-    sigma_data = objective.get("sigma_data", 0.5)
-    if kind != "diffusion" and (
-        isinstance(sigma_data, bool)
-        or not isinstance(sigma_data, (int, float))
-        or not math.isfinite(sigma_data)
-        or sigma_data <= 0
-    ):
-        raise UserError(f"{where}: objective.sigma_data={sigma_data!r} is not allowed: it must be a number > 0")
-    if objective.get("mask_training", False) not in (True, False):
-        raise UserError(
-            f"{where}: objective.mask_training={objective['mask_training']!r} is not allowed: true or false"
-        )
-    if objective.get("learn_sigma", False) not in (True, False):
-        raise UserError(f"{where}: objective.learn_sigma={objective['learn_sigma']!r} is not allowed: true or false")
-    if objective.get("learn_sigma") and kind != "diffusion":
-        raise UserError(
-            f"{where}: objective.learn_sigma=true with objective.kind={kind}: learned variances are for diffusion models"
-        )
-    if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
-        raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
+    check_is_diffusion(conf, where)
+    prediction = check_objective(conf, where)
     schedule = schedule_from_config(conf["schedule"], where=where)
     if conf.get("condition") is not None and not superres:
         from diffuse.pipeline.condition import superres_refusal
@@ -217,6 +172,64 @@ def network_from_checkpoint(
     return tn
 
 
+def check_is_diffusion(conf: Any, where: str) -> None:
+    """A checkpoint's config is a diffusion model's: a model and a schedule, no classifier or autoencoder, and its
+    objective and data mappings."""
+    if not isinstance(conf, dict) or "model" not in conf:
+        raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
+    if isinstance(conf["model"], dict) and conf["model"].get("arch") == "classifier":
+        raise UserError(
+            f"{where} is a classifier (diffuse train-classifier), not a diffusion model: use it as "
+            "guidance.classifier= or metrics.features_ckpt= with metrics.features=classifier"
+        )
+    # before the schedule check: a converted autoencoder has no schedule, and what it is says more than what it lacks
+    if isinstance(conf["model"], dict) and conf["model"].get("arch") in ("autoencoder", "taesd"):
+        raise UserError(
+            f"{where} is an autoencoder (diffuse train-ae or convert), not a diffusion model: diffuse in its "
+            "latent space with diffuse train autoencoder=FILE"
+        )
+    if "schedule" not in conf:
+        raise UserError(f"{where}: its config lacks model/schedule: not a diffuse training checkpoint")
+    for part in ("objective", "data"):
+        if not isinstance(conf.get(part) or {}, dict):
+            raise UserError(f"{where}: its config's {part} is {type(conf[part]).__name__}, not a mapping")
+
+
+def check_objective(conf: dict, where: str) -> str:
+    """A checkpoint's objective (what it predicts, its kind and switches) and data.is_8bit checked: its prediction.
+    A checkpoint from before a key was written lacks it, and trained with the key's default."""
+    from diffuse.diffusion.prediction import PREDICTIONS
+
+    objective = conf.get("objective") or {}
+    prediction = objective.get("prediction", "eps")
+    if prediction not in PREDICTIONS:
+        raise UserError(
+            f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}"
+        )
+    kind = objective.get("kind", "diffusion")
+    if kind not in ("diffusion", "consistency", "edm"):
+        raise UserError(f"{where}: objective.kind={kind!r} is not allowed: choose one of diffusion, consistency, edm")
+    sigma_data = objective.get("sigma_data", 0.5)
+    if kind != "diffusion" and (
+        isinstance(sigma_data, bool)
+        or not isinstance(sigma_data, (int, float))
+        or not math.isfinite(sigma_data)
+        or sigma_data <= 0
+    ):
+        raise UserError(f"{where}: objective.sigma_data={sigma_data!r} is not allowed: it must be a number > 0")
+    for key in ("mask_training", "learn_sigma"):
+        if objective.get(key, False) not in (True, False):
+            raise UserError(f"{where}: objective.{key}={objective[key]!r} is not allowed: true or false")
+    if objective.get("learn_sigma") and kind != "diffusion":
+        raise UserError(
+            f"{where}: objective.learn_sigma=true with objective.kind={kind}: "
+            "learned variances are for diffusion models"
+        )
+    if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
+        raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
+    return prediction
+
+
 def load_model(
     *,
     ckpt: Any,
@@ -237,7 +250,8 @@ def load_model(
     if ckpt in (None, ""):
         if not model:
             raise UserError(
-                "ckpt= is required: a .safetensors checkpoint or a training run dir (or model=oracle for the exact mixture)"
+                "ckpt= is required: a .safetensors checkpoint or a training run dir "
+                "(or model=oracle for the exact mixture)"
             )
         if model.get("arch") != "oracle":
             raise UserError(
@@ -252,6 +266,13 @@ def load_model(
         raise UserError(
             "schedule= cannot be changed when sampling a checkpoint: it is the one the model was trained with"
         )
+    return checkpoint_model(ckpt, use_ema, runtime, verify, superres, autoencoder)
+
+
+def checkpoint_model(
+    ckpt: Any, use_ema: bool, runtime: Runtime, verify: Any, superres: bool, autoencoder: Any
+) -> Model:
+    """load_model's checkpoint: its network wrapped for inference (and for its low-resolution or mask input)."""
     path = resolve_ckpt_path(ckpt)
     loaded = load_checkpoint(path, verify=verify)
     tn = network_from_checkpoint(loaded, use_ema=use_ema, where=str(path), superres=superres)

@@ -116,7 +116,8 @@ def tuned_timesteps(sampler_cfg: dict, steps: int | None, schedule: Schedule, tu
         if entry is None:
             have = ", ".join(sorted(tuned)) or "none"
             raise UserError(
-                f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps (it has: {have}); "
+                f"sampler.schedule=tuned: the model has no tuned schedule for {name} at {steps} steps "
+                f"(it has: {have}); "
                 f"make one with diffuse tune-schedule sampler={name} steps={steps}"
             )
         where = "the model's"
@@ -178,26 +179,50 @@ def generate(
     sees one shape only; images are drawn independently, so the padding changes none of them. stop (a
     diffuse.signals.StopRequest) is looked at before each batch: once requested, no new batch starts. decode (a
     latent model's: latents -> images) runs on each batch on the device, before on_batch sees it."""
+
+    def batch(start: int, idx: list[int]) -> tuple[torch.Tensor, int]:
+        pad = batch_size - len(idx) if fixed_shape else 0
+        gen = PerSample(seed, idx + idx[-1:] * pad)
+        x_T = randn((len(idx) + pad, *shape), gen, device)
+        y = labels[start : start + len(idx)] if labels is not None else None
+        y = torch.cat([y, y[-1:].expand(pad)]).to(device) if y is not None else None
+        counter = CountingDenoiser(denoiser)
+        x0 = plan(counter, x_T, generator=gen, y=y)[: len(idx)]
+        return (decode(x0) if decode is not None else x0), counter.calls
+
+    what = f"sampling ({plan.name}, {plan.describe_steps()})"
+    return in_batches(batch, indices, batch_size, what, shape, on_batch, progress, keep, stop)
+
+
+def in_batches(
+    draw: Callable[[int, list[int]], tuple[torch.Tensor, int]],
+    indices: list[int],
+    batch_size: int,
+    what: str,
+    shape: tuple[int, ...],
+    on_batch: Callable[[int, torch.Tensor], None] | None,
+    progress: bool,
+    keep: bool,
+    stop,
+) -> Samples:
+    """The loop of generate() and of a cascade: draw(first position in indices, its batch of indices) -> (images,
+    denoiser calls per image) for each batch in turn, moved to the CPU as float before on_batch sees them; a stop
+    request is looked at before each batch. `what`: the progress bar's description; `shape`: an image's, for the
+    empty result of a run that drew nothing."""
     outs, nfe, stopped = [], 0, False
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"sampling ({plan.name}, {plan.describe_steps()})", total=len(indices))
+        task = bar.add_task(what, total=len(indices))
         for start in range(0, len(indices), batch_size):
             if stop is not None and stop.requested:
                 stopped = True
                 break
             idx = indices[start : start + batch_size]
-            pad = batch_size - len(idx) if fixed_shape else 0
-            gen = PerSample(seed, idx + idx[-1:] * pad)
-            x_T = randn((len(idx) + pad, *shape), gen, device)
-            y = labels[start : start + len(idx)] if labels is not None else None
-            y = torch.cat([y, y[-1:].expand(pad)]).to(device) if y is not None else None
-            counter = CountingDenoiser(denoiser)
-            x0 = plan(counter, x_T, generator=gen, y=y)[: len(idx)]
-            x0 = (decode(x0) if decode is not None else x0).float().cpu()
-            nfe = nfe or counter.calls
+            x, calls = draw(start, idx)
+            x = x.float().cpu()
+            nfe = nfe or calls
             if keep:
-                outs.append(x0)
+                outs.append(x)
             if on_batch is not None:
-                on_batch(start, x0)
+                on_batch(start, x)
             bar.advance(task, len(idx))
     return Samples(torch.cat(outs) if outs else torch.empty(0, *shape), nfe, stopped)

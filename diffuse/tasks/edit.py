@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffuse.console import console, progress_bar
+from diffuse.console import console
 from diffuse.diffusion.edit import check_strength, sdedit, start_timestep, trajectory_hook, truncate
 from diffuse.diffusion.inpainting import MaskConditioned, condition_on, replace_hook
 from diffuse.diffusion.noise import PerSample, randn
@@ -28,13 +28,14 @@ from diffuse.images import (
     resize,
     save_png,
     to_uint8,
+    write_npz,
 )
-from diffuse.io import atomic_write, write_json
 from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.job import SamplingJob
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict
+from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_choice, check_number
 
 METHODS = ("sdedit", "invert")
@@ -72,20 +73,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     if not isinstance(cfg.save_npz, bool):
         raise UserError(f"save_npz={cfg.save_npz!r} is not allowed: true or false")
     ec = to_dict(cfg.edit)
-    method = check_choice("edit.method", ec["method"], METHODS)
-    if method == "invert" and "fixed_point_iters" not in ec:
-        raise UserError("edit.method=invert needs the inversion's options: choose the method with edit=invert")
-    strength = check_strength(ec["strength"])
-    for key in ("resize", "mask_invert", *(("round_trip",) if method == "invert" else ())):
-        if not isinstance(ec[key], bool):
-            raise UserError(f"edit.{key}={ec[key]!r} is not allowed: true or false")
-    if ec["conditioned"] not in ("auto", True, False):
-        raise UserError(f"edit.conditioned={ec['conditioned']!r} is not allowed: auto, true or false")
-    fpi = (
-        check_number("edit.fixed_point_iters", ec["fixed_point_iters"], minimum=0, integer=True)
-        if method == "invert"
-        else 0
-    )
+    method, strength, fpi = edit_options(ec)
     pairs = edit_pairs(cfg.image, cfg.mask)
     rt = runtime_of(cfg, images=n * len(pairs))
     model = model_of(cfg, checking_runtime(rt) if checking else rt)
@@ -98,7 +86,8 @@ def prepare(cfg: DictConfig, checking: bool = False):
     masked = pairs[0][1] is not None
     check_sampler(job, method, strength, masked, n)
     conditioned = use_conditioned(ec["conditioned"], model.denoiser, masked)
-    source_y = source_label(ec.get("source_label"), model.num_classes) if method == "invert" else None
+    invert = method == "invert"
+    source_y = source_label(ec["source_label"], model.num_classes) if invert else None
     t0 = start_timestep(strength, model.schedule.T)
     if t0 < 0:
         levels = job.plan.timesteps[:0]
@@ -109,20 +98,25 @@ def prepare(cfg: DictConfig, checking: bool = False):
         img = load_model_image(img_path, model.shape, ec["resize"], "edit.resize")
         keep = load_keep_mask(mask_path, img_path, (img.shape[2], img.shape[1]), ec["mask_invert"]) if masked else None
         loaded.append((img, keep))
-    plan = EditPlan(
-        n,
-        seed,
-        method,
-        strength,
-        t0,
-        levels,
-        job,
-        conditioned,
-        fpi,
-        source_y,
-        bool(ec.get("round_trip")) and method == "invert",
-    )
+    round_trip = invert and ec["round_trip"]
+    plan = EditPlan(n, seed, method, strength, t0, levels, job, conditioned, fpi, source_y, round_trip)
     return plan, pairs, loaded, rt
+
+
+def edit_options(ec: dict) -> tuple[str, float, int]:
+    """The edit group's method, strength and fixed-point iterations (0 unless inverting), its switches checked."""
+    method = check_choice("edit.method", ec["method"], METHODS)
+    if method == "invert" and "fixed_point_iters" not in ec:
+        raise UserError("edit.method=invert needs the inversion's options: choose the method with edit=invert")
+    strength = check_strength(ec["strength"])
+    for key in ("resize", "mask_invert", *(("round_trip",) if method == "invert" else ())):
+        if not isinstance(ec[key], bool):
+            raise UserError(f"edit.{key}={ec[key]!r} is not allowed: true or false")
+    if ec["conditioned"] not in ("auto", True, False):
+        raise UserError(f"edit.conditioned={ec['conditioned']!r} is not allowed: auto, true or false")
+    if method != "invert":
+        return method, strength, 0
+    return method, strength, check_number("edit.fixed_point_iters", ec["fixed_point_iters"], minimum=0, integer=True)
 
 
 def edit_pairs(image, mask) -> list[tuple[Path, Path | None]]:
@@ -184,7 +178,8 @@ def source_label(label, num_classes: int | None) -> int | None:
         return num_classes or None
     if not num_classes:
         raise UserError(
-            f"edit.source_label={label!r} needs a class-conditional model (model.num_classes); this one is unconditional"
+            f"edit.source_label={label!r} needs a class-conditional model (model.num_classes); "
+            "this one is unconditional"
         )
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
         raise UserError(
@@ -195,7 +190,7 @@ def source_label(label, num_classes: int | None) -> int | None:
 
 @dataclass
 class Edits:
-    full: torch.Tensor  # uint8 n x C x H x W at the input's size
+    full: torch.Tensor | None  # uint8 n x C x H x W at the input's size (None once written: edit() keeps the rest)
     model: torch.Tensor  # uint8 n x C x h x w at the model's size (the grid and samples.npz)
     shown: torch.Tensor  # uint8 C x h x w: the input as the model saw it
     nfe: int  # denoiser calls for this image, every pass included
@@ -208,78 +203,68 @@ def edit(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     plan, pairs, loaded, rt = prepare(cfg)
     save_resolved_config(cfg, out)
     job, n = plan.job, plan.n
-    done, rows, arrays, rmse = [], [], [], {}
-    counts = None
     masked = pairs[0][1] is not None
+
+    def one(idx: int):
+        img, keep_full = loaded[idx]
+        res = edit_image(plan, img, keep_full, first=idx * n, device=rt.device)
+        row = [res.shown.unsqueeze(0)]
+        if masked:
+            kept = resized_keep(keep_full, res.shown.shape[-2:])
+            row.append(torch.where(kept, res.shown, torch.full_like(res.shown, 255)).unsqueeze(0))
+        # the full-size edits are on disk once each_image returns: the grid and samples.npz need the rest only
+        return res.full, (torch.cat([*row, res.model]), dataclasses.replace(res, full=None))
+
     what = f"editing ({plan.method}, {job.plan.name}, {len(plan.levels)} levels from t0={plan.t0})"
-    with progress_bar() as bar:
-        task = bar.add_task(what, total=len(pairs) * n)
-        for idx, ((img_path, _), (img, keep_full)) in enumerate(zip(pairs, loaded)):
-            if stop.requested:
-                break
-            res = edit_image(plan, img, keep_full, first=idx * n, device=rt.device)
-            for j in range(n):
-                save_png(res.full[j], out / f"{img_path.stem}_{j:02d}.png")
-            row = [res.shown.unsqueeze(0)]
-            if masked:
-                row.append(
-                    torch.where(
-                        resized_keep(keep_full, res.shown.shape[-2:]), res.shown, torch.full_like(res.shown, 255)
-                    ).unsqueeze(0)
-                )
-            rows.append(torch.cat([*row, res.model]))
-            arrays.append(res.model)
-            if counts is None and res.nfe:
-                counts = (res.nfe, res.nfe_inversion, res.nfe_round_trip)
-            if res.rmse is not None:
-                rmse[str(img_path)] = res.rmse
-            done.append(str(img_path))
-            bar.advance(task, n)
-    if rows:
-        h = rows[0].shape[-2]
-        save_png(make_grid(torch.cat(rows), nrow=rows[0].shape[0]), out / "grid.png", upscale=grid_upscale(h))
-    complete = len(done) == len(pairs)
-    if cfg.save_npz and complete:
-        u8 = torch.cat(arrays)
-        npz = {"arr_0": u8.permute(0, 2, 3, 1).numpy()}
-        if job.labels is not None:
-            npz["arr_1"] = job.labels.repeat(len(done)).to(torch.int64).numpy()
-        atomic_write(out / "samples.npz", lambda tmp: _savez(tmp, npz))
-    nfe, nfe_inv, nfe_rt = counts or (0, 0, 0)  # 0 when strength 0 left nothing to do
+    paths = [p for p, _ in pairs]
+    kept = each_image(paths, n, one, out, stop, progress=what)
+    if kept:
+        rows = [row for row, _ in kept]
+        grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0])
+        save_png(grid, out / "grid.png", upscale=grid_upscale(rows[0].shape[-2]))
+    edits = [res for _, res in kept]
+    if cfg.save_npz and len(kept) == len(pairs):
+        labels = job.labels.repeat(len(kept)) if job.labels is not None else None
+        write_npz(out / "samples.npz", torch.cat([res.model for res in edits]), labels)
+    info = edit_info(plan, [str(p) for p in paths[: len(kept)]], masked, edits)
+    stopped = write_record(out, "edit.json", info, paths, len(kept), stop, "image(s) edited, in")
+    if stopped:
+        return stopped
+    line = (
+        f"edited {len(kept)} image(s) x {n} ({plan.method}, strength {plan.strength:g}: t0={plan.t0}, "
+        f"NFE {info['nfe']} per image)"
+    )
+    rmse = info.get("reconstruction_rmse")
+    if rmse:
+        line += f"; round trip RMS error {sum(rmse.values()) / len(rmse):.4f}"
+    console.print(line, markup=False)
+    return info
+
+
+def edit_info(plan: EditPlan, done: list[str], masked: bool, edits: list[Edits]) -> dict[str, Any]:
+    """What edit.json records of the edits of the images `done` (their Edits, in order)."""
+    job = plan.job
+    first = next((res for res in edits if res.nfe), None)  # none when strength 0 left nothing to do
     info = {
         "method": plan.method,
         "strength": plan.strength,
         "t0": plan.t0,
         "levels": len(plan.levels),
         "images": done,
-        "n": n,
+        "n": plan.n,
         "mask": masked,
         "conditioned": plan.conditioned,
-        "nfe": nfe,
+        "nfe": first.nfe if first else 0,
         **job.info(),
     }
     if job.labels is not None:
         info["labels"] = job.labels.tolist()
     if plan.method == "invert":
+        nfe_inv = first.nfe_inversion if first else 0
         info.update(fixed_point_iters=plan.fixed_point_iters, source_label=plan.source_y, nfe_inversion=nfe_inv)
         if plan.round_trip:
-            info.update(nfe_round_trip=nfe_rt, reconstruction_rmse=rmse)
-    if not complete:  # edit.json lists the images done; the others were never started
-        info["not_done"] = [str(p) for p, _ in pairs[len(done) :]]
-    write_json(out / "edit.json", info)
-    if not complete:
-        console.print(
-            stop.line(
-                f"{len(done)} of {len(pairs)} image(s) edited, in {out}; the other {len(pairs) - len(done)} "
-                "are listed in edit.json (not_done): run again on them"
-            ),
-            markup=False,
-        )
-        return {**info, "stopped": True}
-    line = f"edited {len(done)} image(s) x {n} ({plan.method}, strength {plan.strength:g}: t0={plan.t0}, NFE {nfe} per image)"
-    if rmse:
-        line += f"; round trip RMS error {sum(rmse.values()) / len(rmse):.4f}"
-    console.print(line, markup=False)
+            rmse = {p: res.rmse for p, res in zip(done, edits) if res.rmse is not None}
+            info.update(nfe_round_trip=first.nfe_round_trip if first else 0, reconstruction_rmse=rmse)
     return info
 
 
@@ -294,7 +279,7 @@ def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: torch.Tensor | None
     model's size from noise streams first, first + 1, ...; kept pixels are exactly the input's."""
     job, n = plan.job, plan.n
     model = job.model
-    c, h, w = model.shape
+    h, w = model.shape[1:]
     H, W = img.shape[-2:]
     scaled = (H, W) != (h, w)
     shown = resize(img, (h, w), "bilinear").round().clamp(0, 255).to(torch.uint8) if scaled else img
@@ -308,59 +293,10 @@ def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: torch.Tensor | None
     den = CountingDenoiser(guide(model.with_denoiser(base), job.guidance) if plan.conditioned else job.denoiser)
     gen = PerSample(plan.seed, [first + j for j in range(n)])
     y = job.labels[:n].to(device) if job.labels is not None else None
-    fn, schedule, options = job.plan.fn, model.schedule, job.plan.options
-    inv_calls = rt_calls = 0
-    rmse = None
     if plan.method == "sdedit":
-        noise = randn((n, c, h, w), gen, device)
-        hook = replace_hook(x0, keep, schedule, gen) if keep is not None else None
-        x = sdedit(
-            fn,
-            den,
-            x0,
-            job.plan.timesteps,
-            schedule,
-            strength=plan.strength,
-            noise=noise,
-            generator=gen,
-            y=y,
-            hook=hook,
-            **options,
-        )
+        x, (inv_calls, rt_calls, rmse) = sdedit_pass(plan, den, x0, keep, gen, y, device), (0, 0, None)
     else:
-        y_src = torch.full((1,), plan.source_y, dtype=torch.long, device=device) if plan.source_y is not None else None
-        path: dict = {}
-
-        def record(x_t, t):
-            path[t] = x_t
-            return x_t
-
-        inv = CountingDenoiser(base)
-        latent = ddim_invert(
-            inv,
-            x0,
-            plan.levels,
-            schedule,
-            y=y_src,
-            fixed_point_iters=plan.fixed_point_iters,
-            hook=record if keep is not None else None,
-        )
-        inv_calls = inv.calls
-        if plan.round_trip:
-            back = CountingDenoiser(base)
-            rec = fn(back, latent, plan.levels, schedule, generator=PerSample(plan.seed, [first]), y=y_src, **options)
-            rt_calls, rmse = back.calls, float((rec.double() - x0.double()).pow(2).mean().sqrt())
-        hook = trajectory_hook(path, x0, keep) if keep is not None else None
-        x = fn(
-            den,
-            latent.expand(n, -1, -1, -1).contiguous(),
-            plan.levels,
-            schedule,
-            generator=gen,
-            y=y,
-            hook=hook,
-            **options,
-        )
+        x, inv_calls, rt_calls, rmse = inversion_pass(plan, base, den, x0, keep, gen, y, first, device)
     edits = to_uint8(x.float().cpu())
     full = resize(edits, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8) if scaled else edits
     if keep_full is not None:
@@ -368,9 +304,50 @@ def edit_image(plan: EditPlan, img: torch.Tensor, keep_full: torch.Tensor | None
     return Edits(full, edits, shown, den.calls + inv_calls + rt_calls, inv_calls, rt_calls, rmse)
 
 
-def _savez(path: Path, arrays: dict) -> None:
-    with open(path, "wb") as f:  # np.savez on a path would append ".npz" to the temp name
-        np.savez(f, **arrays)
+def sdedit_pass(plan: EditPlan, den, x0: torch.Tensor, keep, gen, y, device) -> torch.Tensor:
+    """The n SDEdit edits of x0 (1 x C x h x w): noised to t0 by the first draw of each stream, then sampled."""
+    noise = randn((plan.n, *x0.shape[1:]), gen, device)
+    schedule = plan.job.model.schedule
+    hook = replace_hook(x0, keep, schedule, gen) if keep is not None else None
+    timesteps, options = plan.job.plan.timesteps, plan.job.plan.options
+    return sdedit(
+        plan.job.plan.fn,
+        den,
+        x0,
+        timesteps,
+        schedule,
+        strength=plan.strength,
+        noise=noise,
+        generator=gen,
+        y=y,
+        hook=hook,
+        **options,
+    )
+
+
+def inversion_pass(plan: EditPlan, base, den, x0: torch.Tensor, keep, gen, y, first: int, device):
+    """x0 inverted to t0 with the source label by the unguided `base` denoiser, then regenerated n times by `den`:
+    (edits, inversion calls, round trip calls, round trip RMS error or None)."""
+    fn, schedule, options = plan.job.plan.fn, plan.job.model.schedule, plan.job.plan.options
+    y_src = torch.full((1,), plan.source_y, dtype=torch.long, device=device) if plan.source_y is not None else None
+    path: dict = {}
+
+    def record(x_t, t):
+        path[t] = x_t
+        return x_t
+
+    inv = CountingDenoiser(base)
+    hook = record if keep is not None else None
+    latent = ddim_invert(inv, x0, plan.levels, schedule, y=y_src, fixed_point_iters=plan.fixed_point_iters, hook=hook)
+    rt_calls, rmse = 0, None
+    if plan.round_trip:
+        back = CountingDenoiser(base)
+        rec = fn(back, latent, plan.levels, schedule, generator=PerSample(plan.seed, [first]), y=y_src, **options)
+        rt_calls, rmse = back.calls, float((rec.double() - x0.double()).pow(2).mean().sqrt())
+    hook = trajectory_hook(path, x0, keep) if keep is not None else None
+    latents = latent.expand(plan.n, -1, -1, -1).contiguous()
+    x = fn(den, latents, plan.levels, schedule, generator=gen, y=y, hook=hook, **options)
+    return x, inv.calls, rt_calls, rmse
 
 
 def check(cfg: DictConfig, out: Path) -> None:

@@ -23,12 +23,12 @@ from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import STEPS
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, image_mask_pairs, load_image_and_mask, make_grid, resize, save_png, to_uint8
-from diffuse.io import write_json
 from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.job import as_distilled, prepare_sampling
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict
+from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_choice, check_number
 
 
@@ -46,6 +46,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     seed = check_number("seed", cfg.seed, integer=True)
     if cfg.steps is not None:
         check_number("steps", cfg.steps, minimum=1, integer=True)
+    default_steps = check_number("default_steps", cfg.default_steps, minimum=1, integer=True)
     ic = to_dict(cfg.inpaint)
     method = check_choice("inpaint.method", ic["method"], METHODS)
     pairs = image_mask_pairs(Path(str(cfg.image)), Path(str(cfg.mask)))
@@ -57,7 +58,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     job = prepare_sampling(
         model,
         sampler=sampler,
-        steps=steps if steps is not None else DEFAULT_STEPS,
+        steps=steps if steps is not None else default_steps,
         guidance=to_dict(cfg.guidance),
         label=cfg.label,
         labels=cfg.labels,
@@ -70,7 +71,8 @@ def prepare(cfg: DictConfig, checking: bool = False):
         key = "guidance.cfg_scale" if job.guidance.name == "classifier" else "guidance.scale"
         raise UserError(
             f"{key}={job.guidance.free_scale:g} with inpaint=conditioned is not supported: the mask-conditioned "
-            "network is told the known pixels per image, guidance would double the batch; use scale 1 or inpaint=replace"
+            "network is told the known pixels per image, guidance would double the batch; "
+            "use scale 1 or inpaint=replace"
         )
     if method == "repaint":  # its options are checked before anything is written
         if "jump_length" not in ic:
@@ -84,46 +86,34 @@ def prepare(cfg: DictConfig, checking: bool = False):
     return n, seed, steps, ic, method, pairs, loaded, rt, model, job
 
 
-DEFAULT_STEPS = 50  # base reverse steps when steps= is left null (a distilled student: its own)
-
-
 def fill(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     n, seed, steps, ic, method, pairs, loaded, rt, model, job = prepare(cfg)
     save_resolved_config(cfg, out)
-    results, nfe = [], 0  # NFE stays 0 when every mask keeps everything: no denoiser call is needed
-    for idx, ((img_path, _), (img, keep_full)) in enumerate(zip(pairs, loaded)):
-        if stop.requested:
-            break
+    nfe = 0  # stays 0 when every mask keeps everything: no denoiser call is needed
+
+    def one(idx: int):
+        nonlocal nfe
+        img_path, (img, keep_full) = pairs[idx][0], loaded[idx]
         if keep_full.all():
             warn(f"mask for {img_path} keeps every pixel: nothing to generate, the input is returned")
             res = img.unsqueeze(0).expand(n, -1, -1, -1).clone()
         else:
             res, nfe = complete(model, job, method, ic, img, keep_full, n=n, seed=seed, first=idx * n, device=rt.device)
-        stem = img_path.stem
-        for j in range(n):
-            save_png(res[j], out / f"{stem}_{j:02d}.png")
         masked = torch.where(keep_full, img, torch.full_like(img, 255))
-        save_png(
-            make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2), out / f"{stem}_strip.png"
-        )
-        results.append(str(img_path))
+        strip = make_grid(torch.cat([img.unsqueeze(0), masked.unsqueeze(0), res]), nrow=n + 2)
+        save_png(strip, out / f"{img_path.stem}_strip.png")
+        return res, str(img_path)
+
+    paths = [p for p, _ in pairs]
+    results = each_image(paths, n, one, out, stop)
     info = {"method": method, "images": results, "n": n, "steps": steps, "nfe": nfe, "seed": seed, **model.source}
     if job.labels is not None:
         info.update(labels=job.labels.tolist(), **job.guidance_info())
     if method == "repaint":
         info.update(jump_length=ic["jump_length"], resamples=ic["resamples"], jump_last=ic["jump_last"])
-    if len(results) < len(pairs):  # inpaint.json lists the images done; the others were never started
-        info["not_done"] = [str(p) for p, _ in pairs[len(results) :]]
-    write_json(out / "inpaint.json", info)
-    if len(results) < len(pairs):
-        console.print(
-            stop.line(
-                f"{len(results)} of {len(pairs)} image(s) inpainted, in {out}; the other {len(pairs) - len(results)} "
-                "are listed in inpaint.json (not_done): run again on them"
-            ),
-            markup=False,
-        )
-        return {**info, "stopped": True}
+    stopped = write_record(out, "inpaint.json", info, paths, len(results), stop, "image(s) inpainted, in")
+    if stopped:
+        return stopped
     console.print(f"inpainted {len(results)} image(s) x {n} ({method}, {steps} steps, NFE {nfe} per image batch)")
     return info
 
@@ -145,18 +135,7 @@ def complete(
     model's size from noise streams first, first + 1, ... (completion j with label job.labels[j]); and the
     denoiser calls they took."""
     plan = job.plan
-    c, h, w = model.image_shape
-    H, W = img.shape[-2:]
-    scaled = (H, W) != (h, w)
-    x0 = from_uint8(resize(img, (h, w), "bilinear").round().clamp(0, 255) if scaled else img.float()).to(device)
-    keep = (resize(keep_full.float(), (h, w), "nearest") > 0.5) if scaled else keep_full
-    keep = keep.unsqueeze(0).to(device)
-    if model.autoencoder is not None:
-        # A latent model: the known region is the latent cells whose every pixel is kept, holding the encoded
-        # image; the sampler fills the rest of the latent grid. The known pixels go back exactly at the end.
-        f = model.autoencoder.factor
-        keep = -torch.nn.functional.max_pool2d(-keep.float(), f) > 0.5
-        x0 = model.autoencoder.encode(x0.unsqueeze(0))[0].to(device)
+    x0, keep = known_region(model, img, keep_full, device)
     gen = PerSample(seed, [first + j for j in range(n)])
     x_T = randn((n, *model.shape), gen, device)
     known = x0.unsqueeze(0).expand(n, -1, -1, -1)
@@ -191,9 +170,25 @@ def complete(
     if model.autoencoder is not None:
         x = model.autoencoder.decode(x)
     res = to_uint8(x.float().cpu())
-    if scaled:
-        res = resize(res, (H, W), "bilinear").round().clamp(0, 255).to(torch.uint8)
+    if tuple(img.shape[-2:]) != tuple(res.shape[-2:]):
+        res = resize(res, tuple(img.shape[-2:]), "bilinear").round().clamp(0, 255).to(torch.uint8)
     return paste(res, img.unsqueeze(0), keep_full.unsqueeze(0)), den.calls
+
+
+def known_region(model, img: torch.Tensor, keep_full: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image and its kept pixels as the sampler sees them: at the model's image size (x0 in [-1, 1], keep a
+    1 x H x W bool), and for a latent model as latents and the latent cells whose every pixel is kept."""
+    h, w = model.image_shape[1:]
+    scaled = tuple(img.shape[-2:]) != (h, w)
+    x0 = from_uint8(resize(img, (h, w), "bilinear").round().clamp(0, 255) if scaled else img.float()).to(device)
+    keep = (resize(keep_full.float(), (h, w), "nearest") > 0.5) if scaled else keep_full
+    keep = keep.unsqueeze(0).to(device)
+    if model.autoencoder is not None:
+        # The sampler fills the rest of the latent grid; the known pixels go back exactly at the end.
+        f = model.autoencoder.factor
+        keep = -torch.nn.functional.max_pool2d(-keep.float(), f) > 0.5
+        x0 = model.autoencoder.encode(x0.unsqueeze(0))[0].to(device)
+    return x0, keep
 
 
 def check(cfg: DictConfig, out: Path) -> None:

@@ -22,11 +22,11 @@ from diffuse.images import (
     save_png,
     to_uint8,
 )
-from diffuse.io import write_json
 from diffuse.pipeline.cascade import conditioned, plan_superres, run_stage
 from diffuse.pipeline.model import load_model
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, runtime_of, save_resolved_config, to_dict
+from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_number
 
 
@@ -61,7 +61,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
         verify=cfg.verify,
         superres=True,
     )
-    stage = plan_superres(model, to_dict(cfg.sampler), cfg.steps, to_dict(cfg.condition).get("aug_level"), False)
+    stage = plan_superres(model, to_dict(cfg.sampler), cfg.steps, cfg.condition.aug_level, False)
     if cfg.label is not None:
         k = model.num_classes
         if not k:
@@ -84,26 +84,26 @@ def prepare(cfg: DictConfig, checking: bool = False):
 def upsample(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
     n, seed, stage, images, rt = prepare(cfg)
     save_resolved_config(cfg, out)
-    rows, written, nfe = [], [], 0
-    for i, (path, img) in enumerate(images):
-        if stop.requested:
-            break
+    nfe = 0
+
+    def one(i: int):
+        nonlocal nfe
+        img = images[i][1]
         # result j of image i has its own stream: the same whatever else is upsampled with it
         gen = PerSample(sample_seed(seed, i), range(n))
         x_low = from_uint8(img[None]).to(rt.device).expand(n, -1, -1, -1)
         den, _ = conditioned(stage, x_low, None, gen)
         x_T = randn((n, *stage.model.shape), gen, rt.device)
         y = torch.full((n,), cfg.label, device=rt.device) if cfg.label is not None else None
-        x, calls = run_stage(den, stage.plan, x_T, gen, y, None)
-        nfe = calls
+        x, nfe = run_stage(den, stage.plan, x_T, gen, y, None)
         res = to_uint8(x.float().cpu())
-        for j in range(n):
-            save_png(res[j], out / f"{path.stem}_{j:02d}.png")
-            written.append(f"{path.stem}_{j:02d}.png")
         big = img.repeat_interleave(stage.factor, -1).repeat_interleave(
             stage.factor, -2
         )  # the input, enlarged as it is
-        rows.append(torch.cat([big[None], res]))
+        return res, torch.cat([big[None], res])
+
+    paths = [p for p, _ in images]
+    rows = each_image(paths, n, one, out, stop)
     if rows:
         grid = make_grid(torch.cat(rows), nrow=n + 1)
         save_png(grid, out / "grid.png", upscale=grid_upscale(stage.model.shape[-1]))
@@ -117,18 +117,9 @@ def upsample(cfg: DictConfig, out: Path, stop: StopRequest) -> dict[str, Any]:
         "seed": seed,
         **stage.model.source,
     }
-    if len(rows) < len(images):  # stopped: what is left, for the user to run again on
-        info["not_done"] = [str(p) for p, _ in images[len(rows) :]]
-    write_json(out / "upsample.json", info)
-    if stop.requested and len(rows) < len(images):
-        console.print(
-            stop.line(
-                f"{len(rows)} of {len(images)} images upsampled into {out}; the other {len(images) - len(rows)} "
-                "are listed in upsample.json (not_done): run again on them"
-            ),
-            markup=False,
-        )
-        return {**info, "stopped": True}
+    stopped = write_record(out, "upsample.json", info, paths, len(rows), stop, "images upsampled into")
+    if stopped:
+        return stopped
     console.print(
         f"upsampled {len(rows)} image(s) x {n} ({stage.plan.name}, {stage.plan.steps} steps, aug level "
         f"{stage.aug_level:g}, NFE {nfe} each)"

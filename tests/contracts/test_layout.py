@@ -38,15 +38,8 @@ FLOORS = [
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES = []
 KNOWN_LONG = {
-    "diffuse/pipeline/model.py::network_from_checkpoint",
-    "diffuse/pipeline/model.py::load_model",
-    "diffuse/plot.py::_draw_panel",
     "diffuse/tasks/common.py",
     "diffuse/tasks/distill.py::checkpoint_teacher",
-    "diffuse/tasks/edit.py::prepare",
-    "diffuse/tasks/edit.py::edit",
-    "diffuse/tasks/edit.py::edit_image",
-    "diffuse/tasks/inpaint.py::complete",
     "diffuse/training/objectives.py",
     "diffuse/training/trainer.py",
     "diffuse/training/trainer.py::__init__",
