@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError
-from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8
-from diffuse.io import atomic_write, remove_stale_temps, write_json
+from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8, write_npz
+from diffuse.io import remove_stale_temps, write_json
 from diffuse.pipeline.resume import SAMPLING_KEYS, first_change
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict
@@ -151,15 +150,7 @@ def save_outputs(
     if grid_n > 0 and len(u8):
         save_png(make_grid(u8[:grid_n]), out / "grid.png", upscale=grid_upscale(u8.shape[-1]))
     if save_npz:
-        arrays = {"arr_0": u8.permute(0, 2, 3, 1).numpy()}
-        if labels is not None:
-            arrays["arr_1"] = labels.to(torch.int64).numpy()
-        atomic_write(out / "samples.npz", lambda tmp: _savez(tmp, arrays))
-
-
-def _savez(path: Path, arrays: dict) -> None:
-    with open(path, "wb") as f:  # np.savez on a path would append ".npz" to the temp name
-        np.savez(f, **arrays)
+        write_npz(out / "samples.npz", u8, labels)
 
 
 def check(cfg: DictConfig, out: Path) -> None:
