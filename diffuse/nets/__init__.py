@@ -113,17 +113,23 @@ def _check_classifier(c: _Check) -> None:
     _check_levels(c)
 
 
-def _check_levels(c: _Check) -> None:
-    """The U-Net's down path and middle block (shared by the classifier, its encoder half)."""
-    cfg = c.cfg
-    # The sinusoidal time embedding has ch channels and divides by ch // 2 - 1: below 4 it is NaN.
-    ch = c.integer("ch", 4, MAX_WIDTH, "the time embedding has model.ch channels and needs at least 4")
+def _widths(c: _Check, least: int, why: str = "") -> tuple[int, list[int]]:
+    """ch (at least `least`) and ch_mult, the widest level within MAX_WIDTH channels."""
+    ch = c.integer("ch", least, MAX_WIDTH, why)
     mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
     if ch * max(mult) > MAX_WIDTH:
         raise c.fail(
             "ch_mult",
             f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, more than {MAX_WIDTH:,}",
         )
+    return ch, mult
+
+
+def _check_levels(c: _Check) -> None:
+    """The U-Net's down path and middle block (shared by the classifier, its encoder half)."""
+    cfg = c.cfg
+    # The sinusoidal time embedding has ch channels and divides by ch // 2 - 1: below 4 it is NaN.
+    ch, mult = _widths(c, 4, "the time embedding has model.ch channels and needs at least 4")
     c.integer("num_res_blocks", 0, MAX_BLOCKS)
     attn = c.int_list("attn_resolutions", 1, MAX_RESOLUTION, 64, nonempty=False)
     c.number("dropout", 0.0, 1.0, hi_open=True)
@@ -173,13 +179,7 @@ def _check_dit(c: _Check) -> None:
 
 
 def _check_autoencoder(c: _Check) -> None:
-    ch = c.integer("ch", 1, MAX_WIDTH)
-    mult = c.int_list("ch_mult", 1, MAX_WIDTH, MAX_LEVELS, nonempty=True)
-    if ch * max(mult) > MAX_WIDTH:
-        raise c.fail(
-            "ch_mult",
-            f"with {c.key('ch')}={ch} its widest level would have {ch * max(mult):,} channels, more than {MAX_WIDTH:,}",
-        )
+    ch, mult = _widths(c, 1)
     c.integer("num_res_blocks", 1, MAX_BLOCKS)
     c.integer("latent_channels", 1, MAX_IO_CHANNELS)
     c.integer("groups", 1, MAX_WIDTH)

@@ -14,6 +14,14 @@ from omegaconf import DictConfig
 
 from diffuse.errors import UserError
 
+# What every training command writes (train, distill, train-classifier, train-ae add their own files).
+TRAINING_OUTPUTS = (
+    "checkpoints/",
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints/last.safetensors",
+    "checkpoints/step_*.safetensors",
+)
 # Hydra's record of a run, written by rundir.guard into every run dir.
 RECORD_DIR = ".hydra"
 RECORD = ("config.yaml", "hydra.yaml", "overrides.yaml")

@@ -13,6 +13,7 @@ from diffuse import distributed
 from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path, save_checkpoint
 from diffuse.console import console
 from diffuse.errors import UserError
+from diffuse.rundir.outputs import TRAINING_OUTPUTS
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import dataset_config, save_resolved_config, to_dict
 from diffuse.training.loop import fit, resume
@@ -264,13 +265,9 @@ def check(cfg: DictConfig, out: Path) -> None:
 # What the command writes into its run dir (rundir.outputs: checked before the work starts): what train writes, and
 # each progressive round's student.
 OUTPUTS = (
-    "checkpoints/",
+    *TRAINING_OUTPUTS,
     "samples/",
-    "config.yaml",
-    "metrics.jsonl",
     "grid.png",
-    "checkpoints/last.safetensors",
-    "checkpoints/step_*.safetensors",
     "samples/step_*.png",
     "curves.png",
     "tensorboard/",

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from diffuse import distributed
 from diffuse.errors import UserError
-from diffuse.rundir.outputs import check_checkpoint_dir
+from diffuse.rundir.outputs import TRAINING_OUTPUTS, check_checkpoint_dir
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import save_resolved_config, to_dict
 from diffuse.training.loop import fit, resume
@@ -46,19 +46,7 @@ def check_model_arch(cfg: DictConfig) -> None:
 
 
 # What the command writes into its run dir (rundir.outputs: checked before the work starts).
-OUTPUTS = (
-    "checkpoints/",
-    "samples/",
-    "config.yaml",
-    "metrics.jsonl",
-    "grid.png",
-    "checkpoints/last.safetensors",
-    "checkpoints/step_*.safetensors",
-    "samples/step_*.png",
-    "curves.png",
-    "tensorboard/",
-    "wandb/",
-)
+OUTPUTS = (*TRAINING_OUTPUTS, "samples/", "grid.png", "samples/step_*.png", "curves.png", "tensorboard/", "wandb/")
 
 
 def check_targets(cfg: DictConfig, out: Path) -> None:

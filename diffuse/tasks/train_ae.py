@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.io import write_json
-from diffuse.rundir.outputs import check_checkpoint_dir
+from diffuse.rundir.outputs import TRAINING_OUTPUTS, check_checkpoint_dir
 from diffuse.tasks.common import to_dict, train_then_measure
 from diffuse.training.autoencoder import AutoencoderObjective, check_ae_objective
 from diffuse.training.trainer import Trainer, check_config
@@ -145,15 +145,7 @@ def check(cfg: DictConfig, out: Path) -> None:
 
 
 # What the command writes into its run dir (rundir.outputs: checked before the work starts).
-OUTPUTS = (
-    "checkpoints/",
-    "config.yaml",
-    "metrics.jsonl",
-    "ae.json",
-    "reconstructions.png",
-    "checkpoints/last.safetensors",
-    "checkpoints/step_*.safetensors",
-)
+OUTPUTS = (*TRAINING_OUTPUTS, "ae.json", "reconstructions.png")
 
 
 def check_targets(cfg: DictConfig, out: Path) -> None:
