@@ -12,8 +12,8 @@ from diffuse.diffusion.samplers.common import Level, alpha_bar_of
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import sampler_timesteps
 from diffuse.errors import UserError
+from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.sampling import CountingDenoiser, generate, plan_sampler
-from diffuse.tasks.common import to_dict
 from tests.conftest import GaussianFlow, observed_orders
 
 pytestmark = pytest.mark.usefixtures("one_thread")

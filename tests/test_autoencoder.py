@@ -12,11 +12,11 @@ from diffuse.cli import app
 from diffuse.data import build_dataset
 from diffuse.errors import UserError
 from diffuse.images import save_png, to_uint8
+from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.latent import load_autoencoder
 from diffuse.tasks import inpaint as inpaint_task
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train_ae
-from diffuse.tasks.common import to_dict
 from diffuse.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

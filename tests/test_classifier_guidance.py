@@ -440,7 +440,7 @@ def test_help_of_train_classifier_lists_its_keys_and_groups():
 
 def test_a_signal_during_the_held_out_measurement_keeps_the_trained_classifier(tmp_path, monkeypatch, capsys):
     """The measurement after training has no safe point: a signal stops it, the checkpoint stays, and the line says
-    what was not measured (tasks.common.train_then_measure, shared with train-ae)."""
+    what was not measured (training.measure.train_then_measure, shared with train-ae)."""
     from tests.test_signals import raise_sigterm
 
     def interrupted(*a, **k):

@@ -315,7 +315,7 @@ def test_every_key_is_checked_before_anything_is_built(group, cfg, needle, monke
 
 def test_the_limits_let_the_shipped_networks_through(compose_cfg):
     """Every model config in conf/ at its datasets' resolutions passes the checks (sized on the meta device)."""
-    from diffuse.tasks.common import to_dict
+    from diffuse.pipeline.config import to_dict
 
     for name, res in (("tiny", 16), ("small", 32), ("base", 32), ("ddpm_cifar10", 32), ("dit_s", 32), ("dit_b", 32)):
         cfg = {**to_dict(compose_cfg("train", [f"model={name}"]).model), "resolution": res, "in_channels": 3}

@@ -14,8 +14,8 @@ from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
 from diffuse.interop.convert import convert_diffusers
 from diffuse.interop.diffusers_unet import DEFAULT_SCHEDULE, schedule_config
+from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.model import network_from_checkpoint
-from diffuse.tasks.common import to_dict
 
 # google/ddpm-cifar10-32's unet/config.json, as published (keys absent there take UNet2DModel's defaults).
 REFERENCE = {

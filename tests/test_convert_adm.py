@@ -343,7 +343,7 @@ def test_options_default_to_the_formats_own_flags(fmt, rescale):
 def test_the_recorded_schedule_and_objective_are_the_configs_of_their_names(tmp_path, monkeypatch, compose_cfg):
     """What the weights do not record is what training with schedule=NAME objective=simple uses (their T aside;
     ADM's cosine caps its betas at 0.999), and the options are recorded as given or defaulted."""
-    from diffuse.tasks.common import to_dict
+    from diffuse.pipeline.config import to_dict
 
     kw, opts, _ = CASES["improved"]
     r, out = convert(tmp_path, randomised(ADM(**kw)), monkeypatch, *opts, "--no-rescale-timesteps")

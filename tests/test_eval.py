@@ -14,8 +14,8 @@ from PIL import Image
 from diffuse.checkpoint import Checkpoint, save_checkpoint
 from diffuse.errors import UserError
 from diffuse.nets import build_network
+from diffuse.pipeline.config import runtime_of
 from diffuse.tasks import evaluate, sample
-from diffuse.tasks.common import runtime_of
 from tests.conftest import compose
 from tests.test_cli import diffuse
 
@@ -406,7 +406,7 @@ def test_eval_sizes_its_runtime_by_the_images_it_draws(monkeypatch, tmp_path):
     """n=null generates the standard 50000, and that is what compile=auto weighs (it used to see null and never
     compile); runtime.compile=true is accepted by eval like by every command."""
     from diffuse.pipeline import runtime
-    from diffuse.tasks.common import to_dict
+    from diffuse.pipeline.config import to_dict
 
     class Seen(Exception):
         pass

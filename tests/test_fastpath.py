@@ -9,8 +9,8 @@ from diffuse.errors import UserError
 from diffuse.fastpath import set_attention, switch
 from diffuse.nets import build_network
 from diffuse.nets.flops import forward_flops
+from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.sampling import generate, plan_sampler
-from diffuse.tasks.common import to_dict
 from diffuse.training.trainer import Trainer
 
 TINY_UNET = {

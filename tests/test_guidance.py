@@ -13,9 +13,9 @@ from diffuse.diffusion.timesteps import karras_timesteps
 from diffuse.errors import UserError
 from diffuse.metrics.mixture import mixture_fit
 from diffuse.pipeline.conditioning import guide, parse_guidance, resolve_labels
+from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.model import Model
 from diffuse.tasks import sample as sample_task
-from diffuse.tasks.common import to_dict
 
 
 def _sample(den, mixture, schedule, n, label, seed=0):

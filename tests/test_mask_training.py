@@ -17,9 +17,9 @@ from diffuse.diffusion.masks import check_mask_kinds, draw_masks
 from diffuse.diffusion.prediction import target
 from diffuse.diffusion.schedule import coefficients, q_sample
 from diffuse.errors import UserError
+from diffuse.pipeline.config import model_of, runtime_of
 from diffuse.tasks import inpaint as inpaint_task
 from diffuse.tasks import sample as sample_task
-from diffuse.tasks.common import model_of, runtime_of
 from diffuse.training.trainer import Trainer
 
 STEPS = 120

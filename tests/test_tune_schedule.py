@@ -14,11 +14,11 @@ from diffuse.diffusion.samplers.common import sigma_of, time_list
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.errors import UserError
 from diffuse.nets import build_network
+from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import SearchState, params_of, pattern_search, sigmas_of
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import tune_schedule as tune_task
-from diffuse.tasks.common import to_dict
 from tests.conftest import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,7 +21,7 @@ from diffuse.pipeline.sampling import CountingDenoiser, SamplerPlan, Samples, in
 
 
 def load_cascade(paths: Any, load: Callable[[Any, bool], Model]) -> list[Model]:
-    """The models of cascade=[BASE, SR, ...]; load(path, superres) loads one (tasks.common.model_of's loader)."""
+    """The models of cascade=[BASE, SR, ...]; load(path, superres) loads one (pipeline.config.job_of's loader)."""
     if not isinstance(paths, (list, tuple)) or len(paths) < 2 or not all(isinstance(p, str) and p for p in paths):
         raise UserError(
             f"cascade={paths!r} is not allowed: give a list of checkpoints, the base model first and then "

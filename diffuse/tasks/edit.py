@@ -30,11 +30,12 @@ from diffuse.images import (
     to_uint8,
     write_npz,
 )
+from diffuse.io import save_resolved_config
 from diffuse.pipeline.conditioning import guide
+from diffuse.pipeline.config import checking_runtime, model_of, runtime_of, sampling_job_of, to_dict
 from diffuse.pipeline.job import SamplingJob
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, sampling_job_of, save_resolved_config, to_dict
 from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_choice, check_number
 
@@ -65,7 +66,7 @@ class EditPlan:
 
 def prepare(cfg: DictConfig, checking: bool = False):
     """Everything edit() refuses before it writes anything, and what it needs. With checking=True
-    (cli.check_overrides, for every job of a -m sweep before the first starts) the model loads on the CPU."""
+    (overrides.check_overrides, for every job of a -m sweep before the first starts) the model loads on the CPU."""
     if not cfg.image:
         raise UserError("--image PATH is required: an image file or a folder of images")
     n = check_number("n", cfg.n, minimum=1, integer=True)

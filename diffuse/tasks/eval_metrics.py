@@ -13,7 +13,7 @@ from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.metrics import image_scores, manifold
 from diffuse.metrics.likelihood import scoring
-from diffuse.tasks.common import to_dict
+from diffuse.pipeline.config import to_dict
 from diffuse.tasks.evaluation import Evaluation
 
 

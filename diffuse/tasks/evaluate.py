@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError
-from diffuse.io import write_json
+from diffuse.io import save_resolved_config, write_json
 from diffuse.metrics import image_scores
 from diffuse.metrics.extraction import FeatureStore
+from diffuse.pipeline.config import runtime_of, to_dict
 from diffuse.pipeline.resume import SAMPLING_KEYS, first_change
 from diffuse.rundir.outputs import check_file_target
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import runtime_of, save_resolved_config, to_dict
 from diffuse.tasks.eval_metrics import FEATURE_METRICS, LIKELIHOOD_METRICS, NEEDS_REFERENCE, metric_names, score_sets
 from diffuse.tasks.evaluation import Evaluation
 from diffuse.validate import check_number
@@ -199,9 +199,9 @@ def print_table(result: dict) -> None:
 def check(cfg: DictConfig, out: Path) -> None:
     """What score() refuses before it computes anything, as far as it goes without the feature extractor and the
     reference (the same for every job of a sweep; the first job checks them before its work): the metrics, the
-    samples or the sampling job (the model loaded on the CPU). cli.check_overrides runs it for every job of a -m
+    samples or the sampling job (the model loaded on the CPU). overrides.check_overrides runs it for every job of a -m
     sweep before the first job starts. Keep it in step with score()."""
-    from diffuse.tasks.common import checking_runtime
+    from diffuse.pipeline.config import checking_runtime
 
     names, generating, n = prepare(cfg, out)
     rt = checking_runtime(runtime_of(cfg, images=(n or STANDARD_N) if generating else 0))

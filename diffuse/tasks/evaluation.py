@@ -24,10 +24,10 @@ from diffuse.metrics.extraction import FeatureStore, assemble, cat, features_in_
 from diffuse.metrics.features import build_extractor, check_metrics_config
 from diffuse.metrics.likelihood.scoring import check_likelihood_config
 from diffuse.metrics.references import Reference, reference_stats, resolve_reference
+from diffuse.pipeline.config import dataset_config, job_of, model_of, to_dict
 from diffuse.pipeline.runtime import Runtime
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import dataset_config, job_of, model_of, to_dict
 from diffuse.validate import check_number
 
 

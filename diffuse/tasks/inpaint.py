@@ -23,11 +23,12 @@ from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import STEPS
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, image_mask_pairs, load_image_and_mask, make_grid, resize, save_png, to_uint8
+from diffuse.io import save_resolved_config
 from diffuse.pipeline.conditioning import guide
+from diffuse.pipeline.config import checking_runtime, model_of, runtime_of, to_dict
 from diffuse.pipeline.job import as_distilled, prepare_sampling
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_choice, check_number
 
@@ -39,7 +40,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig, checking: bool = False):
     """Everything fill() refuses before it writes anything, and what it needs. With checking=True
-    (cli.check_overrides, for every job of a -m sweep before the first starts) the model loads on the CPU."""
+    (overrides.check_overrides, for every job of a -m sweep before the first starts) the model loads on the CPU."""
     if not cfg.image or not cfg.mask:
         raise UserError("--image PATH and --mask PATH are both required")
     n = check_number("n", cfg.n, minimum=1, integer=True)

@@ -13,10 +13,10 @@ from diffuse import distributed
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.images import from_uint8, grid_upscale, make_grid, read_png, save_png, to_uint8, write_npz
-from diffuse.io import remove_stale_temps, write_json
+from diffuse.io import remove_stale_temps, save_resolved_config, write_json
+from diffuse.pipeline.config import checking_runtime, job_of, runtime_of, to_dict
 from diffuse.pipeline.resume import SAMPLING_KEYS, first_change
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, job_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_number
 
 
@@ -27,7 +27,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig, out: Path, checking: bool = False):
     """Everything draw() refuses before it writes anything: (n, batch_size, grid_n, runtime, sampling job). With
-    checking=True (cli.check_overrides, for every job of a -m sweep before the first starts) on the CPU."""
+    checking=True (overrides.check_overrides, for every job of a -m sweep before the first starts) on the CPU."""
     n = check_number("n", cfg.n, minimum=1, integer=True)
     batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
     grid_n = check_number("grid_n", cfg.grid_n, minimum=0, integer=True)

@@ -15,9 +15,10 @@ from omegaconf import DictConfig
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.io import write_json
+from diffuse.pipeline.config import to_dict
 from diffuse.rundir.outputs import TRAINING_OUTPUTS, check_checkpoint_dir
-from diffuse.tasks.common import to_dict, train_then_measure
 from diffuse.training.autoencoder import AutoencoderObjective, check_ae_objective
+from diffuse.training.measure import train_then_measure
 from diffuse.training.trainer import Trainer, check_config
 from diffuse.validate import check_number
 
@@ -139,7 +140,7 @@ def held_out_psnr(trainer: Trainer, dataset: dict, n: int, grid_n: int, out: Pat
 
 
 def check(cfg: DictConfig, out: Path) -> None:
-    """What run() refuses before its first step (cli.check_overrides runs it for every job of a -m sweep)."""
+    """What run() refuses before its first step (overrides.check_overrides runs it for every job of a -m sweep)."""
     train_cfg, _ = prepare(cfg)
     check_config(train_cfg)
 

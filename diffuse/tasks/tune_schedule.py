@@ -19,15 +19,15 @@ from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers.common import sigma_of, time_list
 from diffuse.diffusion.timesteps import sigma_timesteps
 from diffuse.errors import UserError
-from diffuse.io import atomic_write, write_json
+from diffuse.io import atomic_write, save_resolved_config, write_json
 from diffuse.pipeline.conditioning import Guidance, sample_labels
+from diffuse.pipeline.config import checking_runtime, model_of, runtime_of, to_dict
 from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import LOSSES, SearchState, check_tunable, key, log_rms, mse, sigmas_of, tune_levels
 from diffuse.plot import line_plot
 from diffuse.rundir.lock import check_free
 from diffuse.rundir.outputs import check_dir_target
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.common import checking_runtime, model_of, runtime_of, save_resolved_config, to_dict
 from diffuse.validate import check_choice, check_number
 
 
@@ -47,7 +47,7 @@ class Setup(NamedTuple):
 
 
 def prepare(cfg: DictConfig, out: Path, checking: bool = False) -> Setup:
-    """Everything run() refuses before it writes anything. checking=True (cli.check_overrides, for every job of a -m
+    """Everything run() refuses before it writes anything. checking=True (overrides.check_overrides, for every job of a -m
     sweep before the first starts) loads the model on the CPU."""
     steps = check_number("steps", cfg.steps, minimum=2, integer=True)
     n, n_eval = (

@@ -22,10 +22,11 @@ from diffuse.images import (
     save_png,
     to_uint8,
 )
+from diffuse.io import save_resolved_config
 from diffuse.pipeline.cascade import conditioned, plan_superres, run_stage
+from diffuse.pipeline.config import checking_runtime, runtime_of, to_dict
 from diffuse.pipeline.model import load_model
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import checking_runtime, runtime_of, save_resolved_config, to_dict
 from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_number
 
