@@ -230,12 +230,13 @@ def check_out_dir(out: Path) -> None:
         raise UserError(f"--out={str(out)!r} cannot be written: {parent} is not a writable folder")
 
 
-def check_exportable(conf: Any, where: str) -> dict:
-    """The checkpoint config's objective, or one line for a model a DDPMPipeline cannot run."""
-    if isinstance(conf, dict) and isinstance(conf.get("model"), dict) and conf["model"].get("arch") == "classifier":
+def check_exportable(conf: Any, where: str) -> None:
+    """One line for a model a DDPMPipeline cannot run. `conf` is complete
+    (checkpoint.complete_config); an objective that is not a mapping is network_from_checkpoint's to refuse."""
+    if isinstance(conf.get("model"), dict) and conf["model"].get("arch") == "classifier":
         raise refuse(where, "it is a noise-aware classifier, not a diffusion model")
-    objective = (conf.get("objective") or {}) if isinstance(conf, dict) else {}
-    kind = objective.get("kind", "diffusion")
+    objective = conf["objective"] if isinstance(conf["objective"], dict) else {}
+    kind = objective.get("kind")
     if kind == "edm":
         raise refuse(where, "objective.kind=edm (EDM preconditioning scales the network's input and output by sigma)")
     if kind == "consistency":
@@ -243,13 +244,12 @@ def check_exportable(conf: Any, where: str) -> dict:
     if objective.get("mask_training"):
         raise refuse(where, "objective.mask_training=true (the network also takes the known pixels and the mask)")
     for key in ("autoencoder", "condition"):
-        if isinstance(conf, dict) and conf.get(key) not in (None, {}, False):
+        if conf.get(key) not in (None, {}, False):
             raise refuse(
                 where,
                 f"its config has {key} "
                 "(a latent or super-resolution model: the network does not make images by itself)",
             )
-    return objective
 
 
 def _check_norm_groups(net, model: dict, where: str) -> None:
@@ -269,7 +269,7 @@ def _check_norm_groups(net, model: dict, where: str) -> None:
 def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
     """Write the diffusers pipeline folder of the diffuse checkpoint `ckpt` (a file or a training run dir) to
     `out`; returns `out`."""
-    from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path
+    from diffuse.checkpoint import complete_config, load_checkpoint, resolve_ckpt_path
     from diffuse.pipeline.model import network_from_checkpoint
 
     out = Path(out).expanduser()
@@ -277,11 +277,11 @@ def export_diffusers(ckpt: str | Path, out: str | Path, *, use_ema: bool = True)
     path = resolve_ckpt_path(ckpt, key="--ckpt")
     where = str(path)
     loaded = load_checkpoint(path)
-    conf = loaded.config
-    objective = check_exportable(conf, where)
+    conf = complete_config(loaded.config)
+    check_exportable(conf, where)
     tn = network_from_checkpoint(loaded, use_ema=use_ema, where=where)
     _check_norm_groups(tn.net, conf["model"], where)
-    learn_sigma = bool(objective.get("learn_sigma"))
+    learn_sigma = tn.learn_sigma
     unet_cfg = unet2d_config(conf["model"], where, learn_sigma)
     sched_cfg = scheduler_config(
         conf["schedule"], tn.schedule.betas, tn.prediction, clip=tn.is_8bit, learn_sigma=learn_sigma

@@ -187,12 +187,12 @@ def build_extractor(m: dict, device: torch.device):
             )
         tn = network_from_checkpoint(ckpt, where=str(path))
         scale = 1.0
-        o = tn.config.get("objective") or {}
-        if o.get("kind") == "edm":
+        o = tn.config["objective"]  # complete: network_from_checkpoint's
+        if o["kind"] == "edm":
             from diffuse.diffusion.prediction import edm_scalings
 
             sigma0 = tn.schedule.sigmas[:1]
-            scale = float(edm_scalings(sigma0, float(o.get("sigma_data", 0.5)))[2][0])
+            scale = float(edm_scalings(sigma0, float(o["sigma_data"]))[2][0])
         return NetworkFeatures(tn.net, content_hash(tn.net.state_dict()), device, input_scale=scale)
     if name == "classifier":
         from diffuse.checkpoint import content_hash

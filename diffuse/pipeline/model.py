@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from diffuse.checkpoint import Checkpoint, check_verify, load_checkpoint, resolve_ckpt_path
+from diffuse.checkpoint import Checkpoint, check_verify, complete_config, load_checkpoint, resolve_ckpt_path
 from diffuse.diffusion.prediction import EDMDenoiser, NetworkDenoiser
 from diffuse.diffusion.schedule import Schedule, make_schedule
 from diffuse.errors import UserError
@@ -87,15 +87,15 @@ class TrainedNetwork:
 
     @property
     def is_8bit(self) -> bool:
-        return bool((self.config.get("data") or {}).get("is_8bit", True))
+        return self.config["data"]["is_8bit"]
 
     @property
     def mask_conditioned(self) -> bool:
-        return bool((self.config.get("objective") or {}).get("mask_training"))
+        return self.config["objective"]["mask_training"]
 
     @property
     def learn_sigma(self) -> bool:
-        return bool((self.config.get("objective") or {}).get("learn_sigma"))
+        return self.config["objective"]["learn_sigma"]
 
     @property
     def image_channels(self) -> int:
@@ -146,8 +146,8 @@ def network_from_checkpoint(
     is refused unless `superres`: it samples only given a low-resolution image."""
     from diffuse.nets import build_network
 
-    conf = ckpt.config
-    check_is_diffusion(conf, where)
+    check_is_diffusion(ckpt.config, where)
+    conf = complete_config(ckpt.config)
     prediction = check_objective(conf, where)
     schedule = schedule_from_config(conf["schedule"], where=where)
     if conf.get("condition") is not None and not superres:
@@ -197,19 +197,19 @@ def check_is_diffusion(conf: Any, where: str) -> None:
 
 def check_objective(conf: dict, where: str) -> str:
     """A checkpoint's objective (what it predicts, its kind and switches) and data.is_8bit checked: its prediction.
-    A checkpoint from before a key was written lacks it, and trained with the key's default."""
+    `conf` is complete (checkpoint.complete_config: what an older checkpoint lacks, it trained with the default)."""
     from diffuse.diffusion.prediction import PREDICTIONS
 
-    objective = conf.get("objective") or {}
-    prediction = objective.get("prediction", "eps")
+    objective = conf["objective"]
+    prediction = objective["prediction"]
     if prediction not in PREDICTIONS:
         raise UserError(
             f"{where}: objective.prediction={prediction!r} is not allowed: choose one of {', '.join(PREDICTIONS)}"
         )
-    kind = objective.get("kind", "diffusion")
+    kind = objective["kind"]
     if kind not in ("diffusion", "consistency", "edm"):
         raise UserError(f"{where}: objective.kind={kind!r} is not allowed: choose one of diffusion, consistency, edm")
-    sigma_data = objective.get("sigma_data", 0.5)
+    sigma_data = objective.get("sigma_data")  # only edm and consistency have one
     if kind != "diffusion" and (
         isinstance(sigma_data, bool)
         or not isinstance(sigma_data, (int, float))
@@ -218,14 +218,14 @@ def check_objective(conf: dict, where: str) -> str:
     ):
         raise UserError(f"{where}: objective.sigma_data={sigma_data!r} is not allowed: it must be a number > 0")
     for key in ("mask_training", "learn_sigma"):
-        if objective.get(key, False) not in (True, False):
+        if objective[key] not in (True, False):
             raise UserError(f"{where}: objective.{key}={objective[key]!r} is not allowed: true or false")
-    if objective.get("learn_sigma") and kind != "diffusion":
+    if objective["learn_sigma"] and kind != "diffusion":
         raise UserError(
             f"{where}: objective.learn_sigma=true with objective.kind={kind}: "
             "learned variances are for diffusion models"
         )
-    if (conf.get("data") or {}).get("is_8bit", True) not in (True, False):
+    if conf["data"]["is_8bit"] not in (True, False):
         raise UserError(f"{where}: data.is_8bit={conf['data']['is_8bit']!r} is not allowed: true or false")
     return prediction
 
@@ -348,15 +348,13 @@ def latent_codec(config: dict, override: Any, runtime: Runtime, where: str, sour
 def denoiser_of(net, tn: TrainedNetwork, autocast=None):
     """The denoiser of a trained network: a consistency model's (its f read as eps), an EDM-preconditioned one's
     (D read as eps) or a diffusion model's, as its checkpoint's objective.kind says."""
-    o = tn.config.get("objective") or {}
-    if o.get("kind") == "consistency":
+    o = tn.config["objective"]
+    if o["kind"] == "consistency":
         from diffuse.diffusion.consistency import ConsistencyDenoiser
 
-        return ConsistencyDenoiser(
-            net, tn.prediction, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast
-        )
-    if o.get("kind") == "edm":
-        return EDMDenoiser(net, tn.schedule, float(o.get("sigma_data", 0.5)), autocast_dtype=autocast)
+        return ConsistencyDenoiser(net, tn.prediction, tn.schedule, float(o["sigma_data"]), autocast_dtype=autocast)
+    if o["kind"] == "edm":
+        return EDMDenoiser(net, tn.schedule, float(o["sigma_data"]), autocast_dtype=autocast)
     return NetworkDenoiser(net, tn.prediction, tn.schedule, autocast_dtype=autocast, learn_sigma=tn.learn_sigma)
 
 
