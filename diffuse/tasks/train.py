@@ -11,8 +11,9 @@ from diffuse import distributed
 from diffuse.errors import UserError
 from diffuse.signals import StopRequest
 from diffuse.tasks.common import save_resolved_config, to_dict
+from diffuse.training.config import check_config
 from diffuse.training.loop import fit, resume
-from diffuse.training.trainer import Trainer, check_config
+from diffuse.training.trainer import Trainer
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -37,8 +38,8 @@ def check(cfg: DictConfig, out: Path) -> None:
 
 
 def check_model_arch(cfg: DictConfig) -> None:
-    if cfg.model.get("arch") in ("autoencoder", "taesd"):
+    if cfg.model.arch in ("autoencoder", "taesd"):
         raise UserError(
-            f"model.arch={cfg.model.get('arch')!r} is an autoencoder, not a denoiser: diffuse in its latent "
+            f"model.arch={cfg.model.arch!r} is an autoencoder, not a denoiser: diffuse in its latent "
             "space with diffuse train autoencoder=FILE (diffuse train-ae trains a KL one)"
         )

@@ -16,7 +16,7 @@ from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.io import write_json
 from diffuse.tasks.common import to_dict, train_then_measure
-from diffuse.training.classifier import ClassifierObjective
+from diffuse.training.classifier import classifier_objective
 from diffuse.training.trainer import Trainer, check_config
 from diffuse.validate import check_number
 
@@ -27,7 +27,7 @@ KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     def setup():
         train_cfg, held = prepare(cfg)
-        return train_cfg, ClassifierObjective, lambda tr: held_out_accuracy(tr, train_cfg["dataset"], held)
+        return train_cfg, classifier_objective, lambda tr: held_out_accuracy(tr, train_cfg["dataset"], held)
 
     result, report = train_then_measure(cfg, out, setup, "train-classifier", "the held-out accuracy")
     if report is None:

@@ -64,16 +64,12 @@ KNOWN_LONG = {
     "diffuse/pipeline/model.py::load_model",
     "diffuse/plot.py::_draw_panel",
     "diffuse/tasks/common.py",
-    "diffuse/tasks/distill.py::checkpoint_teacher",
     "diffuse/tasks/edit.py::prepare",
     "diffuse/tasks/edit.py::edit",
     "diffuse/tasks/edit.py::edit_image",
     "diffuse/tasks/evaluate.py",
     "diffuse/tasks/inpaint.py::complete",
     "diffuse/tasks/tune_schedule.py::tune",
-    "diffuse/training/objectives.py",
-    "diffuse/training/trainer.py",
-    "diffuse/training/trainer.py::__init__",
 }
 KNOWN_BENCH = {
     "sampler_table.py: edits sys.path",
