@@ -106,12 +106,11 @@ def prepare(cfg: DictConfig) -> Setup:
         )
     if "guidance_scale" in d:  # method=ect has no teacher to guide
         check_number("distill.guidance_scale", d["guidance_scale"], minimum=0)
-    student = to_dict(cfg.student)
     teacher_of = oracle_teacher if str(cfg.teacher) == "oracle" else checkpoint_teacher
-    model, schedule, objective, dataset, teacher, init, about = teacher_of(cfg, method, student["objective"])
+    model, schedule, objective, dataset, teacher, init, about = teacher_of(cfg, method, to_dict(cfg.student))
     if method != "progressive":
         picked = {k: d[k] for k in CONSISTENCY_KEYS if k in d}
-        objective = {**student["consistency"], **objective, "kind": "consistency", **picked}
+        objective = {**to_dict(cfg.consistency_keys), **objective, "kind": "consistency", **picked}
     train_cfg = {
         "model": model,
         "schedule": schedule,
@@ -140,7 +139,7 @@ def oracle_teacher(cfg: DictConfig, method: str, student_objective: dict):
     schedule = to_dict(cfg.schedule if cfg.schedule is not None else cfg.oracle.schedule)
     oracle = oracle_model(dataset, schedule)
     teacher = None if method == "ect" else oracle.denoiser
-    objective = {**student_objective, "prediction": cfg.oracle.prediction}
+    objective = {**student_objective, "prediction": cfg.oracle.prediction, "kind": "diffusion"}
     return model, schedule, objective, dataset, teacher, None, {"teacher": "oracle"}
 
 
