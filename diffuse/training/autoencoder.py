@@ -29,7 +29,7 @@ import torch
 from diffuse.errors import UserError
 from diffuse.nets.autoencoder import PatchDiscriminator, patch_size_after
 from diffuse.training.config import learning_rate
-from diffuse.training.objectives import Batch, Objective, Status
+from diffuse.training.objectives import Batch, Objective, Status, saved_net, saved_part
 from diffuse.validate import check_choice, check_number
 
 RECON = ("l1", "l2")
@@ -183,7 +183,7 @@ class AutoencoderObjective(Objective):
             if held
         }
         if self.disc is not None:
-            out.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
+            out.update(saved_net("disc", self.disc))
             for idx, pstate in self.disc_opt.state_dict()["state"].items():
                 out.update(
                     {f"disc_optim.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in pstate.items()}
@@ -200,7 +200,7 @@ class AutoencoderObjective(Objective):
         self.errors, self.disc_losses, self.adv_losses = held["recon"], held["disc"], held["adv"]
         if self.disc is None:
             return  # a discriminator the run had is dropped: loss.disc_weight=0 continues without it
-        weights = {k[len("disc.") :]: v for k, v in tensors.items() if k.startswith("disc.")}
+        weights = saved_part("disc", tensors)
         if not weights:
             raise UserError(
                 "cannot resume with loss.disc_weight > 0: the checkpoint holds no discriminator (it was "

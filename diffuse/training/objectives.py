@@ -162,6 +162,16 @@ def frozen(net):
     return copy.deepcopy(net).eval().requires_grad_(False)
 
 
+def saved_net(prefix: str, net) -> dict[str, torch.Tensor]:
+    """An objective's own network (a teacher, a target) among its checkpoint tensors, its keys under `prefix.`."""
+    return {f"{prefix}.{k}": v for k, v in net.state_dict().items()} if net is not None else {}
+
+
+def saved_part(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What saved_net(prefix, ...) stored, its keys without the prefix; empty when nothing was."""
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 class ProgressiveObjective(Objective):
     """Progressive distillation: rounds of `steps` (trainer.steps) / rounds each; in round r the student of
     `rounds[r]` DDIM steps learns its teacher's two-step target. The first teacher is given (a network's denoiser,
@@ -238,12 +248,10 @@ class ProgressiveObjective(Objective):
         }
 
     def tensors(self):
-        if self.teacher_net is None:
-            return {}
-        return {f"teacher.{k}": v for k, v in self.teacher_net.state_dict().items()}
+        return saved_net("teacher", self.teacher_net)
 
     def load(self, tensors, state):
-        teacher = {k[len("teacher.") :]: v for k, v in tensors.items() if k.startswith("teacher.")}
+        teacher = saved_part("teacher", tensors)
         if teacher:
             self.teacher_net = frozen(self.ema)
             self.teacher_net.load_state_dict(teacher)
@@ -353,12 +361,10 @@ class ConsistencyObjective(Objective):
         return False
 
     def tensors(self):
-        if self.target_net is None:
-            return {}
-        return {f"target.{k}": v for k, v in self.target_net.state_dict().items()}
+        return saved_net("target", self.target_net)
 
     def load(self, tensors, state):
-        target = {k[len("target.") :]: v for k, v in tensors.items() if k.startswith("target.")}
+        target = saved_part("target", tensors)
         if self.target_net is not None:
             if not target:
                 raise UserError(
