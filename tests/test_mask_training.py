@@ -196,7 +196,7 @@ def test_conditioned_method_is_refused_without_mask_training(trained, half_image
 
 def test_resume_compares_objectives_as_before_mask_training():
     """A checkpoint written before mask training existed has no mask keys: it still resumes a plain run."""
-    from diffuse.training.trainer import objective_key as _objective_key
+    from diffuse.training.config import objective_key as _objective_key
 
     old = {"prediction": "eps", "weighting": "simple", "min_snr_gamma": 5.0, "p_uncond": 0.1}
     new = {**old, "mask_training": False, "mask_kinds": {"boxes": 0.3, "strokes": 0.3, "half": 0.2, "none": 0.2}}

@@ -172,7 +172,7 @@ def test_tensorboard_gets_the_records_of_metrics_jsonl_and_the_sample_grid(tmp_p
 
 def test_a_logger_whose_package_is_missing_is_refused_before_training(monkeypatch):
     from diffuse.pipeline.config import to_dict
-    from diffuse.training.trainer import check_config
+    from diffuse.training.config import check_config
 
     monkeypatch.setattr(tracking, "installed", lambda package: False)
     for name in ("tensorboard", "wandb"):

@@ -9,11 +9,13 @@ from omegaconf import DictConfig
 
 from diffuse import distributed
 from diffuse.errors import UserError
+from diffuse.io import save_resolved_config
+from diffuse.pipeline.config import to_dict
 from diffuse.rundir.outputs import TRAINING_OUTPUTS, check_checkpoint_dir
 from diffuse.signals import StopRequest
-from diffuse.tasks.common import save_resolved_config, to_dict
+from diffuse.training.config import check_config
 from diffuse.training.loop import fit, resume
-from diffuse.training.trainer import Trainer, check_config
+from diffuse.training.trainer import Trainer
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -32,15 +34,15 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def check(cfg: DictConfig, out: Path) -> None:
-    """What run() refuses before its first step (cli.check_overrides runs it for every job of a -m sweep)."""
+    """What run() refuses before its first step (overrides.check_overrides runs it for every job of a -m sweep)."""
     check_model_arch(cfg)
     check_config(to_dict(cfg))
 
 
 def check_model_arch(cfg: DictConfig) -> None:
-    if cfg.model.get("arch") in ("autoencoder", "taesd"):
+    if cfg.model.arch in ("autoencoder", "taesd"):
         raise UserError(
-            f"model.arch={cfg.model.get('arch')!r} is an autoencoder, not a denoiser: diffuse in its latent "
+            f"model.arch={cfg.model.arch!r} is an autoencoder, not a denoiser: diffuse in its latent "
             "space with diffuse train autoencoder=FILE (diffuse train-ae trains a KL one)"
         )
 

@@ -17,7 +17,7 @@ from diffuse.errors import UserError
 from diffuse.io import write_json
 from diffuse.pipeline.config import to_dict
 from diffuse.rundir.outputs import TRAINING_OUTPUTS, check_checkpoint_dir
-from diffuse.training.autoencoder import AutoencoderObjective, check_ae_objective
+from diffuse.training.autoencoder import autoencoder_objective, check_ae_objective
 from diffuse.training.measure import train_then_measure
 from diffuse.training.trainer import Trainer, check_config
 from diffuse.validate import check_number
@@ -30,7 +30,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         train_cfg, loss_cfg = prepare(cfg)
         return (
             train_cfg,
-            lambda tr: AutoencoderObjective(tr, loss_cfg),
+            lambda tr: autoencoder_objective(tr, loss_cfg),
             lambda tr: held_out_psnr(tr, train_cfg["dataset"], cfg.eval_n, cfg.grid_n, out),
         )
 

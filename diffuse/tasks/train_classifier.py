@@ -17,7 +17,7 @@ from diffuse.errors import UserError
 from diffuse.io import write_json
 from diffuse.pipeline.config import to_dict
 from diffuse.rundir.outputs import TRAINING_OUTPUTS, check_checkpoint_dir
-from diffuse.training.classifier import ClassifierObjective
+from diffuse.training.classifier import classifier_objective
 from diffuse.training.measure import train_then_measure
 from diffuse.training.trainer import Trainer, check_config
 from diffuse.validate import check_number
@@ -29,7 +29,7 @@ KEYS = {"resolution": "dataset.resolution", "in_channels": "dataset.channels"}
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     def setup():
         train_cfg, held = prepare(cfg)
-        return train_cfg, ClassifierObjective, lambda tr: held_out_accuracy(tr, train_cfg["dataset"], held)
+        return train_cfg, classifier_objective, lambda tr: held_out_accuracy(tr, train_cfg["dataset"], held)
 
     result, report = train_then_measure(cfg, out, setup, "train-classifier", "the held-out accuracy")
     if report is None:

@@ -28,7 +28,8 @@ import torch
 
 from diffuse.errors import UserError
 from diffuse.nets.autoencoder import PatchDiscriminator, patch_size_after
-from diffuse.training.objectives import DiffusionObjective
+from diffuse.training.config import learning_rate
+from diffuse.training.objectives import Batch, Objective, Status, saved_net, saved_part
 from diffuse.validate import check_choice, check_number
 
 RECON = ("l1", "l2")
@@ -76,52 +77,52 @@ def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.relu(1.0 - real.float()).mean() + torch.relu(1.0 + fake.float()).mean())
 
 
-class AutoencoderObjective(DiffusionObjective):
+class AutoencoderObjective(Objective):
     """Reconstruction + KL (+ the adversarial term once the discriminator is on); the interval's reconstruction error
     is reported as `recon` in metrics.jsonl, and from loss.disc_start on the discriminator's hinge loss as `disc` and
-    the autoencoder's adversarial term -mean P(x_rec) as `adv`."""
+    the autoencoder's adversarial term -mean P(x_rec) as `adv`. `net` is the autoencoder trained, on images of
+    `channels` x `resolution`^2; the discriminator follows the trainer's config `t` (seed, lr, warmup), its `device`,
+    ranks (`dist`) and autocast dtype."""
 
-    def __init__(self, trainer, loss_cfg: dict):
-        super().__init__(trainer)
-        check_ae_objective(loss_cfg, trainer.data.resolution)
+    def __init__(self, loss_cfg: dict, *, net, channels: int, resolution: int, t: dict, device, dist, autocast):
+        check_ae_objective(loss_cfg, resolution)
         self.cfg = dict(loss_cfg)
+        self.net, self.t, self.device, self.dist, self.autocast = net, t, device, dist, autocast
         self.errors: list[torch.Tensor] = []
         self.disc_losses: list[torch.Tensor] = []
         self.adv_losses: list[torch.Tensor] = []
         self.pending = None  # (x, x_rec detached) of the step just taken, for the discriminator's own step
         self.disc = None
         if float(self.cfg["disc_weight"]) > 0:
-            self._build_discriminator()
+            self._build_discriminator(channels)
 
-    def _build_discriminator(self) -> None:
-        tr = self.tr
+    def _build_discriminator(self, channels: int) -> None:
         # Its initial weights from a stream of their own: the global one (dropout) stays where a run without a
         # discriminator has it, and the run is that run until disc_start.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(tr.tcfg["seed"] + 3)
-            self.disc = PatchDiscriminator(tr.data.channels, int(self.cfg["disc_ch"]), int(self.cfg["disc_layers"]))
-        self.disc = self.disc.to(tr.device)
+            torch.manual_seed(self.t["seed"] + 3)
+            self.disc = PatchDiscriminator(channels, int(self.cfg["disc_ch"]), int(self.cfg["disc_layers"]))
+        self.disc = self.disc.to(self.device)
         self.disc_model = self.disc
-        if tr.dist.enabled:
+        if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             self.disc_model = DistributedDataParallel(
-                self.disc, device_ids=[tr.device.index] if tr.device.type == "cuda" else None
+                self.disc, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.disc_opt = torch.optim.AdamW(
-            self.disc.parameters(), lr=tr.tcfg["lr"], betas=(0.5, 0.9), weight_decay=0.0, fused=True
+            self.disc.parameters(), lr=self.t["lr"], betas=(0.5, 0.9), weight_decay=0.0, fused=True
         )
 
     def disc_on(self, step: int) -> bool:
         return self.disc is not None and step >= int(self.cfg["disc_start"])
 
-    def loss(self, model, x0, y, bs, sl):
-        tr = self.tr
-        net = tr.net
-        shape = (net.latent_channels, x0.shape[-2] // net.factor, x0.shape[-1] // net.factor)
-        gdev = tr.noise_gen.device
-        noise = torch.randn((bs, *shape), generator=tr.noise_gen, device=gdev, dtype=x0.dtype)[sl].to(tr.device)
-        if not self.disc_on(tr.step):
+    def loss(self, model, batch: Batch):
+        x0, net = batch.x0, self.net
+        noise = batch.normal(
+            net.latent_channels, x0.shape[-2] // net.factor, x0.shape[-1] // net.factor, dtype=x0.dtype
+        )
+        if not self.disc_on(batch.step):
             loss, err = ae_loss(model, x0, noise, self.cfg["recon"], float(self.cfg["kl_weight"]))
             self.errors.append(err.mean())
             return loss
@@ -137,16 +138,15 @@ class AutoencoderObjective(DiffusionObjective):
         self.pending = (x0.detach(), xr.detach())
         return loss + float(self.cfg["disc_weight"]) * adv
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> bool:
         if self.pending is None:
-            return
-        tr = self.tr
+            return False
         x0, xr = self.pending
         self.pending = None
         for group in self.disc_opt.param_groups:
-            group["lr"] = tr.lr_at(tr.step - 1)  # the step just taken's
+            group["lr"] = learning_rate(self.t, step - 1)  # the step just taken's
         self.disc.train()
-        with torch.autocast(tr.device.type, dtype=tr.amp, enabled=tr.amp is not None):
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.disc_model(torch.cat([x0, xr]))
             d_loss = hinge_d_loss(logits[: len(x0)], logits[len(x0) :])
         self.disc_opt.zero_grad(set_to_none=True)
@@ -156,17 +156,23 @@ class AutoencoderObjective(DiffusionObjective):
         self.disc_opt.found_inf = (~torch.isfinite(norm)).float()
         self.disc_opt.step()
         self.disc_losses.append(d_loss.detach())
+        return False
 
-    def status(self) -> dict:
+    def status(self, step: int) -> Status:
         # Read once per log step; what is logged then starts a new interval.
         from diffuse import distributed
 
         out = {}
         for key, held in (("recon", self.errors), ("disc", self.disc_losses), ("adv", self.adv_losses)):
             if held:
-                out[key] = float(distributed.mean(torch.stack(held).mean(), self.tr.dist))
+                out[key] = float(distributed.mean(torch.stack(held).mean(), self.dist))
                 held.clear()
-        return out
+        text = (
+            f"recon {out['recon']:.4g}" + (f", disc {out['disc']:.3f}" if "disc" in out else "")
+            if "recon" in out
+            else ""
+        )
+        return Status(out, text)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The open interval's values (a run resumed inside an interval logs what an uninterrupted one does), and
@@ -177,7 +183,7 @@ class AutoencoderObjective(DiffusionObjective):
             if held
         }
         if self.disc is not None:
-            out.update({f"disc.{k}": v for k, v in self.disc.state_dict().items()})
+            out.update(saved_net("disc", self.disc))
             for idx, pstate in self.disc_opt.state_dict()["state"].items():
                 out.update(
                     {f"disc_optim.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in pstate.items()}
@@ -190,11 +196,11 @@ class AutoencoderObjective(DiffusionObjective):
             t = tensors.get(f"interval_{key}")
             if t is not None and (t.dim() != 1 or not t.is_floating_point()):
                 raise UserError(f"cannot resume: the checkpoint's interval values (aux.interval_{key}) are malformed")
-            held[key] = list(t.to(self.tr.device).unbind()) if t is not None else []
+            held[key] = list(t.to(self.device).unbind()) if t is not None else []
         self.errors, self.disc_losses, self.adv_losses = held["recon"], held["disc"], held["adv"]
         if self.disc is None:
             return  # a discriminator the run had is dropped: loss.disc_weight=0 continues without it
-        weights = {k[len("disc.") :]: v for k, v in tensors.items() if k.startswith("disc.")}
+        weights = saved_part("disc", tensors)
         if not weights:
             raise UserError(
                 "cannot resume with loss.disc_weight > 0: the checkpoint holds no discriminator (it was "
@@ -218,5 +224,19 @@ class AutoencoderObjective(DiffusionObjective):
     def denoiser(self, net, autocast=None):
         raise UserError("an autoencoder is not a denoiser: it draws no sample grids")
 
-    def config(self) -> dict:
+    def config(self, step: int) -> dict:
         return {"ae_loss": self.cfg}
+
+
+def autoencoder_objective(trainer, loss_cfg: dict) -> AutoencoderObjective:
+    """The Trainer's make_objective for diffuse train-ae (with its loss group)."""
+    return AutoencoderObjective(
+        loss_cfg,
+        net=trainer.net,
+        channels=trainer.data.channels,
+        resolution=trainer.data.resolution,
+        t=trainer.tcfg,
+        device=trainer.device,
+        dist=trainer.dist,
+        autocast=trainer.amp,
+    )

@@ -14,19 +14,25 @@ from diffuse.plot import COLORS, Panel, Series, panels_plot
 MAX_POINTS = 2000
 
 
-def read_records(path: Path) -> list[dict]:
-    """The complete records of a metrics.jsonl (a half-written last line is not one)."""
-    if not path.is_file():
-        return []
+def complete_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each complete line of a metrics.jsonl: a half-written last line, or one that is no JSON
+    object, is none."""
     out = []
     for line in path.read_text().splitlines(keepends=True):
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if line.endswith("\n") and isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            out.append(rec)
+        if line.endswith("\n") and isinstance(rec, dict):
+            out.append((line, rec))
     return out
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete records of a metrics.jsonl (a half-written last line is not one)."""
+    if not path.is_file():
+        return []
+    return [rec for _, rec in complete_lines(path) if isinstance(rec.get("step"), int)]
 
 
 def smooth(values: list[float], half: int) -> list[float]:

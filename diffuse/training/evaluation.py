@@ -22,8 +22,8 @@ SAMPLES_PER_DIM = 5
 
 
 def check_eval_config(t: dict, metrics: dict | None) -> None:
-    every = check_number("trainer.eval_every", t.get("eval_every", 0), minimum=0, integer=True)
-    seeds = (metrics or {}).get("seeds", 1)
+    every = check_number("trainer.eval_every", t["eval_every"], minimum=0, integer=True)
+    seeds = metrics["seeds"] if metrics is not None else 1  # diffuse train alone has the metrics group
     if seeds != 1:  # the metrics group is eval's; this one key has no meaning in training, and silence would mislead
         raise UserError(
             f"metrics.seeds={seeds!r} is diffuse eval's protocol (min and mean over sample sets): the in-training "
@@ -33,7 +33,7 @@ def check_eval_config(t: dict, metrics: dict | None) -> None:
         return
     check_number("trainer.eval_n", t["eval_n"], minimum=2, integer=True)
     check_number("trainer.eval_batch_size", t["eval_batch_size"], minimum=1, integer=True)
-    if t.get("eval_steps") is not None:
+    if t["eval_steps"] is not None:
         check_number("trainer.eval_steps", t["eval_steps"], minimum=1, integer=True)
     if metrics is None:
         raise UserError(
@@ -59,7 +59,7 @@ class InTrainingEval:
         self.denoiser = trainer.objective.denoiser(
             MaskConditioned(trainer.ema) if trainer.mask_probs is not None else trainer.ema, trainer.amp
         )
-        steps = t.get("eval_steps") or trainer.objective.grid_steps() or t["sample_steps"]
+        steps = t["eval_steps"] or trainer.objective.grid_steps(trainer.step) or t["sample_steps"]
         learned = (
             getattr(self.denoiser, "variance_output", None) if getattr(self.denoiser, "learn_sigma", False) else None
         )
@@ -151,7 +151,7 @@ def build_eval(trainer, metrics: dict | None) -> InTrainingEval | None:
     start, as diffuse eval refuses in one line)."""
     from diffuse.metrics.features import build_extractor
 
-    every = trainer.tcfg.get("eval_every", 0)
+    every = trainer.tcfg["eval_every"]
     if not every:
         return None
     try:

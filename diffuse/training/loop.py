@@ -20,7 +20,7 @@ from diffuse.console import console, err_console, progress_bar
 from diffuse.errors import RunStopped, UserError
 from diffuse.io import ENVIRONMENT_ERRNOS, atomic_write, remove_stale_temps
 from diffuse.signals import StopRequest
-from diffuse.training.curves import read_records, write_curves
+from diffuse.training.curves import complete_lines, read_records, write_curves
 from diffuse.training.evaluation import build_eval
 from diffuse.training.tracking import build_tracker
 from diffuse.training.trainer import Trainer
@@ -86,8 +86,7 @@ def fit(trainer: Trainer, stop: StopRequest | None = None, command: str = "train
             log.add(trainer.train_step())
             step = trainer.step
             if step % t["log_every"] == 0 or step == t["steps"]:
-                rec = log.write(step)
-                stage = status_text(rec)  # the record holds the interval's status: a second read would find it spent
+                rec, stage = log.write(step)  # the interval's status: a second read would find it spent
                 bar.update(
                     task,
                     completed=step,
@@ -107,21 +106,6 @@ def fit(trainer: Trainer, stop: StopRequest | None = None, command: str = "train
         bar.update(task, completed=trainer.step)
         # The final checkpoint and grid stay inside the stop handling: a signal there is a request like any other.
         return finish(trainer, log, stop, stopped, command)
-
-
-def status_text(status: dict) -> str:
-    """round 2/5 (16 steps) | N 37 | delta 0.0625: a staged objective's place, in a few words."""
-    if "round" in status:
-        return f"round {status['round']}/{status['rounds']}, {status['student_steps']}-step student"
-    if "levels" in status:
-        return f"N {status['levels']}"
-    if "ect_delta" in status:
-        return f"delta {status['ect_delta']:.3g}"
-    if "accuracy" in status:  # a classifier's training accuracy over the interval
-        return f"accuracy {status['accuracy']:.3f}"
-    if "recon" in status:  # an autoencoder's reconstruction error (and its discriminator's loss once it is on)
-        return f"recon {status['recon']:.4g}" + (f", disc {status['disc']:.3f}" if "disc" in status else "")
-    return ""
 
 
 def stop_agreed(trainer: Trainer, stop: StopRequest, step: int) -> bool:
@@ -269,7 +253,8 @@ class MetricsLog:
     def add(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
 
-    def write(self, step: int) -> dict:
+    def write(self, step: int) -> tuple[dict, str]:
+        """The record of the interval that ends at `step`, and the objective's status text."""
         tr = self.trainer
         stacked = torch.stack(self.losses)  # the one host sync of the interval is the read below
         finite_mean = torch.where(torch.isfinite(stacked), stacked, float("nan")).nanmean()
@@ -279,13 +264,14 @@ class MetricsLog:
         now = time.perf_counter()
         ips = (step - self.step_last) * tr.tcfg["batch_size"] / max(now - self.t_last, 1e-9)
         self.t_last, self.step_last = now, step
+        status = tr.objective.status(step)
         rec = {
             "step": step,
             "loss": self.last_loss,
             "lr": tr.lr_at(step - 1),
             "images_per_s": ips,
             "skipped": skipped - self.skipped_logged,
-            **tr.objective.status(),
+            **status.fields,
         }
         self.skipped_logged = skipped
         self._append(rec, force=step == tr.tcfg["steps"])
@@ -296,12 +282,11 @@ class MetricsLog:
         if longest >= limit:
             raise RunStopped(nonfinite_message(tr, step, longest, limit))
         if not console.is_terminal:  # logs (CI, clusters) get a plain line instead of a redrawn bar
-            stage = status_text(rec)
             console.print(
                 f"step {step}/{tr.tcfg['steps']} loss {self.last_loss:.4f} lr {rec['lr']:.3g} {ips:.0f} img/s"
-                + (f" {stage}" if stage else "")
+                + (f" {status.text}" if status.text else "")
             )
-        return rec
+        return rec, status.text
 
 
 def _checked_interval(value: Any) -> dict | None:
@@ -347,12 +332,5 @@ def trim_metrics(path: Path, step: int) -> None:
     last line, and the steps after the checkpoint are about to be run (and logged) again."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if line.endswith("\n") and isinstance(rec, dict) and rec.get("step", step + 1) <= step:
-            kept.append(line)
+    kept = [line for line, rec in complete_lines(path) if rec.get("step", step + 1) <= step]
     atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))

@@ -17,18 +17,18 @@ def lowres_condition(cond: dict | None, model: dict, objective: dict, resolution
     checked = check_condition(cond, resolution)
     if checked is None:
         return None
-    if model.get("arch") != "unet":
+    if model["arch"] != "unet":
         raise UserError(
-            f"condition=lowres needs model.arch=unet (it embeds the augmentation level), not {model.get('arch')!r}"
+            f"condition=lowres needs model.arch=unet (it embeds the augmentation level), not {model['arch']!r}"
         )
-    if objective.get("mask_training"):
+    if objective["mask_training"]:
         raise UserError("condition=lowres and objective.mask_training=true cannot be combined: choose one conditioning")
-    if objective.get("kind", "diffusion") not in ("diffusion", "edm"):
+    if objective["kind"] not in ("diffusion", "edm"):
         raise UserError(
-            f"condition=lowres needs objective.kind=diffusion or edm, not {objective.get('kind')!r}: a consistency "
+            f"condition=lowres needs objective.kind=diffusion or edm, not {objective['kind']!r}: a consistency "
             "model's target network is called without the low-resolution image"
         )
-    if objective.get("learn_sigma"):
+    if objective["learn_sigma"]:
         raise UserError(
             "condition=lowres with objective.learn_sigma=true is not supported: the variance channels would be "
             "read without the low-resolution image; train it with fixed variances"
@@ -45,14 +45,12 @@ class LowResTraining:
     def __init__(self, cond: dict):
         self.cond, self.factor = cond, cond["factor"]
 
-    def wrap(self, model, x0: torch.Tensor, bs: int, sl: slice, gen: torch.Generator) -> LowResConditioned:
-        """`model` told each example's augmented low-resolution image (x0: this rank's slice of the global batch)."""
-        gdev = gen.device
-        low = downsample(x0, self.factor)
-        level = (torch.rand((bs,), generator=gen, device=gdev, dtype=torch.float64) * self.cond["aug_max"])[sl].to(
-            x0.device
-        )
-        noise = torch.randn((bs, *low.shape[1:]), generator=gen, device=gdev, dtype=x0.dtype)[sl].to(x0.device)
+    def wrap(self, model, batch) -> LowResConditioned:
+        """`model` told each example's augmented low-resolution image (batch: training.objectives.Batch, whose noise
+        stream draws the levels and the augmentation noise)."""
+        low = downsample(batch.x0, self.factor)
+        level = batch.uniform(torch.float64) * self.cond["aug_max"]
+        noise = batch.normal(*low.shape[1:], dtype=batch.x0.dtype)
         return LowResConditioned(model, self.factor).with_lowres(augment(low, level, noise), level)
 
     def grid_model(self, net, images: torch.Tensor, seed: int) -> LowResConditioned:

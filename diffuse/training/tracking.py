@@ -30,7 +30,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 def check_logger(cfg: dict | None) -> dict:
     """The logger group, and its package installed: refused before the first step, not at the first log line."""
     cfg = dict(cfg or {"name": "none"})
-    name = cfg.get("name", "none")
+    name = cfg["name"]
     check_choice("logger", name, LOGGERS)
     if name in PACKAGES and not installed(PACKAGES[name]):
         raise UserError(
@@ -38,7 +38,7 @@ def check_logger(cfg: dict | None) -> dict:
             f"pip install 'diffuse[{name}]' (or logger=none)"
         )
     if name == "wandb":
-        check_choice("logger.mode", cfg.get("mode", "auto"), WANDB_MODES)
+        check_choice("logger.mode", cfg["mode"], WANDB_MODES)
     return cfg
 
 
@@ -113,7 +113,7 @@ class WandbTracker(Tracker):
             config=config,
             id=run_id,
             resume="allow",
-            mode=wandb_mode(cfg.get("mode", "auto"), wdir),
+            mode=wandb_mode(cfg["mode"], wdir),
             tags=list(cfg.get("tags") or []),
         )
 

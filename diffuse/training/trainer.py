@@ -4,7 +4,7 @@ Every piece of it goes into the checkpoint, so that a resumed run is the run it 
 from __future__ import annotations
 
 import copy
-import os
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,174 +16,20 @@ from diffuse.console import console
 from diffuse.data import build_dataset
 from diffuse.diffusion.inpainting import MaskConditioned, mask_context
 from diffuse.diffusion.masks import check_mask_kinds, draw_masks
-from diffuse.diffusion.objectives import WEIGHTINGS
-from diffuse.diffusion.prediction import PREDICTIONS
 from diffuse.errors import UserError
 from diffuse.fastpath import compile_network, set_attention
 from diffuse.images import grid_upscale, make_grid, save_png, to_uint8
-from diffuse.nets import build_network, check_model_config
-from diffuse.pipeline.model import schedule_from_config
-from diffuse.pipeline.runtime import resolve_runtime
+from diffuse.nets import build_network
 from diffuse.pipeline.sampling import generate, plan_sampler
-from diffuse.training.evaluation import check_eval_config
-from diffuse.training.superres import network_io
-from diffuse.training.tracking import check_logger
-from diffuse.validate import check_choice, check_number
-
-
-def validate_trainer(t: dict) -> None:
-    check_number("trainer.steps", t["steps"], minimum=1, integer=True)
-    check_number("trainer.batch_size", t["batch_size"], minimum=1, integer=True)
-    check_number("trainer.lr", t["lr"], minimum=0, exclusive_min=True)
-    check_number("trainer.weight_decay", t["weight_decay"], minimum=0)
-    check_number("trainer.warmup", t["warmup"], minimum=0, integer=True)
-    check_number("trainer.grad_clip", t["grad_clip"], minimum=0)
-    check_number("trainer.ema_decay", t["ema_decay"], minimum=0, maximum=1)
-    for key in ("log_every", "ckpt_every"):
-        check_number(f"trainer.{key}", t[key], minimum=1, integer=True)
-    for key in ("sample_every", "sample_n", "keep"):
-        check_number(f"trainer.{key}", t[key], minimum=0, integer=True)
-    check_number("trainer.sample_steps", t["sample_steps"], minimum=1, integer=True)
-    check_number("trainer.seed", t["seed"], integer=True)
-    check_number("trainer.max_nonfinite", t["max_nonfinite"], minimum=1, integer=True)
-    if not isinstance(t["ema_warmup"], bool):
-        raise UserError(f"trainer.ema_warmup={t['ema_warmup']!r} is not allowed: true or false")
-
-
-def validate_objective(o: dict) -> None:
-    from diffuse.training.objectives import KINDS, check_edm
-
-    check_choice("objective.kind", o["kind"], KINDS)
-    check_choice("objective.prediction", o["prediction"], PREDICTIONS)
-    if o["kind"] == "edm":
-        check_edm(o)
-    else:
-        check_choice("objective.weighting", o["weighting"], WEIGHTINGS)
-    check_number("objective.min_snr_gamma", o["min_snr_gamma"], minimum=0, exclusive_min=True)
-    check_number("objective.p_uncond", o["p_uncond"], minimum=0, maximum=1)
-    if o["mask_training"] not in (True, False):
-        raise UserError(f"objective.mask_training={o['mask_training']!r} is not allowed: it must be true or false")
-    if o["mask_training"]:
-        check_mask_kinds(o["mask_kinds"])
-    if o["learn_sigma"] not in (True, False):
-        raise UserError(f"objective.learn_sigma={o['learn_sigma']!r} is not allowed: it must be true or false")
-    if o["learn_sigma"]:
-        if o["kind"] != "diffusion":
-            raise UserError(
-                f"objective.learn_sigma=true is not allowed with objective.kind={o['kind']}: learned variances "
-                "(Nichol & Dhariwal 2021) are for diffusion training (objective=simple, min_snr or vlb)"
-            )
-        check_number("objective.vlb_weight", o["vlb_weight"], minimum=0)
-
-
-def output_channels(o: dict, channels: int) -> int | None:
-    """The network's output channels when they are not its input's: the image's C beside a mask-conditioned input
-    (2C + 1), doubled with learned variances (objective.learn_sigma)."""
-    if o.get("learn_sigma"):
-        return 2 * channels
-    return channels if o.get("mask_training") else None
-
-
-def superres_of(cfg: dict, resolution: int):
-    """condition=lowres of a training config, checked: its LowResTraining, or None."""
-    from diffuse.training.superres import LowResTraining, lowres_condition
-
-    # before the condition's keys: with an autoencoder, `resolution` is the latent side, which the user never typed
-    c = cfg.get("condition")
-    if isinstance(c, dict) and c.get("name") not in (None, "none") and cfg.get("autoencoder"):
-        raise UserError(
-            "condition=lowres with autoencoder= is not supported: super-resolution models are trained on pixels"
-        )
-    cond = lowres_condition(cfg.get("condition"), cfg["model"], cfg["objective"], resolution)
-    return LowResTraining(cond) if cond is not None else None
-
-
-def check_latent_cache(value) -> None:
-    """latent_cache=DIR: a folder, or one that can be made; checked before any work (the encoding makes it)."""
-    if value in (None, ""):
-        return
-    p = Path(str(value)).expanduser()
-    if p.exists() and not p.is_dir():
-        raise UserError(
-            f"latent_cache={str(value)!r} is not allowed: it is a file; give a folder for the encoded dataset"
-        )
-    parent = p
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"latent_cache={str(value)!r} cannot be written: {parent} is not a writable folder")
-
-
-def objective_key(o) -> dict:
-    """An objective config as resume compares it: checkpoints from before mask training lack its keys, and
-    mask_kinds only matter when mask_training is on."""
-    o = dict(o or {})
-    if o.get("kind", "diffusion") == "diffusion":  # checkpoints from before consistency models lack the key
-        o.pop("kind", None)
-    if not o.get("mask_training"):
-        o["mask_training"] = False
-        o.pop("mask_kinds", None)
-    if not o.get("learn_sigma"):  # checkpoints from before learned variances lack the keys
-        o.pop("learn_sigma", None)
-        o.pop("vlb_weight", None)
-    return o
-
-
-def check_config(cfg: dict):
-    """What a training run refuses from its config alone, without loading the data or allocating the network (it is
-    sized on the meta device at the dataset's shape): (runtime, schedule). Trainer runs it first; a -m sweep runs
-    it for every job before the first starts (tasks/train.py check)."""
-    from diffuse.data import DATASETS, dataset_shape
-
-    t, o = cfg["trainer"], cfg["objective"]
-    validate_trainer(t)
-    validate_objective(o)
-    check_logger(cfg.get("logger"))
-    check_eval_config(t, cfg.get("metrics"))
-    rt = resolve_runtime(cfg["runtime"])
-    schedule = schedule_from_config(cfg["schedule"])
-    model, data = cfg["model"], cfg["dataset"]
-    if model.get("arch") == "oracle":
-        raise UserError(
-            "model=oracle is the exact mixture denoiser: there is nothing to train (use it with diffuse sample)"
-        )
-    check_model_config(model)
-    if data.get("name") not in DATASETS:
-        raise UserError(f"dataset={data.get('name')!r} is not allowed: choose one of {', '.join(sorted(DATASETS))}")
-    channels, resolution, classes = dataset_shape(data)
-    if cfg.get("autoencoder"):  # latent diffusion: the network is sized for the latents
-        from diffuse.pipeline.latent import check_latent_config
-
-        channels, resolution = check_latent_config(cfg, channels, resolution)
-        check_latent_cache(cfg.get("latent_cache"))
-    if t["sample_steps"] > schedule.T:
-        raise UserError(f"trainer.sample_steps={t['sample_steps']} is not allowed: at most schedule.T={schedule.T}")
-    plan_sampler(cfg["sampler"], t["sample_steps"], schedule, data["name"] != "gmm")
-    k = model.get("num_classes")
-    if k and (not classes or classes > k):
-        raise UserError(
-            f"model.num_classes={k} does not fit dataset={data['name']!r}, which has {classes or 'no'} classes"
-        )
-    net = {**model, "resolution": resolution, "in_channels": channels}
-    if o["mask_training"]:
-        net.update(in_channels=2 * channels + 1)
-    if superres_of(cfg, resolution) is not None:
-        net.update(network_io(channels))
-    if output_channels(o, channels) is not None:
-        net.update(out_channels=output_channels(o, channels))
-    try:
-        with torch.device("meta"):
-            build_network(net)
-    except UserError as e:
-        if not cfg.get("autoencoder"):
-            raise
-        # the network's resolution is the latents' side, not the dataset.resolution the user typed
-        msg = str(e).replace(f"dataset.resolution={resolution} ", f"the latent side {resolution} ")
-        raise UserError(
-            f"with autoencoder= the network sees {resolution}x{resolution} latents of dataset.resolution="
-            f"{data.get('resolution')}: {msg}"
-        ) from None
-    return rt, schedule
+from diffuse.training.config import (
+    check_classes,
+    check_config,
+    check_resumable,
+    learning_rate,
+    network_config,
+    superres_of,
+)
+from diffuse.training.objectives import Batch
 
 
 class Trainer:
@@ -196,66 +42,30 @@ class Trainer:
         cfg = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
         self.out = out
         self.tcfg, self.ocfg = cfg["trainer"], cfg["objective"]
-        self.logger_cfg, self.metrics_cfg = (
-            cfg.get("logger"),
-            cfg.get("metrics"),
-        )  # training.tracking, training.evaluation
-        rt, self.schedule = check_config(cfg)
-        self.runtime = rt
-        self.device = rt.device
+        # training.tracking and training.evaluation: groups of diffuse train alone
+        self.logger_cfg, self.metrics_cfg = cfg.get("logger"), cfg.get("metrics")
+        self.runtime, self.schedule = check_config(cfg)
+        self.device, self.amp = self.runtime.device, self.runtime.autocast
         self.dist = distributed.setup(self.device.type)
         if self.tcfg["batch_size"] % self.dist.world:
             raise UserError(
                 f"trainer.batch_size={self.tcfg['batch_size']} does not split over {self.dist.world} processes: "
                 "it is the global batch and must be a multiple of the world size"
             )
-        self.amp = rt.autocast
-        model_cfg = cfg["model"]
-        self.data = build_dataset(cfg["dataset"])
-        self.latent = None  # latent diffusion: the codec whose scaled latents replace the images
-        if cfg.get("autoencoder"):
-            from diffuse.pipeline.latent import latent_training_data
-
-            report = console.print if self.dist.main else (lambda *a: None)
-            self.data, self.latent = latent_training_data(cfg, self.data, out, self.dist, self.device, report)
+        self.data, self.latent = self._training_data(cfg)
         self.sampler_cfg = cfg["sampler"]
         self.plan = plan_sampler(cfg["sampler"], self.tcfg["sample_steps"], self.schedule, self.data.is_8bit)
-        self.model_cfg = {**model_cfg, "resolution": self.data.resolution, "in_channels": self.data.channels}
         # Mask training: the network also reads the masked image (C) and the mask (1); it still predicts C channels.
         self.mask_probs = check_mask_kinds(self.ocfg["mask_kinds"]) if self.ocfg["mask_training"] else None
-        if self.mask_probs is not None:
-            self.model_cfg.update(in_channels=2 * self.data.channels + 1)
         # Super-resolution: the network also reads the upsampled low-resolution image and embeds its augmentation level.
         self.lowres = superres_of(cfg, self.data.resolution)
-        if self.lowres is not None:
-            self.model_cfg.update(network_io(self.data.channels))
-        if output_channels(self.ocfg, self.data.channels) is not None:
-            self.model_cfg.update(out_channels=output_channels(self.ocfg, self.data.channels))
-        k = model_cfg.get("num_classes")
-        if k and (not self.data.num_classes or self.data.num_classes > k):
-            raise UserError(
-                f"model.num_classes={k} does not fit dataset={self.data.name!r}, which has {self.data.num_classes or 'no'} classes"
-            )
+        d = self.data
+        self.model_cfg = network_config(cfg["model"], self.ocfg, d.channels, d.resolution, self.lowres is not None)
+        check_classes(cfg["model"], d.name, d.num_classes)
         seed = self.tcfg["seed"]
         torch.manual_seed(seed)  # the initial weights follow from the seed alone
-        self.net = build_network(self.model_cfg)
-        if init_weights is not None:
-            self.net.load_state_dict(init_weights)
-        self.net = set_attention(self.net, rt.attention).to(self.device)
-        if rt.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        # The module that runs the forward pass: DDP averages gradients over ranks; the bare net holds the state.
-        self.model = self.net
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        if rt.compile:
-            self.model = compile_network(self.model, rt.compile_mode)
-        self.data = self.data.to(self.device) if rt.data_on_device else self.data
+        self._build_networks(init_weights)
+        self.data = self.data.to(self.device) if self.runtime.data_on_device else self.data
         self.reset_optimizer()
         # Two streams: the data order, and the diffusion noise (t, eps). Both are saved for exact resume.
         self.data_gen = torch.Generator().manual_seed(seed)
@@ -267,7 +77,44 @@ class Trainer:
         self.nonfinite = torch.zeros(3, dtype=torch.long, device=self.device)
         self.last_saved: tuple[Path, int] | None = None
         self.interval: dict = {}  # the open metrics.jsonl interval (training.loop), checkpointed for an exact resume
-        self.config = {
+        self.config = self._record(cfg)
+        self.objective = (make_objective or default_objective)(self)
+        self.config.update(self.objective.config(self.step))
+
+    def _training_data(self, cfg: dict):
+        """(the dataset, None), or for latent diffusion (the scaled latents of its images, the codec)."""
+        data = build_dataset(cfg["dataset"])
+        if not cfg.get("autoencoder"):
+            return data, None
+        from diffuse.pipeline.latent import latent_training_data
+
+        report = console.print if self.dist.main else (lambda *a: None)
+        return latent_training_data(cfg, data, self.out, self.dist, self.device, report)
+
+    def _build_networks(self, init_weights: dict | None) -> None:
+        """The network (net, which holds the state), its EMA, and the module the forward pass runs (model)."""
+        rt = self.runtime
+        self.net = build_network(self.model_cfg)
+        if init_weights is not None:
+            self.net.load_state_dict(init_weights)
+        self.net = set_attention(self.net, rt.attention).to(self.device)
+        if rt.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        # DDP averages gradients over ranks; the bare net holds the state.
+        self.model = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if rt.compile:
+            self.model = compile_network(self.model, rt.compile_mode)
+
+    def _record(self, cfg: dict) -> dict:
+        """The config every checkpoint of the run records."""
+        config = {
             "model": self.model_cfg,
             "schedule": cfg["schedule"],
             "objective": self.ocfg,
@@ -276,11 +123,10 @@ class Trainer:
             "data": {"is_8bit": self.data.is_8bit, "num_classes": self.data.num_classes},
         }
         if self.latent is not None:
-            self.config["autoencoder"] = self.latent.record()
+            config["autoencoder"] = self.latent.record()
         if self.lowres is not None:
-            self.config["condition"] = {k: v for k, v in self.lowres.cond.items() if k != "factor"}
-        self.objective = (make_objective or default_objective)(self)
-        self.config.update(self.objective.config())
+            config["condition"] = {k: v for k, v in self.lowres.cond.items() if k != "factor"}
+        return config
 
     def reset_optimizer(self) -> None:
         # Fused on every device: its found_inf input lets a non-finite step be skipped on the device itself.
@@ -314,28 +160,7 @@ class Trainer:
                 f"cannot resume from {path}: it holds weights only (no optimizer or RNG state, e.g. made by "
                 "diffuse convert), so the run it came from cannot be continued exactly; sample from it instead"
             )
-        if ckpt.config.get("model") != self.model_cfg:
-            raise UserError(
-                f"cannot resume from {path}: it was trained with model {ckpt.config.get('model')}, this run has {self.model_cfg}"
-            )
-        # The schedule is compared by what it is (its betas): a key added to the config since is not a difference.
-        same_schedule = torch.equal(schedule_from_config(ckpt.config.get("schedule")).betas, self.schedule.betas)
-        if not same_schedule or objective_key(ckpt.config.get("objective")) != objective_key(self.ocfg):
-            raise UserError(f"cannot resume from {path}: its schedule or objective differs from this run's")
-        if ckpt.config.get("condition") != self.config.get("condition"):
-            raise UserError(
-                f"cannot resume from {path}: it was trained with condition {ckpt.config.get('condition')}, "
-                f"this run has {self.config.get('condition')}"
-            )
-        ae_then, ae_now = (
-            (ckpt.config.get("autoencoder") or {}).get("hash"),
-            (self.config.get("autoencoder") or {}).get("hash"),
-        )
-        if ae_then != ae_now:
-            raise UserError(
-                f"cannot resume from {path}: it was trained on the latents of autoencoder {ae_then and ae_then[:12]}, "
-                f"this run on those of {ae_now and ae_now[:12]}"
-            )
+        check_resumable(path, ckpt.config, self.config, self.schedule)
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
         self.opt.load_state_dict(ckpt.optim)
@@ -353,6 +178,7 @@ class Trainer:
         self.nonfinite = torch.tensor([int(ckpt.extra.get("skipped", 0)), run, run], device=self.device)
         self.interval = {"interval": ckpt.extra["interval"]} if ckpt.extra.get("interval") else {}
         self.objective.load(ckpt.aux, ckpt.extra)
+        self.config.update(self.objective.config(self.step))
 
     def save(self) -> Path | None:
         """checkpoints/step_NNNNNNN.safetensors (unless keep=0) and last.safetensors, the same state in both;
@@ -393,8 +219,7 @@ class Trainer:
 
     # -- one optimisation step ----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        warm = self.tcfg["warmup"]
-        return self.tcfg["lr"] * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+        return learning_rate(self.tcfg, step)
 
     def train_step(self) -> torch.Tensor:
         # Every rank draws the whole global batch's randomness (indices, flips, label drops, t, eps) from the same
@@ -408,23 +233,23 @@ class Trainer:
         if self.runtime.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         y = y.to(self.device) if self.net.num_classes else None
+        batch = Batch(x0, y, bs, sl, self.noise_gen, self.step)
         model = self.model
         if self.mask_probs is not None:  # from the checkpointed data stream, whole global batch, like the flips
             h, w = x0.shape[-2:]
             generate_px = draw_masks(bs, h, w, self.mask_probs, self.data_gen, device=self.device)[sl]
             model = MaskConditioned(self.model, mask_context(x0, 1 - generate_px))
         if self.lowres is not None:  # its levels and noise from the checkpointed noise stream, whole global batch
-            model = self.lowres.wrap(self.model, x0, bs, sl, self.noise_gen)
+            model = self.lowres.wrap(self.model, batch)
         p_uncond = self.ocfg["p_uncond"]
-        gdev = self.noise_gen.device
         if y is not None and p_uncond > 0:  # label dropout to the null label: learns eps_null for guidance
-            drop = (torch.rand((bs,), generator=self.noise_gen, device=gdev) < p_uncond)[sl].to(y.device)
-            y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
+            drop = batch.uniform() < p_uncond
+            batch = dataclasses.replace(batch, y=torch.where(drop, torch.full_like(y, self.net.num_classes), y))
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = self.objective.loss(model, x0, y, bs, sl).mean()
+            loss = self.objective.loss(model, batch).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         finite = self.finite_step(loss)
@@ -435,7 +260,9 @@ class Trainer:
         self.opt.step()
         self.update_ema(finite)
         self.step += 1
-        self.objective.after_step()
+        if self.objective.after_step(self.step):  # a new stage (a progressive round): a fresh optimizer
+            self.reset_optimizer()
+            self.config.update(self.objective.config(self.step))
         return loss.detach()
 
     def finite_step(self, loss: torch.Tensor) -> torch.Tensor:
@@ -486,7 +313,7 @@ class Trainer:
                 self.ema, self.data.batch(torch.arange(n) % len(self.data))[0].to(self.device), self.tcfg["seed"]
             )
         den = self.objective.denoiser(net, self.amp)
-        steps = self.objective.grid_steps()
+        steps = self.objective.grid_steps(self.step)
         learned = den.variance_output if getattr(den, "learn_sigma", False) else None
         if steps is not None or learned is not None:
             plan = plan_sampler(
@@ -540,5 +367,11 @@ def default_objective(trainer: Trainer):
     (Karras et al.'s preconditioned denoiser)."""
     from diffuse.training.objectives import ConsistencyObjective, DiffusionObjective, EDMObjective
 
-    kind = trainer.ocfg.get("kind", "diffusion")
-    return {"consistency": ConsistencyObjective, "edm": EDMObjective}.get(kind, DiffusionObjective)(trainer)
+    o, schedule = trainer.ocfg, trainer.schedule
+    if o["kind"] == "consistency":
+        return ConsistencyObjective(
+            o, schedule, net=trainer.net, steps=trainer.tcfg["steps"], seed=trainer.tcfg["seed"], device=trainer.device
+        )
+    if o["kind"] == "edm":
+        return EDMObjective(o, schedule)
+    return DiffusionObjective(o, schedule, discretized=trainer.data.is_8bit)

@@ -37,13 +37,7 @@ FLOORS = [
 # and nothing may join it.
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CIRCLES = []
-KNOWN_LONG = {
-    "diffuse/tasks/common.py",
-    "diffuse/tasks/distill.py::checkpoint_teacher",
-    "diffuse/training/objectives.py",
-    "diffuse/training/trainer.py",
-    "diffuse/training/trainer.py::__init__",
-}
+KNOWN_LONG: set[str] = set()
 KNOWN_BENCH = {
     "throughput.py: edits sys.path",
 }
