@@ -18,6 +18,7 @@ from diffuse.errors import UserError
 from diffuse.pipeline.condition import SuperResRefusal
 from diffuse.pipeline.model import Model
 from diffuse.pipeline.sampling import CountingDenoiser, SamplerPlan, Samples, in_batches, plan_sampler
+from diffuse.validate import check_flag
 
 
 def load_cascade(paths: Any, load: Callable[[Any, bool], Model]) -> list[Model]:
@@ -83,8 +84,7 @@ def plan_superres(
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level <= 1:
         raise UserError(f"condition.aug_level={level!r} is not allowed: it must be a number in [0, 1]")
     trunc = model.lowres["truncated"] if truncated is None else truncated
-    if not isinstance(trunc, bool):
-        raise UserError(f"condition.truncated={trunc!r} is not allowed: true or false")
+    check_flag("condition.truncated", trunc)
     return SuperRes(
         model, plan_sampler(sampler, steps, model.schedule, model.clip_x0, model.tuned), float(level), trunc
     )

@@ -15,6 +15,7 @@ from diffuse.diffusion.prediction import EDMDenoiser, NetworkDenoiser
 from diffuse.diffusion.schedule import Schedule, make_schedule
 from diffuse.errors import UserError
 from diffuse.pipeline.runtime import Runtime, inference_network
+from diffuse.validate import check_flag
 
 SCHEDULE_KEYS = {
     "T",
@@ -119,8 +120,7 @@ def schedule_from_config(cfg: dict | None, where: str = "") -> Schedule:
         )
     for key, val in cfg.items():
         if key == "scale_with_T":
-            if not isinstance(val, bool):
-                raise UserError(f"{prefix}schedule.scale_with_T={val!r} is not allowed: true or false")
+            check_flag(f"{prefix}schedule.scale_with_T", val)
         elif key == "T":
             if isinstance(val, bool) or not isinstance(val, int) or not 2 <= val <= MAX_T:
                 raise UserError(

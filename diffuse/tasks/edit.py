@@ -37,7 +37,7 @@ from diffuse.pipeline.job import SamplingJob
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.signals import StopRequest
 from diffuse.tasks.per_image import each_image, write_record
-from diffuse.validate import check_choice, check_number
+from diffuse.validate import check_choice, check_flag, check_number
 
 METHODS = ("sdedit", "invert")
 
@@ -71,8 +71,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
         raise UserError("--image PATH is required: an image file or a folder of images")
     n = check_number("n", cfg.n, minimum=1, integer=True)
     seed = check_number("seed", cfg.seed, integer=True)
-    if not isinstance(cfg.save_npz, bool):
-        raise UserError(f"save_npz={cfg.save_npz!r} is not allowed: true or false")
+    check_flag("save_npz", cfg.save_npz)
     ec = to_dict(cfg.edit)
     method, strength, fpi = edit_options(ec)
     pairs = edit_pairs(cfg.image, cfg.mask)
@@ -111,8 +110,7 @@ def edit_options(ec: dict) -> tuple[str, float, int]:
         raise UserError("edit.method=invert needs the inversion's options: choose the method with edit=invert")
     strength = check_strength(ec["strength"])
     for key in ("resize", "mask_invert", *(("round_trip",) if method == "invert" else ())):
-        if not isinstance(ec[key], bool):
-            raise UserError(f"edit.{key}={ec[key]!r} is not allowed: true or false")
+        check_flag(f"edit.{key}", ec[key])
     if ec["conditioned"] not in ("auto", True, False):
         raise UserError(f"edit.conditioned={ec['conditioned']!r} is not allowed: auto, true or false")
     if method != "invert":

@@ -25,7 +25,7 @@ from diffuse.rundir.outputs import check_file_target
 from diffuse.signals import Stopped, StopRequest
 from diffuse.tasks.eval_metrics import FEATURE_METRICS, LIKELIHOOD_METRICS, NEEDS_REFERENCE, metric_names, score_sets
 from diffuse.tasks.evaluation import Evaluation
-from diffuse.validate import check_number
+from diffuse.validate import check_flag, check_number
 
 # n=null with a model: the standard sample count of published FIDs (50000 samples against the training set).
 STANDARD_N = 50000
@@ -56,8 +56,7 @@ def prepare(cfg: DictConfig, out: Path):
             f"not {cfg.metrics.features!r}"
         )
     n = None if cfg.n is None else check_number("n", cfg.n, minimum=1, integer=True)
-    if not isinstance(cfg.resume, bool):
-        raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
+    check_flag("resume", cfg.resume)
     generating = has_model and scoring_samples
     seeds = check_number("metrics.seeds", cfg.metrics.seeds, minimum=1, integer=True)
     if seeds > 1 and not (has_model and set(names) & FEATURE_METRICS):

@@ -17,7 +17,7 @@ from diffuse.io import remove_stale_temps, save_resolved_config, write_json
 from diffuse.pipeline.config import checking_runtime, job_of, runtime_of, to_dict
 from diffuse.pipeline.resume import SAMPLING_KEYS, first_change
 from diffuse.signals import StopRequest
-from diffuse.validate import check_number
+from diffuse.validate import check_flag, check_number
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -31,8 +31,7 @@ def prepare(cfg: DictConfig, out: Path, checking: bool = False):
     n = check_number("n", cfg.n, minimum=1, integer=True)
     batch_size = check_number("batch_size", cfg.batch_size, minimum=1, integer=True)
     grid_n = check_number("grid_n", cfg.grid_n, minimum=0, integer=True)
-    if not isinstance(cfg.resume, bool):
-        raise UserError(f"resume={cfg.resume!r} is not allowed: true or false")
+    check_flag("resume", cfg.resume)
     rt = runtime_of(cfg, images=n)
     job = job_of(cfg, checking_runtime(rt) if checking else rt, n)
     if cfg.resume:

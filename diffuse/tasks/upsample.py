@@ -28,7 +28,7 @@ from diffuse.pipeline.config import checking_runtime, runtime_of, to_dict
 from diffuse.pipeline.model import load_model
 from diffuse.signals import StopRequest
 from diffuse.tasks.per_image import each_image, write_record
-from diffuse.validate import check_number
+from diffuse.validate import check_flag, check_number
 
 
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -48,8 +48,7 @@ def prepare(cfg: DictConfig, checking: bool = False):
     seed = check_number("seed", cfg.seed, integer=True)
     if cfg.steps is not None:
         check_number("steps", cfg.steps, minimum=1, integer=True)
-    if not isinstance(cfg.resize, bool):
-        raise UserError(f"resize={cfg.resize!r} is not allowed: true or false")
+    check_flag("resize", cfg.resize)
     files = image_files(Path(str(cfg.image)))
     rt = runtime_of(cfg, images=n * len(files))
     model = load_model(

@@ -22,7 +22,7 @@ from diffuse.pipeline.sampling import plan_sampler
 from diffuse.training.evaluation import check_eval_config
 from diffuse.training.superres import network_io
 from diffuse.training.tracking import check_logger
-from diffuse.validate import check_choice, check_number, refuse
+from diffuse.validate import check_choice, check_flag, check_number, refuse
 
 KINDS = ("diffusion", "consistency", "edm")
 
@@ -42,8 +42,7 @@ def validate_trainer(t: dict) -> None:
     check_number("trainer.sample_steps", t["sample_steps"], minimum=1, integer=True)
     check_number("trainer.seed", t["seed"], integer=True)
     check_number("trainer.max_nonfinite", t["max_nonfinite"], minimum=1, integer=True)
-    if not isinstance(t["ema_warmup"], bool):
-        raise refuse("trainer.ema_warmup", t["ema_warmup"], "true or false")
+    check_flag("trainer.ema_warmup", t["ema_warmup"])
 
 
 def _check_flag(key: str, value) -> None:

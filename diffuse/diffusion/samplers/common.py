@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from diffuse import validate
 from diffuse.diffusion.noise import Generator
 from diffuse.diffusion.schedule import Schedule
 from diffuse.validate import refuse
@@ -232,9 +233,8 @@ def check_percentile(p) -> float:
 
 
 def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise refuse(f"sampler.{name}", value, "true or false")
-    return value
+    """A sampler option's flag, named as the user sets it (sampler.NAME)."""
+    return validate.check_flag(f"sampler.{name}", value)
 
 
 def check_order(value, allowed: tuple[int, ...]) -> int:
