@@ -1,6 +1,6 @@
 """Super-resolution and cascades against their exact answer, on a Gaussian mixture (diffuse.diffusion.superres).
 
-The problem of tests/test_superres.py: three components over 2 x 8 x 8 (stds 0.12, 0.12, 0.2; weights 0.3, 0.5, 0.2),
+The problem of tests/unit/diffusion/test_superres.py: three components over 2 x 8 x 8 (stds 0.12, 0.12, 0.2; weights 0.3, 0.5, 0.2),
 components 0 and 1 equal at 4 x 4 (1 adds a checkerboard whose 2 x 2 block means are 0), so a low-resolution image of
 component 0 leaves the choice between them to their weights; cosine schedule, DPM-Solver++(2M) at 25 steps.
 

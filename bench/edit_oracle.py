@@ -1,7 +1,7 @@
 """SDEdit against its exact answer: on a Gaussian mixture, the edits of one noised image x_t0 should be draws of
 q(x_0 | x_t0), a mixture with reweighted, shifted and narrowed components (diffuse.metrics.mixture.noisy_posterior).
 
-The problem of tests/test_edit.py: three components over 1 x 2 x 2 (stds 0.1, 0.15, 0.2; weights 0.3, 0.3, 0.4),
+The problem of tests/commands/test_edit.py: three components over 1 x 2 x 2 (stds 0.1, 0.15, 0.2; weights 0.3, 0.3, 0.4),
 the image halfway between components 0 and 1, its noise fixed; linear schedule, T = 1000, the exact denoiser.
 Per strength and sampler: the exact posterior weights, then (responsibility-weighted, no hard assignment)
     weights TV   total variation between the edits' component weights and the exact ones
@@ -24,7 +24,7 @@ from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import make_timesteps
 from diffuse.metrics.mixture import noisy_posterior, posterior_fit, sample_posterior
 from diffuse.pipeline.sampling import CountingDenoiser
-from tests.test_edit import problem
+from tests.commands.test_edit import problem
 
 STRENGTHS = (0.05, 0.1, 0.3, 1.0)
 # (name, function, steps over the whole schedule, options). Deterministic DDIM (eta 0) is left out: from one x_t0

@@ -4,7 +4,7 @@ traceback (hypothesis prints the shrunk input).
 
     python -m bench.fuzz_readers [--n 5000] [--seed 0]
 
-Inputs (tests/test_fuzz_readers.py image_files): a quarter random bytes; the rest PNG, JPEG, WebP, GIF, BMP and
+Inputs (tests/contracts/test_fuzz_readers.py image_files): a quarter random bytes; the rest PNG, JPEG, WebP, GIF, BMP and
 TIFF images of 16 mode/format kinds (L, RGB, RGBA, P, I;16, LA, 1, CMYK, F ...), intact, cut short, with bytes
 overwritten or spliced in. Readers: inpaint's _open (as RGB image, grey image, mask), load_pair, read_folder.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from diffuse.console import err_console
-from tests.test_fuzz_readers import check_readers, image_files
+from tests.contracts.test_fuzz_readers import check_readers, image_files
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Inpainting against the exact conditional of a Gaussian mixture (model=oracle): replace vs RePaint schedules.
 
-Two problems of tests/test_inpainting.py, 1x4x4 images, linear schedule T=1000, DDPM steps with variance beta
+Two problems of tests/unit/diffusion/test_inpainting.py, 1x4x4 images, linear schedule T=1000, DDPM steps with variance beta
 (the CLI's default sampler):
     rare       the known pixels sit on a component of prior weight 0.2 (exact conditional: it, with certainty)
     ambiguous  the known pixels weakly favour one of two components (1.6 nats; conditional 0.38 : 0.62)
@@ -23,7 +23,7 @@ from diffuse.diffusion.samplers import ddpm
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import make_timesteps
 from diffuse.metrics.mixture import inpaint_fit
-from tests.test_inpainting import problem, rare_component
+from tests.unit.diffusion.test_inpainting import problem, rare_component
 
 METHODS = [  # (name, steps, RePaint options or None for replace)
     ("replace", 50, None),

@@ -33,10 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffuse.interop.convert import convert_diffusers  # noqa: E402
-from diffuse.nets.flops import forward_flops  # noqa: E402
+from diffuse.interop.convert import convert_diffusers
+from diffuse.nets.flops import forward_flops
 
 REFERENCE = {  # google/ddpm-cifar10-32's unet/config.json
     "act_fn": "silu",

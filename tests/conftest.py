@@ -107,3 +107,74 @@ def observed_orders(errors: list[float]) -> list[float]:
     import math
 
     return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+
+
+# -- trained and random-weight models shared by the whole session -----------------------------------------------
+# Each is made once; a module that changes what it gets copies it first.
+
+# The tiniest training run (diffuse train, one step) that still has every part of a checkpoint.
+TINY_TRAIN = [
+    "dataset.size=32",
+    "dataset.resolution=8",
+    "model.ch=16",
+    "model.ch_mult=[1,2]",
+    "model.attn_resolutions=[4]",
+    "trainer.batch_size=4",
+    "trainer.sample_n=0",
+    "trainer.steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The run dir of `diffuse train TINY_TRAIN`: read it, or copy it before writing into it."""
+    from diffuse.tasks import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.run(compose("train", TINY_TRAIN), out)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+# A random-weight U-Net as eval's feature network (metrics.features=checkpoint): FID's machinery without Inception.
+FEATURE_NET = {
+    "arch": "unet",
+    "resolution": 8,
+    "in_channels": 3,
+    "ch": 16,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "groups": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def feature_ckpt(tmp_path_factory):
+    from diffuse.checkpoint import Checkpoint, save_checkpoint
+    from diffuse.nets import build_network
+
+    torch.manual_seed(0)
+    net = build_network(FEATURE_NET)
+    path = tmp_path_factory.mktemp("fx") / "features.safetensors"
+    config = {"model": FEATURE_NET, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}}
+    save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
+    return path
+
+
+@pytest.fixture
+def fx(feature_ckpt, tmp_path):
+    """eval's overrides for the feature_ckpt network on a small gmm reference."""
+    return [
+        "metrics.features=checkpoint",
+        f"metrics.features_ckpt={feature_ckpt}",
+        f"metrics.cache_dir={tmp_path / 'cache'}",
+        "dataset=gmm",
+        "dataset.size=48",
+        "metrics.kid_subset_size=8",
+        "metrics.kid_subsets=4",
+    ]

@@ -35,7 +35,7 @@ from diffuse.errors import UserError
 from diffuse.interop.diffusers_unet import RESNET, TOP, unet_layout
 from diffuse.interop.weights import WEIGHTS, missing_parents
 
-# The version whose file layout and config keys this module writes (the one tests/test_export.py loads it with).
+# The version whose file layout and config keys this module writes (the one tests/unit/interop/test_export.py loads it with).
 DIFFUSERS_VERSION = "0.42.1"
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # The U-Net options UNet2DModel has a setting for.

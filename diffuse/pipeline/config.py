@@ -64,7 +64,7 @@ def sampling_job_of(cfg: DictConfig, model: Model, n: int) -> SamplingJob:
         labels=to_dict(cfg.labels),
         n=n,
         seed=seed,
-        verify=cfg.get("verify", True),
+        verify=cfg.verify,
     )
 
 

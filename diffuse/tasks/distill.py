@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig
 
 from diffuse import distributed
-from diffuse.checkpoint import load_checkpoint, resolve_ckpt_path, save_checkpoint
+from diffuse.checkpoint import complete_config, load_checkpoint, resolve_ckpt_path, save_checkpoint
 from diffuse.console import console
 from diffuse.errors import UserError
 from diffuse.io import save_resolved_config
@@ -200,23 +200,24 @@ def checkpoint_teacher(cfg: DictConfig, method: str, student_objective: dict):
 
 
 def refuse_teacher_objective(path: Path, conf: dict) -> dict:
-    """The objective of a checkpoint that can teach: a plain diffusion model's, trained on data it records."""
-    o = dict(conf.get("objective") or {})
-    if o.get("kind", "diffusion") == "edm":
+    """The objective of a checkpoint that can teach (as it records it): a plain diffusion model's, trained on data
+    it records."""
+    o = complete_config(conf)["objective"]  # load_model has refused an objective that is not a mapping
+    if o["kind"] == "edm":
         # The student starts as a copy of the teacher and is trained as a plain network: it would misread F.
         raise UserError(
             f"teacher={path} is EDM-preconditioned (objective.kind=edm): distillation takes a plain diffusion "
             "model (objective.kind=diffusion) as its teacher"
         )
-    if o.get("kind", "diffusion") != "diffusion":
+    if o["kind"] != "diffusion":
         raise UserError(f"teacher={path} is a consistency model: distil a diffusion model")
-    if o.get("mask_training"):
+    if o["mask_training"]:
         raise UserError(
             f"teacher={path} was trained with masks (objective.mask_training): distil a plain diffusion model"
         )
     if "dataset" not in conf or "trainer" not in conf:
         raise UserError(f"teacher={path} records no training data (made by diffuse convert?): give dataset=NAME")
-    return o
+    return dict(conf.get("objective") or {})
 
 
 def check(cfg: DictConfig, out: Path) -> None:

@@ -124,6 +124,7 @@ def test_every_relative_link_points_to_an_existing_file():
     assert not broken, broken
 
 
+@pytest.mark.subprocess
 def test_the_site_builds_strictly_offline(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")

@@ -23,7 +23,7 @@ derivatives from the stored data predictions by backward divided differences in 
          x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i phi_1 m0 + alpha_i phi_2 D1 - alpha_i phi_3 D2
 D2 is normalised as in the paper's singlestep third-order update (an estimate of h^2 x_theta''). Implementations
 of the multistep update that take D2 = (D1_0 - D1_1) / (r0 + r1), h^2 x_theta'' / 2, get half the
-third-order term and a solver of order 2 (measured on the Gaussian flow of tests/test_dpm_solvers.py).
+third-order term and a solver of order 2 (measured on the Gaussian flow of tests/unit/diffusion/samplers/test_dpm_solvers.py).
 
 SDE variants, with eta between the reverse SDE (eta = 1) and the probability-flow ODE (eta = 0). Every member of
 the family

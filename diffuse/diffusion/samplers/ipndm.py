@@ -16,7 +16,7 @@ step by the Adams-Bashforth combination of the last q outputs eps_i, eps_{i-1}, 
 These are the constant-step coefficients, used as the paper does whatever the spacing. Once warm, a step on
 levels uniform in sigma~ has local error O(h^(q+1)); on other spacings the step-size changes add an O(h^3)
 term, and the first-order warm-up step leaves a global O(h^2) error of its own, so as the steps shrink the
-global order is 2 for every order >= 2 (tests/test_unipc_ipndm_deis.py measures it). The higher orders still pay
+global order is 2 for every order >= 2 (tests/unit/diffusion/samplers/test_unipc_ipndm_deis.py measures it). The higher orders still pay
 off at few steps, where the constants matter more than the rate.
 The step after the last timestep goes to clean data, sigma~ = 0, first order as every solver here: the output
 is x0_hat = x~ - sigma~ eps at the last level. NFE = number of timesteps (one fewer with `afs`: at the first

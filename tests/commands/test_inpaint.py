@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli import diffuse
+from tests.helpers import diffuse
 
 ORACLE = ["model=oracle", "dataset=gmm", "steps=10", "inpaint.resamples=2", "inpaint.jump_length=5"]
 
@@ -21,6 +21,7 @@ def files(tmp_path):
     return tmp_path, a
 
 
+@pytest.mark.subprocess
 def test_inpaint_oracle_keeps_known_pixels_exactly(files):
     d, a = files
     r = diffuse("inpaint", "--image", "img.png", "--mask", "mask.png", *ORACLE, "n=2", "hydra.run.dir=r", cwd=d)
@@ -32,6 +33,7 @@ def test_inpaint_oracle_keeps_known_pixels_exactly(files):
     assert Image.open(d / "r" / "img_strip.png").size[0] > 4 * 8
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mask,expect_same", [("black.png", False), ("white.png", None)])
 def test_all_black_mask_returns_input_and_all_white_is_sampling(files, mask, expect_same):
     d, a = files
@@ -51,6 +53,7 @@ def _img(path, arr):
     return arr
 
 
+@pytest.mark.subprocess
 def test_folders_grey_mask_invert_and_resize_in_one_run(tmp_path):
     """--image and --mask folders with matching names, mask_invert=true, a grey-valued mask (binarised at 50%,
     with a warning) and an image of another size (resized to the model's 8x8 and the result resized back)."""
@@ -122,7 +125,7 @@ def _refused(cfg, out, needle):
 
 
 def test_bad_folders_sizes_and_files_are_refused(files, oracle_cfg):
-    """One line naming the file and what is allowed (the CLI prints it as `error: ...`, exit 2: tests/test_bad_input.py)."""
+    """One line naming the file and what is allowed (the CLI prints it as `error: ...`, exit 2: tests/contracts/test_bad_input.py)."""
     d, a = files
     (d / "imgs").mkdir()
     (d / "masks").mkdir()

@@ -3,6 +3,7 @@ command and every kind of bad value, exit code 2, exactly one line on stderr nam
 in the run dir. test_cli.py keeps a few of these as real subprocesses."""
 
 import errno
+import shutil
 
 import numpy as np
 import pytest
@@ -13,30 +14,19 @@ from typer.testing import CliRunner
 
 from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.cli import app
+from tests.conftest import TINY_TRAIN
 
-TINY = [
-    "dataset.size=32",
-    "dataset.resolution=8",
-    "model.ch=16",
-    "model.ch_mult=[1,2]",
-    "model.attn_resolutions=[4]",
-    "trainer.batch_size=4",
-    "trainer.sample_n=0",
-    "trainer.steps=1",
-]
+TINY = TINY_TRAIN
 ORACLE = ["model=oracle", "dataset=gmm", "steps=3"]
 INPAINT = ["--image", "img.png", "--mask", "mask.png", *ORACLE, "inpaint.method=replace"]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_run):
     """A tiny checkpoint, files that only look like one, and images and masks in odd modes."""
-    from conftest import compose
-
-    from diffuse.tasks import train as train_task
 
     d = tmp_path_factory.mktemp("bad")
-    train_task.run(compose("train", TINY), d / "trained")
+    shutil.copytree(tiny_run, d / "trained")
     ckpt = d / "trained" / "checkpoints" / "last.safetensors"
     (d / "junk.safetensors").write_bytes(np.random.RandomState(0).bytes(4096))
     save_file({"w": torch.zeros(2)}, str(d / "foreign.safetensors"))

@@ -33,7 +33,7 @@ def _train(compose_cfg, out, extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import compose
+    from tests.conftest import compose
 
     out = tmp_path_factory.mktemp("run")
     train_task.run(compose("train", SMALL + ["trainer.steps=40", "trainer.ckpt_every=20"]), out)

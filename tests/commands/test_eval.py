@@ -16,42 +16,10 @@ from diffuse.errors import UserError
 from diffuse.nets import build_network
 from diffuse.pipeline.config import runtime_of
 from diffuse.tasks import evaluate, sample
-from tests.conftest import compose
-from tests.test_cli import diffuse
+from tests.conftest import FEATURE_NET, compose
+from tests.helpers import diffuse
 
-NET = {
-    "arch": "unet",
-    "resolution": 8,
-    "in_channels": 3,
-    "ch": 16,
-    "ch_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "groups": 8,
-}
-
-
-@pytest.fixture(scope="module")
-def feature_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_network(NET)
-    path = tmp_path_factory.mktemp("fx") / "features.safetensors"
-    config = {"model": NET, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}}
-    save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
-    return path
-
-
-@pytest.fixture
-def fx(feature_ckpt, tmp_path):
-    return [
-        "metrics.features=checkpoint",
-        f"metrics.features_ckpt={feature_ckpt}",
-        f"metrics.cache_dir={tmp_path / 'cache'}",
-        "dataset=gmm",
-        "dataset.size=48",
-        "metrics.kid_subset_size=8",
-        "metrics.kid_subsets=4",
-    ]
+NET = FEATURE_NET
 
 
 def run_eval(overrides, out):
@@ -218,6 +186,7 @@ def test_metric_names_and_sources_are_checked(fx, tmp_path):
         run_eval([*fx, f"samples={_npz(tmp_path / 'g.npz', (4, 8, 8, 1))}", f"ref={gray}"], tmp_path / "o")
 
 
+@pytest.mark.subprocess
 def test_cli_refusal_is_one_line_exit_2_nothing_left(fx, tmp_path):
     _npz(tmp_path / "big.npz", (4, 16, 16, 3))
     r = diffuse("eval", "--metric", "fid", "samples=big.npz", *fx, cwd=tmp_path)
@@ -232,6 +201,7 @@ def test_cli_refusal_is_one_line_exit_2_nothing_left(fx, tmp_path):
     assert not any((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
 
 
+@pytest.mark.subprocess
 def test_sweep_writes_summary_and_plot(fx, tmp_path):
     r = diffuse(
         "eval",
@@ -260,6 +230,7 @@ def test_sweep_writes_summary_and_plot(fx, tmp_path):
         assert (np.abs(img.astype(int) - color).sum(-1) == 0).sum() > 50
 
 
+@pytest.mark.subprocess
 def test_torchrun_shards_samples_and_reference_like_one_process(fx, tmp_path):
     import os
     import subprocess
@@ -313,6 +284,7 @@ def test_torchrun_shards_samples_and_reference_like_one_process(fx, tmp_path):
 LIK = ["model=oracle", "dataset=gmm", "dataset.resolution=4", "dataset.channels=1", "likelihood.ode_steps=32"]
 
 
+@pytest.mark.slow
 def test_nll_of_the_oracle_matches_the_mixture_and_the_bound_lies_above(tmp_path):
     """--metric nll on the exact denoiser: the ODE with exact traces is off the closed-form nll only by RK4 error
     (1.3e-3 nats/dim at 32 steps, bench/likelihood_table.py), and the variational bound is above it by far more

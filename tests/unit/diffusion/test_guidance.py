@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import gaussian_x_T as _x_T
 
 from diffuse.data.gmm import default_mixture
 from diffuse.diffusion.guidance import cfg_denoiser
@@ -16,6 +15,7 @@ from diffuse.pipeline.conditioning import guide, parse_guidance, resolve_labels
 from diffuse.pipeline.config import to_dict
 from diffuse.pipeline.model import Model
 from diffuse.tasks import sample as sample_task
+from tests.conftest import gaussian_x_T as _x_T
 
 
 def _sample(den, mixture, schedule, n, label, seed=0):

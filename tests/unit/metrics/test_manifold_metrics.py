@@ -12,7 +12,6 @@ from diffuse.errors import UserError
 from diffuse.metrics import manifold
 from diffuse.metrics.manifold import density_coverage, precision_recall
 from tests.conftest import compose
-from tests.test_eval import feature_ckpt, fx  # noqa: F401 - the fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +105,7 @@ def test_seeds_need_a_model_to_draw_from(fx, tmp_path):  # noqa: F811
 
 def test_seeds_resume_keeps_every_sets_features(fx, tmp_path, monkeypatch, capsys):  # noqa: F811
     from diffuse.tasks import evaluation
-    from tests.test_signals import _stop_at_batch
+    from tests.helpers import stop_at_batch
 
     args = [
         *fx,
@@ -120,7 +119,7 @@ def test_seeds_resume_keeps_every_sets_features(fx, tmp_path, monkeypatch, capsy
     ]
     straight = run_eval(args, tmp_path / "straight")
     run = tmp_path / "run"
-    _stop_at_batch(monkeypatch, evaluation, 3)  # the first batch of the second set
+    stop_at_batch(monkeypatch, evaluation, 3)  # the first batch of the second set
     assert run_eval(args, run) == {"stopped": True, "kept": 12}
     assert "features of 12 of 16 generated images kept" in capsys.readouterr().out
     assert len(list((run / "features" / "set1").glob("*.safetensors"))) == 1

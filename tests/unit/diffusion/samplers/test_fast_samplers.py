@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import gaussian_x_T as _x_T
 
 from diffuse.diffusion.noise import PerSample, randn
 from diffuse.diffusion.samplers import SAMPLERS, ddim, dpm_solver, euler, heun
@@ -14,6 +13,7 @@ from diffuse.errors import UserError
 from diffuse.metrics.mixture import format_fit, mixture_fit
 from diffuse.pipeline.sampling import CountingDenoiser
 from diffuse.tasks import sample as sample_task
+from tests.conftest import gaussian_x_T as _x_T
 
 
 def test_dpm_solver_karras_20_nfe_matches_the_mixture(oracle_setup):

@@ -34,7 +34,7 @@ def _train(compose, out, extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from conftest import compose
+    from tests.conftest import compose
 
     base, sr = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("sr")
     _train(compose, base, ["dataset.resolution=4", "model.ch_mult=[1]", "trainer.steps=2", "trainer.sample_n=0"])

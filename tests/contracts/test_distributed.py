@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from diffuse.checkpoint import load_checkpoint
@@ -78,6 +79,7 @@ def test_distributed_sampling_is_byte_identical(tmp_path):
         ).read_bytes()
 
 
+@pytest.mark.subprocess
 def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     """Under torchrun, device=auto|cuda means GPU LOCAL_RANK, chosen before anything is placed (a network loaded
     onto GPU 0 by every rank met its noise on GPU LOCAL_RANK); an explicit cuda:N is kept."""
@@ -97,6 +99,7 @@ def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     assert pick_device("cuda") == torch.device("cuda")
 
 
+@pytest.mark.subprocess
 def test_distillation_under_torchrun_matches_one_process(tmp_path):
     """diffuse distill shards the batch like training: each rank draws the whole batch's levels and noise and keeps
     its slice, so two processes take the gradient one process takes (Adam's first moment to float tolerance)."""

@@ -1,7 +1,6 @@
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from safetensors.torch import save_file
 from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path, save_checkpoint
 from diffuse.errors import UserError
 from diffuse.nets.unet import UNet
+from tests.helpers import ROOT
 
 
 def _ckpt():
@@ -263,7 +263,7 @@ def test_complete_config_fills_what_old_and_converted_checkpoints_lack_from_the_
 
     from diffuse.checkpoint import complete_config
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "objective"
+    conf = ROOT / "conf" / "objective"
     simple = OmegaConf.to_container(OmegaConf.load(conf / "simple.yaml"))
     edm = {**simple, **OmegaConf.to_container(OmegaConf.load(conf / "edm.yaml"))}
     edm.pop("defaults")

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained(colours, tmp_path_factory, one_thread):
-    from conftest import compose
+    from tests.conftest import compose
 
     common = [
         "dataset=gmm",
@@ -76,6 +76,7 @@ def trained(colours, tmp_path_factory, one_thread):
     return runs
 
 
+@pytest.mark.slow
 def test_mask_conditioned_model_uses_the_context(trained):
     """Its loss on the pixels to generate is well below the unconditioned model's at the same step count.
     Evaluated at t in [300, 1000), where x_t alone leaves the colour uncertain, on 512 images and masks of the

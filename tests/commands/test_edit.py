@@ -289,8 +289,9 @@ def test_inversion_editing_reports_the_round_trip_and_changes_the_class(files, m
     assert "round trip RMS error" in r.stdout
 
 
+@pytest.mark.subprocess
 def test_a_real_process_edits_and_refuses_as_users_see_it(files):
-    from tests.test_cli import diffuse
+    from tests.helpers import diffuse
 
     r = diffuse("edit", "--image", "imgs/a.png", *ORACLE, "n=1", "edit.strength=0.2", "hydra.run.dir=p", cwd=files)
     assert r.returncode == 0, r.stderr

@@ -145,6 +145,7 @@ def guided_ddpm(mixture, schedule, scale, labels, seed):
     return ddpm(den, x_T, torch.arange(schedule.T - 1, -1, -1), schedule, variance="beta", generator=g, y=labels)
 
 
+@pytest.mark.slow
 def test_scale_one_draws_exactly_the_chosen_component():
     """The unconditional oracle with the exact classifier at scale 1, ancestral DDPM over all 1000 levels: each label's
     samples are its component, within sampling error. Exact draws of a component are classified to it with
@@ -223,7 +224,7 @@ def test_train_classifier_resume_is_bit_identical_with_the_straight_records(tmp_
     """10 steps with log_every=4, SIGTERM after step 6 (inside an interval), resume=true: the same weights, EMA,
     optimizer and random streams, and the same records (loss and accuracy) as 10 straight steps."""
     from diffuse.training import trainer as trainer_module
-    from tests.test_signals import raise_sigterm
+    from tests.helpers import raise_sigterm
 
     args = ["trainer.steps=10", "trainer.log_every=4", "trainer.ckpt_every=100"]
     train(tmp_path / "straight", *args)
@@ -374,8 +375,9 @@ def test_a_trained_classifier_steers_an_unconditional_model_and_its_refusals(cla
             draw(tmp_path / "bad", *overrides)
 
 
+@pytest.mark.subprocess
 def test_refusals_are_one_line_and_write_nothing(tmp_path):
-    from tests.test_cli import diffuse
+    from tests.helpers import diffuse
 
     r = diffuse("sample", "model=oracle", "guidance=classifier", "guidance.classifier=/no/such/run", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
@@ -441,7 +443,7 @@ def test_help_of_train_classifier_lists_its_keys_and_groups():
 def test_a_signal_during_the_held_out_measurement_keeps_the_trained_classifier(tmp_path, monkeypatch, capsys):
     """The measurement after training has no safe point: a signal stops it, the checkpoint stays, and the line says
     what was not measured (training.measure.train_then_measure, shared with train-ae)."""
-    from tests.test_signals import raise_sigterm
+    from tests.helpers import raise_sigterm
 
     def interrupted(*a, **k):
         raise_sigterm()

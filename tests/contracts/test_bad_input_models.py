@@ -33,10 +33,9 @@ SMALL = [
 def runs(tmp_path_factory):
     """A 4x4 base, a 4 -> 8 super-resolution model, a width-32 base that diffusers can express, a tiny
     autoencoder, a truncated safetensors file and low-resolution images."""
-    from conftest import compose
-
     from diffuse.tasks import train as train_task
     from diffuse.tasks import train_ae as train_ae_task
+    from tests.conftest import compose
 
     d = tmp_path_factory.mktemp("new")
     train_task.run(compose("train", SMALL + ["dataset.resolution=4"]), d / "base")

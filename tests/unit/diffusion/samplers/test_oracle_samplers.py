@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from conftest import gaussian_x_T as _x_T
 
 from diffuse.data.gmm import GaussianMixture
 from diffuse.diffusion.oracle import GMMDenoiser
@@ -12,6 +11,7 @@ from diffuse.diffusion.samplers import ddim, ddpm
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.diffusion.timesteps import make_timesteps
 from diffuse.metrics.mixture import format_fit, mixture_fit
+from tests.conftest import gaussian_x_T as _x_T
 
 N = 3000
 
@@ -51,6 +51,7 @@ def test_oracle_class_conditional_is_one_component(oracle_setup):
     assert torch.allclose(den(x, t, torch.full((4,), mixture.K)), den(x, t, None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
 def test_ddpm_1000_steps_reproduces_the_mixture(oracle_setup, variance):
     mixture, schedule, den = oracle_setup

@@ -23,6 +23,7 @@ from diffuse.tasks import train as train_task
 from diffuse.training import objectives as objectives_module
 from diffuse.training import trainer as trainer_module
 from tests.conftest import compose
+from tests.helpers import raise_sigterm, stop_at_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,14 +39,6 @@ SMALL = [
     "trainer.lr=2e-3",
     "trainer.ckpt_every=100",
 ]
-
-
-def raise_sigterm():
-    """SIGTERM to this process, as a cluster sends it; refused unless a StopRequest holds it (the default action
-    would end the test run)."""
-    handler = signal.getsignal(signal.SIGTERM)
-    assert getattr(handler, "__self__", None).__class__ is StopRequest, f"SIGTERM is not handled here: {handler}"
-    signal.raise_signal(signal.SIGTERM)
 
 
 def records(out: Path) -> list[tuple]:
@@ -222,25 +215,11 @@ def test_a_signal_before_the_job_is_held_for_it_and_a_stop_carries_to_the_next_s
 ORACLE = ["model=oracle", "dataset=gmm", "steps=4", "seed=5"]
 
 
-def _stop_at_batch(monkeypatch, module, k: int):
-    """SIGTERM while the k-th batch (from 1) is handled: the features or PNGs of that batch are still written."""
-    calls = []
-    real = module.to_uint8
-
-    def to_uint8(x):
-        calls.append(1)
-        if len(calls) == k:
-            raise_sigterm()
-        return real(x)
-
-    monkeypatch.setattr(module, "to_uint8", to_uint8)
-
-
 def test_sample_stops_between_batches_and_resume_gives_the_straight_files(tmp_path, monkeypatch, capsys):
     args = [*ORACLE, "n=20", "batch_size=4", "save_npz=true"]
     straight = sample.run(compose("sample", args), tmp_path / "straight")
     run = tmp_path / "run"
-    _stop_at_batch(monkeypatch, sample, 2)
+    stop_at_batch(monkeypatch, sample, 2)
     capsys.readouterr()
     result = sample.run(compose("sample", args), run)
     out = capsys.readouterr().out
@@ -273,29 +252,6 @@ def test_sample_stopped_before_its_first_batch_keeps_nothing_and_says_so(tmp_pat
 # -- eval -------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def feature_ckpt(tmp_path_factory):
-    from diffuse.checkpoint import Checkpoint, save_checkpoint
-    from diffuse.nets import build_network
-
-    net_cfg = {
-        "arch": "unet",
-        "resolution": 8,
-        "in_channels": 3,
-        "ch": 16,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "groups": 8,
-    }
-    torch.manual_seed(0)
-    net = build_network(net_cfg)
-    path = tmp_path_factory.mktemp("fx") / "features.safetensors"
-    config = {"model": net_cfg, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}}
-    save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
-    return path
-
-
 @pytest.fixture
 def fx(feature_ckpt, tmp_path):
     return [
@@ -313,7 +269,7 @@ def test_eval_keeps_features_per_batch_and_resume_gives_the_straight_metrics(tmp
     args = [*fx, *ORACLE, "metric=[fid,kid]", "n=40", "batch_size=8"]
     straight = evaluate.run(compose("eval", args), tmp_path / "straight")
     run = tmp_path / "run"
-    _stop_at_batch(monkeypatch, evaluation, 3)
+    stop_at_batch(monkeypatch, evaluation, 3)
     capsys.readouterr()
     assert evaluate.run(compose("eval", args), run) == {"stopped": True, "kept": 24}
     out = capsys.readouterr().out

@@ -47,13 +47,14 @@ def _train_ae(compose_cfg, out, extra):
 
 @pytest.fixture(scope="module")
 def ae_run(tmp_path_factory):
-    from conftest import compose
+    from tests.conftest import compose
 
     out = tmp_path_factory.mktemp("ae")
     result = _train_ae(compose, out, ["trainer.steps=100"])
     return out, result
 
 
+@pytest.mark.slow
 def test_autoencoder_round_trip_beats_stated_psnr(ae_run):
     out, result = ae_run
     report = json.loads((out / "ae.json").read_text())
@@ -179,9 +180,8 @@ LATENT = [
 
 @pytest.fixture(scope="module")
 def latent_run(ae_run, tmp_path_factory):
-    from conftest import compose
-
     from diffuse.tasks import train as train_task
+    from tests.conftest import compose
 
     ae_dir, _ = ae_run
     out = tmp_path_factory.mktemp("latent")
@@ -279,7 +279,7 @@ def test_latent_inpainting_keeps_known_pixels(latent_run, tmp_path, compose_cfg)
 )
 def test_a_crafted_autoencoder_header_is_one_line(ae_run, tmp_path, change, needle):
     """The autoencoder's header config is user input: checked before any of its keys is read."""
-    from tests.test_config_checks import rewrite
+    from tests.helpers import rewrite
 
     def config(cfg):
         change(cfg["model"])

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from diffuse.cli import app
 from diffuse.conf_help import FEW, conf_root, groups_of, options
 from tests.conftest import compose
+from tests.helpers import diffuse
 
 TINY = [
     "dataset.size=64",
@@ -26,13 +27,6 @@ TINY = [
 ]
 
 
-def diffuse(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "diffuse", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
@@ -45,6 +39,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.subprocess
 def test_train_then_sample_end_to_end(run_dir, tmp_path):
     assert (run_dir / "checkpoints" / "last.safetensors").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
@@ -64,6 +59,7 @@ def test_train_then_sample_end_to_end(run_dir, tmp_path):
     assert (tmp_path / "s" / "samples.npz").is_file() and (tmp_path / "s" / "grid.png").is_file()
 
 
+@pytest.mark.subprocess
 def test_multirun_sweep_and_cfg_job(run_dir, tmp_path):
     r = diffuse(
         "sample",
@@ -84,6 +80,7 @@ def test_multirun_sweep_and_cfg_job(run_dir, tmp_path):
 
 # The whole bad-input matrix runs in process (test_bad_input.py, test_run_dir.py); these go through a real
 # process: an override Hydra cannot compose, a bad value the job itself finds, and two that Hydra itself met.
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -106,6 +103,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, needle, run_dir, tmp
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*"))
 
 
+@pytest.mark.subprocess
 def test_help_reads_well(tmp_path):
     r = diffuse("--help", cwd=tmp_path)
     assert r.returncode == 0 and "train" in r.stdout and "sample" in r.stdout
@@ -158,6 +156,7 @@ def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_p
             )
 
 
+@pytest.mark.subprocess
 def test_moved_keys_point_to_their_new_place(tmp_path):
     r = diffuse("sample", "model=oracle", "device=cpu", cwd=tmp_path)
     assert (
@@ -170,6 +169,7 @@ def test_moved_keys_point_to_their_new_place(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     """A preemptible cluster's contract: SIGTERM during training leaves a fresh checkpoint and exit code 0."""
     import signal

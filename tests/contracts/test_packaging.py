@@ -8,9 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _packages_on_disk() -> set[str]:
@@ -33,6 +34,7 @@ def test_editable_install_reads_conf_from_the_checkout():
     assert Path(diffuse.__file__).parent == ROOT / "diffuse"
 
 
+@pytest.mark.subprocess
 def test_a_built_wheel_carries_conf_and_composes_from_anywhere(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -2,7 +2,7 @@
 and in-training evaluation (trainer.eval_every) scored as `diffuse eval` scores the same checkpoint.
 
 Tiny runs on an 8x8 mixture; the feature extractor is a tiny U-Net checkpoint (metrics.features=checkpoint), as in
-tests/test_eval.py; the services are stood in for by modules that record their calls, and where the real packages
+tests/commands/test_eval.py; the services are stood in for by modules that record their calls, and where the real packages
 are installed (not in CI) their own files are read back: TensorBoard's event files, W&B's offline run file."""
 
 import io
@@ -16,26 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from diffuse.checkpoint import load_checkpoint
 from diffuse.errors import UserError
-from diffuse.nets import build_network
 from diffuse.plot import _log_ticks
 from diffuse.tasks import evaluate, train
 from diffuse.training import curves, tracking
-from tests.conftest import compose
+from tests.conftest import FEATURE_NET, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NET = {
-    "arch": "unet",
-    "resolution": 8,
-    "in_channels": 3,
-    "ch": 16,
-    "ch_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "groups": 8,
-}
+NET = FEATURE_NET
 TINY = [
     "dataset=gmm",
     "dataset.size=48",
@@ -53,16 +43,6 @@ TINY = [
     "trainer.sample_every=0",
     "trainer.ema_decay=0.9",
 ]
-
-
-@pytest.fixture(scope="module")
-def feature_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_network(NET)
-    path = tmp_path_factory.mktemp("fx") / "features.safetensors"
-    config = {"model": NET, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}}
-    save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
-    return path
 
 
 def records(out: Path) -> list[dict]:

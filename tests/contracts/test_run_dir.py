@@ -216,6 +216,7 @@ def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_pat
     assert not (run / lock.LOCK_NAME).exists()
 
 
+@pytest.mark.subprocess
 def test_torchrun_ranks_share_the_lock_and_a_refusal_is_one_line_exit_2_from_every_rank(tmp_path):
     """Under torchrun rank 0 locks for the job and the other ranks follow its verdict: on a dir another process
     holds, the job prints one line and every rank exits 2 (torchrun itself then exits 1 with its own report)."""

@@ -4,6 +4,7 @@ files with a valid hash), each refused with one line naming the key as the user 
 key), exit code 2, nothing left behind and nothing large allocated."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,53 +13,21 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from diffuse import nets
-from diffuse.checkpoint import checkpoint_hash, content_hash
 from diffuse.cli import app
+from tests.conftest import TINY_TRAIN
+from tests.helpers import rewrite
 
-TINY = [
-    "dataset.size=32",
-    "dataset.resolution=8",
-    "model.ch=16",
-    "model.ch_mult=[1,2]",
-    "model.attn_resolutions=[4]",
-    "trainer.batch_size=4",
-    "trainer.sample_n=0",
-    "trainer.steps=1",
-]
+TINY = TINY_TRAIN
 ORACLE = ["model=oracle", "dataset=gmm", "steps=3"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def rewrite(src, dst, *, config=None, meta=None, drop=None, old_format=False):
-    """A copy of checkpoint `src` with its config changed by `config(cfg)` and its other metadata by `meta(m)`,
-    hashed again as diffuse would hash it (so only the checks of its content can refuse it), or as format 1 did,
-    or with a key dropped after hashing."""
-    with safe_open(str(src), "pt") as f:
-        m, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    if config:
-        cfg = json.loads(m["diffuse.config"])
-        config(cfg)
-        m["diffuse.config"] = json.dumps(cfg)
-    if meta:
-        meta(m)
-    m["diffuse.sha256"] = checkpoint_hash(tensors, m)
-    if old_format:
-        m["diffuse.format"], m["diffuse.sha256"] = "1", content_hash(tensors)
-    if drop:
-        m.pop(drop)
-    save_file(tensors, str(dst), metadata=m)
-    return dst
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from conftest import compose
-
-    from diffuse.tasks import train as train_task
+def files(tmp_path_factory, tiny_run):
 
     d = tmp_path_factory.mktemp("checks")
-    train_task.run(compose("train", TINY), d / "trained")
+    shutil.copytree(tiny_run, d / "trained")
     ckpt = d / "trained" / "checkpoints" / "last.safetensors"
 
     def upd(part, **kw):

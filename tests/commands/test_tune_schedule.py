@@ -50,6 +50,7 @@ def test_pattern_search_finds_a_quadratic_minimum_and_resumes_exactly():
     assert again.params == full.params and again.evals == full.evals
 
 
+@pytest.mark.slow
 def test_tuned_levels_beat_the_stock_ones_on_held_out_x_T_and_resume_exactly(tmp_path):
     straight = tune_task.run(compose("tune_schedule", [*ORACLE, "tune.iterations=8"]), tmp_path / "a")
     h = straight["heldout"]
