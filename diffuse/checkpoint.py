@@ -362,3 +362,22 @@ def complete_config(config: dict) -> dict:
     if data is None or isinstance(data, dict):
         config["data"] = {"is_8bit": True, **(data or {})}
     return config
+
+
+def check_weights(tensors: dict[str, torch.Tensor], where: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """One line for weights a network cannot hold: a tensor that is not floating point (int64, bool: a file
+    written by something else) or has a NaN or infinite value (a run that diverged, or a damaged file whose hash
+    was written after the damage). Checked once per tensor, where weights are read, before anything samples from
+    them. `prefix` names the part of the file (ema., model.) in the message."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise UserError(
+                f"{where}: tensor {prefix}{name} is {str(t.dtype).removeprefix('torch.')}: weights are floating point"
+            )
+        if not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+            raise UserError(
+                f"{where}: tensor {prefix}{name} holds {bad} values: these weights cannot be sampled from "
+                "(a diverged run, or a damaged file): use an earlier checkpoint"
+            )
+    return tensors

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import torch
 
 from diffuse import nets
-from diffuse.checkpoint import Checkpoint, save_checkpoint
+from diffuse.checkpoint import Checkpoint, check_weights, save_checkpoint
 from diffuse.errors import UserError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -122,9 +122,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    return check_weights(tensors, str(path))
 
 
 class DiffusersConfig:

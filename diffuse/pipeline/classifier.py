@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffuse.checkpoint import Checkpoint, load_checkpoint, resolve_ckpt_path
+from diffuse.checkpoint import Checkpoint, check_weights, load_checkpoint, resolve_ckpt_path
 from diffuse.diffusion.classifier import log_prob_grad
 from diffuse.diffusion.schedule import Schedule
 from diffuse.errors import UserError
@@ -55,6 +55,7 @@ def classifier_network(ckpt: Checkpoint, path: Path, key: str, use_ema: bool = T
         )
     schedule = schedule_from_config(conf["schedule"], where=str(path))
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
+    check_weights(weights, str(path), "ema." if weights is ckpt.ema else "model.")
     net = build_network(conf["model"], where=str(path), keys={}, weights=weights)
     try:
         net.load_state_dict(weights, strict=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffuse.checkpoint import HASH_KEY, load_checkpoint, read_metadata, resolve_ckpt_path
+from diffuse.checkpoint import HASH_KEY, check_weights, load_checkpoint, read_metadata, resolve_ckpt_path
 from diffuse.errors import UserError
 from diffuse.io import atomic_write
 from diffuse.nets import AUTOENCODERS
@@ -126,6 +126,7 @@ def load_autoencoder(
         )
     ckpt = load_checkpoint(path)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
+    check_weights(weights, str(path), "ema." if weights is ckpt.ema else "model.")
     shift = (ckpt.config.get("source") or {}).get("shift_factor") if model["arch"] == "autoencoder" else None
     if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not abs(shift) < 1e6):
         raise UserError(f"{key}={value}: its source.shift_factor={shift!r} is not allowed: a finite number (or null)")

@@ -10,7 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from diffuse.checkpoint import Checkpoint, check_verify, complete_config, load_checkpoint, resolve_ckpt_path
+from diffuse.checkpoint import (
+    Checkpoint,
+    check_verify,
+    check_weights,
+    complete_config,
+    load_checkpoint,
+    resolve_ckpt_path,
+)
 from diffuse.diffusion.prediction import EDMDenoiser, NetworkDenoiser
 from diffuse.diffusion.schedule import Schedule, make_schedule
 from diffuse.errors import UserError
@@ -155,6 +162,7 @@ def network_from_checkpoint(
 
         raise superres_refusal(conf, where)
     weights = ckpt.ema if (use_ema and ckpt.ema) else ckpt.model
+    check_weights(weights, where, "ema." if weights is ckpt.ema else "model.")
     net = build_network(conf["model"], where=where, keys={}, weights=weights)
     try:
         net.load_state_dict(weights, strict=True)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from diffuse import nets
+from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.cli import app
 from tests.conftest import TINY_TRAIN
 from tests.helpers import rewrite
@@ -48,6 +49,17 @@ def files(tmp_path_factory, tiny_run):
     cfg["objective"]["prediction"] = "x0"
     save_file(tensors, str(d / "edited.safetensors"), metadata={**m, "diffuse.config": json.dumps(cfg)})
     (d / "empty_run").mkdir()
+    # Damaged weights under a valid hash (saved as diffuse saves): NaN, infinite, not floating point.
+    for name, part, damage in (
+        ("nan", "ema", lambda t: torch.full_like(t, float("nan"))),
+        ("inf", "model", lambda t: t.flatten().index_fill(0, torch.tensor([0]), float("inf")).view_as(t)),
+        ("int", "ema", lambda t: t.to(torch.int64)),
+    ):
+        ck = load_checkpoint(ckpt)
+        tensors = getattr(ck, part)
+        first = next(iter(tensors))
+        tensors[first] = damage(tensors[first])
+        save_checkpoint(d / f"{name}.safetensors", ck)
     return d, ckpt
 
 
@@ -63,6 +75,13 @@ def _fmt(args, d, ckpt):
 # (command line, what the one line must contain, what it must not). Each costs three Hydra compositions, so the
 # CLI table holds the cases and one of each kind; KEY_CASES below holds the rest of the keys.
 CASES = [
+    (["sample", "ckpt={d}/nan.safetensors", "n=2", "steps=2"], ["{d}/nan.safetensors", "tensor ema.", "NaN"], []),
+    (
+        ["sample", "ckpt={d}/inf.safetensors", "use_ema=false", "n=2", "steps=2"],
+        ["{d}/inf.safetensors", "tensor model.", "infinite"],
+        [],
+    ),
+    (["eval", "ckpt={d}/int.safetensors", "n=2", "steps=2"], ["tensor ema.", "is int64", "floating point"], []),
     (["train", "model.ch=0"], ["model.ch=0"], []),
     (["train", "model.num_classes=2.5"], ["model.num_classes=2.5", "integer"], ["does not fit"]),
     (["train", "model.num_classes=-1"], ["model.num_classes=-1", "integer"], ["does not fit"]),

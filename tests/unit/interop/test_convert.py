@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -399,4 +400,21 @@ def test_the_adm_options_are_refused_with_a_diffusers_folder(tmp_path, opts):
         f"error: {flag} is an option of --from improved-diffusion and guided-diffusion: "
         "a diffusers folder's config.json says what it sets"
     )
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [(lambda t: torch.full_like(t, float("nan")), "NaN"), (lambda t: t.to(torch.int64), "is int64")],
+)
+def test_damaged_source_weights_are_refused_naming_the_tensor(tmp_path, damage, needle):
+    from safetensors.torch import load_file, save_file
+
+    write_model(tmp_path / "m", SMALL)
+    weights = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(weights))
+    name = sorted(sd)[0]
+    save_file({**sd, name: damage(sd[name])}, str(weights))
+    with pytest.raises(UserError, match=rf"tensor {re.escape(name)} .*{needle}"):
+        convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
