@@ -89,6 +89,25 @@ def check_dir_target(path: Path, label: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is not writable" if existing == p else f"cannot be created: {existing} is not writable"
         raise UserError(f"{label} {what}")
+    _probe(existing, p, label)
+
+
+def _probe(existing: Path, p: Path, label: str) -> None:
+    """Make and remove an entry in `existing`, as the command will: permission bits do not tell whether a file
+    system takes new entries (/proc, /sys, a read-only mount say yes to access() as root)."""
+    import tempfile
+
+    try:
+        if existing == p:
+            fd, tmp = tempfile.mkstemp(dir=existing, prefix=".diffuse-probe-")
+            os.close(fd)
+            os.unlink(tmp)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".diffuse-probe-"))
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        what = f"is not writable ({reason})" if existing == p else f"cannot be created in {existing} ({reason})"
+        raise UserError(f"{label} {what}") from None
 
 
 def check_file_target(path: Path, key: str) -> None:

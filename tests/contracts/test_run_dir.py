@@ -296,6 +296,9 @@ def _unwritable(monkeypatch, request, path):
         ("value_key", "seed=${{no.such.key}} cannot be resolved: Interpolation key 'no.such.key' not found"),
         ("subdir", "hydra.output_subdir= cannot be changed"),
         ("sweep_without_m", "steps=2,3 is a sweep: add -m"),
+        # access() says yes to root there; the file system takes no new entries (issue 27, part 8)
+        ("proc", "hydra.run.dir=/proc/diffuse-test/run cannot be created in /proc ("),
+        ("sys", "hydra.run.dir=/sys/diffuse-test cannot be created in /sys ("),
     ],
 )
 def test_hydra_level_failures_are_one_line_and_leave_nothing(case, needle, tmp_path, monkeypatch, request):
@@ -323,6 +326,8 @@ def test_hydra_level_failures_are_one_line_and_leave_nothing(case, needle, tmp_p
         extra = ["hydra.output_subdir=record"]
     elif case == "sweep_without_m":
         extra = ["steps=2,3"]
+    elif case in ("proc", "sys"):
+        dir_arg = needle.partition(" ")[0]
     before = _state(work)
     r = _invoke(["sample", *ORACLE, "n=2", *extra, dir_arg], work, monkeypatch)
     _one_error(r, needle.format(run=run))
