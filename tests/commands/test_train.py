@@ -10,6 +10,7 @@ from diffuse.diffusion.objectives import diffusion_loss
 from diffuse.pipeline.model import network_from_checkpoint
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train as train_task
+from tests.conftest import compose
 
 SMALL = [
     "dataset.size=256",
@@ -133,3 +134,19 @@ def test_oracle_samples_without_checkpoint(tmp_path, compose_cfg):
 def _sample_oracle(compose_cfg, out):
     cfg = compose_cfg("sample", ["model=oracle", "dataset=gmm", "n=8", "steps=20", "save_npz=true"])
     return sample_task.run(cfg, out)
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "fashion_mnist"])
+@pytest.mark.parametrize(
+    "objective,prediction", [("edm", "x0"), ("consistency", "x0"), ("min_snr", "v"), ("simple", "eps"), ("v", "v")]
+)
+def test_an_objective_brings_its_own_prediction_whatever_the_experiment(experiment, objective, prediction):
+    """The experiments train v through the objective=v option, not by setting objective.prediction: a user's
+    objective= replaces it with that objective's own prediction (the docs' first EDM example, issue 27 part 9)."""
+    from diffuse.pipeline.config import to_dict
+    from diffuse.training.config import validate_objective
+
+    cfg = compose("train", [f"experiment={experiment}", f"objective={objective}"])
+    assert cfg.objective.prediction == prediction
+    validate_objective(to_dict(cfg.objective))  # the refusal the docs' example met: prediction v with kind edm
+    assert compose("train", [f"experiment={experiment}"]).objective.prediction == "v"
