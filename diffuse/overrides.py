@@ -44,6 +44,22 @@ FLAGS_WITH_VALUE = {
     "-cd",
     "--experimental-rerun",
 }
+# Every flag Hydra's command line takes; any other --NAME is a Typer-style spelling of an override.
+HYDRA_FLAGS = {
+    *FLAGS_WITH_VALUE,
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--resolve",
+    "--run",
+    "-r",
+    "--multirun",
+    "-m",
+    "--shell-completion",
+    "-sc",
+    "-i",
+}
 # Hydra flags after which nothing runs: the config or Hydra's help is printed.
 PRINT_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
 
@@ -93,6 +109,7 @@ def parse(args: list[str]) -> Parsed:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    _refuse_foreign_flags(args)
     flags = {a for a in args if a.startswith("-")}
     multirun = bool(flags & {"-m", "--multirun"})
     if multirun and flags & {"--cfg", "-c", "--info", "-i"}:  # else Hydra's ValueError traceback
@@ -114,6 +131,29 @@ def parse(args: list[str]) -> Parsed:
         jobs=expand(task, multirun),
         swept={o.get_key_element() for o in task if o.is_sweep_override()},
     )
+
+
+def _refuse_foreign_flags(args: list[str]) -> None:
+    """`--n 4` or `--steps=20`: a key spelled as an option. Hydra would take the value for an override of its own
+    (a lexer error) and the flag for its usage text; one line gives the override instead."""
+    skip = False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name, eq, value = a.partition("=")
+        if a in FLAGS_WITH_VALUE:
+            skip = True
+            continue
+        if not a.startswith("-") or name in HYDRA_FLAGS:
+            continue
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+            value = args[i + 1]
+        key = name.lstrip("-").replace("-", "_")
+        shown = a if eq or not value else f"{a} {value}"
+        raise UserError(
+            f"{shown} is not an option of this command: its keys are overrides, {key}={value or 'VALUE'} (see --help)"
+        )
 
 
 def overrides_of(args: list[str]) -> list[str]:

@@ -135,6 +135,14 @@ CASES = [
     (["--image", "nosuch.png", "--mask", "mask.png", *ORACLE], "nosuch.png: no such file", None),
     ([*INPAINT, "inpaint.method=magic"], "inpaint.method='magic'", None),
     (INPAINT, "No space left on device", _disk_full_png),
+    # a key spelled as an option (issue 27, part 9): the override to give instead, not Hydra's lexer error
+    (["sample", *ORACLE, "--n", "4"], "--n 4 is not an option of this command: its keys are overrides, n=4", None),
+    (
+        ["sample", *ORACLE, "--steps=20"],
+        "--steps=20 is not an option of this command: its keys are overrides, steps=20",
+        None,
+    ),
+    (["train", "--batch-size", "8"], "its keys are overrides, batch_size=8", None),
 ]
 
 
