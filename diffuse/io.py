@@ -36,8 +36,8 @@ def atomic_write(path: Path, write) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            _raise_if_environment(e, path)
+        if isinstance(e, Exception):
+            _raise_if_environment(os_error_of(e), path)
         raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -64,6 +64,21 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def os_error_of(e: Exception) -> OSError:
+    """`e` as the OSError it is or wraps: safetensors reports a full disk as SafetensorError "... (os error 28)";
+    a chained OSError counts too. An OSError of errno 0 when there is none."""
+    import re
+
+    if isinstance(e, OSError):
+        return e
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError):
+        return cause
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    code = int(m.group(1)) if m else 0
+    return OSError(code, os.strerror(code) if code else "")
 
 
 def _raise_if_environment(e: OSError, path: Path) -> None:

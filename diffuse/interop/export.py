@@ -34,6 +34,7 @@ import torch
 from diffuse.errors import UserError
 from diffuse.interop.diffusers_unet import RESNET, TOP, unet_layout
 from diffuse.interop.weights import WEIGHTS, missing_parents
+from diffuse.io import ENVIRONMENT_ERRNOS, os_error_of
 
 # The version whose file layout and config keys this module writes (the one tests/unit/interop/test_export.py loads it with).
 DIFFUSERS_VERSION = "0.42.1"
@@ -323,8 +324,11 @@ def write_pipeline(out: Path, configs: dict[str, dict], weights: dict[str, torch
         if out.is_dir():
             out.rmdir()  # empty, as check_out_dir made sure
         os.replace(tmp, out)
-    except OSError as e:
-        raise UserError(f"--out={str(out)!r} cannot be written: {e.strerror or e}") from None
+    except Exception as e:
+        err = os_error_of(e)  # safetensors' own error for a full disk wraps the OSError
+        if not isinstance(e, OSError) and err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise UserError(f"--out={str(out)!r} cannot be written: {err.strerror or e}") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

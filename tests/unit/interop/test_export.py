@@ -179,3 +179,19 @@ def test_cli_exports_and_refuses_with_exit_2(tmp_path):
         r = CliRunner().invoke(app, [*args, *extra])
         assert r.exit_code == 2 and needle in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_disk_while_the_weights_are_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error, "(os error 28)" in its text (issue 27, part 4)."""
+    import safetensors.torch
+
+    make_ckpt(tmp_path / "c.safetensors")
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match=r"--out=.*pipe' cannot be written: No space left on device$"):
+        export_diffusers(tmp_path / "c.safetensors", tmp_path / "out" / "pipe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
