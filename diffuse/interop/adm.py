@@ -334,11 +334,13 @@ def _schedule(o: dict) -> dict:
     return {**conf_values("schedule", "linear"), "T": o["T"]}
 
 
-def convert_adm(src: str | Path, out: str | Path, options: dict, fmt: str = "improved-diffusion") -> Path:
+def convert_adm(
+    src: str | Path, out: str | Path, options: dict, fmt: str = "improved-diffusion", *, force: bool = False
+) -> Path:
     """Write the diffuse checkpoint of the ADM U-Net in safetensors file `src` to `out`; returns `out`. `options`:
     the given entries of OPTIONS (see check_options)."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
-    check_out(out)
+    check_out(out, src, force)
     o = check_options(options, fmt)
     _check_source(src, fmt)
     where = str(src)

@@ -99,6 +99,9 @@ def convert(
     attention_order: _AttentionOrder = None,
     rescale_timesteps: _Rescale = None,
     prediction: _Prediction = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing --out file (never the source, nor a live run's)")
+    ] = False,
 ) -> None:
     options = {
         "resolution": resolution,
@@ -114,7 +117,7 @@ def convert(
     def write() -> Path:
         from diffuse.interop.convert import convert as convert_weights
 
-        return convert_weights(fmt, src, out, options)
+        return convert_weights(fmt, src, out, options, force=force)
 
     _write(write, out)
 

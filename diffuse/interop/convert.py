@@ -20,26 +20,26 @@ from diffuse.interop.weights import check_out, find_files, read_json
 FORMATS = ("diffusers", *adm.FORMATS)
 
 
-def convert(fmt: str, src: str | Path, out: str | Path, options: dict | None = None) -> Path:
+def convert(fmt: str, src: str | Path, out: str | Path, options: dict | None = None, *, force: bool = False) -> Path:
     """Write the diffuse checkpoint of `src`, in format `fmt`, to `out`; returns `out`. `options`: adm.OPTIONS'
-    values (None: not given), which only the ADM formats take."""
+    values (None: not given), which only the ADM formats take; `force`: an existing `out` may be replaced."""
     given = {k: v for k, v in (options or {}).items() if v is not None}
     if fmt not in FORMATS:
         raise UserError(f"--from {fmt!r} is not allowed: choose {', '.join(FORMATS)}")
     if fmt in adm.FORMATS:
-        return adm.convert_adm(src, out, given, fmt)
+        return adm.convert_adm(src, out, given, fmt, force=force)
     if given:
         raise UserError(
             f"{adm.flag(next(iter(given)))} is an option of --from {' and '.join(adm.FORMATS)}: "
             "a diffusers folder's config.json says what it sets"
         )
-    return convert_diffusers(src, out)
+    return convert_diffusers(src, out, force=force)
 
 
-def convert_diffusers(src: str | Path, out: str | Path) -> Path:
+def convert_diffusers(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write the diffuse checkpoint of the diffusers model at `src` to `out`; returns `out`."""
     out = Path(out).expanduser()
-    check_out(out)
+    check_out(out, src, force)
     config_path, weights_path, sched_path = find_files(src)
     dcfg = read_json(config_path)
     if dcfg.get("_class_name") == "AutoencoderKL":

@@ -87,9 +87,12 @@ def missing_parents(path: Path) -> tuple[list[Path], Path]:
     return missing, parent
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, src: str | Path, force: bool = False) -> None:
     """--out FILE.safetensors, checked before any work: a file path whose folder exists or can be made, and can be
-    written to."""
+    written to; never the source itself nor a checkpoint of a run a live process holds, and an existing file only
+    with --force (a converted checkpoint replaces it whole)."""
+    from diffuse.rundir.lock import check_free
+
     if out.suffix != ".safetensors":
         raise UserError(f"--out={str(out)!r} is not allowed: the checkpoint is a .safetensors file")
     if out.is_dir():
@@ -102,6 +105,19 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out={str(out)!r} cannot be written: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out={str(out)!r} cannot be written: {parent} is not writable")
+    source = Path(src).expanduser()
+    if out.exists() and any(
+        out.resolve() == p.resolve() for p in (source, *source.glob("**/*.safetensors")) if p.exists()
+    ):
+        raise UserError(f"--out={str(out)!r} is the file being converted: write the checkpoint elsewhere")
+    owner = out.parent.parent if out.parent.name == "checkpoints" else out.parent
+    if owner.is_dir():
+        try:
+            check_free(owner)
+        except UserError as e:
+            raise UserError(f"--out={str(out)!r}: {e}") from None
+    if out.exists() and not force:
+        raise UserError(f"--out={str(out)!r} exists: give --force to replace it, or another file name")
 
 
 def header_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -418,3 +418,33 @@ def test_damaged_source_weights_are_refused_naming_the_tensor(tmp_path, damage, 
     with pytest.raises(UserError, match=rf"tensor {re.escape(name)} .*{needle}"):
         convert_diffusers(tmp_path / "m", tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_out_never_destroys_a_file(tmp_path):
+    """An existing --out only with --force; never the source itself, nor a checkpoint of a run a live process
+    holds, --force or not (issue 27, part 5)."""
+    from diffuse.rundir import lock
+
+    write_model(tmp_path / "m", SMALL)
+    out = tmp_path / "c.safetensors"
+    out.write_bytes(b"a user's file")
+    with pytest.raises(UserError, match=r"c.safetensors' exists: give --force to replace it"):
+        convert_diffusers(tmp_path / "m", out)
+    assert out.read_bytes() == b"a user's file"
+    convert_diffusers(tmp_path / "m", out, force=True)
+    assert load_checkpoint(out).config["model"]["arch"] == "unet"
+    source = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    before = source.read_bytes()
+    for target in (source, tmp_path / "m"):  # the weights file, or the folder named as the source
+        with pytest.raises(UserError, match="is the file being converted"):
+            convert_diffusers(target if target.is_dir() else tmp_path / "m", source, force=True)
+    assert source.read_bytes() == before
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    held = lock.acquire(run, "diffuse train")
+    try:
+        with pytest.raises(UserError, match="is in use by diffuse train"):
+            convert_diffusers(tmp_path / "m", run / "checkpoints" / "last.safetensors", force=True)
+    finally:
+        held.release()
+    assert not (run / "checkpoints" / "last.safetensors").exists()
