@@ -107,7 +107,7 @@ def levels_of(sampler_cfg: dict, steps: int | None, schedule: Schedule, tuned: d
 
 
 def tuned_timesteps(sampler_cfg: dict, steps: int | None, schedule: Schedule, tuned: dict) -> torch.Tensor:
-    from diffuse.pipeline.tuning import key, read_schedule_file
+    from diffuse.pipeline.tuning import check_tuned_entry, key, read_schedule_file
 
     name, choice = sampler_cfg["name"], sampler_cfg["schedule"]
     if choice == "tuned":
@@ -121,6 +121,7 @@ def tuned_timesteps(sampler_cfg: dict, steps: int | None, schedule: Schedule, tu
                 f"make one with diffuse tune-schedule sampler={name} steps={steps}"
             )
         where = "the model's"
+        check_tuned_entry(entry, f"sampler.schedule=tuned: the checkpoint's tuned entry {key(name, steps)}")
     else:
         entry, where = read_schedule_file(choice), str(choice)
         if entry["sampler"] != name or (steps is not None and entry["steps"] != steps):

@@ -151,16 +151,24 @@ def read_schedule_file(path) -> dict:
         )
     try:
         entry = json.loads(p.read_text())
-        ok = (
-            isinstance(entry["sampler"], str)
-            and isinstance(entry["steps"], int)
-            and len(entry["sigmas"]) == entry["steps"]
-        )
-        ok = ok and all(isinstance(s, (int, float)) and s > 0 for s in entry["sigmas"])
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise UserError(f"sampler.schedule={str(path)!r}: not a schedule written by diffuse tune-schedule")
+    except (ValueError, UnicodeDecodeError):
+        entry = None
+    return check_tuned_entry(entry, f"sampler.schedule={str(path)!r}")
+
+
+def check_tuned_entry(entry, where: str) -> dict:
+    """A tuned schedule as tune-schedule writes it (a schedule.json, or a checkpoint's diffuse.tuned entry; both a
+    user may edit): its sampler, its steps and that many noise levels, finite, positive and strictly decreasing
+    (each step goes to a lower level; a repeated or rising one would be a step of zero or negative length)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sampler"), str):
+        raise UserError(f"{where}: not a schedule written by diffuse tune-schedule")
+    steps, sigmas = entry.get("steps"), entry.get("sigmas")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not isinstance(sigmas, list) or len(sigmas) != steps:
+        raise UserError(f"{where}: not a schedule written by diffuse tune-schedule (its steps and sigmas disagree)")
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in sigmas):
+        raise UserError(f"{where}: its sigmas must be finite numbers > 0, not {sigmas!r}"[:300])
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise UserError(f"{where}: its sigmas must decrease strictly, level after level: {sigmas!r}"[:300])
     return entry
 
 

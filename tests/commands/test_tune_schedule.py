@@ -150,3 +150,39 @@ def test_refusals_come_before_any_work(args, needle, tmp_path):
     with pytest.raises(UserError, match=needle):
         tune_task.run(compose("tune_schedule", [*ORACLE, *args]), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ([1, 2], "not a schedule written by diffuse tune-schedule"),
+        ({"sampler": "dpm_solver", "steps": 3, "sigmas": [2.0, 1.0]}, "its steps and sigmas disagree"),
+        ({"sampler": "dpm_solver", "steps": 3, "sigmas": [2.0, 1.0, 1.0]}, "must decrease strictly"),
+        ({"sampler": "dpm_solver", "steps": 3, "sigmas": [0.5, 1.0, 2.0]}, "must decrease strictly"),
+        ({"sampler": "dpm_solver", "steps": 3, "sigmas": [2.0, float("nan"), 0.5]}, "finite numbers > 0"),
+        ({"sampler": "dpm_solver", "steps": 3, "sigmas": [2.0, 1.0, -0.5]}, "finite numbers > 0"),
+        ({"sampler": "dpm_solver", "steps": 2, "sigmas": ["2", "1"]}, "finite numbers > 0"),
+    ],
+)
+def test_a_hand_edited_schedule_file_or_tuned_entry_is_refused_in_one_line(entry, needle, tmp_path, tiny_ckpt):
+    """schedule.json and a checkpoint's tuned entries are files a user may edit (issue 27, part 6)."""
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps(entry))  # NaN as JSON's NaN, as Python's json writes it
+    with pytest.raises(UserError, match=needle) as e:
+        sample_task.run(
+            compose("sample", ["model=oracle", "sampler=dpm_solver", "steps=3", f"sampler.schedule={path}"]),
+            tmp_path / "s",
+        )
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    ck = load_checkpoint(tiny_ckpt)
+    ck.tuned = {"dpm_solver/3": entry}
+    save_checkpoint(tmp_path / "edited.safetensors", ck)
+    with pytest.raises(UserError, match=needle) as e:
+        sample_task.run(
+            compose(
+                "sample",
+                [f"ckpt={tmp_path / 'edited.safetensors'}", "sampler=dpm_solver", "steps=3", "sampler.schedule=tuned"],
+            ),
+            tmp_path / "s2",
+        )
+    assert "the checkpoint's tuned entry dpm_solver/3" in str(e.value)
