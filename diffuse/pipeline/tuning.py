@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -79,7 +79,20 @@ class SearchState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> SearchState:
+    def from_json(cls, d: dict, where: str = "the search state") -> SearchState:
+        """The state tune_state.json holds (a file a user may edit): every field there, of its kind."""
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        ok = set(d) <= {f.name for f in fields(cls)} and {"params", "loss", "delta"} <= set(d)
+        ok = ok and isinstance(d["params"], list) and all(number(v) for v in d["params"])
+        ok = ok and number(d["loss"]) and number(d["delta"]) and d["delta"] > 0
+        ok = ok and all(isinstance(d.get(k, 0), int) and d.get(k, 0) >= 0 for k in ("iteration", "evals"))
+        history = d.get("history", [])
+        ok = ok and isinstance(history, list) and all(isinstance(h, list) and all(map(number, h)) for h in history)
+        if not ok:
+            raise UserError(f"resume=true but {where} is not a search tune-schedule wrote: use another hydra.run.dir")
         return cls(**d)
 
 

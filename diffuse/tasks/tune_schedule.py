@@ -237,13 +237,18 @@ def previous_state(out: Path, identity: dict) -> SearchState | None:
     path = out / "tune_state.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise UserError(f"resume=true but {path} is not a search tune-schedule wrote: use another hydra.run.dir")
     if saved.get("identity") != json.loads(json.dumps(identity)):
         raise UserError(
             f"resume=true but {path} was made for another model, solver, steps, seed or reference: "
             "use another hydra.run.dir"
         )
-    return SearchState.from_json(saved["state"])
+    return SearchState.from_json(saved["state"], where=str(path))
 
 
 def references(

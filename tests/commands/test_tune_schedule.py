@@ -186,3 +186,24 @@ def test_a_hand_edited_schedule_file_or_tuned_entry_is_refused_in_one_line(entry
             tmp_path / "s2",
         )
     assert "the checkpoint's tuned entry dpm_solver/3" in str(e.value)
+
+
+def test_a_hand_edited_search_state_is_refused_on_resume_in_one_line(tmp_path):
+    """tune_state.json cut short, a list, or its state's fields of the wrong kind (issue 27, part 6)."""
+    run = tmp_path / "t"
+    tune_task.run(compose("tune_schedule", [*ORACLE, "tune.iterations=1"]), run)
+    state = run / "tune_state.json"
+    good = json.loads(state.read_text())
+    for text in (
+        state.read_text()[:40],
+        "[1, 2]",
+        json.dumps({**good, "state": "x"}),
+        json.dumps({**good, "state": {**good["state"], "params": ["a"]}}),
+        json.dumps({**good, "state": {**good["state"], "delta": -1.0}}),
+        json.dumps({**good, "state": {**good["state"], "iteration": -3}}),
+        json.dumps({**good, "state": {**good["state"], "surprise": 1}}),
+    ):
+        state.write_text(text)
+        with pytest.raises(UserError, match="is not a search tune-schedule wrote") as e:
+            tune_task.run(compose("tune_schedule", [*ORACLE, "tune.iterations=2", "resume=true"]), run)
+        assert "\n" not in str(e.value)
