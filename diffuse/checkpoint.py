@@ -176,6 +176,8 @@ def load_checkpoint(
         step = int(meta.get("diffuse.step", "0"))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: checkpoint metadata is not valid JSON ({_short(e)})") from None
+    if step < 0:
+        raise UserError(f"{path}: checkpoint metadata diffuse.step={step} is not allowed: a step count is >= 0")
     for name, val, kind in (
         ("diffuse.config", config, dict),
         ("diffuse.optim", groups, list),

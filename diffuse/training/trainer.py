@@ -161,6 +161,7 @@ class Trainer:
                 "diffuse convert), so the run it came from cannot be continued exactly; sample from it instead"
             )
         check_resumable(path, ckpt.config, self.config, self.schedule)
+        check_rng_states(ckpt.rng, path)
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
         self.opt.load_state_dict(ckpt.optim)
@@ -375,3 +376,18 @@ def default_objective(trainer: Trainer):
     if o["kind"] == "edm":
         return EDMObjective(o, schedule)
     return DiffusionObjective(o, schedule, discretized=trainer.data.is_8bit)
+
+
+def check_rng_states(rng: dict[str, torch.Tensor], path: Path) -> None:
+    """The generator states of a checkpoint (metadata a user may have edited, or another program written): a CPU
+    generator's state is a uint8 tensor of one fixed size; anything else is one line, not set_state's traceback."""
+    size = torch.Generator().get_state().numel()
+    for name in ("data", "torch", "noise"):
+        t = rng[name]
+        if name == "noise" and t.numel() != size:  # a CUDA generator's state: load() reseeds on another device
+            continue
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != size:
+            raise UserError(
+                f"cannot resume from {path}: its rng.{name} is not a generator state "
+                f"({str(t.dtype).removeprefix('torch.')}, {t.numel()} values; a CPU generator's is uint8, {size})"
+            )

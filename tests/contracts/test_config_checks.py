@@ -60,6 +60,11 @@ def files(tmp_path_factory, tiny_run):
         first = next(iter(tensors))
         tensors[first] = damage(tensors[first])
         save_checkpoint(d / f"{name}.safetensors", ck)
+    # Resume state a user or another program may have edited: a negative step, a generator state of another size.
+    rewrite(ckpt, d / "step.safetensors", meta=lambda m: m.update({"diffuse.step": "-5"}))
+    ck = load_checkpoint(ckpt)
+    ck.rng["data"] = ck.rng["data"][:10].clone()
+    save_checkpoint(d / "rng.safetensors", ck)
     return d, ckpt
 
 
@@ -82,6 +87,8 @@ CASES = [
         [],
     ),
     (["eval", "ckpt={d}/int.safetensors", "n=2", "steps=2"], ["tensor ema.", "is int64", "floating point"], []),
+    (["train", "resume={d}/step.safetensors"], ["step.safetensors", "diffuse.step=-5 is not allowed"], []),
+    (["train", "resume={d}/rng.safetensors"], ["rng.data is not a generator state", "uint8, 10 values"], []),
     (["train", "model.ch=0"], ["model.ch=0"], []),
     (["train", "model.num_classes=2.5"], ["model.num_classes=2.5", "integer"], ["does not fit"]),
     (["train", "model.num_classes=-1"], ["model.num_classes=-1", "integer"], ["does not fit"]),
