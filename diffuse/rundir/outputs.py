@@ -33,12 +33,59 @@ def who(command: str) -> str:
 
 
 def check_outputs(command: str, task: ModuleType, cfg: DictConfig, out: Path) -> None:
-    """One line if a path the command writes cannot be written: the wrong kind of entry is there, a directory it
-    writes into is not writable, or one of the task's own targets (check_targets) is refused."""
+    """One line if the run dir is not this run's to write (check_owner), or a path the command writes cannot be
+    written: the wrong kind of entry is there, a directory it writes into is not writable, or one of the task's own
+    targets (check_targets) is refused."""
+    check_owner(command, out)
     check_paths(out, (*task.OUTPUTS, f"{RECORD_DIR}/", *(f"{RECORD_DIR}/{n}" for n in RECORD)), who(command))
     targets = getattr(task, "check_targets", None)
     if targets is not None:
         targets(cfg, out)
+    check_fresh(command, task, cfg, out)
+
+
+def made_by(out: Path) -> str | None:
+    """The command whose run dir `out` is, as its Hydra record (.hydra/hydra.yaml) names it; None for a dir no
+    diffuse command has run in (or whose record cannot be read: then its outputs alone speak for it)."""
+    record = out / RECORD_DIR / "hydra.yaml"
+    try:
+        text = record.read_text() if record.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in text.splitlines():  # config_name sits once, under hydra.job; no YAML parse of a file we only glance at
+        if line.strip().startswith("config_name:"):
+            name = line.split(":", 1)[1].strip().strip("'\"")
+            return name or None
+    return None
+
+
+def check_owner(command: str, out: Path) -> None:
+    """A run dir belongs to one run: another command's run dir is refused (a sample into a training run would
+    replace its config.yaml and record, a train-ae its checkpoints)."""
+    owner = made_by(out)
+    if owner is not None and owner != command:
+        raise UserError(
+            f"{out} is the run dir of {who(owner)}: {who(command)} writes into a run dir of its own; "
+            "choose another hydra.run.dir"
+        )
+
+
+def check_fresh(command: str, task: ModuleType, cfg: DictConfig, out: Path) -> None:
+    """A fresh run (resume=false, or a command that cannot resume) into a dir that already holds this command's
+    outputs is refused: it would replace them."""
+    resume = cfg.get("resume")  # not every command resumes
+    if resume is not False and resume is not None:
+        return  # true / auto / a checkpoint: the task's own resume checks judge the dir
+    kept = {"config.yaml"}  # rewritten by every run, as the record is
+    for pattern in task.OUTPUTS:
+        name = pattern.rstrip("/")
+        for p in out.glob(name) if any(c in name for c in "*?[") else [out / name]:
+            if p.name not in kept and (p.is_file() or (p.is_dir() and any(p.iterdir()))):
+                again = " resume=true continues it, or" if resume is False else ""
+                raise UserError(
+                    f"{out} already holds the outputs of an earlier {who(command)} ({p.relative_to(out)}):{again} "
+                    "choose another hydra.run.dir"
+                )
 
 
 def check_sweep_outputs(command: str, task: ModuleType, sweep_dir: Path) -> None:

@@ -223,6 +223,39 @@ def check_resumable(path: Path, then: dict, now: dict, schedule) -> None:
             f"cannot resume from {path}: it was trained on the latents of autoencoder {ae_then and ae_then[:12]}, "
             f"this run on those of {ae_now and ae_now[:12]}"
         )
+    check_same_run(path, then, now)
+
+
+# What names a dataset, as resume compares it (keys added to a dataset's config since are no difference).
+DATASET_IDENTITY = ("name", "path", "root", "split", "resolution", "channels", "num_classes", "seed")
+
+
+def check_same_run(path: Path, then: dict, now: dict) -> None:
+    """The run a checkpoint continues: plain training or a distillation, of the same method and teacher (a
+    checkpoint's by its weights' hash), on the same data (issue 27, part 1)."""
+    d_then, d_now = then.get("distill") or {}, now.get("distill") or {}
+    if bool(d_then) != bool(d_now):
+        kinds = ("a distillation (diffuse distill)", "plain training (diffuse train)")
+        was, this = kinds if d_then else kinds[::-1]
+        raise UserError(f"cannot resume from {path}: it is {was}, this run is {this}")
+
+    def teacher(d: dict):
+        t = d.get("teacher")
+        return t.get("sha256") if isinstance(t, dict) else t
+
+    if d_then and (d_then.get("method"), teacher(d_then)) != (d_now.get("method"), teacher(d_now)):
+        raise UserError(
+            f"cannot resume from {path}: it distils teacher {d_then.get('teacher')!r} by {d_then.get('method')}, "
+            f"this run teacher {d_now.get('teacher')!r} by {d_now.get('method')}"
+        )
+    ds_then, ds_now = then.get("dataset"), now.get("dataset")
+    if isinstance(ds_then, dict) and isinstance(ds_now, dict):
+        differ = [k for k in DATASET_IDENTITY if k in ds_then and k in ds_now and ds_then[k] != ds_now[k]]
+        if differ:
+            k = differ[0]
+            raise UserError(
+                f"cannot resume from {path}: it was trained on dataset.{k}={ds_then[k]!r}, this run has {ds_now[k]!r}"
+            )
 
 
 def learning_rate(t: dict, step: int) -> float:

@@ -552,3 +552,41 @@ def test_tune_schedule_does_not_write_into_a_checkpoint_whose_run_is_live(traine
         assert _state(run) == before and not (tmp_path / "tune").exists()
     finally:
         holder.release()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sample", "ckpt={run}", "n=2", "steps=2"], "{run} is the run dir of diffuse train: diffuse sample writes"),
+        (["eval", "ckpt={run}", "n=2", "steps=2"], "{run} is the run dir of diffuse train: diffuse eval writes"),
+        (
+            ["train-ae", "dataset=shapes", "dataset.resolution=8", "autoencoder.ch=8", "trainer.steps=1"],
+            "{run} is the run dir of diffuse train: diffuse train-ae writes",
+        ),
+        (["distill", "teacher={run}", "trainer.steps=1"], "{run} is the run dir of diffuse train: diffuse distill"),
+        (
+            ["train", *TINY, "trainer.steps=2"],
+            "{run} already holds the outputs of an earlier diffuse train (checkpoints): resume=true continues it",
+        ),
+    ],
+)
+def test_a_run_dir_belongs_to_one_run(args, needle, trained, tmp_path, monkeypatch):
+    """Another command's run dir, or a fresh run into a dir holding this command's outputs, is refused before
+    anything is written (issue 27, part 1): a training run's checkpoints, config and record stay as they were."""
+    run = _copy(trained, tmp_path / "run")
+    before = _state(run)
+    r = _invoke([*(a.format(run=run) for a in args), f"hydra.run.dir={run}"], tmp_path, monkeypatch)
+    _one_error(r, needle.format(run=run))
+    assert _state(run) == before
+
+
+def test_a_fresh_sample_into_an_earlier_sample_is_refused_and_resume_continues_it(tmp_path, monkeypatch):
+    run = tmp_path / "s"
+    args = ["sample", *ORACLE, "n=2", f"hydra.run.dir={run}"]
+    assert _invoke(args, tmp_path, monkeypatch).exit_code == 0
+    before = _state(run)
+    _one_error(_invoke(args, tmp_path, monkeypatch), f"{run} already holds the outputs of an earlier diffuse sample")
+    assert _state(run) == before
+    r = _invoke([*args, "n=3", "resume=true"], tmp_path, monkeypatch)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (run / "images").iterdir()) == ["000000.png", "000001.png", "000002.png"]

@@ -4,12 +4,14 @@ networks go into the checkpoint and come back, a progressive round ends where th
 and the metrics reader passes over half-written lines."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from diffuse.diffusion.schedule import make_schedule
 from diffuse.distributed import Dist
+from diffuse.errors import UserError
 from diffuse.pipeline.config import to_dict
 from diffuse.training.classifier import ClassifierObjective
 from diffuse.training.config import learning_rate, network_config
@@ -131,3 +133,30 @@ def test_metrics_lines_half_written_or_not_records_are_passed_over(tmp_path):
     assert [r["step"] for r in read_records(path)] == [2, 4]
     trim_metrics(path, 3)
     assert path.read_text() == lines[0] + "\n"
+
+
+def test_a_resume_continues_only_its_own_run():
+    """Plain training vs a distillation, another teacher or method, another dataset: refused in one line; keys
+    added to a dataset's config since are no difference (issue 27, part 1)."""
+    from diffuse.training.config import check_same_run
+
+    data = {"name": "shapes", "resolution": 16, "size": 512}
+    teacher = {"path": "/runs/a/checkpoints/last.safetensors", "sha256": "abc", "step": 100}
+    distill = {"distill": {"teacher": teacher, "method": "progressive"}, "dataset": data}
+    check_same_run(
+        "ck", distill, {**distill, "distill": {**distill["distill"], "teacher": {**teacher, "path": "/moved"}}}
+    )
+    check_same_run("ck", {"dataset": data}, {"dataset": {**data, "flip": True}})  # a key added since
+    for then, now, needle in (
+        (distill, {"dataset": data}, "it is a distillation (diffuse distill), this run is plain training"),
+        ({"dataset": data}, distill, "it is plain training (diffuse train), this run is a distillation"),
+        (
+            distill,
+            {**distill, "distill": {"teacher": {**teacher, "sha256": "def"}, "method": "progressive"}},
+            "distils teacher",
+        ),
+        (distill, {**distill, "distill": {"teacher": teacher, "method": "consistency"}}, "by progressive"),
+        ({"dataset": data}, {"dataset": {**data, "name": "cifar10"}}, "dataset.name='shapes', this run has 'cifar10'"),
+    ):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            check_same_run("ck", then, now)
