@@ -35,8 +35,8 @@ from diffuse.pipeline.conditioning import guide
 from diffuse.pipeline.config import checking_runtime, model_of, runtime_of, sampling_job_of, to_dict
 from diffuse.pipeline.job import SamplingJob
 from diffuse.pipeline.sampling import CountingDenoiser
+from diffuse.rundir.per_image import each_image, write_record
 from diffuse.signals import StopRequest
-from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_choice, check_flag, check_number
 
 METHODS = ("sdedit", "invert")

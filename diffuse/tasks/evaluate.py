@@ -22,9 +22,9 @@ from diffuse.metrics.extraction import FeatureStore
 from diffuse.pipeline.config import runtime_of, to_dict
 from diffuse.pipeline.resume import SAMPLING_KEYS, first_change
 from diffuse.rundir.outputs import check_file_target
+from diffuse.scoring.evaluation import Evaluation
+from diffuse.scoring.metrics import FEATURE_METRICS, LIKELIHOOD_METRICS, NEEDS_REFERENCE, metric_names, score_sets
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks.eval_metrics import FEATURE_METRICS, LIKELIHOOD_METRICS, NEEDS_REFERENCE, metric_names, score_sets
-from diffuse.tasks.evaluation import Evaluation
 from diffuse.validate import check_flag, check_number
 
 # n=null with a model: the standard sample count of published FIDs (50000 samples against the training set).

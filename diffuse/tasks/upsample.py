@@ -26,8 +26,8 @@ from diffuse.io import save_resolved_config
 from diffuse.pipeline.cascade import conditioned, plan_superres, run_stage
 from diffuse.pipeline.config import checking_runtime, runtime_of, to_dict
 from diffuse.pipeline.model import load_model
+from diffuse.rundir.per_image import each_image, write_record
 from diffuse.signals import StopRequest
-from diffuse.tasks.per_image import each_image, write_record
 from diffuse.validate import check_flag, check_number
 
 

@@ -257,7 +257,7 @@ def test_upsample_stopped_lists_what_is_not_done(runs, tmp_path, monkeypatch):
     """A stopped upsample said '1 of 2 images upsampled' and its upsample.json did not say which were left."""
     import json
 
-    from diffuse.tasks import per_image
+    from diffuse.rundir import per_image
 
     real = per_image.save_png
 

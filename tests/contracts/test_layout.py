@@ -29,7 +29,7 @@ FLOORS = [
     ("diffuse.nets", "diffuse.data", "diffuse.diffusion", "diffuse.fastpath"),
     ("diffuse.pipeline",),
     ("diffuse.metrics",),  # feature networks are loaded from checkpoints through the pipeline
-    ("diffuse.interop", "diffuse.training"),
+    ("diffuse.interop", "diffuse.training", "diffuse.scoring"),
     ("diffuse.rundir",),
     ("diffuse.tasks",),
     ("diffuse.overrides", "diffuse.commands", "diffuse.conf_help", "diffuse.cli", "diffuse.__main__", "diffuse"),

@@ -17,8 +17,9 @@ from diffuse.checkpoint import load_checkpoint, save_checkpoint
 from diffuse.errors import UserError
 from diffuse.metrics.extraction import FeatureStore
 from diffuse.metrics.likelihood import scoring
+from diffuse.scoring import evaluation
 from diffuse.signals import Stopped, StopRequest
-from diffuse.tasks import evaluate, evaluation, inpaint, sample
+from diffuse.tasks import evaluate, inpaint, sample
 from diffuse.tasks import train as train_task
 from diffuse.training import objectives as objectives_module
 from diffuse.training import trainer as trainer_module

@@ -104,7 +104,7 @@ def test_seeds_need_a_model_to_draw_from(fx, tmp_path):  # noqa: F811
 
 
 def test_seeds_resume_keeps_every_sets_features(fx, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from diffuse.tasks import evaluation
+    from diffuse.scoring import evaluation
     from tests.helpers import stop_at_batch
 
     args = [

@@ -8,7 +8,7 @@ import torch
 
 from diffuse.images import read_npz, read_png, write_npz
 from diffuse.pipeline.sampling import in_batches
-from diffuse.tasks.per_image import each_image, write_record
+from diffuse.rundir.per_image import each_image, write_record
 
 
 class Stop:

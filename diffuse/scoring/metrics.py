@@ -14,7 +14,7 @@ from diffuse.errors import UserError
 from diffuse.metrics import image_scores, manifold
 from diffuse.metrics.likelihood import scoring
 from diffuse.pipeline.config import to_dict
-from diffuse.tasks.evaluation import Evaluation
+from diffuse.scoring.evaluation import Evaluation
 
 
 def _fid(ev: Evaluation) -> dict[str, float]:
