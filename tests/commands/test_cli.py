@@ -111,6 +111,7 @@ def test_help_reads_well(tmp_path):
     assert r.returncode == 0 and "diffuse train experiment=quickstart" in r.stdout and "runtime.device=auto" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "sample", "inpaint", "edit", "eval", "tune_schedule", "distill"])
 def test_help_lists_every_option_of_every_group_and_each_composes(command, tmp_path):
     """The help is read from conf/: every file of every group the command composes is an option there, and

@@ -230,6 +230,7 @@ def test_sweep_writes_summary_and_plot(fx, tmp_path):
         assert (np.abs(img.astype(int) - color).sum(-1) == 0).sum() > 50
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_torchrun_shards_samples_and_reference_like_one_process(fx, tmp_path):
     import os

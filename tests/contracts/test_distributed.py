@@ -43,6 +43,7 @@ def _state(run_dir):
     return load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
 
 
+@pytest.mark.slow
 def test_ddp_training_and_world_size_change_match_one_process(tmp_path):
     """DDP's job is the gradient: Adam's first moment (a running mean of gradients) must agree to float
     tolerance. Weights agree to within Adam's first-step sign amplification of float noise (lr per step on
@@ -65,6 +66,7 @@ def test_ddp_training_and_world_size_change_match_one_process(tmp_path):
     assert (tmp_path / "two" / "metrics.jsonl").read_text().count("\n") == 1  # rank 0 alone logs
 
 
+@pytest.mark.slow
 def test_distributed_sampling_is_byte_identical(tmp_path):
     _run(["train", *TINY, "trainer.steps=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     common = [f"ckpt={tmp_path / 'run'}", "n=7", "steps=3", "save_npz=true"]
@@ -79,6 +81,7 @@ def test_distributed_sampling_is_byte_identical(tmp_path):
         ).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     """Under torchrun, device=auto|cuda means GPU LOCAL_RANK, chosen before anything is placed (a network loaded
@@ -99,6 +102,7 @@ def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     assert pick_device("cuda") == torch.device("cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_distillation_under_torchrun_matches_one_process(tmp_path):
     """diffuse distill shards the batch like training: each rank draws the whole batch's levels and noise and keeps

@@ -149,6 +149,7 @@ def _wait(cond, what, timeout=120):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_path, monkeypatch):
     """Two `diffuse train` on one run dir: the second gets one line, exit 2, and writes nothing (not .hydra/, not
     config.yaml, no step in metrics.jsonl twice). Killed with SIGKILL, the first leaves its lock file behind:
@@ -216,6 +217,7 @@ def test_two_processes_one_run_dir_then_a_sigkilled_holder_is_taken_over(tmp_pat
     assert not (run / lock.LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_torchrun_ranks_share_the_lock_and_a_refusal_is_one_line_exit_2_from_every_rank(tmp_path):
     """Under torchrun rank 0 locks for the job and the other ranks follow its verdict: on a dir another process

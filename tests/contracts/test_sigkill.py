@@ -63,6 +63,7 @@ def _wait(cond, what, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, compose_cfg):
     rng = random.Random(20261123)
