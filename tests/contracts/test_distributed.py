@@ -81,8 +81,6 @@ def test_distributed_sampling_is_byte_identical(tmp_path):
         ).read_bytes()
 
 
-@pytest.mark.slow
-@pytest.mark.subprocess
 def test_pick_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     """Under torchrun, device=auto|cuda means GPU LOCAL_RANK, chosen before anything is placed (a network loaded
     onto GPU 0 by every rank met its noise on GPU LOCAL_RANK); an explicit cuda:N is kept."""
