@@ -170,6 +170,7 @@ def test_moved_keys_point_to_their_new_place(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     """A preemptible cluster's contract: SIGTERM during training leaves a fresh checkpoint and exit code 0."""

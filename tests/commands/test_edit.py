@@ -289,6 +289,7 @@ def test_inversion_editing_reports_the_round_trip_and_changes_the_class(files, m
     assert "round trip RMS error" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_a_real_process_edits_and_refuses_as_users_see_it(files):
     from tests.helpers import diffuse

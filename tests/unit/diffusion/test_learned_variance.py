@@ -240,6 +240,7 @@ def _cli(args, cwd, monkeypatch):
     return CliRunner().invoke(app, args, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_train_sample_eval_resume_distill(tmp_path, monkeypatch):
     from diffuse.checkpoint import load_checkpoint
 

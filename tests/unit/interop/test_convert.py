@@ -255,6 +255,7 @@ def _cli(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_cli_converts_then_samples_and_refuses_in_one_line(tmp_path, compose_cfg):
     import numpy as np
 

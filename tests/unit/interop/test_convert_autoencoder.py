@@ -44,6 +44,7 @@ def write_vae(d, config, seed=0):
     return model
 
 
+@pytest.mark.slow
 def test_sd_vae_matches_diffusers(tmp_path):
     theirs = write_vae(tmp_path / "pipe" / "vae", SD_VAE)
     assert sum(p.numel() for p in theirs.parameters()) == 83_653_863
