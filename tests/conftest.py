@@ -140,8 +140,9 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-# A random-weight U-Net as eval's feature network (metrics.features=checkpoint): FID's machinery without Inception.
-FEATURE_NET = {
+# The tiny random-weight U-Net of the tests that need a network but no training; also eval's feature network
+# (metrics.features=checkpoint): FID's machinery without Inception.
+TINY_UNET = {
     "arch": "unet",
     "resolution": 8,
     "in_channels": 3,
@@ -159,9 +160,9 @@ def feature_ckpt(tmp_path_factory):
     from diffuse.nets import build_network
 
     torch.manual_seed(0)
-    net = build_network(FEATURE_NET)
+    net = build_network(TINY_UNET)
     path = tmp_path_factory.mktemp("fx") / "features.safetensors"
-    config = {"model": FEATURE_NET, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}}
+    config = {"model": TINY_UNET, "schedule": {"kind": "linear", "T": 1000}, "objective": {"prediction": "eps"}}
     save_checkpoint(path, Checkpoint(config=config, model=net.state_dict(), ema=net.state_dict()))
     return path
 

@@ -16,10 +16,10 @@ from diffuse.errors import UserError
 from diffuse.nets import build_network
 from diffuse.pipeline.config import runtime_of
 from diffuse.tasks import evaluate, sample
-from tests.conftest import FEATURE_NET, compose
+from tests.conftest import TINY_UNET, compose
 from tests.helpers import diffuse
 
-NET = FEATURE_NET
+NET = TINY_UNET
 
 
 def run_eval(overrides, out):

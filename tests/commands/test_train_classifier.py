@@ -20,7 +20,7 @@ from diffuse.errors import UserError
 from diffuse.metrics.mixture import mixture_fit
 from diffuse.nets import build_network
 from diffuse.tasks import evaluate, sample, train_classifier
-from tests.conftest import compose
+from tests.conftest import TINY_UNET, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -280,17 +280,7 @@ def test_train_classifier_refuses_bad_configs(extra, needle, tmp_path):
 
 def unet_checkpoint(path, **model):
     torch.manual_seed(0)
-    net_cfg = {
-        "arch": "unet",
-        "resolution": 8,
-        "in_channels": 3,
-        "ch": 16,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "groups": 8,
-        **model,
-    }
+    net_cfg = {**TINY_UNET, **model}
     net = build_network(net_cfg)
     config = {
         "model": net_cfg,

@@ -19,7 +19,7 @@ from diffuse.pipeline.sampling import plan_sampler
 from diffuse.pipeline.tuning import SearchState, params_of, pattern_search, sigmas_of
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import tune_schedule as tune_task
-from tests.conftest import compose
+from tests.conftest import TINY_UNET, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ORACLE = ["model=oracle", "steps=6", "n=256", "n_eval=512", "tune.reference_steps=200"]
@@ -80,16 +80,7 @@ def test_tuned_levels_beat_the_stock_ones_on_held_out_x_T_and_resume_exactly(tmp
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     torch.manual_seed(0)
-    model = {
-        "arch": "unet",
-        "resolution": 8,
-        "in_channels": 3,
-        "ch": 16,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "groups": 8,
-    }
+    model = dict(TINY_UNET)
     net = build_network(model)
     path = tmp_path / "tiny.safetensors"
     config = {

@@ -10,6 +10,7 @@ from diffuse.errors import UserError
 from diffuse.tasks import sample as sample_task
 from diffuse.tasks import train as train_task
 from diffuse.tasks import upsample as upsample_task
+from tests.conftest import TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,16 +154,7 @@ def test_eval_scores_the_whole_cascade(runs, tmp_path, compose_cfg):
 
     base, sr = runs
     torch.manual_seed(0)
-    net_cfg = {
-        "arch": "unet",
-        "resolution": 8,
-        "in_channels": 3,
-        "ch": 16,
-        "ch_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "groups": 8,
-    }
+    net_cfg = dict(TINY_UNET)
     fx_path = tmp_path / "features.safetensors"
     net = build_network(net_cfg)
     save_checkpoint(

@@ -21,11 +21,11 @@ from diffuse.errors import UserError
 from diffuse.plot import _log_ticks
 from diffuse.tasks import evaluate, train
 from diffuse.training import curves, tracking
-from tests.conftest import FEATURE_NET, compose
+from tests.conftest import TINY_UNET, compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NET = FEATURE_NET
+NET = TINY_UNET
 TINY = [
     "dataset=gmm",
     "dataset.size=48",
